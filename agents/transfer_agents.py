@@ -1,0 +1,71 @@
+"""Agents of the business worker: thin adapters between Kafka and the TransferService.
+
+No business decision is taken here. Each agent decodes nothing itself: it hands the raw
+bytes, key and position to the service and sends what the service returns. Concurrency
+stays 1 (faust-streaming #606: higher concurrency can commit offsets past in-flight
+messages).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from app.faust_app import Worker
+
+log = logging.getLogger(__name__)
+
+
+def register(worker: Worker) -> None:
+    app, topics, service = worker.app, worker.topics, worker.service
+    saga_channel = app.topic(
+        topics.commands, topics.saga_inputs, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+    )
+
+    @app.agent(saga_channel, name="run_transfer_sagas", concurrency=1)
+    async def run_transfer_sagas(stream: Any) -> None:
+        """business.commands and business.saga-inputs, co-partitioned with the sagas table."""
+        async for event in stream.events():
+            msg = event.message
+            try:
+                if msg.topic == topics.commands:
+                    outs = await service.handle_command(msg.value, msg.key, msg.partition,
+                                                        msg.offset)
+                else:
+                    outs = await service.handle_saga_input(msg.value, msg.key, msg.partition,
+                                                           msg.offset)
+                await worker.send_all(outs)
+            except Exception as exc:  # the service turns every business error into a reply
+                # Only infrastructure failures reach here (e.g. the producer is gone). Crash
+                # the worker before this message is acked: it is redelivered after restart.
+                log.exception("cannot process %s[%s]@%s", msg.topic, msg.partition, msg.offset)
+                await app.crash(exc)
+                return
+
+    @app.agent(worker.channels[topics.account_events], name="relay_account_events",
+               concurrency=1)
+    async def relay_account_events(stream: Any) -> None:
+        """account.events (keyed by account) → business.saga-inputs, to the saga's partition."""
+        async for event in stream.events():
+            msg = event.message
+            try:
+                await worker.send_all(
+                    service.route_account_event(msg.value, msg.key, msg.partition, msg.offset)
+                )
+            except Exception as exc:
+                log.exception("cannot relay %s[%s]@%s", msg.topic, msg.partition, msg.offset)
+                await app.crash(exc)
+                return
+
+    @app.timer(interval=worker.settings.tick_interval_seconds, name="tick_sagas")
+    async def tick_sagas() -> None:
+        """Wake the sagas of the partitions this worker owns (deadlines, re-sends)."""
+        for tp in app.consumer.assignment():
+            if tp.topic == topics.saga_inputs:
+                out = service.tick(tp.partition)
+                await worker.send_all([out])
+
+    @app.on_partitions_revoked.connect
+    async def forget_deadlines(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        service.forget_partitions()

@@ -1,0 +1,90 @@
+"""Ports of the business center's core: what the service layer needs from the outside.
+
+Standard library only. The PostgreSQL implementation lives in app/adapters/; unit tests use
+an in-memory fake (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from enum import StrEnum
+from typing import Protocol
+
+
+class UserStatus(StrEnum):
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """The user center's data that the business center needs."""
+
+    user_id: str
+    account_id: str
+    currency: str
+    phone: str
+    pin_verifier: str  # hex HMAC-SHA256(pin_pepper, userId ␟ pin), see app/domain/pin.py
+    otp_threshold_minor: int  # amounts strictly above need an OTP
+    daily_limit_minor: int
+    status: UserStatus
+
+
+class PinOutcome(StrEnum):
+    OK = "ok"
+    INVALID = "invalid"
+    LOCKED = "locked"
+
+
+@dataclass(frozen=True, slots=True)
+class PinCheck:
+    outcome: PinOutcome
+    attempts_left: int
+
+
+class TokenClaim(StrEnum):
+    CLAIMED = "claimed"  # first use, or the same transfer asking again
+    USED_ELSEWHERE = "used_elsewhere"  # already funds another transfer
+
+
+class BusinessStore(Protocol):
+    """Shared, strongly consistent state of the business center (PostgreSQL)."""
+
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+
+    async def account_exists(self, account_id: str) -> bool:
+        """True when some user of the directory owns this account."""
+        ...
+
+    async def check_pin(
+        self,
+        user_id: str,
+        request_id: str,
+        matches: Callable[[str], bool],
+        max_attempts: int,
+    ) -> PinCheck:
+        """Atomically (row lock): LOCKED when already locked; else ``matches(verifier)``;
+        a failure increments the consecutive-failure counter once per request_id, a success
+        resets it. Reaching ``max_attempts`` failures locks the PIN."""
+        ...
+
+    async def claim_transfer_token(self, jti: str, transfer_id: str) -> TokenClaim:
+        """Record that token ``jti`` funds ``transfer_id`` (idempotent for the same pair)."""
+        ...
+
+    async def reserve_daily_limit(
+        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int
+    ) -> bool:
+        """Reserve ``amount_minor`` of the user's ``day`` limit for ``transfer_id``.
+
+        Atomic under concurrency (two reservations of one user never both slip under the
+        limit) and idempotent (the same transfer reserving again returns True, once)."""
+        ...
+
+    async def release_daily_limit(self, transfer_id: str) -> None:
+        """Give a failed transfer's reservation back. Idempotent."""
+        ...
+
+    async def reserved_today(self, user_id: str, day: date) -> int: ...

@@ -1,0 +1,461 @@
+"""The transfer saga: a pure state machine.
+
+Every step is a function ``(saga, input, now, policy) -> (saga', outputs)``. No I/O, no
+clock, no randomness: time, the OTP and the checks' results are passed in; the outputs are
+plain data that the adapters send (replies, account commands, OTP notifications, transfer
+events) or apply (releasing a daily-limit reservation).
+
+States::
+
+    AWAITING_OTP ──otp ok──▶ DEBITING ──debited──▶ CREDITING ──credited──▶ COMPLETED
+         │                      │                      │
+         │ expired / locked     │ rejected             │ rejected
+         ▼                      ▼                      ▼
+       FAILED ◀───────────── FAILED               REFUNDING ──refunded──▶ FAILED
+                                                       │ rejected
+                                                       ▼
+                                                 MANUAL_REVIEW
+
+Duplicates: every command the saga emits has a deterministic id
+(``<transferId>:<step>:<homePartition>``). The saga remembers the input that caused its
+last transition (``last_trigger``) and the outputs it decided then; when that same input
+arrives again (a redelivery after a crash between the state write and the sends) it
+re-sends those outputs instead of deciding again. Any other stale input is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from app.domain import otp as otp_codes
+
+
+class State(StrEnum):
+    AWAITING_OTP = "AWAITING_OTP"
+    DEBITING = "DEBITING"
+    CREDITING = "CREDITING"
+    REFUNDING = "REFUNDING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    MANUAL_REVIEW = "MANUAL_REVIEW"  # refund rejected: money held in clearing, operators act
+
+
+FINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.MANUAL_REVIEW})
+#: The step awaited in each money-moving state and the account event that answers it.
+STEP_OF_STATE = {State.DEBITING: "debit", State.CREDITING: "credit", State.REFUNDING: "refund"}
+ANSWER_OF_STEP = {"debit": "debited", "credit": "credited", "refund": "refunded"}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    otp_ttl_seconds: float
+    otp_max_attempts: int
+    otp_pepper: bytes = field(repr=False)
+    command_timeout_seconds: float
+    command_max_backoff_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """What a confirmed transfer token bound, plus where the saga lives."""
+
+    transfer_id: str
+    operator_id: str
+    idempotency_key: str
+    fingerprint: str  # identifies the payload under the idempotency key
+    from_account_id: str
+    to_account_id: str
+    amount_minor: int
+    currency: str
+    note: str | None
+    home_partition: int
+
+
+# --------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendReply:
+    request_id: str
+    status: str  # ok | pending | error
+    code: str | None
+    message: str | None
+    data: dict[str, Any] | None
+    command_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendAccountCommand:
+    command_id: str
+    type: str  # debit | credit | refund
+    account_id: str
+    amount_minor: int
+    currency: str
+    transfer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendOtp:
+    """Never stored: the only place the plain OTP exists after generation."""
+
+    user_id: str
+    otp: str = field(repr=False)
+    expires_at: float
+    transfer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishTransferEvent:
+    transfer_id: str
+    seq: int
+    state: str
+    previous_state: str | None
+    code: str | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLimit:
+    transfer_id: str
+
+
+Output = SendReply | SendAccountCommand | SendOtp | PublishTransferEvent | ReleaseLimit
+
+
+# --------------------------------------------------------------------------------------
+# the saga
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Saga:
+    transfer: Transfer
+    state: State
+    seq: int
+    created_at: float
+    updated_at: float
+    origin_request_id: str  # the transferConfirm that started it
+    reply_to: str  # the request that receives the final outcome
+    reply_type: str  # transferConfirm or verifyOtp
+    code: str | None = None
+    otp_digest: str | None = field(default=None, repr=False)
+    otp_expires_at: float | None = None
+    otp_attempts: int = 0
+    command_attempts: int = 0
+    next_retry_at: float | None = None
+    last_trigger: str = ""
+    last_outputs: tuple[Output, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def deadline(self) -> float | None:
+        """When a tick must look at this saga again (None when final)."""
+        if self.state is State.AWAITING_OTP:
+            return self.otp_expires_at
+        if self.state in STEP_OF_STATE:
+            return self.next_retry_at
+        return None
+
+    def final_reply(self, request_id: str, command_type: str) -> SendReply:
+        """The saved final outcome, addressed to ``request_id``."""
+        data = {"transferId": self.transfer.transfer_id, "state": self.state.value}
+        if self.state is State.COMPLETED:
+            return SendReply(request_id, "ok", None, None, data, command_type)
+        return SendReply(
+            request_id, "error", self.code or "INTERNAL", MESSAGES.get(self.code or ""),
+            data, command_type,
+        )
+
+
+MESSAGES = {
+    "INSUFFICIENT_FUNDS": "the payer's balance does not cover the amount",
+    "ACCOUNT_NOT_FOUND": "an account of the transfer does not exist or is closed",
+    "OTP_EXPIRED": "the one-time password was not verified in time",
+    "OTP_LOCKED": "too many wrong one-time passwords",
+    "INTERNAL": "the transfer could not be completed; no money was lost",
+}
+
+
+def command_id(transfer: Transfer, step: str) -> str:
+    return f"{transfer.transfer_id}:{step}:{transfer.home_partition}"
+
+
+def parse_command_id(value: str) -> tuple[str, str, int] | None:
+    """``(transfer_id, step, home_partition)`` of a command id this saga emitted."""
+    parts = value.rsplit(":", 2)
+    if len(parts) != 3 or parts[1] not in ANSWER_OF_STEP or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def _account_command(transfer: Transfer, step: str) -> SendAccountCommand:
+    account = transfer.to_account_id if step == "credit" else transfer.from_account_id
+    return SendAccountCommand(
+        command_id=command_id(transfer, step),
+        type=step,
+        account_id=account,
+        amount_minor=transfer.amount_minor,
+        currency=transfer.currency,
+        transfer_id=transfer.transfer_id,
+    )
+
+
+def _move(
+    saga: Saga, state: State, now: float, trigger: str, outputs: list[Output], **changes: Any
+) -> tuple[Saga, tuple[Output, ...]]:
+    """Change state: publish the transfer event, remember the trigger and the outputs."""
+    seq = saga.seq + 1
+    event = PublishTransferEvent(
+        saga.transfer.transfer_id, seq, state.value,
+        saga.state.value if saga.seq else None,  # the first event has no previous state
+        changes.get("code", saga.code), now,
+    )
+    all_outputs = (*outputs, event)
+    new = replace(
+        saga, state=state, seq=seq, updated_at=now, last_trigger=trigger,
+        last_outputs=tuple(o for o in all_outputs if not isinstance(o, SendOtp)), **changes,
+    )
+    if state is State.FAILED:
+        release = ReleaseLimit(saga.transfer.transfer_id)
+        all_outputs = (release, *all_outputs)
+        new = replace(new, last_outputs=(release, *new.last_outputs))
+    if new.is_final:
+        all_outputs = (*all_outputs, new.final_reply(new.reply_to, new.reply_type))
+        new = replace(new, last_outputs=(*new.last_outputs, all_outputs[-1]))
+    return new, all_outputs
+
+
+def _start_step(
+    saga: Saga, state: State, now: float, policy: Policy, trigger: str, **changes: Any
+) -> tuple[Saga, tuple[Output, ...]]:
+    step = STEP_OF_STATE[state]
+    return _move(
+        saga, state, now, trigger, [_account_command(saga.transfer, step)],
+        command_attempts=1, next_retry_at=now + policy.command_timeout_seconds, **changes,
+    )
+
+
+def start(
+    transfer: Transfer,
+    *,
+    request_id: str,
+    otp: str | None,
+    user_id: str,
+    now: float,
+    policy: Policy,
+) -> tuple[Saga, tuple[Output, ...]]:
+    """A new confirmed transfer (token, PIN and limit already checked).
+
+    ``otp`` is given when the amount is over the user's threshold: the saga then waits for
+    it; otherwise it debits the payer at once.
+    """
+    trigger = f"confirm:{request_id}"
+    blank = Saga(
+        transfer=transfer, state=State.AWAITING_OTP, seq=0, created_at=now, updated_at=now,
+        origin_request_id=request_id, reply_to=request_id, reply_type="transferConfirm",
+    )
+    if otp is None:
+        return _start_step(blank, State.DEBITING, now, policy, trigger)
+    expires = now + policy.otp_ttl_seconds
+    binding = otp_codes.otp_binding(
+        transfer.transfer_id, transfer.amount_minor, transfer.to_account_id,
+        transfer.idempotency_key,
+    )
+    pending = SendReply(
+        request_id, "pending", "OTP_REQUIRED", "enter the one-time password sent to your phone",
+        {"transferId": transfer.transfer_id, "otpExpiresAt": expires}, "transferConfirm",
+    )
+    return _move(
+        blank, State.AWAITING_OTP, now, trigger,
+        [SendOtp(user_id, otp, expires, transfer.transfer_id), pending],
+        otp_digest=otp_codes.otp_digest(policy.otp_pepper, binding, otp),
+        otp_expires_at=expires,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# idempotency
+# --------------------------------------------------------------------------------------
+
+
+class Duplicate(StrEnum):
+    NEW = "new"
+    SAME = "same"  # same key, same payload
+    REUSED = "reused"  # same key, different payload
+
+
+def classify(saga: Saga | None, fingerprint: str) -> Duplicate:
+    if saga is None:
+        return Duplicate.NEW
+    return Duplicate.SAME if saga.transfer.fingerprint == fingerprint else Duplicate.REUSED
+
+
+def on_duplicate_confirm(
+    saga: Saga, request_id: str, now: float
+) -> tuple[Saga, tuple[Output, ...]]:
+    """The same confirm again: a redelivery, a double click or a retry."""
+    outputs: list[Output] = []
+    if saga.last_trigger == f"confirm:{request_id}":
+        outputs.extend(saga.last_outputs)  # a redelivery: re-send what was decided
+    if saga.is_final:
+        outputs.append(saga.final_reply(request_id, "transferConfirm"))
+    elif saga.state is State.AWAITING_OTP:
+        outputs.append(SendReply(
+            request_id, "pending", "OTP_REQUIRED",
+            "enter the one-time password sent to your phone",
+            {"transferId": saga.transfer.transfer_id, "otpExpiresAt": saga.otp_expires_at},
+            "transferConfirm",
+        ))
+    else:
+        outputs.append(_in_progress(saga, request_id, "transferConfirm"))
+    return saga, _dedupe_replies(outputs)
+
+
+def _in_progress(saga: Saga, request_id: str, command_type: str) -> SendReply:
+    return SendReply(
+        request_id, "pending", "IN_PROGRESS", "the transfer is being processed",
+        {"transferId": saga.transfer.transfer_id, "state": saga.state.value}, command_type,
+    )
+
+
+def _dedupe_replies(outputs: list[Output]) -> tuple[Output, ...]:
+    """At most one reply per request id (the last decided wins)."""
+    seen: set[str] = set()
+    kept: list[Output] = []
+    for output in reversed(outputs):
+        if isinstance(output, SendReply):
+            if output.request_id in seen:
+                continue
+            seen.add(output.request_id)
+        kept.append(output)
+    return tuple(reversed(kept))
+
+
+# --------------------------------------------------------------------------------------
+# inputs after the start
+# --------------------------------------------------------------------------------------
+
+
+def on_otp(
+    saga: Saga, request_id: str, otp: str, now: float, policy: Policy
+) -> tuple[Saga, tuple[Output, ...]]:
+    trigger = f"otp:{request_id}"
+    if saga.last_trigger == trigger:
+        return saga, saga.last_outputs  # redelivery of the verifyOtp that moved the saga
+    if saga.is_final:
+        return saga, (saga.final_reply(request_id, "verifyOtp"),)
+    if saga.state is not State.AWAITING_OTP:
+        return saga, (_in_progress(saga, request_id, "verifyOtp"),)
+    assert saga.otp_digest is not None and saga.otp_expires_at is not None
+    if now > saga.otp_expires_at:
+        return _move(
+            saga, State.FAILED, now, trigger, [], code="OTP_EXPIRED",
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+        )
+    t = saga.transfer
+    binding = otp_codes.otp_binding(t.transfer_id, t.amount_minor, t.to_account_id,
+                                    t.idempotency_key)
+    if otp_codes.otp_matches(policy.otp_pepper, binding, otp, saga.otp_digest):
+        return _start_step(
+            saga, State.DEBITING, now, policy, trigger,
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+        )
+    attempts = saga.otp_attempts + 1
+    if attempts >= policy.otp_max_attempts:
+        return _move(
+            saga, State.FAILED, now, trigger, [], code="OTP_LOCKED", otp_attempts=attempts,
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+        )
+    reply = SendReply(
+        request_id, "error", "INVALID_OTP", "the one-time password is wrong",
+        {"transferId": t.transfer_id, "attemptsLeft": policy.otp_max_attempts - attempts},
+        "verifyOtp",
+    )
+    # Not a state change: the saga keeps waiting, but remembers this attempt and its reply.
+    new = replace(saga, otp_attempts=attempts, updated_at=now, last_trigger=trigger,
+                  last_outputs=(reply,))
+    return new, (reply,)
+
+
+REJECTION_CODES = {"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"}
+
+
+def on_account_event(
+    saga: Saga, command_id_: str, event_type: str, reason: str | None, now: float,
+    policy: Policy,
+) -> tuple[Saga, tuple[Output, ...]]:
+    trigger = f"event:{command_id_}:{event_type}"
+    if saga.last_trigger == trigger:
+        return saga, saga.last_outputs  # redelivery of the event that moved the saga
+    step = STEP_OF_STATE.get(saga.state)
+    if step is None or command_id_ != command_id(saga.transfer, step):
+        return saga, ()  # stale or foreign: already handled, nothing to decide
+    if event_type == ANSWER_OF_STEP[step]:
+        if saga.state is State.DEBITING:
+            return _start_step(saga, State.CREDITING, now, policy, trigger)
+        if saga.state is State.CREDITING:
+            return _move(saga, State.COMPLETED, now, trigger, [], next_retry_at=None)
+        return _move(saga, State.FAILED, now, trigger, [], next_retry_at=None)
+    if event_type != "rejected":
+        return saga, ()  # an answer of another kind to our command id: ignore
+    code = reason if reason in REJECTION_CODES else "INTERNAL"
+    if saga.state is State.DEBITING:
+        return _move(saga, State.FAILED, now, trigger, [], code=code, next_retry_at=None)
+    if saga.state is State.CREDITING:
+        return _start_step(saga, State.REFUNDING, now, policy, trigger, code=code)
+    return _move(saga, State.MANUAL_REVIEW, now, trigger, [], code="INTERNAL",
+                 next_retry_at=None)
+
+
+def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output, ...]]:
+    """Deadlines: an OTP never verified fails the transfer; an unanswered account command
+    is re-sent with the same command id, with exponential back-off, until it is answered."""
+    if saga.state is State.AWAITING_OTP:
+        if saga.otp_expires_at is not None and now > saga.otp_expires_at:
+            return _move(saga, State.FAILED, now, f"tick:{saga.seq}", [], code="OTP_EXPIRED",
+                         otp_digest=None)
+        return saga, ()
+    step = STEP_OF_STATE.get(saga.state)
+    if step is None or saga.next_retry_at is None or now < saga.next_retry_at:
+        return saga, ()
+    backoff = min(
+        policy.command_timeout_seconds * 2 ** saga.command_attempts,
+        policy.command_max_backoff_seconds,
+    )
+    new = replace(saga, command_attempts=saga.command_attempts + 1, next_retry_at=now + backoff)
+    return new, (_account_command(saga.transfer, step),)
+
+
+# --------------------------------------------------------------------------------------
+# storage form
+# --------------------------------------------------------------------------------------
+
+_OUTPUT_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (SendReply, SendAccountCommand, SendOtp, PublishTransferEvent, ReleaseLimit)
+}
+
+
+def saga_to_dict(saga: Saga) -> dict[str, Any]:
+    data = asdict(saga)
+    data["state"] = saga.state.value
+    data["last_outputs"] = [{"t": type(o).__name__, **asdict(o)} for o in saga.last_outputs]
+    return data
+
+
+def saga_from_dict(data: dict[str, Any]) -> Saga:
+    fields = dict(data)
+    fields["transfer"] = Transfer(**fields["transfer"])
+    fields["state"] = State(fields["state"])
+    outputs = []
+    for raw in fields.get("last_outputs", []):
+        item = dict(raw)
+        outputs.append(_OUTPUT_TYPES[item.pop("t")](**item))
+    fields["last_outputs"] = tuple(outputs)
+    return Saga(**fields)

@@ -1,0 +1,134 @@
+"""The Faust application of the business worker: topics, tables and the service wiring.
+
+One app per process, built from Settings (so tests can run isolated copies with their own
+topic prefix and app id). The agents live in ``agents/`` and are registered here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+import orjson
+from mode.utils.times import want_seconds
+
+from app.domain import transfer_saga as saga_core
+from app.settings import Settings
+from app.transfer_service import Outbound, Topics, TransferService
+
+log = logging.getLogger(__name__)
+
+
+class TableSagas:
+    """The ``sagas`` table (key: transferId = the scoped idempotency key, hashed)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, transfer_id: str) -> saga_core.Saga | None:
+        raw = self.table.get(transfer_id.encode())
+        return None if raw is None else saga_core.saga_from_dict(orjson.loads(raw))
+
+    def put(self, saga: saga_core.Saga) -> None:
+        self.table[saga.transfer.transfer_id.encode()] = orjson.dumps(
+            saga_core.saga_to_dict(saga)
+        )
+
+    def scan(self) -> Iterable[saga_core.Saga]:
+        for _key, raw in list(self.table.items()):
+            yield saga_core.saga_from_dict(orjson.loads(raw))
+
+
+class TableReplies:
+    """The ``replies`` table: the reply sent to each request (``operatorId ␟ requestId``)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: str) -> bytes | None:
+        raw = self.table.get(key.encode())
+        return None if raw is None else bytes(raw)
+
+    def put(self, key: str, reply: bytes) -> None:
+        self.table[key.encode()] = reply
+
+
+@dataclass
+class Worker:
+    """What the agents need: the app, its channels and the service."""
+
+    app: faust.App
+    settings: Settings
+    topics: Topics
+    channels: dict[str, Any]
+    service: TransferService
+
+    async def send_all(self, outbounds: Iterator[Outbound] | list[Outbound]) -> None:
+        for out in outbounds:
+            await self.channels[out.topic].send(key=out.key, value=out.value,
+                                                partition=out.partition)
+
+
+def create_app(settings: Settings, *, store: Any = None) -> Worker:
+    """Build the Faust app, its topics and tables, and register the agents."""
+    from app.adapters.postgres_store import PostgresBusinessStore
+
+    datadir = Path(settings.data_dir) / settings.app_id
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap_servers.split(",")],
+        store=settings.table_store,
+        datadir=str(datadir),
+        autodiscover=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        topic_allow_declare=True,
+        topic_disable_leader=True,
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        producer_linger=want_seconds(0.002),
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=500,
+        broker_commit_interval=0.5,
+        stream_buffer_maxsize=1024,
+        web_enabled=settings.web_enabled,
+        web_port=settings.web_port,
+        web_bind="127.0.0.1",
+        # Faust's raw /table and /router endpoints stay off; our own views are explicit.
+        web_in_thread=False,
+        table_cleanup_interval=60.0,
+        logging_config=None,
+    )
+    topics = Topics.from_settings(settings)
+
+    def raw_topic(name: str) -> Any:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", partitions=settings.topic_partitions,
+                         replicas=settings.topic_replication_factor)
+
+    channels = {
+        getattr(topics, f): raw_topic(getattr(topics, f)) for f in topics.__slots__
+    }
+    sagas_table = app.Table("sagas", key_type=bytes, value_type=bytes, key_serializer="raw",
+                            value_serializer="raw", partitions=settings.topic_partitions)
+    replies_table = app.Table("replies", key_type=bytes, value_type=bytes,
+                              key_serializer="raw", value_serializer="raw",
+                              partitions=settings.topic_partitions)
+    service = TransferService(
+        settings,
+        store if store is not None else PostgresBusinessStore.from_settings(settings),
+        TableSagas(sagas_table),
+        TableReplies(replies_table),
+        clock=time.time,
+    )
+    worker = Worker(app, settings, topics, channels, service)
+
+    from agents import transfer_agents
+
+    transfer_agents.register(worker)
+    return worker

@@ -1,0 +1,157 @@
+"""One settings object, read once at start-up (pydantic-settings).
+
+Every variable is listed in the README's configuration table; keep the two in step.
+Variables are read from the environment and then from the env file that ``make up``
+writes (``.local/env`` by default, see ``BIZ_ENV_FILE``); the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_ACCESS_SECRET = "dev-only-access-token-secret-change-me-0123456789"  # noqa: S105
+DEV_TRANSFER_SECRET = "dev-only-transfer-token-secret-change-me-0123456789"  # noqa: S105
+DEV_PIN_PEPPER = "dev-only-pin-pepper-change-me-0123456789"
+DEV_OTP_PEPPER = "dev-only-otp-pepper-change-me-0123456789"
+
+
+def default_env_file() -> str:
+    return os.environ.get("BIZ_ENV_FILE", ".local/env")
+
+
+class Settings(BaseSettings):
+    """Configuration of the worker, the account center and the command-line tools."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BIZ_",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # --- connections -----------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:19092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Kafka bootstrap servers, comma separated.",
+    )
+    database_url: str = Field(
+        "postgresql+asyncpg://bizcenter:bizcenter@127.0.0.1:15432/bizcenter",
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL of PostgreSQL (asyncpg driver).",
+    )
+    db_schema: str = Field(
+        "bizcenter",
+        description="PostgreSQL schema of the business center's own tables "
+        "(user directory, transfer-token uses, daily-limit reservations).",
+    )
+    account_center_db_schema: str = Field(
+        "account_center",
+        description="PostgreSQL schema of the reference account center (accounts, journal).",
+    )
+    db_pool_size: int = Field(10, ge=1, description="Connections kept per process.")
+
+    # --- Kafka topology --------------------------------------------------------------
+    topic_prefix: str = Field("", description="Prefix of every topic name (test isolation).")
+    topic_partitions: int = Field(
+        6, ge=1, description="Partitions of every topic the application creates."
+    )
+    topic_replication_factor: int = Field(1, ge=1, description="Replication factor of topics.")
+    app_id: str = Field(
+        "bizcenter",
+        description="Faust application id: the worker's consumer group and the prefix of "
+        "its table changelog topics.",
+    )
+    account_center_group: str = Field(
+        "account-center", description="Consumer group of the reference account center."
+    )
+    table_store: str = Field(
+        "rocksdb://",
+        description="Faust table store: rocksdb:// in production, memory:// rebuilds "
+        "every table from its changelog at each start.",
+    )
+    data_dir: str = Field(".local/worker-data", description="Directory of the RocksDB tables.")
+    web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's web server.")
+    web_enabled: bool = Field(False, description="Serve the worker's web endpoints.")
+
+    # --- access tokens (issued by the user center) -----------------------------------
+    access_token_algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"]] = (
+        Field(["HS256"], description="Pinned algorithms accepted for access tokens.")
+    )
+    access_token_key: SecretStr = Field(
+        SecretStr(DEV_ACCESS_SECRET),
+        description="HS* shared secret, or the PEM public key for RS256/ES256/EdDSA.",
+    )
+    access_token_issuer: str = Field("user-center", description="Required `iss` of access tokens.")
+    access_token_audience: str = Field(
+        "business-center", description="Required `aud` of access tokens."
+    )
+    jwt_leeway_seconds: int = Field(
+        10, ge=0, le=120, description="Clock leeway for exp/iat/nbf."
+    )
+
+    # --- transfer tokens (issued by this service) ------------------------------------
+    transfer_token_secret: SecretStr = Field(
+        SecretStr(DEV_TRANSFER_SECRET), description="HS256 key of transfer tokens."
+    )
+    transfer_token_ttl_seconds: int = Field(300, ge=5, description="Transfer token lifetime.")
+
+    # --- PIN and OTP -----------------------------------------------------------------
+    pin_pepper: SecretStr = Field(
+        SecretStr(DEV_PIN_PEPPER), description="Server-side key of the PIN HMAC."
+    )
+    pin_max_attempts: int = Field(5, ge=1, description="Consecutive wrong PINs before lock.")
+    otp_pepper: SecretStr = Field(
+        SecretStr(DEV_OTP_PEPPER), description="Server-side key of the OTP HMAC."
+    )
+    otp_ttl_seconds: float = Field(300, gt=0, description="OTP lifetime.")
+    otp_max_attempts: int = Field(5, ge=1, description="Wrong OTPs before the transfer fails.")
+
+    # --- saga timing -----------------------------------------------------------------
+    idempotency_retention_hours: float = Field(
+        24, ge=24, description="How long finished sagas and replies are kept for duplicates."
+    )
+    account_command_timeout_seconds: float = Field(
+        5.0, gt=0, description="Wait for an account event before re-sending the command."
+    )
+    account_command_max_backoff_seconds: float = Field(
+        60.0, gt=0, description="Cap of the exponential back-off of re-sent commands."
+    )
+    tick_interval_seconds: float = Field(
+        1.0, gt=0, description="How often each worker checks its sagas' deadlines."
+    )
+
+    log_level: str = Field("INFO", description="Python log level.")
+
+    @field_validator("access_token_algorithms")
+    @classmethod
+    def _one_family(cls, algs: list[str]) -> list[str]:
+        if not algs:
+            raise ValueError("at least one algorithm")
+        families = {"HS" if a.startswith("HS") else "ASYM" for a in algs}
+        if len(families) > 1:
+            # One key cannot serve both an HMAC secret and a public key (RFC 8725 §3.1).
+            raise ValueError("do not mix HMAC and public-key algorithms")
+        return algs
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @cached_property
+    def uses_dev_secrets(self) -> bool:
+        return any(
+            s.get_secret_value() in (DEV_ACCESS_SECRET, DEV_TRANSFER_SECRET,
+                                     DEV_PIN_PEPPER, DEV_OTP_PEPPER)
+            for s in (self.access_token_key, self.transfer_token_secret,
+                      self.pin_pepper, self.otp_pepper)
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, then the env file, then the defaults."""
+    return Settings(_env_file=default_env_file(), **overrides)

@@ -1,0 +1,580 @@
+"""JSON Web Tokens of the business center (RFC 7519), handled per RFC 8725 (JWT BCP).
+
+Two kinds of token, kept apart by audience *and* by explicit typing (RFC 8725 §3.11):
+
+* **access tokens**, issued by the user center: verified by :class:`AccessTokenVerifier`
+  against a pinned algorithm list and a key configured next to it (never chosen from the
+  token's ``alg``); ``none`` is never accepted; HMAC secrets and public keys are never mixed.
+* **transfer tokens**, issued by this service between ``transferInit`` and
+  ``transferConfirm``: short-lived HS256 JWTs with header ``typ: transfer+jwt``, handled by
+  :class:`TransferTokens`.
+
+Time claims (``exp``, ``iat``, ``nbf``) are checked here against an explicit ``now`` with
+the configured leeway, not by PyJWT against the wall clock, so that callers and tests can
+pin time. Nothing in this module ever puts a token into an exception, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.types import Options
+from pydantic import SecretStr
+
+from schemas.wire import ErrorCode
+
+__all__ = [
+    "ACCESS_TOKEN_TYP",
+    "MAX_TOKEN_LENGTH",
+    "TRANSFER_TOKEN_TYP",
+    "AccessIdentity",
+    "AccessTokenVerifier",
+    "TokenError",
+    "TokenSettings",
+    "TransferClaims",
+    "TransferTokens",
+    "issue_access_token",
+]
+
+#: Header ``typ`` of transfer tokens (explicit typing, RFC 8725 §3.11).
+TRANSFER_TOKEN_TYP: Final = "transfer+jwt"  # noqa: S105 - a media type, not a secret
+#: Header ``typ`` written by the stand-in user center (RFC 9068). Not required on input.
+ACCESS_TOKEN_TYP: Final = "at+jwt"  # noqa: S105 - a media type, not a secret
+#: Longer inputs are refused before any parsing.
+MAX_TOKEN_LENGTH: Final = 8192
+
+#: Algorithms an access-token verifier may be pinned to. ``none`` is never one of them.
+_ACCESS_ALGORITHMS: Final = frozenset(
+    {
+        "HS256",
+        "HS384",
+        "HS512",
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "EdDSA",
+    }
+)
+_TRANSFER_ALGORITHM: Final = "HS256"
+_MIN_TRANSFER_SECRET_BYTES: Final = 32  # RFC 7518 §3.2: at least the hash output size.
+# NumericDate bounds accepted (1970 .. 9999-12-31): keeps datetime conversion total.
+_MAX_NUMERIC_DATE: Final = 253_402_300_799
+_CURRENCY: Final = re.compile(r"[A-Z]{3}")
+
+_ACCESS_INVALID: Final = "invalid access token"
+_ACCESS_EXPIRED: Final = "access token expired"
+_ACCESS_FORBIDDEN: Final = "the access token does not belong to the operator"
+_TRANSFER_INVALID: Final = "invalid transfer token"
+_TRANSFER_EXPIRED: Final = "transfer token expired"
+
+# Errors the decoding of a hostile token may raise. PyJWT wraps nearly everything in
+# PyJWTError; the rest are listed so that no crafted input can escape as a crash.
+_DECODE_ERRORS: Final = (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError)
+
+
+class TokenSettings(Protocol):
+    """The fields of :class:`app.settings.Settings` this module reads."""
+
+    @property
+    def access_token_algorithms(self) -> Sequence[str]: ...
+    @property
+    def access_token_key(self) -> SecretStr: ...
+    @property
+    def access_token_issuer(self) -> str: ...
+    @property
+    def access_token_audience(self) -> str: ...
+    @property
+    def jwt_leeway_seconds(self) -> int: ...
+    @property
+    def transfer_token_secret(self) -> SecretStr: ...
+    @property
+    def transfer_token_ttl_seconds(self) -> int: ...
+
+
+class TokenError(Exception):
+    """A token was refused. ``message`` is safe to show to the client; it never holds the token."""
+
+    code: ErrorCode
+    message: str
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"TokenError(code={self.code.value!r}, message={self.message!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessIdentity:
+    """The verified subject of an access token."""
+
+    user_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TransferClaims:
+    """The verified content of a transfer token."""
+
+    jti: str
+    operator_id: str
+    from_account_id: str
+    to_account_id: str
+    amount_minor: int
+    currency: str
+    note: str | None
+    issued_at: datetime
+    expires_at: datetime
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """Internal: the token is invalid (mapped to the caller's error code)."""
+
+
+class _Expired(Exception):
+    """Internal: the token is valid but past its ``exp`` (plus leeway)."""
+
+
+def _aware_utc(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be a timezone-aware datetime")
+    return now.astimezone(UTC)
+
+
+def _normalise_typ(value: object) -> str | None:
+    """RFC 7515 §4.1.9: media types compare case-insensitively, ``application/`` optional."""
+    if not isinstance(value, str):
+        return None
+    lowered = value.strip().lower()
+    return lowered.removeprefix("application/")
+
+
+def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim (RFC 7519 §2) or None when absent; anything else is invalid."""
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(name)
+    number = float(value)
+    if not math.isfinite(number) or not 0 <= number <= _MAX_NUMERIC_DATE:
+        raise _Invalid(name)
+    return number
+
+
+def _check_times(
+    payload: Mapping[str, Any], now: datetime, leeway: float, *, check_expiry: bool
+) -> tuple[datetime, datetime]:
+    """Validate ``iat``/``nbf``/``exp`` against ``now``; returns (issued_at, expires_at)."""
+    exp = _numeric_date(payload, "exp")
+    iat = _numeric_date(payload, "iat")
+    nbf = _numeric_date(payload, "nbf")
+    if exp is None or iat is None:
+        raise _Invalid("exp/iat")
+    instant = now.timestamp()
+    if iat > instant + leeway:
+        raise _Invalid("iat in the future")
+    if nbf is not None and nbf > instant + leeway:
+        raise _Invalid("not yet valid")
+    if exp <= iat:
+        raise _Invalid("exp before iat")
+    if check_expiry and exp <= instant - leeway:
+        raise _Expired
+    return datetime.fromtimestamp(iat, UTC), datetime.fromtimestamp(exp, UTC)
+
+
+def _str_claim(payload: Mapping[str, Any], name: str, max_length: int = 256) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise _Invalid(name)
+    return value
+
+
+def _acceptable_input(token: object) -> bool:
+    return isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_LENGTH
+
+
+def _hmac_key(algorithm: str, secret: str) -> bytes:
+    """The HMAC key for ``algorithm``; refuses public keys and short secrets (RFC 7518 §3.2)."""
+    alg = jwt.get_algorithm_by_name(algorithm)
+    try:
+        key = alg.prepare_key(secret.encode("utf-8"))
+    except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"unusable {algorithm} secret: {type(exc).__name__}") from None
+    if alg.check_key_length(key):
+        raise ValueError(f"{algorithm} secret too short (RFC 7518 §3.2)")
+    assert isinstance(key, bytes)
+    return key
+
+
+# --------------------------------------------------------------------------------------
+# access tokens
+# --------------------------------------------------------------------------------------
+
+
+class AccessTokenVerifier:
+    """Verifies access tokens issued by the user center.
+
+    ``algorithms`` is the pinned allow-list handed to PyJWT; ``key`` is the HMAC secret for
+    HS* or the PEM public key (SubjectPublicKeyInfo) for RS*/PS*/ES*/EdDSA, loaded once here.
+    The key must suit every pinned algorithm, so HMAC and public-key algorithms can never
+    be mixed (RFC 8725 §3.1) and a misconfiguration fails at start-up.
+    """
+
+    __slots__ = ("_algorithms", "_audience", "_issuer", "_key", "_leeway", "_options")
+
+    def __init__(
+        self,
+        algorithms: Sequence[str],
+        key: str,
+        issuer: str,
+        audience: str,
+        leeway_seconds: int,
+    ) -> None:
+        if isinstance(algorithms, str):
+            raise TypeError("algorithms must be a sequence of algorithm names")
+        algs = tuple(dict.fromkeys(algorithms))
+        if not algs:
+            raise ValueError("at least one access token algorithm must be pinned")
+        unsupported = [a for a in algs if a not in _ACCESS_ALGORITHMS]
+        if unsupported:
+            raise ValueError(f"unsupported access token algorithms: {unsupported}")
+        if len({a.startswith("HS") for a in algs}) > 1:
+            raise ValueError("do not mix HMAC and public-key algorithms (RFC 8725 §3.1)")
+        if not issuer or not audience:
+            raise ValueError("issuer and audience are required")
+        if leeway_seconds < 0:
+            raise ValueError("leeway_seconds must not be negative")
+
+        prepared: Any
+        if algs[0].startswith("HS"):
+            keys = {_hmac_key(a, key) for a in algs}
+            prepared = keys.pop()
+        else:
+            try:
+                prepared = load_pem_public_key(key.encode("utf-8"))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(
+                    f"access token key is not a PEM public key: {type(exc).__name__}"
+                ) from None
+            for a in algs:
+                alg = jwt.get_algorithm_by_name(a)
+                try:
+                    alg.prepare_key(prepared)
+                except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"access token key does not suit {a}: {type(exc).__name__}"
+                    ) from None
+                if alg.check_key_length(prepared):
+                    raise ValueError(f"access token key too weak for {a}")
+
+        self._algorithms = list(algs)
+        self._key = prepared
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = float(leeway_seconds)
+        self._options: Options = {
+            "require": ["exp", "iat", "sub", "iss", "aud"],
+            "verify_signature": True,
+            "verify_iss": True,
+            "verify_aud": True,
+            "verify_sub": True,
+            # Checked against `now` by _check_times.
+            "verify_exp": False,
+            "verify_iat": False,
+            "verify_nbf": False,
+            "enforce_minimum_key_length": True,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: TokenSettings) -> AccessTokenVerifier:
+        return cls(
+            algorithms=list(settings.access_token_algorithms),
+            key=settings.access_token_key.get_secret_value(),
+            issuer=settings.access_token_issuer,
+            audience=settings.access_token_audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+        )
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        return tuple(self._algorithms)
+
+    def __repr__(self) -> str:
+        return (
+            f"AccessTokenVerifier(algorithms={self._algorithms!r}, issuer={self._issuer!r}, "
+            f"audience={self._audience!r})"
+        )
+
+    def verify(self, token: str, operator_id: str, now: datetime | None = None) -> AccessIdentity:
+        """The identity in ``token``, which must belong to ``operator_id``.
+
+        Raises TokenError: UNAUTHENTICATED for any invalid or expired token, FORBIDDEN for
+        a valid token of another user.
+        """
+        current = _aware_utc(now)
+        if not _acceptable_input(token):
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_INVALID)
+        try:
+            decoded = jwt.decode_complete(
+                token,
+                key=self._key,
+                algorithms=self._algorithms,
+                options=self._options,
+                issuer=self._issuer,
+                audience=self._audience,
+            )
+            header: dict[str, Any] = decoded["header"]
+            payload: dict[str, Any] = decoded["payload"]
+            # An access token is never a transfer token (RFC 8725 §3.11, §3.12).
+            if _normalise_typ(header.get("typ")) == TRANSFER_TOKEN_TYP:
+                raise _Invalid("typ")
+            subject = _str_claim(payload, "sub")
+            _, expires_at = _check_times(payload, current, self._leeway, check_expiry=True)
+        except _Expired:
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_EXPIRED) from None
+        except (_Invalid, *_DECODE_ERRORS):
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_INVALID) from None
+        if subject != operator_id:
+            raise TokenError(ErrorCode.FORBIDDEN, _ACCESS_FORBIDDEN)
+        return AccessIdentity(user_id=subject, expires_at=expires_at)
+
+
+# --------------------------------------------------------------------------------------
+# transfer tokens
+# --------------------------------------------------------------------------------------
+
+
+class TransferTokens:
+    """Issues and verifies the business center's own transfer tokens (HS256, ``transfer+jwt``).
+
+    ``verify`` does not compare the token's operator with the caller: check
+    ``claims.operator_id`` against the authenticated operator.
+    """
+
+    __slots__ = ("_audience", "_issuer", "_key", "_leeway", "_options", "_ttl")
+
+    def __init__(
+        self,
+        secret: str,
+        ttl_seconds: int,
+        leeway_seconds: int,
+        issuer: str = "business-center",
+        audience: str = "business-center:transfer-confirm",
+    ) -> None:
+        if len(secret.encode("utf-8")) < _MIN_TRANSFER_SECRET_BYTES:
+            raise ValueError(
+                f"transfer token secret must be at least {_MIN_TRANSFER_SECRET_BYTES} bytes"
+            )
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive")
+        if leeway_seconds < 0:
+            raise ValueError("leeway_seconds must not be negative")
+        if not issuer or not audience:
+            raise ValueError("issuer and audience are required")
+        self._key = _hmac_key(_TRANSFER_ALGORITHM, secret)
+        self._ttl = timedelta(seconds=ttl_seconds)
+        self._leeway = float(leeway_seconds)
+        self._issuer = issuer
+        self._audience = audience
+        self._options: Options = {
+            "require": ["iss", "aud", "sub", "jti", "iat", "exp", "from", "to", "amt", "cur"],
+            "verify_signature": True,
+            "verify_iss": True,
+            "verify_aud": True,
+            "strict_aud": True,
+            "verify_sub": True,
+            "verify_jti": True,
+            "verify_exp": False,
+            "verify_iat": False,
+            "verify_nbf": False,
+            "enforce_minimum_key_length": True,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: TokenSettings) -> TransferTokens:
+        return cls(
+            secret=settings.transfer_token_secret.get_secret_value(),
+            ttl_seconds=settings.transfer_token_ttl_seconds,
+            leeway_seconds=settings.jwt_leeway_seconds,
+        )
+
+    @property
+    def ttl(self) -> timedelta:
+        return self._ttl
+
+    def __repr__(self) -> str:
+        return (
+            f"TransferTokens(issuer={self._issuer!r}, audience={self._audience!r}, "
+            f"ttl={self._ttl.total_seconds():g}s)"
+        )
+
+    def issue(
+        self,
+        *,
+        jti: str,
+        operator_id: str,
+        from_account_id: str,
+        to_account_id: str,
+        amount_minor: int,
+        currency: str,
+        note: str | None,
+        now: datetime,
+    ) -> tuple[str, datetime]:
+        """A signed transfer token and its expiry.
+
+        ``now`` is truncated to whole seconds (NumericDate), so ``expires_at`` is
+        ``floor(now) + ttl`` and equals the ``expires_at`` that :meth:`verify` returns.
+        """
+        for name, value in (
+            ("jti", jti),
+            ("operator_id", operator_id),
+            ("from_account_id", from_account_id),
+            ("to_account_id", to_account_id),
+        ):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string")
+        if isinstance(amount_minor, bool) or not isinstance(amount_minor, int) or amount_minor <= 0:
+            raise ValueError("amount_minor must be a positive int")
+        if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+            raise ValueError("currency must be three upper-case letters")
+        if note is not None and not isinstance(note, str):
+            raise ValueError("note must be a string or None")
+        issued_at = _aware_utc(now).replace(microsecond=0)
+        expires_at = issued_at + self._ttl
+        payload: dict[str, Any] = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": operator_id,
+            "jti": jti,
+            "iat": int(issued_at.timestamp()),
+            "exp": int(expires_at.timestamp()),
+            "from": from_account_id,
+            "to": to_account_id,
+            "amt": amount_minor,
+            "cur": currency,
+        }
+        if note is not None:
+            payload["note"] = note
+        token = jwt.encode(
+            payload, self._key, algorithm=_TRANSFER_ALGORITHM, headers={"typ": TRANSFER_TOKEN_TYP}
+        )
+        return token, expires_at
+
+    def verify(self, token: str, now: datetime, *, check_expiry: bool = True) -> TransferClaims:
+        """The claims of a transfer token issued by this service.
+
+        Raises TokenError: TOKEN_EXPIRED when past ``exp`` (only if ``check_expiry``),
+        UNAUTHENTICATED for anything else. With ``check_expiry=False`` everything but the
+        expiry is still verified (signature, typ, iss, aud, claims, iat).
+        """
+        current = _aware_utc(now)
+        if not _acceptable_input(token):
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _TRANSFER_INVALID)
+        try:
+            decoded = jwt.decode_complete(
+                token,
+                key=self._key,
+                algorithms=[_TRANSFER_ALGORITHM],
+                options=self._options,
+                issuer=self._issuer,
+                audience=self._audience,
+            )
+            header: dict[str, Any] = decoded["header"]
+            payload: dict[str, Any] = decoded["payload"]
+            if _normalise_typ(header.get("typ")) != TRANSFER_TOKEN_TYP:
+                raise _Invalid("typ")
+            amount = payload.get("amt")
+            if type(amount) is not int or amount <= 0:
+                raise _Invalid("amt")
+            currency = payload.get("cur")
+            if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+                raise _Invalid("cur")
+            note = payload.get("note")
+            if note is not None and not isinstance(note, str):
+                raise _Invalid("note")
+            issued_at, expires_at = _check_times(
+                payload, current, self._leeway, check_expiry=check_expiry
+            )
+            claims = TransferClaims(
+                jti=_str_claim(payload, "jti"),
+                operator_id=_str_claim(payload, "sub"),
+                from_account_id=_str_claim(payload, "from"),
+                to_account_id=_str_claim(payload, "to"),
+                amount_minor=amount,
+                currency=currency,
+                note=note,
+                issued_at=issued_at,
+                expires_at=expires_at,
+            )
+        except _Expired:
+            raise TokenError(ErrorCode.TOKEN_EXPIRED, _TRANSFER_EXPIRED) from None
+        except (_Invalid, *_DECODE_ERRORS):
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _TRANSFER_INVALID) from None
+        return claims
+
+
+# --------------------------------------------------------------------------------------
+# stand-in user center
+# --------------------------------------------------------------------------------------
+
+
+def issue_access_token(
+    settings: TokenSettings,
+    user_id: str,
+    *,
+    ttl_seconds: int = 900,
+    now: datetime | None = None,
+    private_key: str | None = None,
+    algorithm: str | None = None,
+) -> str:
+    """An access token as the user center would issue it (demos, CLI and tests only).
+
+    HS* tokens are signed with ``settings.access_token_key`` unless ``private_key`` is
+    given; RS*/PS*/ES*/EdDSA need ``private_key`` (PEM). ``algorithm`` defaults to the first
+    pinned algorithm of the settings.
+    """
+    alg = algorithm or settings.access_token_algorithms[0]
+    if alg not in _ACCESS_ALGORITHMS:
+        raise ValueError(f"unsupported access token algorithm: {alg}")
+    if private_key is not None:
+        key: str = private_key
+    elif alg.startswith("HS"):
+        key = settings.access_token_key.get_secret_value()
+    else:
+        raise ValueError(f"{alg} access tokens need private_key (settings hold the public key)")
+    issued_at = _aware_utc(now).replace(microsecond=0)
+    payload: dict[str, Any] = {
+        "iss": settings.access_token_issuer,
+        "aud": settings.access_token_audience,
+        "sub": user_id,
+        "iat": int(issued_at.timestamp()),
+        "exp": int((issued_at + timedelta(seconds=ttl_seconds)).timestamp()),
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(payload, key, algorithm=alg, headers={"typ": ACCESS_TOKEN_TYP})

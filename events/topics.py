@@ -1,0 +1,79 @@
+"""The topics of the product, their keys, and their explicit creation.
+
+The broker does not auto-create topics: the application creates every topic it uses with
+an explicit partition count. ``business.commands`` and ``business.saga-inputs`` must have
+the same count as the saga tables' changelogs (co-partitioning); `ensure_topics` refuses
+to go on when an existing topic disagrees.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    key: str
+    compacted: bool = False
+    copartitioned: bool = False  # must have settings.topic_partitions partitions
+
+
+TOPIC_SPECS: tuple[TopicSpec, ...] = (
+    TopicSpec("business.commands", "idempotencyKey, else requestId", copartitioned=True),
+    TopicSpec("business.saga-inputs", "transferId (explicit partition)", copartitioned=True),
+    TopicSpec("business.replies", "requestId"),
+    TopicSpec("business.transfer-events", "transferId"),
+    TopicSpec("business.dlq", "the original key"),
+    TopicSpec("account.commands", "accountId"),
+    TopicSpec("account.events", "accountId"),
+    TopicSpec("notifications.otp", "userId"),
+)
+
+
+class TopicMismatch(RuntimeError):
+    pass
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create the missing topics; return the names created. Idempotent."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = {settings.topic(s.name): s for s in TOPIC_SPECS}
+        missing = [
+            NewTopic(name, settings.topic_partitions, settings.topic_replication_factor,
+                     topic_configs={"cleanup.policy": "compact"} if spec.compacted else {})
+            for name, spec in wanted.items() if name not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+        described = await admin.describe_topics(
+            [name for name, spec in wanted.items() if spec.copartitioned]
+        )
+        for topic in described:
+            count = len(topic.get("partitions", []))
+            if count != settings.topic_partitions:
+                raise TopicMismatch(
+                    f"topic {topic['topic']} has {count} partitions but "
+                    f"BIZ_TOPIC_PARTITIONS is {settings.topic_partitions}: they must match"
+                )
+        created = [t.name for t in missing]
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+        return created
+    finally:
+        await admin.close()

@@ -1,0 +1,235 @@
+"""Wire contract v1: every message on every topic, as pydantic v2 models.
+
+camelCase on the wire, snake_case in Python. The gateway and the account center are other
+teams' software: field names here are the contract (docs/contract.md), change them only
+by adding optional fields. Amounts are integers in minor units (cents).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+MinorUnits = Annotated[int, Field(strict=True, description="Integer amount in minor units.")]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        str_strip_whitespace=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes (docs/contract.md). Never rename; only add."""
+
+    INVALID_REQUEST = "INVALID_REQUEST"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FORBIDDEN = "FORBIDDEN"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    TOKEN_ALREADY_USED = "TOKEN_ALREADY_USED"
+    INVALID_PIN = "INVALID_PIN"
+    PIN_LOCKED = "PIN_LOCKED"
+    INVALID_OTP = "INVALID_OTP"
+    OTP_EXPIRED = "OTP_EXPIRED"
+    OTP_LOCKED = "OTP_LOCKED"
+    LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+    ACCOUNT_NOT_FOUND = "ACCOUNT_NOT_FOUND"
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    IN_PROGRESS = "IN_PROGRESS"
+    OTP_REQUIRED = "OTP_REQUIRED"
+    INTERNAL = "INTERNAL"
+
+
+# --------------------------------------------------------------------------------------
+# business.commands  (key = idempotencyKey when present, else requestId)
+# --------------------------------------------------------------------------------------
+
+
+class TransferInitPayload(WireModel):
+    to_account_id: Identifier
+    amount_minor: MinorUnits = Field(gt=0)
+    currency: Currency
+    note: Annotated[str, StringConstraints(max_length=140)] | None = None
+
+
+class TransferConfirmPayload(WireModel):
+    transfer_token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    pin: Annotated[str, StringConstraints(pattern=r"^[0-9]{4,12}$")] = Field(repr=False)
+
+
+class VerifyOtpPayload(WireModel):
+    otp: Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")] = Field(repr=False)
+
+
+class CommandType(StrEnum):
+    TRANSFER_INIT = "transferInit"
+    TRANSFER_CONFIRM = "transferConfirm"
+    VERIFY_OTP = "verifyOtp"
+
+
+class CommandEnvelope(WireModel):
+    """What the gateway publishes on business.commands."""
+
+    type: CommandType
+    request_id: Identifier
+    idempotency_key: Identifier | None = None
+    operator_id: Identifier
+    access_token: Annotated[str, StringConstraints(min_length=1, max_length=8192)] = Field(
+        repr=False
+    )
+    sent_at: datetime
+    payload: dict[str, Any]
+
+
+PAYLOAD_MODELS: dict[CommandType, type[WireModel]] = {
+    CommandType.TRANSFER_INIT: TransferInitPayload,
+    CommandType.TRANSFER_CONFIRM: TransferConfirmPayload,
+    CommandType.VERIFY_OTP: VerifyOtpPayload,
+}
+#: Commands whose envelope must carry an idempotencyKey.
+NEEDS_IDEMPOTENCY_KEY = frozenset({CommandType.TRANSFER_CONFIRM, CommandType.VERIFY_OTP})
+
+
+# --------------------------------------------------------------------------------------
+# business.replies  (key = requestId)
+# --------------------------------------------------------------------------------------
+
+
+class ReplyStatus(StrEnum):
+    OK = "ok"
+    PENDING = "pending"
+    ERROR = "error"
+
+
+class Reply(WireModel):
+    request_id: Identifier
+    idempotency_key: Identifier | None = None
+    type: str
+    status: ReplyStatus
+    code: str | None = None
+    message: str | None = None
+    data: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# account.commands / account.events  (key = accountId)
+# --------------------------------------------------------------------------------------
+
+
+class AccountCommandType(StrEnum):
+    DEBIT = "debit"
+    CREDIT = "credit"
+    REFUND = "refund"
+
+
+class AccountCommand(WireModel):
+    command_id: Identifier
+    type: AccountCommandType
+    account_id: Identifier
+    amount_minor: MinorUnits = Field(gt=0)
+    currency: Currency
+    transfer_id: Identifier
+
+
+class AccountEventType(StrEnum):
+    DEBITED = "debited"
+    CREDITED = "credited"
+    REFUNDED = "refunded"
+    REJECTED = "rejected"
+
+
+class AccountEvent(WireModel):
+    command_id: Identifier
+    type: AccountEventType
+    account_id: Identifier
+    amount_minor: MinorUnits
+    balance_after_minor: MinorUnits | None = None
+    reason: str | None = None
+    occurred_at: datetime
+
+
+# --------------------------------------------------------------------------------------
+# notifications.otp (key = userId), business.transfer-events (key = transferId)
+# --------------------------------------------------------------------------------------
+
+
+class OtpNotification(WireModel):
+    user_id: Identifier
+    phone: str
+    otp: str = Field(repr=False)
+    expires_at: datetime
+    transfer_id: Identifier
+
+
+class TransferEvent(WireModel):
+    """Every state change of a transfer saga (audit trail and downstream feeds)."""
+
+    event_id: Identifier = Field(description="`<transferId>:<seq>`, unique per change.")
+    transfer_id: Identifier
+    seq: int
+    state: str
+    previous_state: str | None = None
+    operator_id: Identifier
+    from_account_id: Identifier
+    to_account_id: Identifier
+    amount_minor: MinorUnits
+    currency: Currency
+    code: str | None = None
+    occurred_at: datetime
+
+
+# --------------------------------------------------------------------------------------
+# business.dlq
+# --------------------------------------------------------------------------------------
+
+
+class DeadLetter(WireModel):
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key_b64: str | None = None
+    value_b64: str | None = None
+    reason: str
+    failed_at: datetime
+
+
+# --------------------------------------------------------------------------------------
+# business.saga-inputs (internal; explicit partition = the saga's home partition)
+# --------------------------------------------------------------------------------------
+
+
+class SagaInput(WireModel):
+    """Internal: an account event routed to its saga's partition, or a timer tick."""
+
+    kind: Literal["accountEvent", "tick"]
+    account_event: AccountEvent | None = None
+    now: datetime | None = None
+
+
+WIRE_MODELS: tuple[type[WireModel], ...] = (
+    CommandEnvelope,
+    TransferInitPayload,
+    TransferConfirmPayload,
+    VerifyOtpPayload,
+    Reply,
+    AccountCommand,
+    AccountEvent,
+    OtpNotification,
+    TransferEvent,
+    DeadLetter,
+    SagaInput,
+)

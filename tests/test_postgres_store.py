@@ -1,0 +1,245 @@
+"""PostgresBusinessStore against the real PostgreSQL (own schema per module)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import date
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from app.adapters.db import make_engine
+from app.adapters.demo_seed import DEMO_USERS, seed_directory
+from app.adapters.postgres_store import PostgresBusinessStore
+from app.domain.pin import pin_matches, pin_verifier
+from app.domain.ports import PinCheck, PinOutcome, TokenClaim, UserRecord, UserStatus
+
+pytestmark = pytest.mark.integration
+
+PEPPER = b"test-pepper"
+DAY = date(2024, 5, 17)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def store(database_url: str, isolation_id: str) -> AsyncIterator[PostgresBusinessStore]:
+    schema = f"{isolation_id}_biz"
+    s = PostgresBusinessStore(make_engine(database_url, schema, pool_size=10), schema)
+    try:
+        await s.migrate()
+        await s.migrate()  # idempotent
+        yield s
+    finally:
+        async with s.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await s.close()
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def _new_user(store: PostgresBusinessStore, pin: str = "123456") -> UserRecord:
+    user_id = _uid("u")
+    user = UserRecord(
+        user_id=user_id,
+        account_id=f"acc-{user_id}",
+        currency="USD",
+        phone="+15550001111",
+        pin_verifier=pin_verifier(PEPPER, user_id, pin),
+        otp_threshold_minor=50_000,
+        daily_limit_minor=1_000_000,
+        status=UserStatus.ACTIVE,
+    )
+    await store.upsert_user(user)
+    return user
+
+
+def _pin(user: UserRecord, pin: str):  # type: ignore[no-untyped-def]
+    return lambda verifier: pin_matches(PEPPER, user.user_id, pin, verifier)
+
+
+async def test_upsert_and_get_user_round_trip(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    assert await store.get_user(user.user_id) == user
+    changed = UserRecord(
+        user_id=user.user_id,
+        account_id=user.account_id + "-2",
+        currency="EUR",
+        phone="+15559999999",
+        pin_verifier=pin_verifier(PEPPER, user.user_id, "654321"),
+        otp_threshold_minor=1,
+        daily_limit_minor=2,
+        status=UserStatus.BLOCKED,
+    )
+    await store.upsert_user(changed)
+    assert await store.get_user(user.user_id) == changed
+    assert await store.get_user("nobody") is None
+
+
+async def test_account_exists(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    assert await store.account_exists(user.account_id)
+    assert not await store.account_exists("acc-nobody")
+
+
+async def test_seed_directory(store: PostgresBusinessStore) -> None:
+    await seed_directory(store, PEPPER, DEMO_USERS)
+    await seed_directory(store, PEPPER, DEMO_USERS)  # idempotent
+    for demo in DEMO_USERS:
+        user = await store.get_user(demo.user_id)
+        assert user is not None
+        assert user.account_id == demo.account_id
+        assert pin_matches(PEPPER, demo.user_id, demo.pin, user.pin_verifier)
+
+
+async def test_check_pin_ok_resets_counter(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    assert await store.check_pin(user.user_id, "r1", _pin(user, "000000"), 5) == PinCheck(
+        PinOutcome.INVALID, 4
+    )
+    assert await store.check_pin(user.user_id, "r2", _pin(user, "000000"), 5) == PinCheck(
+        PinOutcome.INVALID, 3
+    )
+    ok = await store.check_pin(user.user_id, "r3", _pin(user, "123456"), 5)
+    assert ok.outcome is PinOutcome.OK
+    # Counter was reset: a new failure leaves max - 1 attempts.
+    assert await store.check_pin(user.user_id, "r4", _pin(user, "000000"), 5) == PinCheck(
+        PinOutcome.INVALID, 4
+    )
+
+
+async def test_unknown_user_pin_is_invalid(store: PostgresBusinessStore) -> None:
+    called: list[str] = []
+
+    def matches(verifier: str) -> bool:
+        called.append(verifier)
+        return True
+
+    assert await store.check_pin("nobody", "r1", matches, 5) == PinCheck(PinOutcome.INVALID, 0)
+    assert called == []
+
+
+async def test_five_wrong_pins_lock(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    outcomes = [
+        await store.check_pin(user.user_id, f"r{i}", _pin(user, "000000"), 5) for i in range(5)
+    ]
+    assert [o.attempts_left for o in outcomes[:4]] == [4, 3, 2, 1]
+    assert all(o.outcome is PinOutcome.INVALID for o in outcomes[:4])
+    assert outcomes[4] == PinCheck(PinOutcome.LOCKED, 0)
+
+    called: list[str] = []
+
+    def right_pin(verifier: str) -> bool:
+        called.append(verifier)
+        return pin_matches(PEPPER, user.user_id, "123456", verifier)
+
+    assert await store.check_pin(user.user_id, "r9", right_pin, 5) == PinCheck(
+        PinOutcome.LOCKED, 0
+    )
+    assert called == []  # a locked PIN is not even compared
+
+    await store.unlock_pin(user.user_id)
+    assert (await store.check_pin(user.user_id, "r10", right_pin, 5)).outcome is PinOutcome.OK
+
+
+async def test_same_request_failing_twice_counts_once(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    wrong = _pin(user, "000000")
+    assert await store.check_pin(user.user_id, "dup", wrong, 5) == PinCheck(PinOutcome.INVALID, 4)
+    assert await store.check_pin(user.user_id, "dup", wrong, 5) == PinCheck(PinOutcome.INVALID, 4)
+    assert await store.check_pin(user.user_id, "next", wrong, 5) == PinCheck(
+        PinOutcome.INVALID, 3
+    )
+
+
+async def test_concurrent_wrong_pins_never_exceed_max(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    wrong = _pin(user, "000000")
+    results = await asyncio.gather(
+        *(store.check_pin(user.user_id, f"c{i}", wrong, 5) for i in range(12))
+    )
+    assert sum(r.outcome is PinOutcome.INVALID for r in results) == 4
+    assert sum(r.outcome is PinOutcome.LOCKED for r in results) == 8
+    assert sorted(r.attempts_left for r in results if r.outcome is PinOutcome.INVALID) == [
+        1, 2, 3, 4,
+    ]
+
+
+async def test_claim_transfer_token(store: PostgresBusinessStore) -> None:
+    jti, t1, t2 = _uid("jti"), _uid("t"), _uid("t")
+    assert await store.claim_transfer_token(jti, t1) is TokenClaim.CLAIMED
+    assert await store.claim_transfer_token(jti, t1) is TokenClaim.CLAIMED
+    assert await store.claim_transfer_token(jti, t2) is TokenClaim.USED_ELSEWHERE
+    assert await store.claim_transfer_token(jti, t1) is TokenClaim.CLAIMED
+
+
+async def test_concurrent_claims_one_winner(store: PostgresBusinessStore) -> None:
+    jti = _uid("jti")
+    transfers = [_uid("t") for _ in range(20)]
+    results = await asyncio.gather(*(store.claim_transfer_token(jti, t) for t in transfers))
+    winners = [t for t, r in zip(transfers, results, strict=True) if r is TokenClaim.CLAIMED]
+    assert len(winners) == 1
+    assert results.count(TokenClaim.USED_ELSEWHERE) == 19
+    assert await store.claim_transfer_token(jti, winners[0]) is TokenClaim.CLAIMED
+
+
+async def test_concurrent_reservations_respect_limit(store: PostgresBusinessStore) -> None:
+    user_id = _uid("u")
+    results = await asyncio.gather(
+        *(
+            store.reserve_daily_limit(user_id, f"{user_id}-t{i}", DAY, 30_000, 1_000_000)
+            for i in range(50)
+        )
+    )
+    assert results.count(True) == 33
+    assert await store.reserved_today(user_id, DAY) == 990_000
+    assert await store.reserved_today(user_id, date(2024, 5, 18)) == 0
+
+
+async def test_reserve_is_idempotent_per_transfer(store: PostgresBusinessStore) -> None:
+    user_id = _uid("u")
+    assert await store.reserve_daily_limit(user_id, "tx-a", DAY, 600_000, 1_000_000)
+    # The same transfer again: True without reserving twice (even though twice would exceed).
+    assert await store.reserve_daily_limit(user_id, "tx-a", DAY, 600_000, 1_000_000)
+    assert await store.reserved_today(user_id, DAY) == 600_000
+    assert not await store.reserve_daily_limit(user_id, "tx-b", DAY, 400_001, 1_000_000)
+    assert await store.reserve_daily_limit(user_id, "tx-c", DAY, 400_000, 1_000_000)
+    assert await store.reserved_today(user_id, DAY) == 1_000_000
+
+
+async def test_concurrent_same_transfer_reserves_once(store: PostgresBusinessStore) -> None:
+    user_id = _uid("u")
+    results = await asyncio.gather(
+        *(store.reserve_daily_limit(user_id, f"{user_id}-t", DAY, 30_000, 1_000_000)
+          for _ in range(10))
+    )
+    assert all(results)
+    assert await store.reserved_today(user_id, DAY) == 30_000
+
+
+async def test_release_gives_back_once(store: PostgresBusinessStore) -> None:
+    user_id = _uid("u")
+    assert await store.reserve_daily_limit(user_id, "rel-a", DAY, 100_000, 1_000_000)
+    assert await store.reserve_daily_limit(user_id, "rel-b", DAY, 200_000, 1_000_000)
+    await store.release_daily_limit("rel-a")
+    assert await store.reserved_today(user_id, DAY) == 200_000
+    await store.release_daily_limit("rel-a")  # no-op
+    await store.release_daily_limit("never-reserved")  # no-op
+    assert await store.reserved_today(user_id, DAY) == 200_000
+
+
+async def test_concurrent_releases_give_back_once(store: PostgresBusinessStore) -> None:
+    user_id = _uid("u")
+    assert await store.reserve_daily_limit(user_id, f"{user_id}-x", DAY, 100_000, 1_000_000)
+    assert await store.reserve_daily_limit(user_id, f"{user_id}-y", DAY, 50_000, 1_000_000)
+    await asyncio.gather(*(store.release_daily_limit(f"{user_id}-x") for _ in range(10)))
+    assert await store.reserved_today(user_id, DAY) == 50_000
+
+
+async def test_reserve_rejects_non_positive_amount(store: PostgresBusinessStore) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        await store.reserve_daily_limit("u", "t", DAY, 0, 1_000_000)
