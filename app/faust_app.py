@@ -79,6 +79,7 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     from app.adapters.postgres_store import PostgresBusinessStore
 
     datadir = Path(settings.data_dir) / settings.app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap_servers.split(",")],
@@ -114,11 +115,10 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     channels = {
         getattr(topics, f): raw_topic(getattr(topics, f)) for f in topics.__slots__
     }
-    sagas_table = app.Table("sagas", key_type=bytes, value_type=bytes, key_serializer="raw",
-                            value_serializer="raw", partitions=settings.topic_partitions)
-    replies_table = app.Table("replies", key_type=bytes, value_type=bytes,
-                              key_serializer="raw", value_serializer="raw",
-                              partitions=settings.topic_partitions)
+    raw = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw")
+    sagas_table = app.Table("sagas", schema=raw, partitions=settings.topic_partitions)
+    replies_table = app.Table("replies", schema=raw, partitions=settings.topic_partitions)
     service = TransferService(
         settings,
         store if store is not None else PostgresBusinessStore.from_settings(settings),

@@ -278,8 +278,13 @@ cmd_start() {
     exec 9>"$LOCAL/.start.lock"
     flock -w $((KAFKA_START_TIMEOUT + 60)) 9 || die "another start holds $LOCAL/.start.lock"
 
-    local pid
+    local pid running_port
     if pid=$(our_pid); then
+        running_port=$(sed -n 's|^advertised\.listeners=PLAINTEXT://[^:]*:\([0-9]*\).*|\1|p' "$PROPS")
+        if [[ "$running_port" != "$KAFKA_PORT" ]]; then
+            die "our broker (pid $pid) already runs on port ${running_port:-?}, not" \
+                "KAFKA_PORT=$KAFKA_PORT; run 'infra/kafka.sh stop' first to change ports"
+        fi
         if broker_ready; then
             log "already running (pid $pid) on $HOST:$KAFKA_PORT"
             return 0

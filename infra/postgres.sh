@@ -236,8 +236,13 @@ cmd_start() {
     flock -w $((PG_START_TIMEOUT + 60)) 9 || die "another start holds $LOCAL/.start.lock"
 
     ensure_binaries
-    local pid started=$SECONDS
+    local pid started=$SECONDS running_port
     if pid=$(our_pid); then
+        running_port=$(sed -n 4p "$DATA/postmaster.pid" 2>/dev/null || true)
+        if [[ "$running_port" != "$PG_PORT" ]]; then
+            die "our cluster (pid $pid) already runs on port ${running_port:-?}, not" \
+                "PG_PORT=$PG_PORT; run 'infra/postgres.sh stop' first to change ports"
+        fi
         wait_ready
         ensure_role_and_db
         log "already running (pid $pid) on $HOST:$PG_PORT"

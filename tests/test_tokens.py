@@ -92,19 +92,19 @@ def hand_signed_hs256(header: dict[str, Any], claims: dict[str, Any], secret: by
 
 
 def pem_private(key: Any) -> str:
-    return key.private_bytes(
+    pem: bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    ).decode()
+    )
+    return pem.decode()
 
 
 def pem_public(key: Any) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
+    pem: bytes = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return pem.decode()
 
 
 def raises_token_error(call: Callable[[], object], code: ErrorCode) -> TokenError:
@@ -139,7 +139,9 @@ def ec_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def issue_transfer(transfers: TransferTokens, *, note: str | None = "rent", now: datetime = NOW):
+def issue_transfer(
+    transfers: TransferTokens, *, note: str | None = "rent", now: datetime = NOW
+) -> tuple[str, datetime]:
     return transfers.issue(
         jti="tok-1",
         operator_id="alice",
@@ -400,7 +402,7 @@ def test_asymmetric_access_tokens(
 ) -> None:
     private = {"RS256": rsa_key, "EdDSA": ed_key, "ES256": ec_key}[kind]
     settings = Settings(
-        access_token_algorithms=[kind],  # type: ignore[list-item]
+        access_token_algorithms=[kind],
         access_token_key=SecretStr(pem_public(private)),
     )
     verifier = AccessTokenVerifier.from_settings(settings)
@@ -410,11 +412,12 @@ def test_asymmetric_access_tokens(
     assert jwt.get_unverified_header(token)["alg"] == kind
     assert verifier.verify(token, "alice", now=NOW).user_id == "alice"
     # A token signed by another key of the same type is refused.
-    other = {
+    factories: dict[str, Callable[[], Any]] = {
         "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
         "EdDSA": ed25519.Ed25519PrivateKey.generate,
         "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
-    }[kind]()
+    }
+    other = factories[kind]()
     forged = encode(access_claims(), key=other, algorithm=kind)
     raises_token_error(lambda: verifier.verify(forged, "alice", now=NOW), ErrorCode.UNAUTHENTICATED)
 
@@ -860,7 +863,7 @@ def test_issue_access_token_for_public_key_algorithm_needs_a_private_key(
     ed_key: ed25519.Ed25519PrivateKey,
 ) -> None:
     settings = Settings(
-        access_token_algorithms=["EdDSA"],  # type: ignore[list-item]
+        access_token_algorithms=["EdDSA"],
         access_token_key=SecretStr(pem_public(ed_key)),
     )
     with pytest.raises(ValueError, match="private_key"):

@@ -194,8 +194,9 @@ class AccountCenter:
                         return [await self._decide_one(i) for i in items]
                     # A single command: _decide_one counts its attempts.
                     return [await self._decide_one(items[0])]
-                log.exception("ledger unavailable, batch of %d retried in %.1fs",
-                              len(items), backoff)
+                log.error("ledger unavailable (%s: %s), batch of %d retried in %.1fs",
+                          type(exc).__name__, exc, len(items), backoff,
+                          exc_info=backoff == BACKOFF_INITIAL)
                 await self._backoff(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -217,7 +218,9 @@ class AccountCenter:
                             f"({type(exc).__name__})",
                         )
                 else:
-                    log.exception("ledger unavailable, command retried in %.1fs", backoff)
+                    log.error("ledger unavailable (%s: %s), command retried in %.1fs",
+                              type(exc).__name__, exc, backoff,
+                              exc_info=backoff == BACKOFF_INITIAL)
                 await self._backoff(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 

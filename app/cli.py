@@ -1,0 +1,262 @@
+"""The ``bizcenter`` command.
+
+    bizcenter worker           the business worker (Faust): sagas, replies
+    bizcenter account-center   the reference account center (PostgreSQL ledger)
+    bizcenter create-topics    create every topic with explicit partition counts
+    bizcenter migrate          create the PostgreSQL schemas and tables
+    bizcenter seed-demo        demo users in the directory and funded accounts
+    bizcenter token USER       a development access token (stands in for the user center)
+    bizcenter transfer ...     a transfer through the gateway protocol, end to end
+    bizcenter run              everything above for a local demo (what `make run` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+from app.settings import Settings, load_settings
+
+log = logging.getLogger("bizcenter")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def prepare(settings: Settings, *, ledger: bool = False) -> None:
+    """Topics and tables: idempotent, safe to run from several processes at once."""
+    from app.adapters.postgres_store import PostgresBusinessStore
+    from events.topics import ensure_topics
+
+    await ensure_topics(settings)
+    store = PostgresBusinessStore.from_settings(settings)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
+    if ledger:
+        from app.account_center.ledger import Ledger
+
+        led = Ledger.from_settings(settings)
+        try:
+            await led.migrate()
+        finally:
+            await led.close()
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from faust.worker import Worker as FaustWorker
+
+    from app.faust_app import create_app
+
+    if settings.uses_dev_secrets:
+        log.warning("running with the development secrets: set BIZ_* secrets in production")
+    asyncio.run(prepare(settings))
+    worker = create_app(settings)
+    FaustWorker(worker.app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
+    return 0
+
+
+def cmd_account_center(settings: Settings, args: argparse.Namespace) -> int:
+    from app.account_center.service import run_account_center
+
+    async def main() -> None:
+        await prepare(settings, ledger=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_account_center(settings, stop=stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_create_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from events.topics import ensure_topics
+
+    created = asyncio.run(ensure_topics(settings))
+    print("created: " + (", ".join(created) if created else "nothing (all exist)"))
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(prepare(settings, ledger=True))
+    return 0
+
+
+async def seed_demo(settings: Settings) -> None:
+    from app.account_center.ledger import Ledger
+    from app.adapters.demo_seed import DEMO_USERS, seed_directory
+    from app.adapters.postgres_store import PostgresBusinessStore
+
+    store = PostgresBusinessStore.from_settings(settings)
+    ledger = Ledger.from_settings(settings)
+    try:
+        await store.migrate()
+        await ledger.migrate()
+        await seed_directory(store, settings.pin_pepper.get_secret_value().encode(), DEMO_USERS)
+        for user in DEMO_USERS:
+            await ledger.open_account(user.account_id, user.currency, user.initial_balance_minor)
+    finally:
+        await store.close()
+        await ledger.close()
+
+
+def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from app.adapters.demo_seed import DEMO_USERS
+
+    asyncio.run(seed_demo(settings))
+    for user in DEMO_USERS:
+        print(f"{user.user_id}: account {user.account_id}, PIN {user.pin}, "
+              f"balance {user.initial_balance_minor} minor {user.currency}")
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from app.tokens import issue_access_token
+
+    print(issue_access_token(settings, args.user, ttl_seconds=args.ttl))
+    return 0
+
+
+async def run_transfer(
+    settings: Settings, *, user: str, to: str, amount: int, currency: str, pin: str,
+    otp_from_topic: bool, timeout: float = 60.0,
+) -> dict[str, Any]:
+    """transferInit → transferConfirm → (verifyOtp) as a gateway would; returns the outcome."""
+    from app.gateway_client import GatewayClient, TopicTail
+    from app.tokens import issue_access_token
+
+    token = issue_access_token(settings, user)
+    client = GatewayClient(settings)
+    otps = TopicTail(settings, settings.topic("notifications.otp"))
+    await client.start()
+    await otps.start()
+    try:
+        init = await client.request(client.envelope(
+            "transferInit", user, token,
+            {"toAccountId": to, "amountMinor": amount, "currency": currency}), timeout)
+        print(f"transferInit    → {init['status']} {init.get('code') or ''}".rstrip()
+              + (f" (otpRequired={init['data']['otpRequired']})" if init.get("data") else ""))
+        if init["status"] != "ok":
+            return init
+        key = str(uuid.uuid4())
+        reply = await client.request(client.envelope(
+            "transferConfirm", user, token,
+            {"transferToken": init["data"]["transferToken"], "pin": pin},
+            idempotency_key=key), timeout)
+        print(f"transferConfirm → {reply['status']} {reply.get('code') or ''}".rstrip())
+        if reply.get("code") == "OTP_REQUIRED":
+            transfer_id = reply["data"]["transferId"]
+            if otp_from_topic:
+                found = await otps.wait(lambda msgs: next(
+                    (v for _k, v in msgs if v.get("transferId") == transfer_id), None), timeout)
+                otp = found["otp"]
+                print("                  (demo: OTP read from notifications.otp)")
+            else:
+                otp = input("OTP sent to your phone: ").strip()
+            reply = await client.request(client.envelope(
+                "verifyOtp", user, token, {"otp": otp}, idempotency_key=key), timeout)
+            print(f"verifyOtp       → {reply['status']} {reply.get('code') or ''}".rstrip())
+        print(f"outcome: {reply.get('data')}")
+        return reply
+    finally:
+        await otps.stop()
+        await client.stop()
+
+
+def cmd_transfer(settings: Settings, args: argparse.Namespace) -> int:
+    reply = asyncio.run(run_transfer(
+        settings, user=args.user, to=args.to, amount=args.amount, currency=args.currency,
+        pin=args.pin, otp_from_topic=args.otp_from_topic,
+    ))
+    return 0 if reply.get("status") == "ok" else 1
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """The local system in one command: account center and worker as child processes, a
+    demo transfer through them, then both stay up until Ctrl-C."""
+    asyncio.run(prepare(settings, ledger=True))
+    asyncio.run(seed_demo(settings))
+    exe = [sys.executable, "-m", "app.cli"]
+    children = [
+        subprocess.Popen([*exe, "account-center"], env=os.environ.copy()),  # noqa: S603
+        subprocess.Popen([*exe, "worker"], env=os.environ.copy()),  # noqa: S603
+    ]
+    try:
+        print("\n=== demo: alice sends 12.50 USD to bob, then 750.00 USD (OTP step-up) ===\n")
+        for amount in (1250, 75000):
+            asyncio.run(run_transfer(
+                settings, user="alice", to="acc-bob", amount=amount, currency="USD",
+                pin="123456", otp_from_topic=True, timeout=120.0,
+            ))
+        print("\nThe worker and the account center are running. Ctrl-C stops them.\n"
+              "Try: .venv/bin/bizcenter transfer --user bob --to acc-carol --amount 500\n")
+        while all(child.poll() is None for child in children):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                children[1].wait(timeout=1.0)
+        return 1  # a child died on its own
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bizcenter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="run the business worker (Faust)").set_defaults(fn=cmd_worker)
+    sub.add_parser("account-center", help="run the reference account center").set_defaults(
+        fn=cmd_account_center)
+    sub.add_parser("create-topics", help="create the topics").set_defaults(fn=cmd_create_topics)
+    sub.add_parser("migrate", help="create the database tables").set_defaults(fn=cmd_migrate)
+    sub.add_parser("seed-demo", help="demo users and funded accounts").set_defaults(
+        fn=cmd_seed_demo)
+    token = sub.add_parser("token", help="a development access token for USER")
+    token.add_argument("user")
+    token.add_argument("--ttl", type=int, default=900)
+    token.set_defaults(fn=cmd_token)
+    transfer = sub.add_parser("transfer", help="a transfer through the gateway protocol")
+    transfer.add_argument("--user", required=True, help="payer user id (e.g. alice)")
+    transfer.add_argument("--to", required=True, help="payee account id (e.g. acc-bob)")
+    transfer.add_argument("--amount", type=int, required=True, help="minor units (cents)")
+    transfer.add_argument("--currency", default="USD")
+    transfer.add_argument("--pin", default="123456")
+    transfer.add_argument("--otp-from-topic", action="store_true",
+                          help="demo only: read the OTP from notifications.otp")
+    transfer.set_defaults(fn=cmd_transfer)
+    sub.add_parser("run", help="the whole local system plus a demo transfer").set_defaults(
+        fn=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    _setup_logging(settings)
+    return int(args.fn(settings, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
