@@ -58,7 +58,7 @@ def register(worker: Worker) -> None:
                 await app.crash(exc)
                 return
 
-    @app.timer(interval=worker.settings.tick_interval_seconds, name="tick_sagas")
+    @app.timer(interval=worker.settings.tick_interval_seconds, name="tick_sagas")  # type: ignore[untyped-decorator]
     async def tick_sagas() -> None:
         """Wake the sagas of the partitions this worker owns (deadlines, re-sends)."""
         for tp in app.consumer.assignment():
@@ -67,5 +67,5 @@ def register(worker: Worker) -> None:
                 await worker.send_all([out])
 
     @app.on_partitions_revoked.connect
-    async def forget_deadlines(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    def forget_deadlines(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         service.forget_partitions()

@@ -65,7 +65,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         log.warning("running with the development secrets: set BIZ_* secrets in production")
     asyncio.run(prepare(settings))
     worker = create_app(settings)
-    FaustWorker(worker.app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
+    faust_worker = FaustWorker(worker.app, loglevel=settings.log_level.lower(), quiet=True)
+    faust_worker.execute_from_commandline()
     return 0
 
 
@@ -167,7 +168,7 @@ async def run_transfer(
                 otp = found["otp"]
                 print("                  (demo: OTP read from notifications.otp)")
             else:
-                otp = input("OTP sent to your phone: ").strip()
+                otp = (await asyncio.to_thread(input, "OTP sent to your phone: ")).strip()
             reply = await client.request(client.envelope(
                 "verifyOtp", user, token, {"otp": otp}, idempotency_key=key), timeout)
             print(f"verifyOtp       → {reply['status']} {reply.get('code') or ''}".rstrip())

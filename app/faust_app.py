@@ -115,7 +115,7 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     channels = {
         getattr(topics, f): raw_topic(getattr(topics, f)) for f in topics.__slots__
     }
-    raw = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+    raw: Any = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw")
     sagas_table = app.Table("sagas", schema=raw, partitions=settings.topic_partitions)
     replies_table = app.Table("replies", schema=raw, partitions=settings.topic_partitions)
