@@ -121,9 +121,12 @@ tail_log() {
 # The postgres user must be able to reach $LOCAL: grant search (x, not read) permission on
 # any directory on the path that lacks it.
 ensure_traversable() {
-    local dir=$LOCAL
-    while [[ "$dir" != / ]]; do
-        dir=$(dirname "$dir")
+    local dir="" part
+    local -a parts
+    IFS=/ read -r -a parts <<<"${LOCAL#/}"
+    for part in "${parts[@]}"; do     # top-down: a child can only be tested once its parent is
+        dir="$dir/$part"
+        [[ -d "$dir" ]] || break
         if ! runuser -u postgres -- test -x "$dir"; then
             log "granting o+x on $dir so that the postgres user can reach $LOCAL"
             chmod o+x "$dir"

@@ -300,9 +300,11 @@ def on_duplicate_confirm(
     saga: Saga, request_id: str, now: float
 ) -> tuple[Saga, tuple[Output, ...]]:
     """The same confirm again: a redelivery, a double click or a retry."""
-    outputs: list[Output] = []
     if saga.last_trigger == f"confirm:{request_id}":
-        outputs.extend(saga.last_outputs)  # a redelivery: re-send what was decided
+        # A redelivery of the confirm that started the saga (a crash between the state
+        # write and the sends): re-send what was decided, decide nothing new.
+        return saga, saga.last_outputs
+    outputs: list[Output] = []
     if saga.is_final:
         outputs.append(saga.final_reply(request_id, "transferConfirm"))
     elif saga.state is State.AWAITING_OTP:
