@@ -117,8 +117,11 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     }
     raw: Any = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw")
-    sagas_table = app.Table("sagas", schema=raw, partitions=settings.topic_partitions)
-    replies_table = app.Table("replies", schema=raw, partitions=settings.topic_partitions)
+    # key_type/value_type pick the store's serializer, the schema the changelog's.
+    sagas_table = app.Table("sagas", schema=raw, key_type=bytes, value_type=bytes,
+                            partitions=settings.topic_partitions)
+    replies_table = app.Table("replies", schema=raw, key_type=bytes, value_type=bytes,
+                              partitions=settings.topic_partitions)
     service = TransferService(
         settings,
         store if store is not None else PostgresBusinessStore.from_settings(settings),

@@ -224,7 +224,8 @@ class TransferService:
                     ErrorCode.INVALID_REQUEST, "the message key must equal the idempotencyKey"
                 )
         try:
-            identity = self.access.verify(env.access_token, env.operator_id)
+            identity = self.access.verify(env.access_token, env.operator_id,
+                                          datetime.fromtimestamp(self.clock(), UTC))
         except TokenError as err:
             raise Rejection(err.code, err.message) from None
         del identity  # operatorId == sub is all we need from it

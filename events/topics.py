@@ -8,6 +8,7 @@ to go on when an existing topic disagrees.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -61,9 +62,14 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 pass  # another process created them first
-        described = await admin.describe_topics(
-            [name for name, spec in wanted.items() if spec.copartitioned]
-        )
+        copartitioned = [name for name, spec in wanted.items() if spec.copartitioned]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # a new topic's partitions show up in the metadata a moment later
+            described = await admin.describe_topics(copartitioned)
+            if all(t.get("partitions") for t in described) or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.1)
         for topic in described:
             count = len(topic.get("partitions", []))
             if count != settings.topic_partitions:

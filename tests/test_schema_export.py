@@ -1,19 +1,23 @@
 """The exported JSON Schema files are current, and the wire models accept their examples.
 
-No broker, no database: pure checks of ``schemas/``. When this fails after a change to
-``schemas/wire.py``, run ``python -m schemas.export`` and commit the files it rewrites.
+No broker, no database: pure checks of ``schemas/`` and of the examples in
+``docs/contract.md``. When the first test fails after a change to ``schemas/wire.py``, run
+``python -m schemas.export`` and commit the files it rewrites.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.transfer_service import transfer_id_for
 from schemas.export import SCHEMA_DIR, export, render
 from schemas.wire import (
+    PAYLOAD_MODELS,
     WIRE_MODELS,
     AccountCommand,
     AccountEvent,
@@ -29,7 +33,11 @@ from schemas.wire import (
     WireModel,
 )
 
-TRANSFER_ID = "3f0c5a52-6f1e-5b7e-9d55-0f3d1c7a2b10"
+#: transfer_id_for("alice", "idem-7c1d"), the id used in docs/contract.md as well.
+TRANSFER_ID = "1851defb-98fc-5209-b7ad-ce8c9185319e"
+CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "contract.md"
+#: An example in docs/contract.md: a ```json block right after `<!-- wire: ModelName -->`.
+DOC_EXAMPLE = re.compile(r"<!-- wire: (\w+) -->\s*```json\n(.*?)```", re.DOTALL)
 
 #: One example message per wire model, exactly as it travels (camelCase, no null fields).
 EXAMPLES: dict[type[WireModel], dict[str, Any]] = {
@@ -202,3 +210,29 @@ def test_example_matches_the_exported_schema_fields(model: type[WireModel]) -> N
 def test_invalid_variants_are_refused(model: type[WireModel], change: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         model.model_validate({**EXAMPLES[model], **change})
+
+
+def test_example_ids_are_the_documented_derivation() -> None:
+    assert transfer_id_for("alice", "idem-7c1d") == TRANSFER_ID
+    assert transfer_id_for("bob", "idem-7c1d") != TRANSFER_ID  # keys are scoped per operator
+
+
+def _doc_examples() -> list[tuple[str, dict[str, Any]]]:
+    return [(name, json.loads(body)) for name, body in DOC_EXAMPLE.findall(CONTRACT.read_text())]
+
+
+def test_contract_examples_validate_and_cover_every_model() -> None:
+    models = {m.__name__: m for m in WIRE_MODELS}
+    examples = _doc_examples()
+    assert examples, f"no `<!-- wire: Model -->` examples found in {CONTRACT}"
+    covered: set[str] = set()
+    for name, example in examples:
+        assert name in models, f"docs/contract.md names an unknown wire model {name}"
+        parsed = models[name].model_validate(example)
+        assert parsed.to_wire() == example, f"{name} example is not in canonical wire form"
+        covered.add(name)
+        if isinstance(parsed, CommandEnvelope):
+            payload_model = PAYLOAD_MODELS[parsed.type]
+            assert payload_model.model_validate(parsed.payload).to_wire() == parsed.payload
+            covered.add(payload_model.__name__)
+    assert covered == set(models), f"models without an example: {set(models) - covered}"

@@ -167,10 +167,8 @@ class Saga:
         data = {"transferId": self.transfer.transfer_id, "state": self.state.value}
         if self.state is State.COMPLETED:
             return SendReply(request_id, "ok", None, None, data, command_type)
-        return SendReply(
-            request_id, "error", self.code or "INTERNAL", MESSAGES.get(self.code or ""),
-            data, command_type,
-        )
+        code = self.code or "INTERNAL"
+        return SendReply(request_id, "error", code, MESSAGES.get(code), data, command_type)
 
 
 MESSAGES = {
@@ -189,8 +187,9 @@ def command_id(transfer: Transfer, step: str) -> str:
 def parse_command_id(value: str) -> tuple[str, str, int] | None:
     """``(transfer_id, step, home_partition)`` of a command id this saga emitted."""
     parts = value.rsplit(":", 2)
-    if len(parts) != 3 or parts[1] not in ANSWER_OF_STEP or not parts[2].isdigit():
-        return None
+    if (len(parts) != 3 or not parts[0] or parts[1] not in ANSWER_OF_STEP
+            or not (parts[2].isascii() and parts[2].isdigit())):
+        return None  # isascii: "²".isdigit() is True but int("²") raises
     return parts[0], parts[1], int(parts[2])
 
 

@@ -1,0 +1,631 @@
+"""In-memory fakes of the business center's ports, and a harness that runs the whole transfer
+loop (business worker + reference account center) without Kafka or PostgreSQL.
+
+* :class:`InMemoryBusinessStore` has the semantics of ``PostgresBusinessStore``
+  (app/adapters/postgres_store.py): per-request-id idempotent PIN failure counting, a lock
+  at ``max_attempts``, first-claim-wins transfer tokens, idempotent daily-limit reservations
+  and releases. asyncio runs one coroutine at a time and no method awaits inside, so every
+  method is atomic, as the PostgreSQL transactions are.
+* :class:`DictSagas` keeps each saga as the JSON of ``saga_to_dict`` (what the Faust table
+  stores) and decodes it on every ``get``: each test exercises the storage round trip.
+* :class:`AccountCenterSim` behaves like the reference account center
+  (app/account_center/ledger.py): a command id applies once and its event is returned
+  again unchanged; a debit never makes a balance negative.
+* :class:`Harness` wires a ``TransferService`` to the fakes and moves the outbound
+  messages between the service and the simulator, so a test can deliver, drop, duplicate
+  or replay any message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+
+from app.domain import transfer_saga as saga_core
+from app.domain.pin import pin_verifier
+from app.domain.ports import PinCheck, PinOutcome, TokenClaim, UserRecord, UserStatus
+from app.settings import Settings
+from app.tokens import issue_access_token
+from app.transfer_service import Outbound, TransferService, transfer_id_for
+from schemas.wire import AccountCommand, AccountCommandType, AccountEvent, AccountEventType
+
+#: 2030-01-02T00:00:00Z: early in a UTC day, so a test never crosses a daily-limit day.
+START = datetime(2030, 1, 2, tzinfo=UTC).timestamp()
+PIN = "73910482"  # the default PIN of seeded users: distinctive, so a leak is recognisable
+ACCESS_SECRET = "tests-access-token-secret-" + "a" * 40
+TRANSFER_SECRET = "tests-transfer-token-secret-" + "t" * 40
+PIN_PEPPER = "tests-pin-pepper-" + "p" * 40
+OTP_PEPPER = "tests-otp-pepper-" + "o" * 40
+
+
+# --------------------------------------------------------------------------------------
+# ports
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _UserRow:
+    record: UserRecord
+    pin_failed_attempts: int = 0
+    pin_last_failed_request: str | None = None
+
+
+class InMemoryBusinessStore:
+    """``BusinessStore`` over dicts, with the PostgreSQL store's semantics."""
+
+    def __init__(self, users: Iterable[UserRecord] = ()) -> None:
+        self.users: dict[str, _UserRow] = {}
+        self.token_uses: dict[str, str] = {}  # jti -> transfer_id
+        self.daily_usage: dict[tuple[str, date], int] = {}
+        self.reservations: dict[str, tuple[str, date, int]] = {}  # transfer_id -> row
+        self.calls: list[str] = []  # names of the methods called, in order
+        for user in users:
+            self.put_user(user)
+
+    # --- administration (sync, for seeding) ------------------------------------------
+
+    def put_user(self, user: UserRecord) -> None:
+        """Insert or replace a user; clears the PIN failure counter (as ``upsert_user``)."""
+        self.users[user.user_id] = _UserRow(user)
+
+    async def upsert_user(self, user: UserRecord) -> None:
+        self.put_user(user)
+
+    async def unlock_pin(self, user_id: str) -> None:
+        self.users[user_id].pin_failed_attempts = 0
+
+    def pin_failures(self, user_id: str) -> int:
+        return self.users[user_id].pin_failed_attempts
+
+    # --- BusinessStore ---------------------------------------------------------------
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        self.calls.append("get_user")
+        row = self.users.get(user_id)
+        return None if row is None else row.record
+
+    async def account_exists(self, account_id: str) -> bool:
+        self.calls.append("account_exists")
+        return any(row.record.account_id == account_id for row in self.users.values())
+
+    async def check_pin(
+        self,
+        user_id: str,
+        request_id: str,
+        matches: Callable[[str], bool],
+        max_attempts: int,
+    ) -> PinCheck:
+        self.calls.append("check_pin")
+        row = self.users.get(user_id)
+        if row is None:
+            return PinCheck(PinOutcome.INVALID, 0)
+        failed = row.pin_failed_attempts
+        if failed >= max_attempts:
+            return PinCheck(PinOutcome.LOCKED, 0)
+        if matches(row.record.pin_verifier):
+            row.pin_failed_attempts = 0  # pin_last_failed_request is kept, as in SQL
+            return PinCheck(PinOutcome.OK, max_attempts)
+        if row.pin_last_failed_request != request_id:
+            failed += 1
+            row.pin_failed_attempts = failed
+            row.pin_last_failed_request = request_id
+        if failed >= max_attempts:
+            return PinCheck(PinOutcome.LOCKED, 0)
+        return PinCheck(PinOutcome.INVALID, max_attempts - failed)
+
+    async def claim_transfer_token(self, jti: str, transfer_id: str) -> TokenClaim:
+        self.calls.append("claim_transfer_token")
+        owner = self.token_uses.setdefault(jti, transfer_id)
+        return TokenClaim.CLAIMED if owner == transfer_id else TokenClaim.USED_ELSEWHERE
+
+    async def reserve_daily_limit(
+        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int
+    ) -> bool:
+        self.calls.append("reserve_daily_limit")
+        if amount_minor <= 0:
+            raise ValueError(f"amount_minor must be positive, got {amount_minor}")
+        reserved = self.daily_usage.setdefault((user_id, day), 0)
+        if transfer_id in self.reservations:
+            return True
+        if reserved + amount_minor > limit_minor:
+            return False
+        self.reservations[transfer_id] = (user_id, day, amount_minor)
+        self.daily_usage[(user_id, day)] = reserved + amount_minor
+        return True
+
+    async def release_daily_limit(self, transfer_id: str) -> None:
+        self.calls.append("release_daily_limit")
+        row = self.reservations.pop(transfer_id, None)
+        if row is not None:
+            user_id, day, amount = row
+            self.daily_usage[(user_id, day)] -= amount
+
+    async def reserved_today(self, user_id: str, day: date) -> int:
+        self.calls.append("reserved_today")
+        return self.daily_usage.get((user_id, day), 0)
+
+
+class DictSagas:
+    """``SagaRepository`` over a dict of the JSON storage form (as the Faust table)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, bytes] = {}
+        self.puts = 0
+
+    def get(self, transfer_id: str) -> saga_core.Saga | None:
+        raw = self.rows.get(transfer_id)
+        return None if raw is None else saga_core.saga_from_dict(orjson.loads(raw))
+
+    def put(self, saga: saga_core.Saga) -> None:
+        self.rows[saga.transfer.transfer_id] = orjson.dumps(saga_core.saga_to_dict(saga))
+        self.puts += 1
+
+    def scan(self) -> Iterator[saga_core.Saga]:
+        for raw in list(self.rows.values()):
+            yield saga_core.saga_from_dict(orjson.loads(raw))
+
+
+class DictReplies:
+    """``ReplyCache`` over a dict."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, reply: bytes) -> None:
+        self.rows[key] = reply
+
+
+@dataclass(slots=True)
+class FakeClock:
+    """A clock a test moves by hand: ``clock()`` is ``clock.now`` (POSIX seconds)."""
+
+    now: float = START
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.now, UTC)
+
+
+class OtpSequence:
+    """A deterministic OTP generator: given codes first, then a seeded random sequence."""
+
+    def __init__(self, seed: int = 7, codes: Iterable[str] = ()) -> None:
+        self._given = deque(codes)
+        self._rng = random.Random(seed)
+        self.issued: list[str] = []
+
+    def __call__(self) -> str:
+        code = self._given.popleft() if self._given else f"{self._rng.randrange(10**6):06d}"
+        self.issued.append(code)
+        return code
+
+
+# --------------------------------------------------------------------------------------
+# the account center
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SimAccount:
+    balance: int
+    currency: str
+
+
+class AccountCenterSim:
+    """The reference account center in memory: account.commands in, account.events out."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.accounts: dict[str, SimAccount] = {}
+        self.clearing: dict[str, int] = {}  # currency -> money between debit and credit
+        self.processed: dict[str, bytes] = {}  # command id -> the event emitted, as sent
+        self.applied: list[AccountCommand] = []  # commands decided (first delivery only)
+        self.deliveries = 0
+
+    def open(self, account_id: str, balance: int, currency: str = "EUR") -> None:
+        self.accounts[account_id] = SimAccount(balance, currency)
+
+    def close(self, account_id: str) -> None:
+        del self.accounts[account_id]
+
+    def balance(self, account_id: str) -> int:
+        return self.accounts[account_id].balance
+
+    def balances(self) -> dict[str, int]:
+        return {a: acct.balance for a, acct in self.accounts.items()}
+
+    def total(self) -> int:
+        """Every minor unit held: the accounts plus clearing (conserved by every command)."""
+        return sum(a.balance for a in self.accounts.values()) + sum(self.clearing.values())
+
+    def applied_of(self, transfer_id: str, type_: str | None = None) -> list[AccountCommand]:
+        return [c for c in self.applied
+                if c.transfer_id == transfer_id and (type_ is None or c.type.value == type_)]
+
+    def apply(self, raw: bytes) -> bytes:
+        """Apply one account command (JSON) and return its account event (JSON)."""
+        self.deliveries += 1
+        cmd = AccountCommand.model_validate_json(raw)
+        stored = self.processed.get(cmd.command_id)
+        if stored is not None:
+            return stored
+        self.applied.append(cmd)
+        acct = self.accounts.get(cmd.account_id)
+        event_type: AccountEventType
+        reason: str | None = None
+        if acct is None:
+            event_type, reason = AccountEventType.REJECTED, "ACCOUNT_NOT_FOUND"
+        elif acct.currency != cmd.currency:
+            event_type, reason = AccountEventType.REJECTED, "CURRENCY_MISMATCH"
+        elif cmd.type is AccountCommandType.DEBIT:
+            if acct.balance < cmd.amount_minor:
+                event_type, reason = AccountEventType.REJECTED, "INSUFFICIENT_FUNDS"
+            else:
+                acct.balance -= cmd.amount_minor
+                self.clearing[cmd.currency] = self.clearing.get(cmd.currency, 0) + cmd.amount_minor
+                event_type = AccountEventType.DEBITED
+        else:
+            acct.balance += cmd.amount_minor
+            self.clearing[cmd.currency] = self.clearing.get(cmd.currency, 0) - cmd.amount_minor
+            event_type = (AccountEventType.CREDITED if cmd.type is AccountCommandType.CREDIT
+                          else AccountEventType.REFUNDED)
+        event = AccountEvent(
+            command_id=cmd.command_id, type=event_type, account_id=cmd.account_id,
+            amount_minor=cmd.amount_minor,
+            balance_after_minor=None if acct is None else acct.balance,
+            reason=reason, occurred_at=datetime.fromtimestamp(self.clock(), UTC),
+        )
+        value = orjson.dumps(event.to_wire())
+        self.processed[cmd.command_id] = value
+        return value
+
+
+# --------------------------------------------------------------------------------------
+# the harness
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SeedUser:
+    user_id: str
+    account_id: str
+    balance: int | None = 100_000  # None: the account does not exist at the account center
+    pin: str = PIN
+    otp_threshold_minor: int = 10_000
+    daily_limit_minor: int = 1_000_000
+    phone: str = "+15550100"
+    currency: str = "EUR"
+    status: UserStatus = UserStatus.ACTIVE
+
+
+DEFAULT_USERS = (
+    SeedUser("alice", "acc-alice", 100_000, phone="+15550101"),
+    SeedUser("bob", "acc-bob", 50_000, phone="+15550102"),
+    SeedUser("carol", "acc-carol", 0, phone="+15550103"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message consumed by the business worker or the account center."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    partition: int
+
+
+_AUTO_KEY: Any = object()
+
+
+class Harness:
+    """A TransferService on fakes, plus the account center simulator and a message pump.
+
+    Every message the service or the simulator emits is kept in ``emitted``; the ones that
+    another component consumes (account commands, account events, saga inputs) also wait
+    in ``outbox`` until :meth:`step` or :meth:`run_until_quiet` delivers them. Every
+    consumed message is appended to ``history`` so that a test can replay it.
+    """
+
+    def __init__(
+        self,
+        users: Iterable[SeedUser] = DEFAULT_USERS,
+        *,
+        otp_seed: int = 7,
+        otps: Iterable[str] = (),
+        start: float = START,
+        **settings: Any,
+    ) -> None:
+        values: dict[str, Any] = {
+            "access_token_key": ACCESS_SECRET,
+            "transfer_token_secret": TRANSFER_SECRET,
+            "pin_pepper": PIN_PEPPER,
+            "otp_pepper": OTP_PEPPER,
+            "topic_prefix": "",
+            "jwt_leeway_seconds": 10,
+            "otp_ttl_seconds": 300,
+            "otp_max_attempts": 5,
+            "pin_max_attempts": 5,
+            "transfer_token_ttl_seconds": 300,
+            "account_command_timeout_seconds": 5.0,
+            "account_command_max_backoff_seconds": 60.0,
+        }
+        values.update(settings)
+        self.settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        self.clock = FakeClock(start)
+        self.users = {u.user_id: u for u in users}
+        pepper = self.settings.pin_pepper.get_secret_value().encode()
+        self.store = InMemoryBusinessStore(
+            UserRecord(
+                user_id=u.user_id, account_id=u.account_id, currency=u.currency, phone=u.phone,
+                pin_verifier=pin_verifier(pepper, u.user_id, u.pin),
+                otp_threshold_minor=u.otp_threshold_minor,
+                daily_limit_minor=u.daily_limit_minor, status=u.status,
+            )
+            for u in self.users.values()
+        )
+        self.sim = AccountCenterSim(self.clock)
+        for u in self.users.values():
+            if u.balance is not None:
+                self.sim.open(u.account_id, u.balance, u.currency)
+        self.sagas = DictSagas()
+        self.reply_cache = DictReplies()
+        self.new_otp = OtpSequence(otp_seed, otps)
+        self.service = TransferService(
+            self.settings, self.store, self.sagas, self.reply_cache,
+            clock=self.clock, new_otp=self.new_otp,
+        )
+        self.topics = self.service.topics
+        self._pumped = {self.topics.account_commands, self.topics.account_events,
+                        self.topics.saga_inputs}
+        self.outbox: deque[Outbound] = deque()
+        self.emitted: list[Outbound] = []
+        self.history: list[Delivery] = []
+        self._request_ids = itertools.count(1)
+
+    # --- building commands -----------------------------------------------------------
+
+    def next_request_id(self) -> str:
+        return f"req-{next(self._request_ids):05d}"
+
+    def access_token(self, user_id: str, *, ttl_seconds: int = 900) -> str:
+        return issue_access_token(self.settings, user_id, ttl_seconds=ttl_seconds,
+                                  now=self.clock.datetime())
+
+    def command(
+        self,
+        type: str,
+        operator: str,
+        payload: dict[str, Any],
+        idem: str | None = None,
+        request_id: str | None = None,
+        token: str | None = None,
+    ) -> bytes:
+        """A business.commands message as the gateway publishes it."""
+        envelope: dict[str, Any] = {
+            "type": type,
+            "requestId": request_id or self.next_request_id(),
+            "operatorId": operator,
+            "accessToken": token if token is not None else self.access_token(operator),
+            "sentAt": self.clock.datetime().isoformat(),
+            "payload": payload,
+        }
+        if idem is not None:
+            envelope["idempotencyKey"] = idem
+        return orjson.dumps(envelope)
+
+    # --- moving messages -------------------------------------------------------------
+
+    async def send(
+        self, raw: bytes | None, key: bytes | None = _AUTO_KEY, partition: int = 0, *,
+        deliver: bool = True,
+    ) -> list[Outbound]:
+        """Consume ``raw`` from business.commands. ``key`` defaults to what the gateway
+        uses: the idempotencyKey, else the requestId. ``deliver=False`` drops the outputs
+        (a crash after the state was written, before the sends)."""
+        if key is _AUTO_KEY:
+            key = _gateway_key(raw)
+        return await self.process(Delivery(self.topics.commands, raw, key, partition),
+                                  deliver=deliver)
+
+    async def process(self, item: Delivery, *, deliver: bool = True) -> list[Outbound]:
+        """Consume one message on its topic; emit (or drop) what the consumer produces."""
+        self.history.append(item)
+        t = self.topics
+        outs: list[Outbound]
+        if item.topic == t.commands:
+            outs = await self.service.handle_command(item.value, item.key, item.partition)
+        elif item.topic == t.account_commands:
+            assert item.value is not None
+            event = self.sim.apply(item.value)
+            outs = [Outbound(t.account_events, orjson.loads(event)["accountId"].encode(), event)]
+        elif item.topic == t.account_events:
+            outs = self.service.route_account_event(item.value, item.key, item.partition)
+        elif item.topic == t.saga_inputs:
+            outs = await self.service.handle_saga_input(item.value, item.key, item.partition)
+        else:
+            raise AssertionError(f"nothing consumes {item.topic}")
+        if deliver:
+            self.emit(outs)
+        return outs
+
+    def emit(self, outs: Iterable[Outbound]) -> None:
+        for out in outs:
+            self.emitted.append(out)
+            if out.topic in self._pumped:
+                self.outbox.append(out)
+
+    async def step(self, index: int = 0, *, deliver: bool = True,
+                   keep: bool = False) -> list[Outbound]:
+        """Deliver the ``index``-th waiting message. ``keep`` leaves a copy queued (it will
+        be delivered again: a redelivery); ``deliver=False`` drops what it produces."""
+        out = self.outbox[index]
+        del self.outbox[index]
+        if keep:
+            self.outbox.append(out)
+        return await self.process(
+            Delivery(out.topic, out.value, out.key, out.partition or 0), deliver=deliver
+        )
+
+    async def tick(self, partition: int = 0, *, deliver: bool = True) -> list[Outbound]:
+        out = self.service.tick(partition)
+        return await self.process(Delivery(out.topic, out.value, out.key, partition),
+                                  deliver=deliver)
+
+    async def run_until_quiet(self, max_steps: int = 100_000) -> int:
+        """Deliver waiting messages until none is left; returns how many were delivered."""
+        steps = 0
+        while self.outbox:
+            if steps >= max_steps:
+                raise AssertionError(f"not quiet after {max_steps} deliveries")
+            await self.step()
+            steps += 1
+        return steps
+
+    # --- reading what was emitted ----------------------------------------------------
+
+    def emitted_on(self, topic: str, outs: Iterable[Outbound] | None = None) -> list[dict[str, Any]]:
+        source = self.emitted if outs is None else outs
+        return [orjson.loads(o.value) for o in source if o.topic == topic]
+
+    @property
+    def replies(self) -> list[dict[str, Any]]:
+        return self.emitted_on(self.topics.replies)
+
+    def replies_for(self, request_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.replies if r["requestId"] == request_id]
+
+    def reply(self, request_id: str) -> dict[str, Any] | None:
+        """The last reply sent to ``request_id``."""
+        found = self.replies_for(request_id)
+        return found[-1] if found else None
+
+    @property
+    def otp_messages(self) -> list[dict[str, Any]]:
+        return self.emitted_on(self.topics.otp)
+
+    @property
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return self.emitted_on(self.topics.dlq)
+
+    @property
+    def transfer_events(self) -> list[dict[str, Any]]:
+        return self.emitted_on(self.topics.transfer_events)
+
+    @property
+    def account_commands(self) -> list[dict[str, Any]]:
+        return self.emitted_on(self.topics.account_commands)
+
+    def otp_for(self, transfer_id: str) -> str:
+        codes = [m["otp"] for m in self.otp_messages if m["transferId"] == transfer_id]
+        assert codes, f"no OTP was sent for {transfer_id}"
+        return str(codes[-1])
+
+    def saga(self, operator: str, idem: str) -> saga_core.Saga | None:
+        return self.sagas.get(transfer_id_for(operator, idem))
+
+    def balance(self, user_id: str) -> int:
+        return self.sim.balance(self.users[user_id].account_id)
+
+    def reserved_today(self, user_id: str) -> int:
+        return self.store.daily_usage.get((user_id, self.clock.datetime().date()), 0)
+
+    # --- flows -----------------------------------------------------------------------
+
+    async def init(
+        self, operator: str, to_account_id: str, amount_minor: int, *, currency: str = "EUR",
+        note: str | None = None, request_id: str | None = None, token: str | None = None,
+    ) -> dict[str, Any]:
+        rid = request_id or self.next_request_id()
+        payload: dict[str, Any] = {"toAccountId": to_account_id, "amountMinor": amount_minor,
+                                   "currency": currency}
+        if note is not None:
+            payload["note"] = note
+        await self.send(self.command("transferInit", operator, payload, request_id=rid,
+                                     token=token))
+        reply = self.reply(rid)
+        assert reply is not None
+        return reply
+
+    async def transfer_token(self, operator: str, to_account_id: str, amount_minor: int) -> str:
+        reply = await self.init(operator, to_account_id, amount_minor)
+        assert reply["status"] == "ok", reply
+        return str(reply["data"]["transferToken"])
+
+    async def confirm(
+        self, operator: str, transfer_token: str, idem: str, *, pin: str | None = None,
+        request_id: str | None = None, run: bool = True, deliver: bool = True,
+    ) -> dict[str, Any] | None:
+        """Send a transferConfirm; with ``run`` pump until quiet. The last reply to it."""
+        rid = request_id or self.next_request_id()
+        raw = self.command("transferConfirm", operator,
+                           {"transferToken": transfer_token,
+                            "pin": pin if pin is not None else self.users[operator].pin},
+                           idem=idem, request_id=rid)
+        await self.send(raw, deliver=deliver)
+        if run:
+            await self.run_until_quiet()
+        return self.reply(rid)
+
+    async def verify_otp(
+        self, operator: str, otp: str, idem: str, *, request_id: str | None = None,
+        run: bool = True, deliver: bool = True,
+    ) -> dict[str, Any] | None:
+        rid = request_id or self.next_request_id()
+        await self.send(self.command("verifyOtp", operator, {"otp": otp}, idem=idem,
+                                     request_id=rid), deliver=deliver)
+        if run:
+            await self.run_until_quiet()
+        return self.reply(rid)
+
+    async def transfer(
+        self, payer: str, to_account_id: str, amount_minor: int, *, idem: str | None = None,
+    ) -> dict[str, Any]:
+        """init → confirm → (OTP) → the final reply."""
+        token = await self.transfer_token(payer, to_account_id, amount_minor)
+        idem = idem or f"idem-{self.next_request_id()}"
+        reply = await self.confirm(payer, token, idem)
+        assert reply is not None, "no reply to the confirm"
+        if reply["status"] == "pending" and reply.get("code") == "OTP_REQUIRED":
+            otp = self.otp_for(reply["data"]["transferId"])
+            reply = await self.verify_otp(payer, otp, idem)
+            assert reply is not None, "no reply to verifyOtp"
+        return reply
+
+    def with_user(self, user: SeedUser) -> None:
+        """Replace a seeded user (its directory record; the account keeps its balance)."""
+        pepper = self.settings.pin_pepper.get_secret_value().encode()
+        self.users[user.user_id] = user
+        old = self.store.users[user.user_id].record
+        self.store.put_user(replace(
+            old, pin_verifier=pin_verifier(pepper, user.user_id, user.pin),
+            otp_threshold_minor=user.otp_threshold_minor,
+            daily_limit_minor=user.daily_limit_minor, status=user.status,
+        ))
+
+
+def _gateway_key(raw: bytes | None) -> bytes | None:
+    try:
+        doc = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    key = doc.get("idempotencyKey") or doc.get("requestId")
+    return key.encode() if isinstance(key, str) else None
