@@ -154,7 +154,7 @@ def _forge(claims: dict[str, Any], alg: str = "none") -> str:
 async def test_bad_access_tokens_are_unauthenticated(system: System) -> None:
     payer, payee = await _pair(system)
     good = system.token(payer)
-    head, body, sig = good.split(".")
+    head, _body, sig = good.split(".")
     claims = jwt.decode(good, options={"verify_signature": False})
     tampered_claims = base64.urlsafe_b64encode(
         json.dumps({**claims, "sub": payee}).encode()).rstrip(b"=").decode()
