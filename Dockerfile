@@ -17,7 +17,8 @@ COPY schemas ./schemas
 RUN pip install -c constraints.txt . \
     && useradd --create-home --uid 10001 bizcenter
 
-# The worker keeps its table state (<app id>-data/) in the working directory.
+# The worker keeps its RocksDB tables under BIZ_DATA_DIR (.local/worker-data/<app id>),
+# relative to this working directory (a volume in docker-compose.yml).
 USER bizcenter
 WORKDIR /home/bizcenter
 ENTRYPOINT ["bizcenter"]

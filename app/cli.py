@@ -4,6 +4,7 @@
     bizcenter account-center   the reference account center (PostgreSQL ledger)
     bizcenter create-topics    create every topic with explicit partition counts
     bizcenter migrate          create the PostgreSQL schemas and tables
+    bizcenter ping             health check: the broker and the database answer
     bizcenter seed-demo        demo users in the directory and funded accounts
     bizcenter token USER       a development access token (stands in for the user center)
     bizcenter transfer ...     a transfer through the gateway protocol, end to end
@@ -82,6 +83,36 @@ def cmd_account_center(settings: Settings, args: argparse.Namespace) -> int:
         await run_account_center(settings, stop=stop)
 
     asyncio.run(main())
+    return 0
+
+
+def cmd_ping(settings: Settings, args: argparse.Namespace) -> int:
+    """Health check: the broker answers a metadata request and PostgreSQL a query."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def check() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                    request_timeout_ms=5000)
+        await admin.start()
+        try:
+            await admin.list_topics()
+        finally:
+            await admin.close()
+        engine = create_async_engine(settings.database_url)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(asyncio.wait_for(check(), 15))
+    except Exception as exc:
+        print(f"unhealthy: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print("ok")
     return 0
 
 
@@ -231,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("account-center", help="run the reference account center").set_defaults(
         fn=cmd_account_center)
     sub.add_parser("create-topics", help="create the topics").set_defaults(fn=cmd_create_topics)
+    sub.add_parser("ping", help="health check of Kafka and PostgreSQL").set_defaults(
+        fn=cmd_ping)
     sub.add_parser("migrate", help="create the database tables").set_defaults(fn=cmd_migrate)
     sub.add_parser("seed-demo", help="demo users and funded accounts").set_defaults(
         fn=cmd_seed_demo)

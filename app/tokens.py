@@ -331,11 +331,15 @@ class AccessTokenVerifier:
             f"audience={self._audience!r})"
         )
 
-    def verify(self, token: str, operator_id: str, now: datetime | None = None) -> AccessIdentity:
+    def verify(
+        self, token: str, operator_id: str, now: datetime | None = None, *,
+        check_expiry: bool = True,
+    ) -> AccessIdentity:
         """The identity in ``token``, which must belong to ``operator_id``.
 
         Raises TokenError: UNAUTHENTICATED for any invalid or expired token, FORBIDDEN for
-        a valid token of another user.
+        a valid token of another user. ``check_expiry=False`` still verifies everything
+        else; it serves only to re-send a reply already given to this very request.
         """
         current = _aware_utc(now)
         if not _acceptable_input(token):
@@ -355,7 +359,8 @@ class AccessTokenVerifier:
             if _normalise_typ(header.get("typ")) == TRANSFER_TOKEN_TYP:
                 raise _Invalid("typ")
             subject = _str_claim(payload, "sub")
-            _, expires_at = _check_times(payload, current, self._leeway, check_expiry=True)
+            _, expires_at = _check_times(payload, current, self._leeway,
+                                         check_expiry=check_expiry)
         except _Expired:
             raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_EXPIRED) from None
         except (_Invalid, *_DECODE_ERRORS):

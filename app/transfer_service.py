@@ -199,7 +199,7 @@ class TransferService:
         cache_key = f"{envelope.operator_id}\x1f{envelope.request_id}"
         cached = self.replies.get(cache_key)
         if cached is not None:
-            return [Outbound(self.topics.replies, envelope.request_id.encode(), cached)]
+            return await self._answered_before(envelope, cached)
         try:
             return await self._dispatch(envelope, key, partition, cache_key)
         except Rejection as rej:
@@ -207,6 +207,25 @@ class TransferService:
                 envelope.request_id, envelope.idempotency_key, envelope.type.value,
                 rej.code, rej.message, data=rej.data, cache_key=cache_key,
             )
+
+    async def _answered_before(self, env: CommandEnvelope, cached: bytes) -> list[Outbound]:
+        """A request answered before (a gateway retry, a redelivery, a replay): the same
+        answer again. The access token must still be genuine and the operator's, but may
+        have expired since (a replay from offset 0 comes long after)."""
+        try:
+            self.access.verify(env.access_token, env.operator_id,
+                               datetime.fromtimestamp(self.clock(), UTC), check_expiry=False)
+        except TokenError as err:
+            return self._reply_error(env.request_id, env.idempotency_key, env.type.value,
+                                     err.code, err.message, cache_key=None)
+        if env.idempotency_key:
+            saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
+            if saga is not None and saga.last_trigger in (f"confirm:{env.request_id}",
+                                                          f"otp:{env.request_id}"):
+                # This request made the saga's last decision: re-send all of it (the
+                # transfer event too, not only the reply) in case the crash came between.
+                return await self._apply(saga, saga.last_outputs, changed=False)
+        return [Outbound(self.topics.replies, env.request_id.encode(), cached)]
 
     async def _dispatch(
         self, env: CommandEnvelope, key: bytes | None, partition: int, cache_key: str

@@ -629,3 +629,4 @@ def _gateway_key(raw: bytes | None) -> bytes | None:
         return None
     key = doc.get("idempotencyKey") or doc.get("requestId")
     return key.encode() if isinstance(key, str) else None
+
