@@ -500,7 +500,9 @@ class Harness:
 
     # --- reading what was emitted ----------------------------------------------------
 
-    def emitted_on(self, topic: str, outs: Iterable[Outbound] | None = None) -> list[dict[str, Any]]:
+    def emitted_on(
+        self, topic: str, outs: Iterable[Outbound] | None = None
+    ) -> list[dict[str, Any]]:
         source = self.emitted if outs is None else outs
         return [orjson.loads(o.value) for o in source if o.topic == topic]
 
@@ -629,4 +631,3 @@ def _gateway_key(raw: bytes | None) -> bytes | None:
         return None
     key = doc.get("idempotencyKey") or doc.get("requestId")
     return key.encode() if isinstance(key, str) else None
-

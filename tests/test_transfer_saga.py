@@ -94,7 +94,7 @@ def build() -> dict[str, Saga]:
 
 
 SAGAS = build()
-#: The canonical saga of each state (used by the state × event matrix).
+#: The canonical saga of each state (used by the state-by-event matrix).
 IN_STATE = {
     State.AWAITING_OTP: SAGAS["awaiting_otp"],
     State.DEBITING: SAGAS["debiting"],
@@ -261,7 +261,7 @@ def test_on_otp_while_money_moves_is_in_progress(name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# on_account_event: every state × every event
+# on_account_event: every state by every event
 # --------------------------------------------------------------------------------------
 
 EVENTS = [
@@ -276,7 +276,8 @@ EVENTS = [
 #: (state, step of the command id, event type, reason) -> (new state, code of the saga).
 TRANSITIONS: dict[tuple[State, str, str, str | None], tuple[State, str | None]] = {
     (State.DEBITING, "debit", "debited", None): (State.CREDITING, None),
-    (State.DEBITING, "debit", "rejected", "INSUFFICIENT_FUNDS"): (State.FAILED, "INSUFFICIENT_FUNDS"),
+    (State.DEBITING, "debit", "rejected", "INSUFFICIENT_FUNDS"):
+        (State.FAILED, "INSUFFICIENT_FUNDS"),
     (State.DEBITING, "debit", "rejected", "ACCOUNT_NOT_FOUND"): (State.FAILED, "ACCOUNT_NOT_FOUND"),
     (State.DEBITING, "debit", "rejected", "CURRENCY_MISMATCH"): (State.FAILED, "INTERNAL"),
     (State.DEBITING, "debit", "rejected", None): (State.FAILED, "INTERNAL"),
@@ -289,7 +290,8 @@ TRANSITIONS: dict[tuple[State, str, str, str | None], tuple[State, str | None]] 
     (State.CREDITING, "credit", "rejected", None): (State.REFUNDING, "INTERNAL"),
     # the canonical REFUNDING saga's credit was rejected with ACCOUNT_NOT_FOUND: kept
     (State.REFUNDING, "refund", "refunded", None): (State.FAILED, "ACCOUNT_NOT_FOUND"),
-    (State.REFUNDING, "refund", "rejected", "INSUFFICIENT_FUNDS"): (State.MANUAL_REVIEW, "INTERNAL"),
+    (State.REFUNDING, "refund", "rejected", "INSUFFICIENT_FUNDS"):
+        (State.MANUAL_REVIEW, "INTERNAL"),
     (State.REFUNDING, "refund", "rejected", "ACCOUNT_NOT_FOUND"): (State.MANUAL_REVIEW, "INTERNAL"),
     (State.REFUNDING, "refund", "rejected", "CURRENCY_MISMATCH"): (State.MANUAL_REVIEW, "INTERNAL"),
     (State.REFUNDING, "refund", "rejected", None): (State.MANUAL_REVIEW, "INTERNAL"),

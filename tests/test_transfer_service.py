@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 import pytest
+from fakes import DEFAULT_USERS, PIN, START, Harness, SeedUser
 
 from app.domain.transfer_saga import State
 from app.transfer_service import iso, transfer_id_for
-from fakes import DEFAULT_USERS, PIN, START, Harness, SeedUser
 
 WRONG_PIN = "00000000"
 
@@ -231,8 +231,10 @@ async def test_a_transfer_token_is_not_an_access_token_and_vice_versa() -> None:
 async def test_a_transfer_token_of_another_user_is_forbidden() -> None:
     h = Harness()
     bobs = await h.transfer_token("bob", "acc-alice", 5_000)
+    calls = len(h.store.calls)
     reply = await h.confirm("alice", bobs, "k1")
     assert reply is not None and reply["code"] == "FORBIDDEN"
+    assert len(h.store.calls) == calls  # refused on the token alone: no directory look-up
     assert h.account_commands == []
 
 
@@ -303,6 +305,15 @@ async def test_same_key_with_another_token_is_refused_and_nothing_else_happens()
 # --------------------------------------------------------------------------------------
 
 
+async def test_idempotency_keys_are_scoped_per_operator() -> None:
+    h = Harness()
+    alice = await h.transfer("alice", "acc-carol", 1_000, idem="k-same")
+    bob = await h.transfer("bob", "acc-carol", 2_000, idem="k-same")
+    assert (alice["status"], bob["status"]) == ("ok", "ok")
+    assert alice["data"]["transferId"] != bob["data"]["transferId"]
+    assert h.balance("carol") == 3_000
+
+
 async def test_fifty_identical_confirms_move_money_once() -> None:
     h = Harness()
     token = await h.transfer_token("alice", "acc-bob", 5_000)
@@ -331,6 +342,33 @@ async def test_fifty_identical_confirms_move_money_once() -> None:
     assert kinds.count(("ok", None, "COMPLETED")) > 1  # later ones get the saved outcome
     assert h.store.calls.count("check_pin") == 1
     assert h.store.calls.count("reserve_daily_limit") == 1
+
+
+async def test_a_request_answered_in_progress_gets_the_outcome_when_retried() -> None:
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 5_000)
+    await h.confirm("alice", token, "k1", run=False)
+    raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": PIN},
+                    idem="k1", request_id="r-click")
+    await h.send(raw)
+    assert h.reply("r-click")["code"] == "IN_PROGRESS"  # type: ignore[index]
+    await h.run_until_quiet()
+    await h.send(raw)  # the gateway retries the same request
+    assert [r.get("code") for r in h.replies_for("r-click")] == ["IN_PROGRESS", None]
+    assert h.reply("r-click")["data"]["state"] == "COMPLETED"  # type: ignore[index]
+
+
+async def test_a_wrong_pin_redelivered_after_its_reply_was_lost_counts_once() -> None:
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 5_000)
+    raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": WRONG_PIN},
+                    idem="k1", request_id="r-wrong")
+    await h.send(raw)
+    h.reply_cache.rows.clear()  # the replies table lost the entry (a crash before its write)
+    await h.send(raw)
+    assert [r["code"] for r in h.replies_for("r-wrong")] == ["INVALID_PIN", "INVALID_PIN"]
+    assert h.store.pin_failures("alice") == 1
+    assert h.reply("r-wrong")["data"] == {"attemptsLeft": 4}  # type: ignore[index]
 
 
 async def test_redelivered_confirm_after_a_crash_resends_the_debit() -> None:
@@ -425,7 +463,7 @@ async def test_an_unanswered_debit_is_resent_with_backoff() -> None:
             assert [o.value for o in outs] == [first]  # the same commandId, byte for byte
             resent_at.append(h.clock.now - START)
             h.outbox.clear()
-    assert resent_at == [5, 15, 30, 45, 60]  # timeout, then 2×, 4× (capped at 15)...
+    assert resent_at == [5, 15, 30, 45, 60]  # timeout, then 2x, 4x (capped at 15)...
     await h.tick()
     h.clock.advance(15)
     await h.tick()
