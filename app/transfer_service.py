@@ -242,18 +242,22 @@ class TransferService:
                 raise Rejection(
                     ErrorCode.INVALID_REQUEST, "the message key must equal the idempotencyKey"
                 )
+        now = self.clock()
         try:
             identity = self.access.verify(env.access_token, env.operator_id,
-                                          datetime.fromtimestamp(self.clock(), UTC))
+                                          datetime.fromtimestamp(now, UTC), check_expiry=False)
         except TokenError as err:
             raise Rejection(err.code, err.message) from None
-        del identity  # operatorId == sub is all we need from it
+        # An expired (but genuine) token may still get the answer to a decision already
+        # taken (a redelivery, a replay); it can never take a new one.
+        expired = identity.expires_at.timestamp() + self.settings.jwt_leeway_seconds <= now
         if isinstance(payload, TransferInitPayload):
+            _refuse_if(expired)
             return await self._transfer_init(env, payload, cache_key)
         if isinstance(payload, TransferConfirmPayload):
-            return await self._transfer_confirm(env, payload, partition)
+            return await self._transfer_confirm(env, payload, partition, expired)
         assert isinstance(payload, VerifyOtpPayload)
-        return await self._verify_otp(env, payload)
+        return await self._verify_otp(env, payload, expired)
 
     async def _transfer_init(
         self, env: CommandEnvelope, payload: TransferInitPayload, cache_key: str
@@ -294,7 +298,8 @@ class TransferService:
         return user
 
     async def _transfer_confirm(
-        self, env: CommandEnvelope, payload: TransferConfirmPayload, partition: int
+        self, env: CommandEnvelope, payload: TransferConfirmPayload, partition: int,
+        access_expired: bool = False,
     ) -> list[Outbound]:
         assert env.idempotency_key is not None
         now = self.clock()
@@ -321,6 +326,7 @@ class TransferService:
         if existing is not None:
             saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now)
             return await self._apply(saga, outputs, changed=False)
+        _refuse_if(access_expired)
 
         leeway = self.settings.jwt_leeway_seconds
         if now > claims.expires_at.timestamp() + leeway:
@@ -360,12 +366,17 @@ class TransferService:
         )
         return await self._apply(saga, outputs, phone=user.phone)
 
-    async def _verify_otp(self, env: CommandEnvelope, payload: VerifyOtpPayload) -> list[Outbound]:
+    async def _verify_otp(
+        self, env: CommandEnvelope, payload: VerifyOtpPayload, access_expired: bool = False
+    ) -> list[Outbound]:
         assert env.idempotency_key is not None
         saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
         if saga is None:
+            _refuse_if(access_expired)
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             "no transfer under this idempotencyKey awaits a one-time password")
+        _refuse_if(access_expired and saga.state is saga_core.State.AWAITING_OTP
+                   and saga.last_trigger != f"otp:{env.request_id}")
         new, outputs = saga_core.on_otp(saga, env.request_id, payload.otp, self.clock(),
                                         self.policy)
         return await self._apply(new, outputs, changed=new is not saga)
@@ -545,6 +556,7 @@ class TransferService:
         reason: str,
     ) -> Outbound:
         log.warning("dead letter from %s[%s]@%s: %s", topic, partition, offset, reason)
+        raw = redact_secrets(raw)
         record = {
             "sourceTopic": topic, "sourcePartition": partition, "sourceOffset": offset,
             "keyB64": base64.b64encode(key).decode() if key is not None else None,
@@ -570,6 +582,42 @@ class TransferService:
                                    "internal error; retry with the same idempotencyKey", None,
                                    cache_key=None)
         return outputs
+
+
+def _refuse_if(access_expired: bool) -> None:
+    if access_expired:
+        raise Rejection(ErrorCode.UNAUTHENTICATED, "access token expired")
+
+
+SECRET_FIELDS = ("accessToken", "pin", "otp", "transferToken")
+
+
+def redact_secrets(raw: bytes | None) -> bytes | None:
+    """The original bytes of a dead letter, minus any access token, PIN, OTP or transfer
+    token they hold (when they are JSON at all; undecodable bytes are kept as they are)."""
+    try:
+        doc = orjson.loads(raw or b"")
+    except ValueError:
+        return raw
+    found = False
+
+    def scrub(node: Any) -> Any:
+        nonlocal found
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k in SECRET_FIELDS:
+                    found = True
+                    out[k] = "[redacted]"
+                else:
+                    out[k] = scrub(v)
+            return out
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    cleaned = scrub(doc)
+    return orjson.dumps(cleaned) if found else raw
 
 
 def _day(ts: float) -> date:

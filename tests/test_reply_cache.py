@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
-from fakes import Harness
+from fakes import PIN, Harness
 
 from app.transfer_service import Outbound
 from schemas.wire import ErrorCode
@@ -43,3 +44,45 @@ async def test_a_replay_long_after_gets_the_same_reply_despite_the_expired_token
     h.clock.advance(3 * 24 * 3600)  # the access token expired long ago
     replayed = reply_of(h, await h.send(raw))
     assert replayed == first
+
+
+async def test_an_expired_token_cannot_start_a_transfer() -> None:
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 1_000)
+    stale = h.access_token("alice", ttl_seconds=60)
+    h.clock.advance(600)
+    raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": PIN},
+                    idem="k-exp", request_id="r-exp", token=stale)
+    reply = reply_of(h, await h.send(raw))
+    assert reply["code"] == ErrorCode.UNAUTHENTICATED
+    assert h.account_commands == []
+
+
+async def test_a_redelivered_confirm_with_an_expired_token_resends_its_debit() -> None:
+    """The confirm's token expires while its debit goes unanswered; its redelivery must
+    not turn into UNAUTHENTICATED but re-send what was decided."""
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 1_000)
+    access = h.access_token("alice", ttl_seconds=60)
+    raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": PIN},
+                    idem="k-red", request_id="r-red", token=access)
+    await h.send(raw, deliver=False)  # the state is written, the sends are lost
+    h.clock.advance(600)
+    again = await h.send(raw, deliver=False)
+    assert [o.topic for o in again].count(h.topics.account_commands) == 1
+    assert not [o for o in again if o.topic == h.topics.replies
+                and b"UNAUTHENTICATED" in o.value]
+
+
+async def test_dead_letters_keep_no_secret() -> None:
+    h = Harness()
+    token = h.access_token("alice")
+    raw = orjson.dumps({"type": "transferConfirm", "operatorId": "alice",  # no requestId
+                        "accessToken": token,
+                        "payload": {"transferToken": "t.t.t", "pin": "864209"}})
+    outs = await h.send(raw, key=b"k")
+    letters = [orjson.loads(o.value) for o in outs if o.topic == h.topics.dlq]
+    assert len(letters) == 1 and letters[0]["reason"].startswith("invalid envelope")
+    kept = base64.b64decode(letters[0]["valueB64"])
+    assert token.encode() not in kept and b"864209" not in kept and b"t.t.t" not in kept
+    assert orjson.loads(kept)["operatorId"] == "alice"  # the rest is intact

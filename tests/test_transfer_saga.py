@@ -308,7 +308,9 @@ def expected_transition(before: Saga, new_state: State, code: str | None,
         return (command(NEXT_STEP[new_state]), event_out)
     if new_state is State.COMPLETED:
         return (event_out, SendReply(CONFIRM, "ok", None, None, data, "transferConfirm"))
-    final = SendReply(CONFIRM, "error", code, s.MESSAGES[str(code)], data, "transferConfirm")
+    message = (s.MANUAL_REVIEW_MESSAGE if new_state is State.MANUAL_REVIEW
+               else s.MESSAGES[str(code)])
+    final = SendReply(CONFIRM, "error", code, message, data, "transferConfirm")
     if new_state is State.FAILED:
         return (ReleaseLimit("tr-1"), event_out, final)
     return (event_out, final)  # MANUAL_REVIEW: the reservation stays, operators act

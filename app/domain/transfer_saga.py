@@ -168,7 +168,9 @@ class Saga:
         if self.state is State.COMPLETED:
             return SendReply(request_id, "ok", None, None, data, command_type)
         code = self.code or "INTERNAL"
-        return SendReply(request_id, "error", code, MESSAGES.get(code), data, command_type)
+        message = (MANUAL_REVIEW_MESSAGE if self.state is State.MANUAL_REVIEW
+                   else MESSAGES.get(code))
+        return SendReply(request_id, "error", code, message, data, command_type)
 
 
 MESSAGES = {
@@ -178,6 +180,10 @@ MESSAGES = {
     "OTP_LOCKED": "too many wrong one-time passwords",
     "INTERNAL": "the transfer could not be completed; no money was lost",
 }
+MANUAL_REVIEW_MESSAGE = (
+    "the transfer failed and its refund was refused: the amount is held by the account "
+    "center until an operator settles it"
+)
 
 
 def command_id(transfer: Transfer, step: str) -> str:
