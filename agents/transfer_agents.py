@@ -58,6 +58,22 @@ def register(worker: Worker) -> None:
                 await app.crash(exc)
                 return
 
+    @app.agent(worker.channels[topics.funding_events], name="relay_funding_events",
+               concurrency=1)
+    async def relay_funding_events(stream: Any) -> None:
+        """funding.events (keyed by charge) → business.saga-inputs, to the top-up's
+        partition."""
+        async for event in stream.events():
+            msg = event.message
+            try:
+                await worker.send_all(
+                    service.route_funding_event(msg.value, msg.key, msg.partition, msg.offset)
+                )
+            except Exception as exc:
+                log.exception("cannot relay %s[%s]@%s", msg.topic, msg.partition, msg.offset)
+                await app.crash(exc)
+                return
+
     @app.timer(interval=worker.settings.tick_interval_seconds, name="tick_sagas")  # type: ignore[untyped-decorator]
     async def tick_sagas() -> None:
         """Wake the sagas of the partitions this worker owns (deadlines, re-sends)."""

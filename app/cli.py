@@ -2,6 +2,7 @@
 
     bizcenter worker           the business worker (Faust): sagas, replies
     bizcenter account-center   the reference account center (PostgreSQL ledger)
+    bizcenter funding-provider the reference funding provider (bank accounts, cards)
     bizcenter create-topics    create every topic with explicit partition counts
     bizcenter migrate          create the PostgreSQL schemas and tables
     bizcenter ping             health check: the broker and the database answer
@@ -113,6 +114,22 @@ def cmd_ping(settings: Settings, args: argparse.Namespace) -> int:
         print(f"unhealthy: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print("ok")
+    return 0
+
+
+def cmd_funding_provider(settings: Settings, args: argparse.Namespace) -> int:
+    from app.funding_provider import run_funding_provider
+    from events.topics import ensure_topics
+
+    async def main() -> None:
+        await ensure_topics(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_funding_provider(settings, stop=stop)
+
+    asyncio.run(main())
     return 0
 
 
@@ -261,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run the business worker (Faust)").set_defaults(fn=cmd_worker)
     sub.add_parser("account-center", help="run the reference account center").set_defaults(
         fn=cmd_account_center)
+    sub.add_parser("funding-provider", help="run the reference funding provider").set_defaults(
+        fn=cmd_funding_provider)
     sub.add_parser("create-topics", help="create the topics").set_defaults(fn=cmd_create_topics)
     sub.add_parser("ping", help="health check of Kafka and PostgreSQL").set_defaults(
         fn=cmd_ping)

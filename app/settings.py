@@ -126,6 +126,30 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often each worker checks its sagas' deadlines."
     )
 
+    # --- top-ups and the reference funding provider ----------------------------------
+    funding_timeout_seconds: float = Field(
+        30.0, gt=0, description="A charge the funding provider has not answered in this "
+        "time fails the top-up (FUNDING_TIMEOUT); a later capture is refunded to the source.",
+    )
+    funding_provider_group: str = Field(
+        "funding-provider", description="Consumer group of the reference funding provider."
+    )
+    funding_decline_sources: list[str] = Field(
+        [], description="Reference funding provider: sources whose charges are declined "
+        "(JSON list).",
+    )
+    funding_silent_sources: list[str] = Field(
+        [], description="Reference funding provider: sources whose charges get no answer "
+        "(JSON list).",
+    )
+    funding_late_sources: list[str] = Field(
+        [], description="Reference funding provider: sources captured only after "
+        "BIZ_FUNDING_LATE_CAPTURE_SECONDS (JSON list).",
+    )
+    funding_late_capture_seconds: float = Field(
+        10.0, ge=0, description="Reference funding provider: delay of a late capture."
+    )
+
     log_level: str = Field("INFO", description="Python log level.")
 
     @field_validator("access_token_algorithms")

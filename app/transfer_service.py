@@ -38,7 +38,9 @@ from schemas.wire import (
     AccountEvent,
     CommandEnvelope,
     ErrorCode,
+    FundingEvent,
     SagaInput,
+    TopUpPayload,
     TransferConfirmPayload,
     TransferInitPayload,
     VerifyOtpPayload,
@@ -76,6 +78,8 @@ class Topics:
     transfer_events: str
     dlq: str
     saga_inputs: str
+    funding_commands: str
+    funding_events: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -85,6 +89,7 @@ class Topics:
             account_commands=t("account.commands"), account_events=t("account.events"),
             otp=t("notifications.otp"), transfer_events=t("business.transfer-events"),
             dlq=t("business.dlq"), saga_inputs=t("business.saga-inputs"),
+            funding_commands=t("funding.commands"), funding_events=t("funding.events"),
         )
 
 
@@ -155,6 +160,7 @@ class TransferService:
             otp_pepper=settings.otp_pepper.get_secret_value().encode(),
             command_timeout_seconds=settings.account_command_timeout_seconds,
             command_max_backoff_seconds=settings.account_command_max_backoff_seconds,
+            funding_timeout_seconds=settings.funding_timeout_seconds,
         )
         self._pin_pepper = settings.pin_pepper.get_secret_value().encode()
         # Deadlines of the open sagas, per home partition: derived, rebuilt by scanning.
@@ -256,6 +262,8 @@ class TransferService:
             return await self._transfer_init(env, payload, cache_key)
         if isinstance(payload, TransferConfirmPayload):
             return await self._transfer_confirm(env, payload, partition, expired)
+        if isinstance(payload, TopUpPayload):
+            return await self._top_up(env, payload, partition, expired)
         assert isinstance(payload, VerifyOtpPayload)
         return await self._verify_otp(env, payload, expired)
 
@@ -366,6 +374,49 @@ class TransferService:
         )
         return await self._apply(saga, outputs, phone=user.phone)
 
+    async def _top_up(
+        self, env: CommandEnvelope, payload: TopUpPayload, partition: int,
+        access_expired: bool,
+    ) -> list[Outbound]:
+        """Pull money from the user's linked bank account or card: the same saga and the
+        same idempotency rules as a transfer, with the funding source as the payer."""
+        assert env.idempotency_key is not None
+        now = self.clock()
+        topup_id = transfer_id_for(env.operator_id, env.idempotency_key)
+        fingerprint = hashlib.sha256(
+            f"topUp\x1f{payload.funding_source_id}\x1f{payload.amount_minor}"
+            f"\x1f{payload.currency}".encode()
+        ).hexdigest()[:32]
+        existing = self.sagas.get(topup_id)
+        verdict = saga_core.classify(existing, fingerprint)
+        if verdict is saga_core.Duplicate.REUSED:
+            raise Rejection(ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                            "this idempotencyKey was used for another operation")
+        if existing is not None:
+            saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now)
+            return await self._apply(saga, outputs, changed=False)
+        _refuse_if(access_expired)
+        user = await self._active_user(env.operator_id)
+        source = await self.store.get_funding_source(payload.funding_source_id)
+        if (source is None or source.user_id != user.user_id
+                or source.status is not UserStatus.ACTIVE):
+            raise Rejection(ErrorCode.FORBIDDEN, "the funding source is unknown or not yours")
+        if payload.currency != user.currency:
+            raise Rejection(ErrorCode.INVALID_REQUEST, f"the account holds {user.currency}")
+        topup = saga_core.Transfer(
+            transfer_id=topup_id, operator_id=env.operator_id,
+            idempotency_key=env.idempotency_key, fingerprint=fingerprint,
+            from_account_id=source.funding_source_id, to_account_id=user.account_id,
+            amount_minor=payload.amount_minor, currency=payload.currency, note=None,
+            home_partition=partition, kind=saga_core.TOPUP,
+        )
+        needs_otp = payload.amount_minor > user.otp_threshold_minor
+        saga, outputs = saga_core.start(
+            topup, request_id=env.request_id, user_id=user.user_id,
+            otp=self.new_otp() if needs_otp else None, now=now, policy=self.policy,
+        )
+        return await self._apply(saga, outputs, phone=user.phone)
+
     async def _verify_otp(
         self, env: CommandEnvelope, payload: VerifyOtpPayload, access_expired: bool = False
     ) -> list[Outbound]:
@@ -403,6 +454,23 @@ class TransferService:
         return [Outbound(self.topics.saga_inputs, transfer_id.encode(),
                          orjson.dumps(value.to_wire()), partition=home)]
 
+    def route_funding_event(
+        self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
+    ) -> list[Outbound]:
+        """Forward a funding provider's event to the partition where its top-up lives."""
+        try:
+            event = FundingEvent.model_validate_json(raw or b"")
+        except ValidationError as exc:
+            return [self._dead_letter(self.topics.funding_events, partition, offset, key, raw,
+                                      f"invalid funding event: {_validation_message(exc)}")]
+        parsed = saga_core.parse_command_id(event.charge_id)
+        if parsed is None or parsed[1] != "charge":
+            log.warning("funding event for a charge this service did not make")
+            return []
+        value = SagaInput(kind="fundingEvent", funding_event=event)
+        return [Outbound(self.topics.saga_inputs, parsed[0].encode(),
+                         orjson.dumps(value.to_wire()), partition=parsed[2])]
+
     def tick(self, partition: int) -> Outbound:
         return Outbound(self.topics.saga_inputs, b"tick",
                         orjson.dumps({"kind": "tick"}), partition=partition)
@@ -418,6 +486,9 @@ class TransferService:
         try:
             if item.kind == "tick":
                 return await self._on_tick(partition)
+            if item.kind == "fundingEvent":
+                assert item.funding_event is not None
+                return await self._on_funding_event(item.funding_event)
             assert item.account_event is not None
             return await self._on_account_event(item.account_event)
         except Exception:
@@ -435,6 +506,18 @@ class TransferService:
         new, outputs = saga_core.on_account_event(
             saga, event.command_id, event.type.value, event.reason, self.clock(), self.policy
         )
+        return await self._apply(new, outputs, changed=new is not saga)
+
+    async def _on_funding_event(self, event: FundingEvent) -> list[Outbound]:
+        parsed = saga_core.parse_command_id(event.charge_id)
+        if parsed is None:
+            return []
+        saga = self.sagas.get(parsed[0])
+        if saga is None:
+            log.warning("funding event for an unknown top-up %s", parsed[0])
+            return []
+        new, outputs = saga_core.on_funding_event(saga, event.charge_id, event.status,
+                                                  self.clock(), self.policy)
         return await self._apply(new, outputs, changed=new is not saga)
 
     async def _on_tick(self, partition: int) -> list[Outbound]:
@@ -499,10 +582,20 @@ class TransferService:
                                        o.code, o.message, _wire_data(o.data),
                                        cache_key=status_cache)
             elif isinstance(o, saga_core.SendAccountCommand):
-                yield Outbound(self.topics.account_commands, o.account_id.encode(), orjson.dumps({
+                command = {
                     "commandId": o.command_id, "type": o.type, "accountId": o.account_id,
                     "amountMinor": o.amount_minor, "currency": o.currency,
                     "transferId": o.transfer_id,
+                }
+                if o.origin is not None:
+                    command["origin"] = o.origin
+                yield Outbound(self.topics.account_commands, o.account_id.encode(),
+                               orjson.dumps(command))
+            elif isinstance(o, saga_core.SendFundingCommand):
+                yield Outbound(self.topics.funding_commands, o.charge_id.encode(), orjson.dumps({
+                    "chargeId": o.charge_id, "type": o.type,
+                    "fundingSourceId": o.funding_source_id, "amountMinor": o.amount_minor,
+                    "currency": o.currency,
                 }))
             elif isinstance(o, saga_core.SendOtp):
                 yield Outbound(self.topics.otp, o.user_id.encode(), orjson.dumps({

@@ -37,6 +37,8 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("account.commands", "accountId"),
     TopicSpec("account.events", "accountId"),
     TopicSpec("notifications.otp", "userId"),
+    TopicSpec("funding.commands", "chargeId"),
+    TopicSpec("funding.events", "chargeId"),
 )
 
 

@@ -51,6 +51,8 @@ class ErrorCode(StrEnum):
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     IN_PROGRESS = "IN_PROGRESS"
     OTP_REQUIRED = "OTP_REQUIRED"
+    FUNDING_DECLINED = "FUNDING_DECLINED"
+    FUNDING_TIMEOUT = "FUNDING_TIMEOUT"
     INTERNAL = "INTERNAL"
 
 
@@ -75,10 +77,19 @@ class VerifyOtpPayload(WireModel):
     otp: Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")] = Field(repr=False)
 
 
+class TopUpPayload(WireModel):
+    """Pull money from a linked bank account or card into the wallet."""
+
+    funding_source_id: Identifier
+    amount_minor: MinorUnits = Field(gt=0)
+    currency: Currency
+
+
 class CommandType(StrEnum):
     TRANSFER_INIT = "transferInit"
     TRANSFER_CONFIRM = "transferConfirm"
     VERIFY_OTP = "verifyOtp"
+    TOP_UP = "topUp"
 
 
 class CommandEnvelope(WireModel):
@@ -99,9 +110,11 @@ PAYLOAD_MODELS: dict[CommandType, type[WireModel]] = {
     CommandType.TRANSFER_INIT: TransferInitPayload,
     CommandType.TRANSFER_CONFIRM: TransferConfirmPayload,
     CommandType.VERIFY_OTP: VerifyOtpPayload,
+    CommandType.TOP_UP: TopUpPayload,
 }
 #: Commands whose envelope must carry an idempotencyKey.
-NEEDS_IDEMPOTENCY_KEY = frozenset({CommandType.TRANSFER_CONFIRM, CommandType.VERIFY_OTP})
+NEEDS_IDEMPOTENCY_KEY = frozenset({CommandType.TRANSFER_CONFIRM, CommandType.VERIFY_OTP,
+                                   CommandType.TOP_UP})
 
 
 # --------------------------------------------------------------------------------------
@@ -143,6 +156,10 @@ class AccountCommand(WireModel):
     amount_minor: MinorUnits = Field(gt=0)
     currency: Currency
     transfer_id: Identifier
+    origin: Literal["transfer", "topup"] | None = Field(
+        None, description="Where a credit's money comes from: `topup` = an external "
+        "funding source (journaled from the funding account), else the transfer clearing.",
+    )
 
 
 class AccountEventType(StrEnum):
@@ -160,6 +177,27 @@ class AccountEvent(WireModel):
     balance_after_minor: MinorUnits | None = None
     reason: str | None = None
     occurred_at: datetime
+
+
+# --------------------------------------------------------------------------------------
+# funding.commands / funding.events  (key = chargeId): the funding provider
+# --------------------------------------------------------------------------------------
+
+
+class FundingCommand(WireModel):
+    """Charge a linked bank account or card, or give a capture back (``refund``)."""
+
+    charge_id: Identifier
+    type: Literal["charge", "refund"] = "charge"
+    funding_source_id: Identifier
+    amount_minor: MinorUnits = Field(gt=0)
+    currency: Currency
+
+
+class FundingEvent(WireModel):
+    charge_id: Identifier
+    status: Literal["captured", "declined", "refunded"]
+    reason: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -215,8 +253,9 @@ class DeadLetter(WireModel):
 class SagaInput(WireModel):
     """Internal: an account event routed to its saga's partition, or a timer tick."""
 
-    kind: Literal["accountEvent", "tick"]
+    kind: Literal["accountEvent", "fundingEvent", "tick"]
     account_event: AccountEvent | None = None
+    funding_event: FundingEvent | None = None
     now: datetime | None = None
 
 
@@ -225,9 +264,12 @@ WIRE_MODELS: tuple[type[WireModel], ...] = (
     TransferInitPayload,
     TransferConfirmPayload,
     VerifyOtpPayload,
+    TopUpPayload,
     Reply,
     AccountCommand,
     AccountEvent,
+    FundingCommand,
+    FundingEvent,
     OtpNotification,
     TransferEvent,
     DeadLetter,

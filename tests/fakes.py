@@ -30,7 +30,14 @@ import orjson
 
 from app.domain import transfer_saga as saga_core
 from app.domain.pin import pin_verifier
-from app.domain.ports import PinCheck, PinOutcome, TokenClaim, UserRecord, UserStatus
+from app.domain.ports import (
+    FundingSource,
+    PinCheck,
+    PinOutcome,
+    TokenClaim,
+    UserRecord,
+    UserStatus,
+)
 from app.settings import Settings
 from app.tokens import issue_access_token
 from app.transfer_service import Outbound, TransferService, transfer_id_for
@@ -66,8 +73,13 @@ class InMemoryBusinessStore:
         self.daily_usage: dict[tuple[str, date], int] = {}
         self.reservations: dict[str, tuple[str, date, int]] = {}  # transfer_id -> row
         self.calls: list[str] = []  # names of the methods called, in order
+        self.funding_sources: dict[str, FundingSource] = {}
         for user in users:
             self.put_user(user)
+
+    async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
+        self.calls.append("get_funding_source")
+        return self.funding_sources.get(funding_source_id)
 
     # --- administration (sync, for seeding) ------------------------------------------
 

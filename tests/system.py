@@ -25,7 +25,7 @@ from sqlalchemy import text
 from app.account_center.ledger import Ledger
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_verifier
-from app.domain.ports import UserRecord, UserStatus
+from app.domain.ports import FundingSource, UserRecord, UserStatus
 from app.gateway_client import GatewayClient, TopicTail
 from app.settings import Settings
 from app.tokens import issue_access_token
@@ -65,6 +65,7 @@ class System:
             "topic_partitions": 3,
             "app_id": f"{isolation_id}-worker",
             "account_center_group": f"{isolation_id}-ac",
+            "funding_provider_group": f"{isolation_id}-fp",
             "db_schema": f"{isolation_id}_biz",
             "account_center_db_schema": f"{isolation_id}_ac",
             "table_store": "memory://",
@@ -112,6 +113,7 @@ class System:
             self.settings, self.settings.topic("business.transfer-events"), from_beginning=True)
         await self.transfer_events.start()
         self.start_process("account-center")
+        self.start_process("funding-provider")
         self.start_process("worker")
 
     def start_process(self, name: str) -> None:
@@ -184,6 +186,12 @@ class System:
         if open_account:
             await self.ledger.open_account(user.account_id, currency, balance)
         return user
+
+    async def add_funding_source(self, user_id: str, source_id: str, *,
+                                 kind: str = "card") -> None:
+        assert self.store is not None
+        await self.store.upsert_funding_source(FundingSource(
+            source_id, user_id, kind, f"{kind} of {user_id}", UserStatus.ACTIVE))
 
     def token(self, user_id: str, **kwargs: Any) -> str:
         return issue_access_token(self.settings, user_id, **kwargs)

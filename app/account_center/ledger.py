@@ -103,6 +103,11 @@ def seed_account(currency: str) -> str:
     return f"{SEED_PREFIX}{currency}"
 
 
+def funding_account(currency: str) -> str:
+    """Journal-only: money that entered from linked bank accounts and cards (top-ups)."""
+    return f"external:funding:{currency}"
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The PostgreSQL SQLSTATE of a SQLAlchemy DBAPIError (asyncpg), else None."""
     orig = getattr(exc, "orig", None)
@@ -172,8 +177,12 @@ def _decide(
             # Cannot be stored: reject rather than fail the transaction forever.
             return rejected(ErrorCode.INVALID_REQUEST.value, acct.balance)
         acct.balance += amount
+        # A top-up's credit comes from outside (the funding provider captured it), not
+        # from the clearing of a transfer.
+        source = (funding_account(acct.currency) if cmd.origin == "topup"
+                  and cmd.type is AccountCommandType.CREDIT else clearing)
         lines = [
-            _Line(cmd.command_id, clearing, acct.currency, -amount),
+            _Line(cmd.command_id, source, acct.currency, -amount),
             _Line(cmd.command_id, acct.account_id, acct.currency, amount),
         ]
         event_type = (
@@ -318,6 +327,13 @@ class Ledger:
         return -await self._scalar_int(
             "SELECT COALESCE(SUM(amount_minor), 0) FROM journal WHERE account_id = :acc",
             {"acc": seed_account(currency)},
+        )
+
+    async def funded_total(self, currency: str) -> int:
+        """Money that entered the ledger through top-ups."""
+        return -await self._scalar_int(
+            "SELECT COALESCE(SUM(amount_minor), 0) FROM journal WHERE account_id = :acc",
+            {"acc": funding_account(currency)},
         )
 
     async def journal_balance(self, account_id: str) -> int:

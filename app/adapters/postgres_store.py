@@ -16,7 +16,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.adapters.db import ensure_schema, make_engine
-from app.domain.ports import PinCheck, PinOutcome, TokenClaim, UserRecord, UserStatus
+from app.domain.ports import (
+    FundingSource,
+    PinCheck,
+    PinOutcome,
+    TokenClaim,
+    UserRecord,
+    UserStatus,
+)
 
 
 class DbSettings(Protocol):
@@ -62,6 +69,13 @@ CREATE TABLE IF NOT EXISTS limit_reservations (
     user_id text NOT NULL,
     day date NOT NULL,
     amount_minor bigint NOT NULL CHECK (amount_minor > 0)
+);
+CREATE TABLE IF NOT EXISTS funding_sources (
+    funding_source_id text PRIMARY KEY,
+    user_id text NOT NULL REFERENCES users (user_id),
+    kind text NOT NULL CHECK (kind IN ('bank_account', 'card')),
+    label text NOT NULL,
+    status text NOT NULL CHECK (status IN ('active', 'blocked'))
 )
 """
 
@@ -115,6 +129,27 @@ class PostgresBusinessStore:
             daily_limit_minor=row.daily_limit_minor,
             status=UserStatus(row.status),
         )
+
+    async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(text(
+                "SELECT funding_source_id, user_id, kind, label, status FROM funding_sources"
+                " WHERE funding_source_id = :f"), {"f": funding_source_id})).one_or_none()
+        if row is None:
+            return None
+        return FundingSource(row.funding_source_id, row.user_id, row.kind, row.label,
+                             UserStatus(row.status))
+
+    async def upsert_funding_source(self, source: FundingSource) -> None:
+        """Admin/seed: link a bank account or card to a user."""
+        async with self._engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO funding_sources (funding_source_id, user_id, kind, label, status)"
+                " VALUES (:f, :u, :k, :l, :s) ON CONFLICT (funding_source_id) DO UPDATE SET"
+                " user_id = EXCLUDED.user_id, kind = EXCLUDED.kind, label = EXCLUDED.label,"
+                " status = EXCLUDED.status"),
+                {"f": source.funding_source_id, "u": source.user_id, "k": source.kind,
+                 "l": source.label, "s": str(source.status)})
 
     async def account_exists(self, account_id: str) -> bool:
         async with self._engine.connect() as conn:

@@ -32,6 +32,17 @@ class UserRecord:
     status: UserStatus
 
 
+@dataclass(frozen=True, slots=True)
+class FundingSource:
+    """A bank account or card linked to a user, from which top-ups are pulled."""
+
+    funding_source_id: str
+    user_id: str
+    kind: str  # bank_account | card
+    label: str  # what the user sees, e.g. "Visa •••• 4242"
+    status: UserStatus
+
+
 class PinOutcome(StrEnum):
     OK = "ok"
     INVALID = "invalid"
@@ -57,6 +68,8 @@ class BusinessStore(Protocol):
     async def account_exists(self, account_id: str) -> bool:
         """True when some user of the directory owns this account."""
         ...
+
+    async def get_funding_source(self, funding_source_id: str) -> FundingSource | None: ...
 
     async def check_pin(
         self,

@@ -16,6 +16,19 @@ States::
                                                        ▼
                                                  MANUAL_REVIEW
 
+Top-ups (``kind == "topup"``) run the same machine with other steps: the payer is a
+linked funding source (bank account or card) charged through the funding provider::
+
+    AWAITING_OTP ─▶ CHARGING ──captured──▶ CREDITING ──credited──▶ COMPLETED
+                       │ declined / no answer in time       │ rejected
+                       ▼                                     ▼
+                     FAILED ──a late capture──▶ REVERSING  REFUNDING (to the source) ─▶ FAILED
+                       ▲                           │ refunded
+                       └───────────────────────────┘
+
+A capture that arrives after FUNDING_TIMEOUT is given back to the source (REVERSING), not
+credited: the user was told the top-up failed, and that must stay true.
+
 Duplicates: every command the saga emits has a deterministic id
 (``<transferId>:<step>:<homePartition>``). The saga remembers the input that caused its
 last transition (``last_trigger``) and the outputs it decided then; when that same input
@@ -37,6 +50,8 @@ class State(StrEnum):
     DEBITING = "DEBITING"
     CREDITING = "CREDITING"
     REFUNDING = "REFUNDING"
+    CHARGING = "CHARGING"  # top-up: the funding source is being charged
+    REVERSING = "REVERSING"  # top-up: a late capture is being given back to the source
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     MANUAL_REVIEW = "MANUAL_REVIEW"  # refund rejected: money held in clearing, operators act
@@ -44,8 +59,15 @@ class State(StrEnum):
 
 FINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.MANUAL_REVIEW})
 #: The step awaited in each money-moving state and the account event that answers it.
-STEP_OF_STATE = {State.DEBITING: "debit", State.CREDITING: "credit", State.REFUNDING: "refund"}
-ANSWER_OF_STEP = {"debit": "debited", "credit": "credited", "refund": "refunded"}
+STEP_OF_STATE = {
+    State.DEBITING: "debit", State.CREDITING: "credit", State.REFUNDING: "refund",
+    State.CHARGING: "charge", State.REVERSING: "reverse",
+}
+ANSWER_OF_STEP = {
+    "debit": "debited", "credit": "credited", "refund": "refunded",
+    "charge": "captured", "reverse": "refunded",
+}
+TOPUP = "topup"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +77,7 @@ class Policy:
     otp_pepper: bytes = field(repr=False)
     command_timeout_seconds: float
     command_max_backoff_seconds: float
+    funding_timeout_seconds: float = 30.0  # a charge unanswered this long fails the top-up
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +94,7 @@ class Transfer:
     currency: str
     note: str | None
     home_partition: int
+    kind: str = "transfer"  # or "topup": from_account_id is then the funding source
 
 
 # --------------------------------------------------------------------------------------
@@ -96,6 +120,16 @@ class SendAccountCommand:
     amount_minor: int
     currency: str
     transfer_id: str
+    origin: str | None = None  # "topup": the credit's money comes from a funding source
+
+
+@dataclass(frozen=True, slots=True)
+class SendFundingCommand:
+    charge_id: str
+    type: str  # charge | refund
+    funding_source_id: str
+    amount_minor: int
+    currency: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +157,8 @@ class ReleaseLimit:
     transfer_id: str
 
 
-Output = SendReply | SendAccountCommand | SendOtp | PublishTransferEvent | ReleaseLimit
+Output = (SendReply | SendAccountCommand | SendFundingCommand | SendOtp | PublishTransferEvent
+          | ReleaseLimit)
 
 
 # --------------------------------------------------------------------------------------
@@ -147,6 +182,7 @@ class Saga:
     otp_attempts: int = 0
     command_attempts: int = 0
     next_retry_at: float | None = None
+    give_up_at: float | None = None  # top-up: when an unanswered charge fails
     last_trigger: str = ""
     last_outputs: tuple[Output, ...] = ()
 
@@ -159,7 +195,8 @@ class Saga:
         if self.state is State.AWAITING_OTP:
             return self.otp_expires_at
         if self.state in STEP_OF_STATE:
-            return self.next_retry_at
+            times = [t for t in (self.next_retry_at, self.give_up_at) if t is not None]
+            return min(times) if times else None
         return None
 
     def final_reply(self, request_id: str, command_type: str) -> SendReply:
@@ -199,7 +236,17 @@ def parse_command_id(value: str) -> tuple[str, str, int] | None:
     return parts[0], parts[1], int(parts[2])
 
 
-def _account_command(transfer: Transfer, step: str) -> SendAccountCommand:
+def _step_command(transfer: Transfer, step: str) -> SendAccountCommand | SendFundingCommand:
+    """The command of a step, with its deterministic id."""
+    if transfer.kind == TOPUP and step != "credit":
+        # charge, and refund/reverse: both give back the capture of the one charge id
+        return SendFundingCommand(
+            charge_id=command_id(transfer, "charge"),
+            type="charge" if step == "charge" else "refund",
+            funding_source_id=transfer.from_account_id,
+            amount_minor=transfer.amount_minor,
+            currency=transfer.currency,
+        )
     account = transfer.to_account_id if step == "credit" else transfer.from_account_id
     return SendAccountCommand(
         command_id=command_id(transfer, step),
@@ -208,7 +255,17 @@ def _account_command(transfer: Transfer, step: str) -> SendAccountCommand:
         amount_minor=transfer.amount_minor,
         currency=transfer.currency,
         transfer_id=transfer.transfer_id,
+        origin=TOPUP if transfer.kind == TOPUP else None,
     )
+
+
+def origin_type(transfer: Transfer) -> str:
+    """The command that starts this kind of saga."""
+    return "topUp" if transfer.kind == TOPUP else "transferConfirm"
+
+
+def first_step(transfer: Transfer) -> State:
+    return State.CHARGING if transfer.kind == TOPUP else State.DEBITING
 
 
 def _move(
@@ -240,8 +297,10 @@ def _start_step(
     saga: Saga, state: State, now: float, policy: Policy, trigger: str, **changes: Any
 ) -> tuple[Saga, tuple[Output, ...]]:
     step = STEP_OF_STATE[state]
+    if state is State.CHARGING:
+        changes["give_up_at"] = now + policy.funding_timeout_seconds
     return _move(
-        saga, state, now, trigger, [_account_command(saga.transfer, step)],
+        saga, state, now, trigger, [_step_command(saga.transfer, step)],
         command_attempts=1, next_retry_at=now + policy.command_timeout_seconds, **changes,
     )
 
@@ -261,12 +320,13 @@ def start(
     it; otherwise it debits the payer at once.
     """
     trigger = f"confirm:{request_id}"
+    command_type = origin_type(transfer)
     blank = Saga(
         transfer=transfer, state=State.AWAITING_OTP, seq=0, created_at=now, updated_at=now,
-        origin_request_id=request_id, reply_to=request_id, reply_type="transferConfirm",
+        origin_request_id=request_id, reply_to=request_id, reply_type=command_type,
     )
     if otp is None:
-        return _start_step(blank, State.DEBITING, now, policy, trigger)
+        return _start_step(blank, first_step(transfer), now, policy, trigger)
     expires = now + policy.otp_ttl_seconds
     binding = otp_codes.otp_binding(
         transfer.transfer_id, transfer.amount_minor, transfer.to_account_id,
@@ -274,7 +334,7 @@ def start(
     )
     pending = SendReply(
         request_id, "pending", "OTP_REQUIRED", "enter the one-time password sent to your phone",
-        {"transferId": transfer.transfer_id, "otpExpiresAt": expires}, "transferConfirm",
+        {"transferId": transfer.transfer_id, "otpExpiresAt": expires}, command_type,
     )
     return _move(
         blank, State.AWAITING_OTP, now, trigger,
@@ -310,17 +370,18 @@ def on_duplicate_confirm(
         # write and the sends): re-send what was decided, decide nothing new.
         return saga, saga.last_outputs
     outputs: list[Output] = []
+    command_type = origin_type(saga.transfer)
     if saga.is_final:
-        outputs.append(saga.final_reply(request_id, "transferConfirm"))
+        outputs.append(saga.final_reply(request_id, command_type))
     elif saga.state is State.AWAITING_OTP:
         outputs.append(SendReply(
             request_id, "pending", "OTP_REQUIRED",
             "enter the one-time password sent to your phone",
             {"transferId": saga.transfer.transfer_id, "otpExpiresAt": saga.otp_expires_at},
-            "transferConfirm",
+            command_type,
         ))
     else:
-        outputs.append(_in_progress(saga, request_id, "transferConfirm"))
+        outputs.append(_in_progress(saga, request_id, command_type))
     return saga, _dedupe_replies(outputs)
 
 
@@ -370,7 +431,7 @@ def on_otp(
                                     t.idempotency_key)
     if otp_codes.otp_matches(policy.otp_pepper, binding, otp, saga.otp_digest):
         return _start_step(
-            saga, State.DEBITING, now, policy, trigger,
+            saga, first_step(saga.transfer), now, policy, trigger,
             reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
         )
     attempts = saga.otp_attempts + 1
@@ -420,6 +481,31 @@ def on_account_event(
                  next_retry_at=None)
 
 
+def on_funding_event(
+    saga: Saga, charge_id: str, status: str, now: float, policy: Policy
+) -> tuple[Saga, tuple[Output, ...]]:
+    """The funding provider's answer about the top-up's charge (captured, declined,
+    refunded)."""
+    trigger = f"funding:{charge_id}:{status}"
+    if saga.last_trigger == trigger:
+        return saga, saga.last_outputs  # redelivery of the event that moved the saga
+    if saga.transfer.kind != TOPUP or charge_id != command_id(saga.transfer, "charge"):
+        return saga, ()
+    if saga.state is State.CHARGING:
+        if status == "captured":
+            return _start_step(saga, State.CREDITING, now, policy, trigger, give_up_at=None)
+        if status == "declined":
+            return _move(saga, State.FAILED, now, trigger, [], code="FUNDING_DECLINED",
+                         next_retry_at=None, give_up_at=None)
+        return saga, ()
+    if saga.state in (State.REFUNDING, State.REVERSING) and status == "refunded":
+        return _move(saga, State.FAILED, now, trigger, [], next_retry_at=None)
+    if (saga.state is State.FAILED and saga.code == "FUNDING_TIMEOUT"
+            and status == "captured"):
+        return _start_step(saga, State.REVERSING, now, policy, trigger)
+    return saga, ()  # stale
+
+
 def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output, ...]]:
     """Deadlines: an OTP never verified fails the transfer; an unanswered account command
     is re-sent with the same command id, with exponential back-off, until it is answered."""
@@ -428,6 +514,12 @@ def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output,
             return _move(saga, State.FAILED, now, f"tick:{saga.seq}", [], code="OTP_EXPIRED",
                          otp_digest=None)
         return saga, ()
+    if (saga.state is State.CHARGING and saga.give_up_at is not None
+            and now >= saga.give_up_at):
+        # The provider never answered: the top-up fails, nothing was credited. Should the
+        # capture arrive later, on_funding_event gives it back (REVERSING).
+        return _move(saga, State.FAILED, now, f"tick:{saga.seq}", [], code="FUNDING_TIMEOUT",
+                     next_retry_at=None, give_up_at=None)
     step = STEP_OF_STATE.get(saga.state)
     if step is None or saga.next_retry_at is None or now < saga.next_retry_at:
         return saga, ()
@@ -436,7 +528,7 @@ def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output,
         policy.command_max_backoff_seconds,
     )
     new = replace(saga, command_attempts=saga.command_attempts + 1, next_retry_at=now + backoff)
-    return new, (_account_command(saga.transfer, step),)
+    return new, (_step_command(saga.transfer, step),)
 
 
 # --------------------------------------------------------------------------------------
@@ -445,7 +537,8 @@ def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output,
 
 _OUTPUT_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (SendReply, SendAccountCommand, SendOtp, PublishTransferEvent, ReleaseLimit)
+    for cls in (SendReply, SendAccountCommand, SendFundingCommand, SendOtp,
+                PublishTransferEvent, ReleaseLimit)
 }
 
 
