@@ -9,6 +9,7 @@
     bizcenter seed-demo        demo users in the directory and funded accounts
     bizcenter token USER       a development access token (stands in for the user center)
     bizcenter transfer ...     a transfer through the gateway protocol, end to end
+    bizcenter topup ...        a top-up from a linked card or bank account
     bizcenter run              everything above for a local demo (what `make run` runs)
 """
 
@@ -183,9 +184,10 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 async def run_transfer(
     settings: Settings, *, user: str, to: str, amount: int, currency: str, pin: str,
-    otp_from_topic: bool, timeout: float = 60.0,
+    otp_from_topic: bool, timeout: float = 60.0, source: str | None = None,
 ) -> dict[str, Any]:
-    """transferInit → transferConfirm → (verifyOtp) as a gateway would; returns the outcome."""
+    """As a gateway would: transferInit → transferConfirm → (verifyOtp), or, with
+    ``source``, topUp → (verifyOtp). Returns the outcome."""
     from app.gateway_client import GatewayClient, TopicTail
     from app.tokens import issue_access_token
 
@@ -194,20 +196,30 @@ async def run_transfer(
     otps = TopicTail(settings, settings.topic("notifications.otp"))
     await client.start()
     await otps.start()
+
+    def show(name: str, reply: dict[str, Any]) -> None:
+        print(f"{name:<15} → {reply['status']} {reply.get('code') or ''}".rstrip())
+
     try:
-        init = await client.request(client.envelope(
-            "transferInit", user, token,
-            {"toAccountId": to, "amountMinor": amount, "currency": currency}), timeout)
-        print(f"transferInit    → {init['status']} {init.get('code') or ''}".rstrip()
-              + (f" (otpRequired={init['data']['otpRequired']})" if init.get("data") else ""))
-        if init["status"] != "ok":
-            return init
         key = str(uuid.uuid4())
-        reply = await client.request(client.envelope(
-            "transferConfirm", user, token,
-            {"transferToken": init["data"]["transferToken"], "pin": pin},
-            idempotency_key=key), timeout)
-        print(f"transferConfirm → {reply['status']} {reply.get('code') or ''}".rstrip())
+        if source is not None:
+            reply = await client.request(client.envelope(
+                "topUp", user, token, {"fundingSourceId": source, "amountMinor": amount,
+                                       "currency": currency},
+                idempotency_key=key), timeout)
+            show("topUp", reply)
+        else:
+            init = await client.request(client.envelope(
+                "transferInit", user, token,
+                {"toAccountId": to, "amountMinor": amount, "currency": currency}), timeout)
+            show("transferInit", init)
+            if init["status"] != "ok":
+                return init
+            reply = await client.request(client.envelope(
+                "transferConfirm", user, token,
+                {"transferToken": init["data"]["transferToken"], "pin": pin},
+                idempotency_key=key), timeout)
+            show("transferConfirm", reply)
         if reply.get("code") == "OTP_REQUIRED":
             transfer_id = reply["data"]["transferId"]
             if otp_from_topic:
@@ -219,7 +231,7 @@ async def run_transfer(
                 otp = (await asyncio.to_thread(input, "OTP sent to your phone: ")).strip()
             reply = await client.request(client.envelope(
                 "verifyOtp", user, token, {"otp": otp}, idempotency_key=key), timeout)
-            print(f"verifyOtp       → {reply['status']} {reply.get('code') or ''}".rstrip())
+            show("verifyOtp", reply)
         print(f"outcome: {reply.get('data')}")
         return reply
     finally:
@@ -235,14 +247,24 @@ def cmd_transfer(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if reply.get("status") == "ok" else 1
 
 
+def cmd_topup(settings: Settings, args: argparse.Namespace) -> int:
+    reply = asyncio.run(run_transfer(
+        settings, user=args.user, to="", amount=args.amount, currency=args.currency, pin="",
+        otp_from_topic=args.otp_from_topic, source=args.source,
+    ))
+    return 0 if reply.get("status") == "ok" else 1
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    """The local system in one command: account center and worker as child processes, a
-    demo transfer through them, then both stay up until Ctrl-C."""
+    """The local system in one command: the account center, the funding provider and the
+    worker as child processes, demo transfers and a top-up through them, then all stay up
+    until Ctrl-C."""
     asyncio.run(prepare(settings, ledger=True))
     asyncio.run(seed_demo(settings))
     exe = [sys.executable, "-m", "app.cli"]
     children = [
         subprocess.Popen([*exe, "account-center"], env=os.environ.copy()),  # noqa: S603
+        subprocess.Popen([*exe, "funding-provider"], env=os.environ.copy()),  # noqa: S603
         subprocess.Popen([*exe, "worker"], env=os.environ.copy()),  # noqa: S603
     ]
     try:
@@ -252,11 +274,18 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                 settings, user="alice", to="acc-bob", amount=amount, currency="USD",
                 pin="123456", otp_from_topic=True, timeout=120.0,
             ))
-        print("\nThe worker and the account center are running. Ctrl-C stops them.\n"
-              "Try: .venv/bin/bizcenter transfer --user bob --to acc-carol --amount 500\n")
+        print("\n=== demo: bob tops up 40.00 USD from his card ===\n")
+        asyncio.run(run_transfer(
+            settings, user="bob", to="", amount=4000, currency="USD", pin="",
+            otp_from_topic=True, timeout=120.0, source="card-bob",
+        ))
+        print("\nThe worker, the account center and the funding provider are running. "
+              "Ctrl-C stops them.\n"
+              "Try: .venv/bin/bizcenter transfer --user bob --to acc-carol --amount 500\n"
+              "     .venv/bin/bizcenter topup --user carol --source card-carol --amount 2000\n")
         while all(child.poll() is None for child in children):
             with contextlib.suppress(subprocess.TimeoutExpired):
-                children[1].wait(timeout=1.0)
+                children[-1].wait(timeout=1.0)
         return 1  # a child died on its own
     except KeyboardInterrupt:
         return 0
@@ -299,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--otp-from-topic", action="store_true",
                           help="demo only: read the OTP from notifications.otp")
     transfer.set_defaults(fn=cmd_transfer)
+    topup = sub.add_parser("topup", help="a top-up from a linked card or bank account")
+    topup.add_argument("--user", required=True, help="user id (e.g. alice)")
+    topup.add_argument("--source", required=True, help="funding source (e.g. card-alice)")
+    topup.add_argument("--amount", type=int, required=True, help="minor units (cents)")
+    topup.add_argument("--currency", default="USD")
+    topup.add_argument("--otp-from-topic", action="store_true",
+                       help="demo only: read the OTP from notifications.otp")
+    topup.set_defaults(fn=cmd_topup)
     sub.add_parser("run", help="the whole local system plus a demo transfer").set_defaults(
         fn=cmd_run)
     return parser

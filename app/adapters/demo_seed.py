@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_verifier
-from app.domain.ports import UserRecord, UserStatus
+from app.domain.ports import FundingSource, UserRecord, UserStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,10 @@ async def seed_directory(
     pin_pepper: bytes,
     users: Iterable[DemoUser] = DEMO_USERS,
 ) -> None:
-    """Upsert the demo users (idempotent; also clears their PIN failure counters)."""
+    """Upsert the demo users (idempotent; also clears their PIN failure counters), each
+    with a linked card ``card-<user>``."""
     for user in users:
         await store.upsert_user(user_record(user, pin_pepper))
+        await store.upsert_funding_source(FundingSource(
+            f"card-{user.user_id}", user.user_id, "card", f"demo card of {user.user_id}",
+            UserStatus.ACTIVE))
