@@ -43,6 +43,9 @@ class TableSagas:
         for _key, raw in list(self.table.items()):
             yield saga_core.saga_from_dict(orjson.loads(raw))
 
+    def delete(self, transfer_id: str) -> None:
+        del self.table[transfer_id.encode()]  # a tombstone in the changelog
+
 
 class TableReplies:
     """The ``replies`` table: the reply sent to each request (``operatorId ␟ requestId``)."""
@@ -50,12 +53,26 @@ class TableReplies:
     def __init__(self, table: Any) -> None:
         self.table = table
 
+    # Stored as b"<partition>|<saved at>|<reply>" so that old replies can be purged from
+    # the partition they belong to.
+
     def get(self, key: str) -> bytes | None:
         raw = self.table.get(key.encode())
-        return None if raw is None else bytes(raw)
+        return None if raw is None else bytes(raw).split(b"|", 2)[2]
 
-    def put(self, key: str, reply: bytes) -> None:
-        self.table[key.encode()] = reply
+    def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None:
+        self.table[key.encode()] = b"%d|%.3f|%s" % (partition, at, reply)
+
+    def expired(self, partition: int, older_than: float) -> list[str]:
+        keys = []
+        for key, raw in list(self.table.items()):
+            part, at, _reply = bytes(raw).split(b"|", 2)
+            if int(part) == partition and float(at) < older_than:
+                keys.append(bytes(key).decode())
+        return keys
+
+    def delete(self, key: str) -> None:
+        del self.table[key.encode()]
 
 
 @dataclass

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     idempotency_retention_hours: float = Field(
         24, ge=24, description="How long finished sagas and replies are kept for duplicates."
     )
+    purge_interval_seconds: float = Field(
+        600.0, gt=0, description="How often each partition forgets the finished sagas and "
+        "replies older than BIZ_IDEMPOTENCY_RETENTION_HOURS.",
+    )
     account_command_timeout_seconds: float = Field(
         5.0, gt=0, description="Wait for an account event before re-sending the command."
     )

@@ -102,13 +102,21 @@ class SagaRepository(Protocol):
 
     def scan(self) -> Iterable[saga_core.Saga]: ...
 
+    def delete(self, transfer_id: str) -> None: ...
+
 
 class ReplyCache(Protocol):
     """Replies already sent, by ``operatorId ␟ requestId`` (the Faust table ``replies``)."""
 
     def get(self, key: str) -> bytes | None: ...
 
-    def put(self, key: str, reply: bytes) -> None: ...
+    def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None: ...
+
+    def expired(self, partition: int, older_than: float) -> list[str]:
+        """Keys of the replies saved from ``partition`` before ``older_than``."""
+        ...
+
+    def delete(self, key: str) -> None: ...
 
 
 def iso(ts: float) -> str:
@@ -165,6 +173,9 @@ class TransferService:
         self._pin_pepper = settings.pin_pepper.get_secret_value().encode()
         # Deadlines of the open sagas, per home partition: derived, rebuilt by scanning.
         self._deadlines: dict[int, dict[str, float]] = {}
+        self._next_purge: dict[int, float] = {}
+        #: The partition of the message being handled: where table writes land.
+        self._partition = 0
 
     # ----------------------------------------------------------------------------------
     # business.commands
@@ -173,6 +184,7 @@ class TransferService:
     async def handle_command(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
+        self._partition = partition
         try:
             return await self._handle_command(raw, key, partition, offset)
         except Exception:
@@ -478,6 +490,7 @@ class TransferService:
     async def handle_saga_input(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
+        self._partition = partition
         try:
             item = SagaInput.model_validate_json(raw or b"")
         except ValidationError as exc:
@@ -514,8 +527,14 @@ class TransferService:
             return []
         saga = self.sagas.get(parsed[0])
         if saga is None:
-            log.warning("funding event for an unknown top-up %s", parsed[0])
-            return []
+            if event.status != "captured":
+                return []
+            # Money was taken from a source for a top-up nobody knows (purged long ago):
+            # nothing may be lost, so operators get it.
+            return [self._dead_letter(
+                self.topics.funding_events, self._partition, -1, event.charge_id.encode(),
+                orjson.dumps(event.to_wire()),
+                "capture for an unknown top-up: give it back to the source by hand")]
         new, outputs = saga_core.on_funding_event(saga, event.charge_id, event.status,
                                                   self.clock(), self.policy)
         return await self._apply(new, outputs, changed=new is not saga)
@@ -531,7 +550,33 @@ class TransferService:
                 continue
             new, outputs = saga_core.on_tick(saga, now, self.policy)
             sends.extend(await self._apply(new, outputs, changed=new is not saga))
+        self._purge_if_due(partition, now)
         return sends
+
+    def _purge_if_due(self, partition: int, now: float) -> None:
+        """Forget what duplicates no longer need, once it is older than the retention window
+        (``BIZ_IDEMPOTENCY_RETENTION_HOURS``, at least 24 h): finished sagas and saved
+        replies of this partition. Sagas waiting for operators (MANUAL_REVIEW) stay. After
+        that a replayed confirm meets an expired transfer token, and money still cannot
+        move twice (the token's single use is recorded in PostgreSQL)."""
+        due = self._next_purge.setdefault(
+            partition, now + self.settings.purge_interval_seconds)
+        if now < due:
+            return
+        self._next_purge[partition] = now + self.settings.purge_interval_seconds
+        horizon = now - self.settings.idempotency_retention_hours * 3600
+        old = [saga.transfer.transfer_id for saga in self.sagas.scan()
+               if saga.transfer.home_partition == partition
+               and saga.state in (saga_core.State.COMPLETED, saga_core.State.FAILED)
+               and saga.updated_at < horizon]
+        for transfer_id in old:
+            self.sagas.delete(transfer_id)
+        replies = self.replies.expired(partition, horizon)
+        for key in replies:
+            self.replies.delete(key)
+        if old or replies:
+            log.info("partition %s: purged %d finished sagas and %d replies older than %s",
+                     partition, len(old), len(replies), iso(horizon))
 
     def _deadlines_of(self, partition: int) -> dict[str, float]:
         index = self._deadlines.get(partition)
@@ -633,7 +678,7 @@ class TransferService:
             reply["data"] = data
         value = orjson.dumps(reply)
         if cache_key is not None:
-            self.replies.put(cache_key, value)
+            self.replies.put(cache_key, value, at=self.clock(), partition=self._partition)
         return [Outbound(self.topics.replies, request_id.encode(), value)]
 
     def _reply_error(

@@ -183,18 +183,30 @@ class DictSagas:
         for raw in list(self.rows.values()):
             yield saga_core.saga_from_dict(orjson.loads(raw))
 
+    def delete(self, transfer_id: str) -> None:
+        del self.rows[transfer_id]
+
 
 class DictReplies:
     """``ReplyCache`` over a dict."""
 
     def __init__(self) -> None:
         self.rows: dict[str, bytes] = {}
+        self.saved: dict[str, tuple[int, float]] = {}  # key -> (partition, at)
 
     def get(self, key: str) -> bytes | None:
         return self.rows.get(key)
 
-    def put(self, key: str, reply: bytes) -> None:
+    def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None:
         self.rows[key] = reply
+        self.saved[key] = (partition, at)
+
+    def expired(self, partition: int, older_than: float) -> list[str]:
+        return [k for k, (p, at) in self.saved.items() if p == partition and at < older_than]
+
+    def delete(self, key: str) -> None:
+        del self.rows[key]
+        del self.saved[key]
 
 
 @dataclass(slots=True)
