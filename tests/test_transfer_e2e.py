@@ -295,3 +295,17 @@ def test_logs_never_hold_pins_otps_or_tokens(system: System) -> None:
     for _k, v in system.otps.messages:
         assert not appears(v["otp"])
 
+
+
+async def test_daily_limit_holds_for_simultaneous_confirms(system: System) -> None:
+    """Two transfers of one user confirmed at the same instant (two idempotency keys, so
+    two partitions, possibly two workers) cannot both slip under the daily limit."""
+    payer, payee = await _pair(system, daily_limit=10_000)
+    a = await system.init(payer, f"acc-{payee}", 6_000)
+    b = await system.init(payer, f"acc-{payee}", 6_000)
+    assert a["status"] == b["status"] == "ok"  # each fits alone: init only pre-checks
+    replies = await asyncio.gather(system.confirm(payer, a["data"]["transferToken"]),
+                                   system.confirm(payer, b["data"]["transferToken"]))
+    outcomes = sorted(r.get("code") or r["data"]["state"] for r in replies)
+    assert outcomes == ["COMPLETED", "LIMIT_EXCEEDED"], replies
+    assert await system.balances(f"acc-{payer}") == {f"acc-{payer}": 94_000}
