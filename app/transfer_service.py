@@ -333,19 +333,11 @@ class TransferService:
             raise Rejection(err.code, err.message) from None
         if claims.operator_id != env.operator_id:
             raise Rejection(ErrorCode.FORBIDDEN, "the transfer token belongs to another user")
-        transfer_id = transfer_id_for(env.operator_id, env.idempotency_key)
-        fingerprint = hashlib.sha256(
-            f"{claims.jti}\x1f{claims.from_account_id}\x1f{claims.to_account_id}"
-            f"\x1f{claims.amount_minor}\x1f{claims.currency}".encode()
-        ).hexdigest()[:32]
-        existing = self.sagas.get(transfer_id)
-        verdict = saga_core.classify(existing, fingerprint)
-        if verdict is saga_core.Duplicate.REUSED:
-            raise Rejection(ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                            "this idempotencyKey was used for another transfer")
-        if existing is not None:
-            saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now)
-            return await self._apply(saga, outputs, changed=False)
+        fingerprint = _fingerprint(claims.jti, claims.from_account_id, claims.to_account_id,
+                                   claims.amount_minor, claims.currency)
+        transfer_id, answered = await self._duplicate_of(env, fingerprint, now)
+        if answered is not None:
+            return answered
         _refuse_if(access_expired)
 
         leeway = self.settings.jwt_leeway_seconds
@@ -386,6 +378,23 @@ class TransferService:
         )
         return await self._apply(saga, outputs, phone=user.phone)
 
+    async def _duplicate_of(
+        self, env: CommandEnvelope, fingerprint: str, now: float
+    ) -> tuple[str, list[Outbound] | None]:
+        """The saga id of this scoped idempotency key, and the answer when a saga already
+        exists under it: the same payload gets that saga's answer, another payload
+        IDEMPOTENCY_KEY_REUSED. ``None`` when the key is new."""
+        assert env.idempotency_key is not None
+        saga_id = transfer_id_for(env.operator_id, env.idempotency_key)
+        existing = self.sagas.get(saga_id)
+        if saga_core.classify(existing, fingerprint) is saga_core.Duplicate.REUSED:
+            raise Rejection(ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                            "this idempotencyKey was used for another operation")
+        if existing is None:
+            return saga_id, None
+        saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now)
+        return saga_id, await self._apply(saga, outputs, changed=False)
+
     async def _top_up(
         self, env: CommandEnvelope, payload: TopUpPayload, partition: int,
         access_expired: bool,
@@ -394,19 +403,11 @@ class TransferService:
         same idempotency rules as a transfer, with the funding source as the payer."""
         assert env.idempotency_key is not None
         now = self.clock()
-        topup_id = transfer_id_for(env.operator_id, env.idempotency_key)
-        fingerprint = hashlib.sha256(
-            f"topUp\x1f{payload.funding_source_id}\x1f{payload.amount_minor}"
-            f"\x1f{payload.currency}".encode()
-        ).hexdigest()[:32]
-        existing = self.sagas.get(topup_id)
-        verdict = saga_core.classify(existing, fingerprint)
-        if verdict is saga_core.Duplicate.REUSED:
-            raise Rejection(ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                            "this idempotencyKey was used for another operation")
-        if existing is not None:
-            saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now)
-            return await self._apply(saga, outputs, changed=False)
+        fingerprint = _fingerprint("topUp", payload.funding_source_id, payload.amount_minor,
+                                   payload.currency)
+        topup_id, answered = await self._duplicate_of(env, fingerprint, now)
+        if answered is not None:
+            return answered
         _refuse_if(access_expired)
         user = await self._active_user(env.operator_id)
         source = await self.store.get_funding_source(payload.funding_source_id)
@@ -720,6 +721,11 @@ class TransferService:
                                    "internal error; retry with the same idempotencyKey", None,
                                    cache_key=None)
         return outputs
+
+
+def _fingerprint(*parts: object) -> str:
+    """What identifies a payload under an idempotency key."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
 def _refuse_if(access_expired: bool) -> None:

@@ -256,7 +256,6 @@ class SagaInput(WireModel):
     kind: Literal["accountEvent", "fundingEvent", "tick"]
     account_event: AccountEvent | None = None
     funding_event: FundingEvent | None = None
-    now: datetime | None = None
 
 
 WIRE_MODELS: tuple[type[WireModel], ...] = (
