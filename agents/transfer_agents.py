@@ -46,10 +46,15 @@ def register(worker: Worker) -> None:
     @app.agent(worker.channels[topics.account_events], name="relay_account_events",
                concurrency=1)
     async def relay_account_events(stream: Any) -> None:
-        """account.events (keyed by account) → business.saga-inputs, to the saga's partition."""
+        """account.events (keyed by account) → business.saga-inputs, to the saga's partition.
+
+        The account's query tables (balance, history) are updated first, in this record's
+        partition: the saga's final reply comes after the relay, so a query sent after it
+        finds them updated (read your writes, docs/architecture.md)."""
         async for event in stream.events():
             msg = event.message
             try:
+                worker.queries.accounts.apply_raw(msg.value)
                 await worker.send_all(
                     service.route_account_event(msg.value, msg.key, msg.partition, msg.offset)
                 )

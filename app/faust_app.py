@@ -84,6 +84,7 @@ class Worker:
     topics: Topics
     channels: dict[str, Any]
     service: TransferService
+    queries: Any = None  # agents.query_agents.QueryRuntime: query tables and projections
 
     async def send_all(self, outbounds: Iterator[Outbound] | list[Outbound]) -> None:
         for out in outbounds:
@@ -116,8 +117,15 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         stream_buffer_maxsize=1024,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,
-        web_bind="127.0.0.1",
-        # Faust's raw /table and /router endpoints stay off; our own views are explicit.
+        web_bind=settings.web_bind,
+        web_host=settings.web_host,  # canonical URL http://web_host:web_port, advertised
+        # Faust's raw /table and /router endpoints stay off (they would show any table's
+        # data and the cluster layout); our own views are explicit (app/web.py).
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         web_in_thread=False,
         table_cleanup_interval=60.0,
         logging_config=None,
@@ -148,7 +156,8 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     )
     worker = Worker(app, settings, topics, channels, service)
 
-    from agents import transfer_agents
+    from agents import query_agents, transfer_agents
 
+    query_agents.register(worker)  # query tables first: the relay writes them
     transfer_agents.register(worker)
     return worker

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     data_dir: str = Field(".local/worker-data", description="Directory of the RocksDB tables.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's web server.")
     web_enabled: bool = Field(False, description="Serve the worker's web endpoints.")
+    web_bind: str = Field("127.0.0.1", description="Interface the worker's web server "
+                          "listens on (0.0.0.0 for all).")
+    web_host: str = Field(
+        "127.0.0.1", description="Host name other workers use to reach this worker's web "
+        "server: with BIZ_WEB_PORT it makes the URL the worker advertises to its group "
+        "(requests for keys it owns are forwarded there).",
+    )
 
     # --- access tokens (issued by the user center) -----------------------------------
     access_token_algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"]] = (

@@ -29,12 +29,14 @@ from pydantic import ValidationError
 from app.domain import otp as otp_codes
 from app.domain import pin as pin_codes
 from app.domain import transfer_saga as saga_core
-from app.domain.ports import BusinessStore, PinOutcome, TokenClaim, UserStatus
+from app.domain.ports import BusinessStore, ConfirmOutcome, UserStatus
+from app.query_service import query_record
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TokenError, TransferTokens
 from schemas.wire import (
     NEEDS_IDEMPOTENCY_KEY,
     PAYLOAD_MODELS,
+    QUERY_COMMANDS,
     AccountEvent,
     CommandEnvelope,
     ErrorCode,
@@ -80,6 +82,7 @@ class Topics:
     saga_inputs: str
     funding_commands: str
     funding_events: str
+    queries: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -90,6 +93,7 @@ class Topics:
             otp=t("notifications.otp"), transfer_events=t("business.transfer-events"),
             dlq=t("business.dlq"), saga_inputs=t("business.saga-inputs"),
             funding_commands=t("funding.commands"), funding_events=t("funding.events"),
+            queries=t("business.queries"),
         )
 
 
@@ -215,7 +219,8 @@ class TransferService:
                                       f"invalid envelope: {_validation_message(exc)}")]
 
         cache_key = f"{envelope.operator_id}\x1f{envelope.request_id}"
-        cached = self.replies.get(cache_key)
+        saved = envelope.type not in QUERY_COMMANDS  # a query is answered afresh every time
+        cached = self.replies.get(cache_key) if saved else None
         if cached is not None:
             return await self._answered_before(envelope, cached)
         try:
@@ -223,7 +228,7 @@ class TransferService:
         except Rejection as rej:
             return self._reply_error(
                 envelope.request_id, envelope.idempotency_key, envelope.type.value,
-                rej.code, rej.message, data=rej.data, cache_key=cache_key,
+                rej.code, rej.message, data=rej.data, cache_key=cache_key if saved else None,
             )
 
     async def _answered_before(self, env: CommandEnvelope, cached: bytes) -> list[Outbound]:
@@ -269,6 +274,11 @@ class TransferService:
         # An expired (but genuine) token may still get the answer to a decision already
         # taken (a redelivery, a replay); it can never take a new one.
         expired = identity.expires_at.timestamp() + self.settings.jwt_leeway_seconds <= now
+        if env.type in QUERY_COMMANDS:
+            _refuse_if(expired)
+            user = await self._active_user(env.operator_id)
+            key_, value = query_record(env, payload, user.account_id, user.currency)
+            return [Outbound(self.topics.queries, key_, value)]  # answered by answer_queries
         if isinstance(payload, TransferInitPayload):
             _refuse_if(expired)
             return await self._transfer_init(env, payload, cache_key)
@@ -343,27 +353,20 @@ class TransferService:
         leeway = self.settings.jwt_leeway_seconds
         if now > claims.expires_at.timestamp() + leeway:
             raise Rejection(ErrorCode.TOKEN_EXPIRED, "the transfer token has expired")
-        user = await self._active_user(env.operator_id)
-        if user.account_id != claims.from_account_id:
-            raise Rejection(ErrorCode.FORBIDDEN, "the transfer token is for another account")
-        check = await self.store.check_pin(
-            user.user_id, env.request_id,
-            lambda verifier: pin_codes.pin_matches(self._pin_pepper, user.user_id,
-                                                   payload.pin, verifier),
-            self.settings.pin_max_attempts,
+        checks = await self.store.confirm_checks(
+            user_id=env.operator_id, from_account_id=claims.from_account_id,
+            request_id=env.request_id,
+            matches=lambda verifier: pin_codes.pin_matches(
+                self._pin_pepper, env.operator_id, payload.pin, verifier),
+            max_attempts=self.settings.pin_max_attempts, jti=claims.jti,
+            transfer_id=transfer_id, day=_day(now), amount_minor=claims.amount_minor,
         )
-        if check.outcome is PinOutcome.LOCKED:
-            raise Rejection(ErrorCode.PIN_LOCKED, "too many wrong PINs: the PIN is locked")
-        if check.outcome is PinOutcome.INVALID:
-            raise Rejection(ErrorCode.INVALID_PIN, "the PIN is wrong",
-                            {"attemptsLeft": check.attempts_left})
-        if await self.store.claim_transfer_token(claims.jti, transfer_id) is not TokenClaim.CLAIMED:
-            raise Rejection(ErrorCode.TOKEN_ALREADY_USED,
-                            "this transfer token already funds another transfer")
-        if not await self.store.reserve_daily_limit(
-            user.user_id, transfer_id, _day(now), claims.amount_minor, user.daily_limit_minor
-        ):
-            raise Rejection(ErrorCode.LIMIT_EXCEEDED, "the amount exceeds today's limit")
+        if checks.outcome is not ConfirmOutcome.OK:
+            code, message = CONFIRM_REFUSALS[checks.outcome]
+            raise Rejection(code, message, {"attemptsLeft": checks.attempts_left}
+                            if checks.outcome is ConfirmOutcome.INVALID_PIN else None)
+        user = checks.user
+        assert user is not None
         transfer = saga_core.Transfer(
             transfer_id=transfer_id, operator_id=env.operator_id,
             idempotency_key=env.idempotency_key, fingerprint=fingerprint,
@@ -721,6 +724,18 @@ class TransferService:
                                    "internal error; retry with the same idempotencyKey", None,
                                    cache_key=None)
         return outputs
+
+
+CONFIRM_REFUSALS = {
+    ConfirmOutcome.FORBIDDEN: (ErrorCode.FORBIDDEN, "the user is unknown or blocked, or the "
+                               "transfer token is for another account"),
+    ConfirmOutcome.PIN_LOCKED: (ErrorCode.PIN_LOCKED, "too many wrong PINs: the PIN is locked"),
+    ConfirmOutcome.INVALID_PIN: (ErrorCode.INVALID_PIN, "the PIN is wrong"),
+    ConfirmOutcome.TOKEN_USED: (ErrorCode.TOKEN_ALREADY_USED,
+                                "this transfer token already funds another transfer"),
+    ConfirmOutcome.LIMIT_EXCEEDED: (ErrorCode.LIMIT_EXCEEDED,
+                                    "the amount exceeds today's limit"),
+}
 
 
 def _fingerprint(*parts: object) -> str:

@@ -32,10 +32,11 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("business.commands", "idempotencyKey, else requestId", copartitioned=True),
     TopicSpec("business.saga-inputs", "transferId (explicit partition)", copartitioned=True),
     TopicSpec("business.replies", "requestId"),
-    TopicSpec("business.transfer-events", "transferId"),
+    TopicSpec("business.transfer-events", "transferId", copartitioned=True),  # transfers table
     TopicSpec("business.dlq", "the original key"),
     TopicSpec("account.commands", "accountId"),
-    TopicSpec("account.events", "accountId"),
+    TopicSpec("account.events", "accountId", copartitioned=True),  # balances, history tables
+    TopicSpec("business.queries", "accountId, or transferId (details)", copartitioned=True),
     TopicSpec("notifications.otp", "userId"),
     TopicSpec("funding.commands", "chargeId"),
     TopicSpec("funding.events", "chargeId"),

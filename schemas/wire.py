@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
@@ -85,11 +85,37 @@ class TopUpPayload(WireModel):
     currency: Currency
 
 
+class QueryBalancePayload(WireModel):
+    """The caller's own balance: no parameters."""
+
+
+class QueryTransactionDetailsPayload(WireModel):
+    transfer_id: Identifier
+
+
+class QueryTransactionHistoryPayload(WireModel):
+    """A page of the caller's account history, newest first."""
+
+    cursor: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,16}$")] | None = Field(
+        None, description="`nextCursor` of the previous page; absent for the first page.",
+    )
+    limit: int = Field(20, strict=True, ge=1, le=100, description="Entries per page.")
+    from_: AwareDatetime | None = Field(
+        None, alias="from", description="Only entries that occurred at or after this time.",
+    )
+    to: AwareDatetime | None = Field(
+        None, description="Only entries that occurred before this time.",
+    )
+
+
 class CommandType(StrEnum):
     TRANSFER_INIT = "transferInit"
     TRANSFER_CONFIRM = "transferConfirm"
     VERIFY_OTP = "verifyOtp"
     TOP_UP = "topUp"
+    QUERY_BALANCE = "queryBalance"
+    QUERY_TRANSACTION_DETAILS = "queryTransactionDetails"
+    QUERY_TRANSACTION_HISTORY = "queryTransactionHistory"
 
 
 class CommandEnvelope(WireModel):
@@ -111,10 +137,17 @@ PAYLOAD_MODELS: dict[CommandType, type[WireModel]] = {
     CommandType.TRANSFER_CONFIRM: TransferConfirmPayload,
     CommandType.VERIFY_OTP: VerifyOtpPayload,
     CommandType.TOP_UP: TopUpPayload,
+    CommandType.QUERY_BALANCE: QueryBalancePayload,
+    CommandType.QUERY_TRANSACTION_DETAILS: QueryTransactionDetailsPayload,
+    CommandType.QUERY_TRANSACTION_HISTORY: QueryTransactionHistoryPayload,
 }
 #: Commands whose envelope must carry an idempotencyKey.
 NEEDS_IDEMPOTENCY_KEY = frozenset({CommandType.TRANSFER_CONFIRM, CommandType.VERIFY_OTP,
                                    CommandType.TOP_UP})
+#: Commands answered from the worker's tables (business.queries); their replies are never
+#: saved, every request is answered afresh.
+QUERY_COMMANDS = frozenset({CommandType.QUERY_BALANCE, CommandType.QUERY_TRANSACTION_DETAILS,
+                            CommandType.QUERY_TRANSACTION_HISTORY})
 
 
 # --------------------------------------------------------------------------------------
@@ -258,12 +291,32 @@ class SagaInput(WireModel):
     funding_event: FundingEvent | None = None
 
 
+# --------------------------------------------------------------------------------------
+# business.queries (internal; key = accountId, or transferId for details)
+# --------------------------------------------------------------------------------------
+
+
+class QueryRequest(WireModel):
+    """Internal: an authenticated query, forwarded to the partition whose tables answer it."""
+
+    request_id: Identifier
+    idempotency_key: Identifier | None = Field(None, description="Echoed in the reply.")
+    operator_id: Identifier
+    account_id: Identifier = Field(description="The caller's own account (directory).")
+    currency: Currency = Field(description="The currency of the caller's account.")
+    type: Literal["queryBalance", "queryTransactionDetails", "queryTransactionHistory"]
+    params: dict[str, Any] = Field(description="The validated payload, as on the wire.")
+
+
 WIRE_MODELS: tuple[type[WireModel], ...] = (
     CommandEnvelope,
     TransferInitPayload,
     TransferConfirmPayload,
     VerifyOtpPayload,
     TopUpPayload,
+    QueryBalancePayload,
+    QueryTransactionDetailsPayload,
+    QueryTransactionHistoryPayload,
     Reply,
     AccountCommand,
     AccountEvent,
@@ -273,4 +326,5 @@ WIRE_MODELS: tuple[type[WireModel], ...] = (
     TransferEvent,
     DeadLetter,
     SagaInput,
+    QueryRequest,
 )

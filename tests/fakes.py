@@ -31,6 +31,8 @@ import orjson
 from app.domain import transfer_saga as saga_core
 from app.domain.pin import pin_verifier
 from app.domain.ports import (
+    ConfirmChecks,
+    ConfirmOutcome,
     FundingSource,
     PinCheck,
     PinOutcome,
@@ -76,6 +78,29 @@ class InMemoryBusinessStore:
         self.funding_sources: dict[str, FundingSource] = {}
         for user in users:
             self.put_user(user)
+
+    async def confirm_checks(
+        self, *, user_id: str, from_account_id: str, request_id: str,
+        matches: Callable[[str], bool], max_attempts: int, jti: str, transfer_id: str,
+        day: date, amount_minor: int,
+    ) -> ConfirmChecks:
+        """The single methods in the PostgreSQL store's order (one transaction there)."""
+        user = await self.get_user(user_id)
+        if user is None or user.status is not UserStatus.ACTIVE:
+            return ConfirmChecks(ConfirmOutcome.FORBIDDEN)
+        if user.account_id != from_account_id:
+            return ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
+        pin = await self.check_pin(user_id, request_id, matches, max_attempts)
+        if pin.outcome is PinOutcome.LOCKED:
+            return ConfirmChecks(ConfirmOutcome.PIN_LOCKED, user)
+        if pin.outcome is PinOutcome.INVALID:
+            return ConfirmChecks(ConfirmOutcome.INVALID_PIN, user, pin.attempts_left)
+        if await self.claim_transfer_token(jti, transfer_id) is not TokenClaim.CLAIMED:
+            return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
+        if not await self.reserve_daily_limit(user_id, transfer_id, day, amount_minor,
+                                              user.daily_limit_minor):
+            return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
+        return ConfirmChecks(ConfirmOutcome.OK, user)
 
     async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
         self.calls.append("get_funding_source")

@@ -116,13 +116,23 @@ class System:
         self.start_process("funding-provider")
         self.start_process("worker")
 
-    def start_process(self, name: str) -> None:
+    def start_process(self, name: str, *, command: str | None = None,
+                      env: dict[str, str] | None = None) -> None:
+        """Run ``bizcenter <command or name>`` as the process ``name``, with the settings'
+        environment plus ``env``."""
         assert name not in self.processes or self.processes[name].poll() is not None
         log = open(self.logdir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", name], env=self.env(), cwd=self.logdir,
-            stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "app.cli", command or name], env={**self.env(), **(env or {})},
+            cwd=self.logdir, stdout=log, stderr=subprocess.STDOUT,
         )
+
+    def start_worker(self, name: str, *, web_port: int) -> None:
+        """Another worker process in the same group, with its own web port and data dir."""
+        self.start_process(name, command="worker", env={
+            "BIZ_WEB_PORT": str(web_port),
+            "BIZ_DATA_DIR": str(self.logdir / f"{name}-data"),
+        })
 
     async def stop_process(self, name: str, *, kill: bool = False, timeout: float = 60) -> None:
         proc = self.processes.get(name)
@@ -163,6 +173,29 @@ class System:
                 await admin.delete_topics(mine)
         finally:
             await admin.close()
+
+    async def produce(self, topic: str, key: bytes, value: dict[str, Any]) -> None:
+        """Publish a record as another component would (e.g. account events)."""
+        assert self.client is not None and self.client._producer is not None
+        await self.client._producer.send_and_wait(self.settings.topic(topic),
+                                                  json.dumps(value).encode(), key=key)
+
+    async def http_get(self, port: int, path: str, token: str | None = None
+                       ) -> tuple[int, Any, dict[str, str]]:
+        """GET a worker's web server: (status, JSON body, headers)."""
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{port}{path}", headers=headers,
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as response:
+            text = await response.text()
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = text
+            return response.status, body, dict(response.headers)
 
     def log_tail(self, name: str, lines: int = 60) -> str:
         path = self.logdir / f"{name}.log"
@@ -282,6 +315,15 @@ class System:
         finally:
             await consumer.stop()
             await admin.close()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a worker's web server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def kafka_tool(*args: str) -> subprocess.CompletedProcess[str]:

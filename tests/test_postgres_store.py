@@ -15,7 +15,15 @@ from app.adapters.db import make_engine
 from app.adapters.demo_seed import DEMO_USERS, seed_directory
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_matches, pin_verifier
-from app.domain.ports import PinCheck, PinOutcome, TokenClaim, UserRecord, UserStatus
+from app.domain.ports import (
+    ConfirmChecks,
+    ConfirmOutcome,
+    PinCheck,
+    PinOutcome,
+    TokenClaim,
+    UserRecord,
+    UserStatus,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +251,42 @@ async def test_concurrent_releases_give_back_once(store: PostgresBusinessStore) 
 async def test_reserve_rejects_non_positive_amount(store: PostgresBusinessStore) -> None:
     with pytest.raises(ValueError, match="positive"):
         await store.reserve_daily_limit("u", "t", DAY, 0, 1_000_000)
+
+
+# --- the confirm's checks in one transaction ------------------------------------------
+
+
+async def _confirm(store: PostgresBusinessStore, user: UserRecord, *, pin: str = "123456",
+                   jti: str | None = None, transfer_id: str | None = None,
+                   amount: int = 1_000, request_id: str | None = None,
+                   account: str | None = None) -> ConfirmChecks:
+    return await store.confirm_checks(
+        user_id=user.user_id, from_account_id=account or user.account_id,
+        request_id=request_id or _uid("r"), matches=_pin(user, pin), max_attempts=5,
+        jti=jti or _uid("j"), transfer_id=transfer_id or _uid("t"), day=date(2026, 1, 2),
+        amount_minor=amount)
+
+
+async def test_confirm_checks_in_order(store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    assert (await _confirm(store, user, account="acc-other")).outcome is ConfirmOutcome.FORBIDDEN
+    wrong = await _confirm(store, user, pin="000000")
+    assert (wrong.outcome, wrong.attempts_left) == (ConfirmOutcome.INVALID_PIN, 4)
+    ok = await _confirm(store, user, jti="j-1", transfer_id="t-1")
+    assert ok.outcome is ConfirmOutcome.OK and ok.user == user
+    assert (await _confirm(store, user, jti="j-1", transfer_id="t-1")).outcome \
+        is ConfirmOutcome.OK  # the same transfer again: idempotent
+    assert (await _confirm(store, user, jti="j-1")).outcome is ConfirmOutcome.TOKEN_USED
+    big = await _confirm(store, user, amount=user.daily_limit_minor)
+    assert big.outcome is ConfirmOutcome.LIMIT_EXCEEDED
+    assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 1_000
+
+
+async def test_concurrent_confirms_of_one_user_respect_the_limit(
+        store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)  # daily limit 1,000,000
+    results = await asyncio.gather(*(_confirm(store, user, amount=300_000)
+                                     for _ in range(10)))
+    assert sum(r.outcome is ConfirmOutcome.OK for r in results) == 3
+    assert {r.outcome for r in results} == {ConfirmOutcome.OK, ConfirmOutcome.LIMIT_EXCEEDED}
+    assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 900_000

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import date
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.adapters.db import ensure_schema, make_engine
 from app.domain.ports import (
+    ConfirmChecks,
+    ConfirmOutcome,
     FundingSource,
     PinCheck,
     PinOutcome,
@@ -24,6 +26,19 @@ from app.domain.ports import (
     UserRecord,
     UserStatus,
 )
+
+
+def _user_of(row: Any) -> UserRecord:
+    return UserRecord(
+        user_id=row.user_id,
+        account_id=row.account_id,
+        currency=row.currency,
+        phone=row.phone,
+        pin_verifier=row.pin_verifier,
+        otp_threshold_minor=row.otp_threshold_minor,
+        daily_limit_minor=row.daily_limit_minor,
+        status=UserStatus(row.status),
+    )
 
 
 class DbSettings(Protocol):
@@ -117,18 +132,7 @@ class PostgresBusinessStore:
                     {"u": user_id},
                 )
             ).one_or_none()
-        if row is None:
-            return None
-        return UserRecord(
-            user_id=row.user_id,
-            account_id=row.account_id,
-            currency=row.currency,
-            phone=row.phone,
-            pin_verifier=row.pin_verifier,
-            otp_threshold_minor=row.otp_threshold_minor,
-            daily_limit_minor=row.daily_limit_minor,
-            status=UserStatus(row.status),
-        )
+        return None if row is None else _user_of(row)
 
     async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
         async with self._engine.connect() as conn:
@@ -217,25 +221,33 @@ class PostgresBusinessStore:
             ).one_or_none()
             if row is None:
                 return PinCheck(PinOutcome.INVALID, 0)
-            failed: int = row.pin_failed_attempts
-            if failed >= max_attempts:
-                return PinCheck(PinOutcome.LOCKED, 0)
-            if matches(row.pin_verifier):
-                if failed:
-                    await conn.execute(
-                        text("UPDATE users SET pin_failed_attempts = 0 WHERE user_id = :u"),
-                        {"u": user_id},
-                    )
-                return PinCheck(PinOutcome.OK, max_attempts)
-            if row.pin_last_failed_request != request_id:
-                failed += 1
+            return await self._check_pin(conn, row, user_id, request_id, matches,
+                                         max_attempts)
+
+    async def _check_pin(
+        self, conn: AsyncConnection, row: Any, user_id: str, request_id: str,
+        matches: Callable[[str], bool], max_attempts: int,
+    ) -> PinCheck:
+        """On the user's locked ``row``: the PIN decision and its counter update."""
+        failed: int = row.pin_failed_attempts
+        if failed >= max_attempts:
+            return PinCheck(PinOutcome.LOCKED, 0)
+        if matches(row.pin_verifier):
+            if failed:
                 await conn.execute(
-                    text(
-                        "UPDATE users SET pin_failed_attempts = :f,"
-                        " pin_last_failed_request = :r WHERE user_id = :u"
-                    ),
-                    {"f": failed, "r": request_id, "u": user_id},
+                    text("UPDATE users SET pin_failed_attempts = 0 WHERE user_id = :u"),
+                    {"u": user_id},
                 )
+            return PinCheck(PinOutcome.OK, max_attempts)
+        if row.pin_last_failed_request != request_id:
+            failed += 1
+            await conn.execute(
+                text(
+                    "UPDATE users SET pin_failed_attempts = :f,"
+                    " pin_last_failed_request = :r WHERE user_id = :u"
+                ),
+                {"f": failed, "r": request_id, "u": user_id},
+            )
         if failed >= max_attempts:
             return PinCheck(PinOutcome.LOCKED, 0)
         return PinCheck(PinOutcome.INVALID, max_attempts - failed)
@@ -243,17 +255,20 @@ class PostgresBusinessStore:
     # --- transfer tokens ---------------------------------------------------------------
 
     async def claim_transfer_token(self, jti: str, transfer_id: str) -> TokenClaim:
+        async with self._engine.begin() as conn:
+            return await self._claim(conn, jti, transfer_id)
+
+    async def _claim(self, conn: AsyncConnection, jti: str, transfer_id: str) -> TokenClaim:
         # DO UPDATE (not DO NOTHING) so that RETURNING yields the row in every case: a
         # concurrent inserter is waited for and its committed transfer_id is returned.
-        async with self._engine.begin() as conn:
-            owner = await conn.scalar(
-                text(
-                    "INSERT INTO transfer_token_uses (jti, transfer_id) VALUES (:j, :t)"
-                    " ON CONFLICT (jti) DO UPDATE SET jti = EXCLUDED.jti"
-                    " RETURNING transfer_id"
-                ),
-                {"j": jti, "t": transfer_id},
-            )
+        owner = await conn.scalar(
+            text(
+                "INSERT INTO transfer_token_uses (jti, transfer_id) VALUES (:j, :t)"
+                " ON CONFLICT (jti) DO UPDATE SET jti = EXCLUDED.jti"
+                " RETURNING transfer_id"
+            ),
+            {"j": jti, "t": transfer_id},
+        )
         return TokenClaim.CLAIMED if owner == transfer_id else TokenClaim.USED_ELSEWHERE
 
     # --- daily limits ------------------------------------------------------------------
@@ -261,49 +276,94 @@ class PostgresBusinessStore:
     async def reserve_daily_limit(
         self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int
     ) -> bool:
+        async with self._engine.begin() as conn:
+            return await self._reserve(conn, user_id, transfer_id, day, amount_minor,
+                                       limit_minor)
+
+    async def _reserve(
+        self, conn: AsyncConnection, user_id: str, transfer_id: str, day: date,
+        amount_minor: int, limit_minor: int,
+    ) -> bool:
         if amount_minor <= 0:
             raise ValueError(f"amount_minor must be positive, got {amount_minor}")
         key = {"u": user_id, "d": day}
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "INSERT INTO daily_usage (user_id, day) VALUES (:u, :d)"
-                    " ON CONFLICT (user_id, day) DO NOTHING"
-                ),
-                key,
-            )
-            # The usage row lock serialises this user's reservations for the day; the
-            # statements below see everything committed before the lock was granted.
-            reserved: int = await conn.scalar(
-                text(
-                    "SELECT reserved_minor FROM daily_usage"
-                    " WHERE user_id = :u AND day = :d FOR UPDATE"
-                ),
-                key,
-            )
-            already = await conn.scalar(
-                text("SELECT 1 FROM limit_reservations WHERE transfer_id = :t"),
-                {"t": transfer_id},
-            )
-            if already is not None:
-                return True
-            if reserved + amount_minor > limit_minor:
-                return False
-            await conn.execute(
-                text(
-                    "INSERT INTO limit_reservations (transfer_id, user_id, day, amount_minor)"
-                    " VALUES (:t, :u, :d, :a)"
-                ),
-                {**key, "t": transfer_id, "a": amount_minor},
-            )
-            await conn.execute(
-                text(
-                    "UPDATE daily_usage SET reserved_minor = reserved_minor + :a"
-                    " WHERE user_id = :u AND day = :d"
-                ),
-                {**key, "a": amount_minor},
-            )
+        await conn.execute(
+            text(
+                "INSERT INTO daily_usage (user_id, day) VALUES (:u, :d)"
+                " ON CONFLICT (user_id, day) DO NOTHING"
+            ),
+            key,
+        )
+        # The usage row lock serialises this user's reservations for the day; the
+        # statements below see everything committed before the lock was granted.
+        reserved: int = await conn.scalar(
+            text(
+                "SELECT reserved_minor FROM daily_usage"
+                " WHERE user_id = :u AND day = :d FOR UPDATE"
+            ),
+            key,
+        )
+        already = await conn.scalar(
+            text("SELECT 1 FROM limit_reservations WHERE transfer_id = :t"),
+            {"t": transfer_id},
+        )
+        if already is not None:
+            return True
+        if reserved + amount_minor > limit_minor:
+            return False
+        await conn.execute(
+            text(
+                "INSERT INTO limit_reservations (transfer_id, user_id, day, amount_minor)"
+                " VALUES (:t, :u, :d, :a)"
+            ),
+            {**key, "t": transfer_id, "a": amount_minor},
+        )
+        await conn.execute(
+            text(
+                "UPDATE daily_usage SET reserved_minor = reserved_minor + :a"
+                " WHERE user_id = :u AND day = :d"
+            ),
+            {**key, "a": amount_minor},
+        )
         return True
+
+    async def confirm_checks(
+        self,
+        *,
+        user_id: str,
+        from_account_id: str,
+        request_id: str,
+        matches: Callable[[str], bool],
+        max_attempts: int,
+        jti: str,
+        transfer_id: str,
+        day: date,
+        amount_minor: int,
+    ) -> ConfirmChecks:
+        # One checkout, one transaction. Lock order: the user row, then the token row, then
+        # the day's usage row (the single methods take them in the same order).
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(
+                text(f"SELECT {_USER_COLUMNS}, pin_failed_attempts, pin_last_failed_request"  # noqa: S608
+                     " FROM users WHERE user_id = :u FOR UPDATE"),
+                {"u": user_id},
+            )).one_or_none()
+            if row is None or row.status != UserStatus.ACTIVE.value:
+                return ConfirmChecks(ConfirmOutcome.FORBIDDEN)
+            user = _user_of(row)
+            if user.account_id != from_account_id:
+                return ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
+            pin = await self._check_pin(conn, row, user_id, request_id, matches, max_attempts)
+            if pin.outcome is PinOutcome.LOCKED:
+                return ConfirmChecks(ConfirmOutcome.PIN_LOCKED, user)
+            if pin.outcome is PinOutcome.INVALID:
+                return ConfirmChecks(ConfirmOutcome.INVALID_PIN, user, pin.attempts_left)
+            if await self._claim(conn, jti, transfer_id) is not TokenClaim.CLAIMED:
+                return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
+            if not await self._reserve(conn, user_id, transfer_id, day, amount_minor,
+                                       user.daily_limit_minor):
+                return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
+            return ConfirmChecks(ConfirmOutcome.OK, user)
 
     async def release_daily_limit(self, transfer_id: str) -> None:
         async with self._engine.begin() as conn:

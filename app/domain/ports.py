@@ -55,6 +55,22 @@ class PinCheck:
     attempts_left: int
 
 
+class ConfirmOutcome(StrEnum):
+    OK = "ok"
+    FORBIDDEN = "forbidden"  # unknown or blocked user, or the token's payer account is not theirs
+    INVALID_PIN = "invalid_pin"
+    PIN_LOCKED = "pin_locked"
+    TOKEN_USED = "token_used"  # the transfer token already funds another transfer  # noqa: S105
+    LIMIT_EXCEEDED = "limit_exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmChecks:
+    outcome: ConfirmOutcome
+    user: UserRecord | None = None
+    attempts_left: int = 0
+
+
 class TokenClaim(StrEnum):
     CLAIMED = "claimed"  # first use, or the same transfer asking again
     USED_ELSEWHERE = "used_elsewhere"  # already funds another transfer
@@ -94,6 +110,26 @@ class BusinessStore(Protocol):
 
         Atomic under concurrency (two reservations of one user never both slip under the
         limit) and idempotent (the same transfer reserving again returns True, once)."""
+        ...
+
+    async def confirm_checks(
+        self,
+        *,
+        user_id: str,
+        from_account_id: str,
+        request_id: str,
+        matches: Callable[[str], bool],
+        max_attempts: int,
+        jti: str,
+        transfer_id: str,
+        day: date,
+        amount_minor: int,
+    ) -> ConfirmChecks:
+        """Every check of a new transfer's confirm, in this order and with the semantics of
+        the single methods above: the user (active, owner of ``from_account_id``), the PIN
+        (``check_pin``), the token's single use (``claim_transfer_token``), the daily limit
+        (``reserve_daily_limit``). The PostgreSQL store runs them in one transaction on the
+        locked user row; each part stays idempotent on its own key."""
         ...
 
     async def release_daily_limit(self, transfer_id: str) -> None:

@@ -1,0 +1,406 @@
+"""Queries served from tables: a user's balance, one transfer's details, the history page.
+
+Three parts, none of which knows Faust (the tables are anything with ``get``/``put``; the
+unit tests use dicts):
+
+* the **projections** keep the tables current. :class:`AccountProjection` applies
+  ``account.events`` to ``balances`` (per account: balance, as-of, last history seq),
+  ``history`` (one entry per applied event, key ``accountId ␟ seq``) and
+  ``account_events_seen`` (``accountId ␟ commandId`` → seq, the deduplication).
+  :class:`TransferProjection` applies ``business.transfer-events`` to ``transfers``.
+* :class:`QueryService` answers a :class:`~schemas.wire.QueryRequest` from the tables:
+  an :class:`Answer` that the Kafka agent turns into a reply and the HTTP views into a
+  response.
+* :func:`query_record`: what ``TransferService`` forwards to ``business.queries`` once the
+  caller is authenticated and known.
+
+A history page reads ``limit`` entries by key, newest first, from a cursor (a seq):
+its cost is the page, never the length of the history. ``from``/``to`` bound the seq range
+by a binary search on ``occurredAt`` (O(log n) point reads): an account's entries are in
+the order the account center applied them, and its timestamps follow that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from app.domain import transfer_saga as saga_core
+from schemas.wire import (
+    AccountEvent,
+    AccountEventType,
+    CommandEnvelope,
+    CommandType,
+    ErrorCode,
+    QueryRequest,
+    QueryTransactionDetailsPayload,
+    QueryTransactionHistoryPayload,
+    TransferEvent,
+    WireModel,
+)
+
+log = logging.getLogger(__name__)
+
+SEP = "\x1f"
+#: Transfer states after which a transfer's details stop changing (a top-up that failed
+#: may still be REVERSED; that is a later change, not one the caller can have been told of).
+FINAL_STATES = frozenset(s.value for s in saga_core.FINAL_STATES)
+#: One message for a transfer that does not exist and one the caller may not see: the reply
+#: must not tell them apart.
+NOT_YOURS = "no such transfer among yours"
+
+_KINDS = {
+    AccountEventType.DEBITED: ("debit", -1),
+    AccountEventType.CREDITED: ("credit", 1),
+    AccountEventType.REFUNDED: ("refund", 1),
+}
+
+
+class KeyValue(Protocol):
+    """A table: a Faust table in the worker, a dict wrapper in unit tests."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+
+class DictKeyValue:
+    """:class:`KeyValue` over a dict (unit tests, and the reads counter they check)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, bytes] = {}
+        self.reads = 0
+
+    def get(self, key: str) -> bytes | None:
+        self.reads += 1
+        return self.rows.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        self.rows[key] = value
+
+
+def history_key(account_id: str, seq: int) -> str:
+    return f"{account_id}{SEP}{seq:016d}"
+
+
+def iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def micros(at: datetime) -> int:
+    delta = at.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def transfer_id_of(command_id: str) -> str:
+    """The transfer (or top-up) an account command belongs to; a foreign command's own id."""
+    parsed = saga_core.parse_command_id(command_id)
+    return parsed[0] if parsed is not None else command_id
+
+
+# --------------------------------------------------------------------------------------
+# projections
+# --------------------------------------------------------------------------------------
+
+
+class AccountProjection:
+    """``account.events`` → ``balances``, ``history``, ``account_events_seen``.
+
+    Called by the relay agent for every account event *before* it is relayed to its saga,
+    in the event's partition (the account's): see docs/architecture.md, read your writes.
+
+    Order of the writes, so that an event whose processing was cut short by a crash is
+    completed, not duplicated, when it is delivered again: the seen mark (with the seq it
+    takes), then the history entry, then the balance (which also holds the last seq).
+    """
+
+    def __init__(self, balances: KeyValue, history: KeyValue, seen: KeyValue) -> None:
+        self.balances = balances
+        self.history = history
+        self.seen = seen
+
+    def apply_raw(self, raw: bytes | None) -> bool:
+        """Apply one record of ``account.events``; an invalid one is left to the relay
+        (which dead-letters it). True when the tables changed."""
+        try:
+            event = AccountEvent.model_validate_json(raw or b"")
+        except ValidationError:
+            return False
+        return self.apply(event)
+
+    def apply(self, event: AccountEvent) -> bool:
+        kind = _KINDS.get(event.type)
+        if kind is None or event.balance_after_minor is None:
+            return False  # rejected: the balance did not change
+        account = event.account_id
+        state = _load(self.balances.get(account))
+        head = int(state["seq"]) if state else 0
+        seen_key = f"{account}{SEP}{event.command_id}"
+        seen = self.seen.get(seen_key)
+        if seen is None:
+            if state is not None and state.get("commandId") == event.command_id:
+                # The last event applied, again, whose seen mark was lost in a crash.
+                self.seen.put(seen_key, str(head).encode())
+                return False
+            seq = head + 1
+            self.seen.put(seen_key, str(seq).encode())
+        else:
+            seq = int(seen)
+            if seq <= head and self.history.get(history_key(account, seq)) is not None:
+                return False  # a redelivered or re-emitted event: already applied
+        name, sign = kind
+        self.history.put(history_key(account, seq), orjson.dumps({
+            "transferId": transfer_id_of(event.command_id),
+            "kind": name,
+            "amountMinor": sign * event.amount_minor,
+            "balanceAfterMinor": event.balance_after_minor,
+            "occurredAt": iso(event.occurred_at),
+            "atUs": micros(event.occurred_at),
+            "commandId": event.command_id,
+        }))
+        if seq > head:
+            self.balances.put(account, orjson.dumps({
+                "balanceMinor": event.balance_after_minor,
+                "asOf": iso(event.occurred_at),
+                "commandId": event.command_id,
+                "seq": seq,
+            }))
+        return True
+
+
+class TransferProjection:
+    """``business.transfer-events`` → ``transfers`` (one record per transfer or top-up)."""
+
+    def __init__(self, transfers: KeyValue) -> None:
+        self.transfers = transfers
+
+    def apply_raw(self, raw: bytes | None) -> bool:
+        try:
+            event = TransferEvent.model_validate_json(raw or b"")
+        except ValidationError:
+            log.warning("invalid record on business.transfer-events ignored")
+            return False
+        return self.apply(event)
+
+    def apply(self, event: TransferEvent) -> bool:
+        stored = _load(self.transfers.get(event.transfer_id))
+        if stored is not None and event.seq <= int(stored["seq"]):
+            return False  # a redelivery or replay of a change already applied
+        at = iso(event.occurred_at)
+        record: dict[str, Any] = {
+            "transferId": event.transfer_id,
+            "fromAccountId": event.from_account_id,
+            "toAccountId": event.to_account_id,
+            "amountMinor": event.amount_minor,
+            "currency": event.currency,
+            "state": event.state,
+            "createdAt": stored["createdAt"] if stored is not None else at,
+            "updatedAt": at,
+            "seq": event.seq,
+        }
+        if event.code is not None:
+            record["code"] = event.code
+        self.transfers.put(event.transfer_id, orjson.dumps(record))
+        return True
+
+
+# --------------------------------------------------------------------------------------
+# answers
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The outcome of a query: ``data`` when ok, else an error ``code`` and ``message``."""
+
+    data: dict[str, Any] | None = None
+    code: ErrorCode | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None
+
+    @classmethod
+    def error(cls, code: ErrorCode, message: str) -> Answer:
+        return cls(code=code, message=message)
+
+
+class QueryService:
+    """Answers queries from the tables. Authorization is decided here: the caller's own
+    account only; a transfer's details only to its payer or payee."""
+
+    def __init__(self, balances: KeyValue, history: KeyValue, transfers: KeyValue) -> None:
+        self.balances = balances
+        self.history = history
+        self.transfers = transfers
+
+    def answer(self, request: QueryRequest) -> Answer:
+        try:
+            if request.type == CommandType.QUERY_BALANCE.value:
+                return self.balance(request.account_id, request.currency)
+            if request.type == CommandType.QUERY_TRANSACTION_DETAILS.value:
+                details = QueryTransactionDetailsPayload.model_validate(request.params)
+                return self.details(request.account_id, details.transfer_id)
+            page = QueryTransactionHistoryPayload.model_validate(request.params)
+        except ValidationError as exc:
+            return Answer.error(ErrorCode.INVALID_REQUEST, _validation_message(exc))
+        return self.history_page(request.account_id, page)
+
+    def balance(self, account_id: str, currency: str) -> Answer:
+        state = _load(self.balances.get(account_id))
+        data: dict[str, Any] = {"accountId": account_id, "currency": currency,
+                                "balanceMinor": state["balanceMinor"] if state else 0}
+        if state is not None:
+            data["asOf"] = state["asOf"]
+        return Answer(data)
+
+    def transfer_settled(self, transfer_id: str) -> bool:
+        """True when the stored details of this transfer are final (no need to wait for
+        transfer events still on their way)."""
+        stored = _load(self.transfers.get(transfer_id))
+        return stored is not None and stored["state"] in FINAL_STATES
+
+    def details(self, account_id: str, transfer_id: str) -> Answer:
+        stored = _load(self.transfers.get(transfer_id))
+        if stored is None or account_id not in (stored["fromAccountId"],
+                                                stored["toAccountId"]):
+            return Answer.error(ErrorCode.FORBIDDEN, NOT_YOURS)
+        data = {k: v for k, v in stored.items() if k != "seq"}
+        return Answer(data)
+
+    def history_page(self, account_id: str, page: QueryTransactionHistoryPayload) -> Answer:
+        state = _load(self.balances.get(account_id))
+        head = int(state["seq"]) if state else 0
+        if page.cursor is not None and not 1 <= int(page.cursor) <= head:
+            return Answer.error(ErrorCode.INVALID_REQUEST, "cursor: not a cursor of this history")
+        if page.from_ is not None and page.to is not None and page.to <= page.from_:
+            return Answer.error(ErrorCode.INVALID_REQUEST, "to: must be after from")
+        low, high = 1, head
+        if page.from_ is not None:
+            low = self._first_at_or_after(account_id, micros(page.from_), head)
+        if page.to is not None:
+            high = self._first_at_or_after(account_id, micros(page.to), head) - 1
+        seq = high if page.cursor is None else min(int(page.cursor), high)
+        items: list[dict[str, Any]] = []
+        while seq >= low and len(items) < page.limit:
+            entry = _load(self.history.get(history_key(account_id, seq)))
+            seq -= 1
+            if entry is not None:  # a hole is left only by a crash, until redelivery
+                items.append({k: v for k, v in entry.items() if k not in ("atUs", "commandId")})
+        data: dict[str, Any] = {"items": items}
+        if seq >= low:
+            data["nextCursor"] = str(seq)
+        return Answer(data)
+
+    def _first_at_or_after(self, account_id: str, at_us: int, head: int) -> int:
+        """The first seq in 1..head whose entry occurred at or after ``at_us``, else
+        head + 1. Binary search: O(log head) point reads."""
+        low, high = 1, head + 1
+        while low < high:
+            middle = (low + high) // 2
+            entry = _load(self.history.get(history_key(account_id, middle)))
+            if entry is not None and int(entry["atUs"]) >= at_us:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+
+# --------------------------------------------------------------------------------------
+# wire
+# --------------------------------------------------------------------------------------
+
+
+def query_record(env: CommandEnvelope, payload: WireModel, account_id: str,
+                 currency: str) -> tuple[bytes, bytes]:
+    """Key and value of the ``business.queries`` record of an authenticated query: keyed
+    by the caller's account, or by the transfer for details, so that it reaches the
+    partition of the tables that answer it."""
+    request = QueryRequest(
+        request_id=env.request_id, idempotency_key=env.idempotency_key,
+        operator_id=env.operator_id, account_id=account_id, currency=currency,
+        type=env.type.value, params=payload.to_wire(),
+    )
+    key = (payload.transfer_id if isinstance(payload, QueryTransactionDetailsPayload)
+           else account_id)
+    return key.encode(), orjson.dumps(request.to_wire())
+
+
+def reply_value(request: QueryRequest, answer: Answer) -> bytes:
+    """The ``business.replies`` record of an answer (same envelope as every reply)."""
+    reply: dict[str, Any] = {"requestId": request.request_id, "type": request.type,
+                             "status": "ok" if answer.ok else "error"}
+    if request.idempotency_key is not None:
+        reply["idempotencyKey"] = request.idempotency_key
+    if answer.code is not None:
+        reply["code"] = answer.code.value
+        reply["message"] = answer.message
+    if answer.data is not None:
+        reply["data"] = answer.data
+    return orjson.dumps(reply)
+
+
+# --------------------------------------------------------------------------------------
+# read your writes for details
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartitionProgress:
+    """How far the transfer-events agent got, per partition (last offset processed), and a
+    way to wait for it to get somewhere. ``baseline`` gives the offset already done before
+    this process took the partition (the group's committed offset - 1)."""
+
+    baseline: Callable[[int], int] = lambda partition: -1
+    _done: dict[int, int] = field(default_factory=dict)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def advance(self, partition: int, offset: int) -> None:
+        if offset > self._done.get(partition, -1):
+            self._done[partition] = offset
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def done(self, partition: int) -> int:
+        return max(self._done.get(partition, -1), self.baseline(partition))
+
+    def forget(self) -> None:
+        """After a rebalance: what another worker did since is only in the commits."""
+        self._done.clear()
+
+    async def wait_for(self, partition: int, offset: int, timeout: float) -> bool:
+        """Until ``offset`` of ``partition`` is processed, at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.done(partition) < offset:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return self.done(partition) >= offset
+        return True
+
+
+def _load(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    value = orjson.loads(raw)
+    return value if isinstance(value, dict) else None
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "message"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)

@@ -1,0 +1,277 @@
+"""An isolated copy of the system for one run: its own topic prefix, Faust app id, consumer
+groups, PostgreSQL schemas and worker data directory, so that a run never meets another
+run's (or a test's) data. The worker(s) and the account center are child processes started
+exactly as an operator starts them (``python -m app.cli worker``), configured only through
+the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from sqlalchemy import text
+
+from app.account_center.ledger import Ledger
+from app.adapters.postgres_store import PostgresBusinessStore
+from app.domain.pin import pin_verifier
+from app.domain.ports import UserRecord, UserStatus
+from app.settings import Settings
+from bench.config import (
+    CURRENCY,
+    DAILY_LIMIT_MINOR,
+    INITIAL_BALANCE_MINOR,
+    OTP_THRESHOLD_MINOR,
+    PIN,
+    ROOT,
+    BenchConfig,
+)
+from events.topics import ensure_topics
+
+log = logging.getLogger("bench")
+
+#: Concurrent seeding transactions.
+SEED_CONCURRENCY = 8
+
+
+def base_settings() -> Settings:
+    """Kafka and PostgreSQL as ``make up`` wrote them (``.local/env``), or the environment."""
+    env_file = os.environ.get("BIZ_ENV_FILE", str(ROOT / ".local" / "env"))
+    return Settings(_env_file=env_file)  # type: ignore[call-arg]
+
+
+def run_settings(base: Settings, run_id: str, cfg: BenchConfig, data_dir: Path) -> Settings:
+    values = base.model_dump()
+    values.update(
+        topic_prefix=f"{run_id}.",
+        topic_partitions=cfg.partitions,
+        app_id=f"{run_id}-worker",
+        account_center_group=f"{run_id}-ac",
+        funding_provider_group=f"{run_id}-fp",
+        db_schema=f"{run_id}_biz",
+        account_center_db_schema=f"{run_id}_ac",
+        table_store=cfg.table_store,
+        data_dir=str(data_dir),
+        log_level=cfg.log_level,
+    )
+    return Settings(**values)
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a child process: every setting explicit, no env file."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("BIZ_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if name == "kafka_bootstrap_servers":
+            key = "KAFKA_BOOTSTRAP_SERVERS"
+        elif name == "database_url":
+            key = "DATABASE_URL"
+        else:
+            key = f"BIZ_{name.upper()}"
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, list):
+            value = json.dumps(value)
+        env[key] = str(value)
+    env["BIZ_ENV_FILE"] = "/nonexistent"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class SeededUser:
+    user_id: str
+    account_id: str
+    token: str
+
+
+@dataclass
+class IsolatedSystem:
+    settings: Settings
+    cfg: BenchConfig
+    run_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    store: PostgresBusinessStore | None = None
+    ledger: Ledger | None = None
+
+    @property
+    def logdir(self) -> Path:
+        return self.run_dir / "logs"
+
+    # ---------------------------------------------------------------- set-up
+
+    async def prepare(self) -> None:
+        """Topics and tables of this run (the processes would create them too)."""
+        await ensure_topics(self.settings)
+        self.store = PostgresBusinessStore.from_settings(self.settings)
+        await self.store.migrate()
+        self.ledger = Ledger.from_settings(self.settings)
+        await self.ledger.migrate()
+
+    async def create_topics(self, *names: str) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [NewTopic(n, self.cfg.partitions, self.settings.topic_replication_factor)
+                       for n in names if n not in existing]
+            if missing:
+                try:
+                    await admin.create_topics(missing)
+                except TopicAlreadyExistsError:
+                    pass
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while loop.time() < deadline:  # until every partition has a leader
+                described = await admin.describe_topics(list(names))
+                if all(t.get("partitions") and all(p.get("leader", -1) >= 0
+                                                   for p in t["partitions"])
+                       for t in described):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+
+    async def seed(self, tokens: dict[str, str]) -> list[SeededUser]:
+        """``cfg.accounts`` users with funded accounts, as the user center and the account
+        center's operators would create them."""
+        assert self.store is not None and self.ledger is not None
+        store, ledger = self.store, self.ledger
+        pepper = self.settings.pin_pepper.get_secret_value().encode()
+        gate = asyncio.Semaphore(SEED_CONCURRENCY)
+        users = [f"u{i:06d}" for i in range(self.cfg.accounts)]
+
+        async def one(i: int, user_id: str) -> SeededUser:
+            record = UserRecord(
+                user_id=user_id, account_id=f"acc-{user_id}", currency=CURRENCY,
+                phone=f"+1555{i:07d}", pin_verifier=pin_verifier(pepper, user_id, PIN),
+                otp_threshold_minor=OTP_THRESHOLD_MINOR, daily_limit_minor=DAILY_LIMIT_MINOR,
+                status=UserStatus.ACTIVE,
+            )
+            async with gate:
+                await store.upsert_user(record)
+                await ledger.open_account(record.account_id, CURRENCY, INITIAL_BALANCE_MINOR)
+            return SeededUser(user_id, record.account_id, tokens[user_id])
+
+        return list(await asyncio.gather(*(one(i, u) for i, u in enumerate(users))))
+
+    def start_process(self, name: str, command: str | list[str], *,
+                      extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """``python -m app.cli <command>`` (or the given argv), logging to
+        ``logs/<name>.log``."""
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        env = child_env(self.settings)
+        env.update(extra_env or {})
+        argv = [sys.executable, "-m", "app.cli", command] if isinstance(command, str) \
+            else command
+        with open(self.logdir / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_all(self) -> None:
+        self.start_process("account-center", "account-center")
+        for i in range(self.cfg.workers):
+            # One data directory per worker process: RocksDB locks its files.
+            env = {"BIZ_DATA_DIR": str(Path(self.settings.data_dir) / f"w{i}")}
+            command: str | list[str] = "worker"
+            if self.cfg.trace or self.cfg.experiments:
+                env["BENCH_TRACE_FILE"] = str(self.trace_file(f"worker-{i}"))
+                env["BENCH_EXPERIMENTS"] = ",".join(self.cfg.experiments)
+                command = [sys.executable, "-m", "bench.traced_worker", "worker"]
+            self.start_process(f"worker-{i}", command, extra_env=env)
+
+    def trace_file(self, name: str) -> Path:
+        (self.run_dir / "trace").mkdir(parents=True, exist_ok=True)
+        return self.run_dir / "trace" / f"{name}.json"
+
+    def worker_pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.processes.items() if n.startswith("worker")}
+
+    def pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.processes.items()}
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.processes.items() if p.poll() is not None]
+
+    async def group_state(self, group: str) -> tuple[str, int]:
+        """(state, number of members) of a consumer group, e.g. ("Stable", 2)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            (response,) = await admin.describe_consumer_groups([group])
+            groups = response.to_object()["groups"]
+        finally:
+            await admin.close()
+        if not groups:
+            return "Unknown", 0
+        found = groups[0]
+        return str(found.get("state")), len(found.get("members") or [])
+
+    # ---------------------------------------------------------------- tear-down
+
+    async def stop_all(self, timeout: float = 45.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for name, proc in self.processes.items():
+            try:
+                await asyncio.to_thread(proc.wait, max(0.1, deadline - loop.time()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs: killed", name, timeout)
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+
+    async def close(self, *, drop: bool) -> None:
+        if drop and self.ledger is not None:
+            await self.drop_everything()
+        for resource in (self.store, self.ledger):
+            if resource is not None:
+                await resource.close()
+        shutil.rmtree(self.settings.data_dir, ignore_errors=True)
+
+    async def drop_everything(self) -> None:
+        assert self.ledger is not None
+        async with self.ledger.engine.begin() as conn:
+            for schema in (self.settings.db_schema, self.settings.account_center_db_schema):
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            prefix, app_id = self.settings.topic_prefix, self.settings.app_id
+            mine = [t for t in await admin.list_topics()
+                    if t.startswith(prefix) or t.startswith(app_id)]
+            if mine:
+                await admin.delete_topics(mine)
+        finally:
+            await admin.close()
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "topicPrefix": s.topic_prefix, "appId": s.app_id,
+            "accountCenterGroup": s.account_center_group, "dbSchema": s.db_schema,
+            "accountCenterDbSchema": s.account_center_db_schema, "tableStore": s.table_store,
+            "partitions": s.topic_partitions, "workers": self.cfg.workers,
+        }

@@ -1,0 +1,200 @@
+"""What the run ran on, and where the CPU went (Linux ``/proc``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.config import ROOT
+
+PACKAGES = ("faust-streaming", "aiokafka", "sqlalchemy", "asyncpg", "orjson", "pydantic",
+            "rocksdict", "mode-streaming")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def memory_gib() -> float | None:
+    match = re.search(r"MemTotal:\s+(\d+) kB", _read("/proc/meminfo"))
+    return round(int(match.group(1)) / 2**20, 1) if match else None
+
+
+def _processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of every process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _read(entry / "stat")
+            if stat:
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                found.append((int(entry.name), ppid,
+                              _read(entry / "cmdline").replace("\0", " ").strip()))
+    return found
+
+
+def kafka_pid() -> int | None:
+    """The broker of ``make up`` (its pid file), else any local ``kafka.Kafka`` process."""
+    text = _read(ROOT / ".local" / "kafka" / "kafka.pid").strip()
+    if text.isdigit() and Path(f"/proc/{text}").exists():
+        return int(text)
+    brokers = [pid for pid, _, cmd in _processes() if " kafka.Kafka " in f" {cmd} "]
+    return brokers[0] if len(brokers) == 1 else None
+
+
+def kafka_version() -> str:
+    """From the running broker's class path (``libs-<version>``), else ``KAFKA_VERSION``."""
+    pid = kafka_pid()
+    if pid is not None:
+        cmdline = _read(f"/proc/{pid}/cmdline").replace("\0", " ")
+        match = re.search(r"libs-([0-9][^/\s]*)/", cmdline) or re.search(
+            r"kafka_[0-9.]+-([0-9][^/\s]*?)\.jar", cmdline)
+        if match:
+            return match.group(1)
+    return os.environ.get("KAFKA_VERSION", "unknown")
+
+
+def postmaster_pid() -> int | None:
+    """The PostgreSQL of ``make up``, else the one local postmaster (a ``postgres`` process
+    whose parent is not one)."""
+    first = _read(ROOT / ".local" / "pg" / "data" / "postmaster.pid").split("\n", 1)[0].strip()
+    if first.isdigit() and Path(f"/proc/{first}").exists():
+        return int(first)
+    procs = _processes()
+    postgres = {pid for pid, _, cmd in procs if cmd.split(" ", 1)[0].endswith("/postgres")}
+    roots = [pid for pid, ppid, _ in procs if pid in postgres and ppid not in postgres]
+    return roots[0] if len(roots) == 1 else None
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
+
+
+def describe(postgres_version: str | None) -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpuCount": os.cpu_count(),
+        "cpuModel": cpu_model(),
+        "memoryGiB": memory_gib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "kafka": kafka_version(),
+        "postgres": postgres_version,
+        "packages": versions,
+        "gitCommit": git_commit(),
+        "loadAverageAtStart": list(os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------------------- CPU
+
+
+def process_cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of one process so far, its threads included."""
+    raw = _read(f"/proc/{pid}/stat")
+    if not raw:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def children_of(ppid: int) -> list[int]:
+    return [pid for pid, parent, _ in _processes() if parent == ppid]
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores."""
+    fields = [int(x) for x in _read("/proc/stat").split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / CLOCK_TICKS, sum(fields) / CLOCK_TICKS
+
+
+@dataclass
+class CpuSnapshot:
+    at: float
+    machine: tuple[float, float]
+    processes: dict[str, tuple[float, float]]
+
+
+class CpuMeter:
+    """CPU seconds of the run's processes (and of the machine) between two snapshots.
+
+    Named processes: the worker(s), the account center, the benchmark process itself (the
+    load generator), the Kafka broker and PostgreSQL (the postmaster and its backends; the
+    broker and the database are shared with whatever else runs on the machine)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self.pids["bench (load generator)"] = os.getpid()
+        kafka = kafka_pid()
+        if kafka is not None:
+            self.pids["kafka"] = kafka
+
+    def snapshot(self, at: float) -> CpuSnapshot:
+        values: dict[str, tuple[float, float]] = {}
+        for name, pid in self.pids.items():
+            seconds = process_cpu_seconds(pid)
+            if seconds is not None:
+                values[name] = seconds
+        postmaster = postmaster_pid()
+        if postmaster is not None:
+            times = [process_cpu_seconds(pid) or (0.0, 0.0)
+                     for pid in [postmaster, *children_of(postmaster)]]
+            values["postgres"] = (sum(t[0] for t in times), sum(t[1] for t in times))
+        return CpuSnapshot(at, machine_cpu(), values)
+
+    @staticmethod
+    def between(a: CpuSnapshot, b: CpuSnapshot) -> dict[str, Any]:
+        wall = b.at - a.at
+        if wall <= 0:
+            return {}
+        busy = b.machine[0] - a.machine[0]
+        total = b.machine[1] - a.machine[1]
+        common = [name for name in b.processes if name in a.processes]
+        user = {n: b.processes[n][0] - a.processes[n][0] for n in common}
+        system = {n: b.processes[n][1] - a.processes[n][1] for n in common}
+        per_process = {n: round((user[n] + system[n]) / wall, 3) for n in common}
+        ours = sum(per_process.values())
+        machine_busy = busy / wall
+        return {
+            "wallSeconds": round(wall, 2),
+            "coresBusy": round(machine_busy, 3),
+            "coresTotal": round(total / wall, 2),
+            #: Cores used per process (1.0 = one core fully busy).
+            "coresByProcess": per_process,
+            #: Of which in the kernel (system time: sockets, wake-ups).
+            "kernelShareByProcess": {
+                n: round(system[n] / (user[n] + system[n]), 3) for n in common
+                if user[n] + system[n] > 0},
+            #: What the machine spent on anything else (other engineers' tests, the OS).
+            "coresOther": round(max(0.0, machine_busy - ours), 3),
+        }

@@ -1,0 +1,149 @@
+"""After the load: wait until the system is quiet (with a deadline), then check that money
+was conserved and moved exactly once, and that every transfer reached a final state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from sqlalchemy import text
+
+from app.account_center.ledger import Ledger
+from app.settings import Settings
+from bench.config import CURRENCY, INITIAL_BALANCE_MINOR
+from bench.gateway import FINAL_STATES, BenchGateway
+from bench.isolated_system import SeededUser
+from bench.virtual_users import COMPLETED, TransferSample
+
+
+@dataclass
+class Checks:
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.items.append({"name": name, "ok": bool(ok), "detail": detail})
+
+    @property
+    def passed(self) -> bool:
+        return all(item["ok"] for item in self.items)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "items": self.items}
+
+
+async def group_lag(settings: Settings, group: str, topics: list[str]) -> int:
+    """Records of ``topics`` not yet committed by consumer group ``group``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        tps = [TopicPartition(t, p) for t in topics for p in range(settings.topic_partitions)]
+        ends = await consumer.end_offsets(tps)
+        lag = 0
+        for tp in tps:
+            meta = committed.get(tp)
+            lag += ends[tp] - (meta.offset if meta is not None and meta.offset >= 0 else 0)
+        return lag
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+def open_sagas(gateway: BenchGateway) -> list[str]:
+    return [tid for tid, (_seq, state) in gateway.transfer_states.items()
+            if state not in FINAL_STATES]
+
+
+async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
+                     timeout: float) -> dict[str, Any]:
+    """Until every saga is final, the clearing account is empty and both consumer groups
+    have committed everything; or until ``timeout``. Returns what was last seen."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    t = settings.topic
+    while True:
+        worker_lag = await group_lag(settings, settings.app_id, [
+            t("business.commands"), t("business.saga-inputs"), t("account.events")])
+        ac_lag = await group_lag(settings, settings.account_center_group,
+                                 [t("account.commands")])
+        clearing = await ledger.clearing_balance(CURRENCY)
+        still_open = open_sagas(gateway)
+        seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag, "clearingMinor": clearing,
+                "openSagas": len(still_open), "waitedSeconds": round(loop.time() - start, 1)}
+        if not (worker_lag or ac_lag or clearing or still_open):
+            seen["quiet"] = True
+            return seen
+        if loop.time() - start > timeout:
+            seen["quiet"] = False
+            return seen
+        await asyncio.sleep(0.5)
+
+
+async def check_money(ledger: Ledger, gateway: BenchGateway, users: list[SeededUser],
+                      samples: list[TransferSample], quiet: dict[str, Any],
+                      dead_processes: list[str], errors: dict[str, int]) -> Checks:
+    checks = Checks()
+    checks.add("processes alive", not dead_processes,
+               "all ran to the end" if not dead_processes
+               else f"died during the run: {', '.join(dead_processes)}")
+    checks.add("quiescence", quiet.get("quiet", False),
+               f"quiet after {quiet['waitedSeconds']} s" if quiet.get("quiet") else
+               f"not quiet at the deadline: {quiet}")
+
+    seeded_expected = INITIAL_BALANCE_MINOR * len(users)
+    total = await ledger.total_balances(CURRENCY)
+    seeded = await ledger.seeded_total(CURRENCY)
+    checks.add("sum of balances = seeded", total == seeded == seeded_expected,
+               f"balances {total}, seeded (journal) {seeded}, seeded (bench) {seeded_expected}")
+    clearing = await ledger.clearing_balance(CURRENCY)
+    checks.add("clearing account empty", clearing == 0, f"clearing:{CURRENCY} = {clearing}")
+    unbalanced = await ledger.unbalanced_commands()
+    checks.add("journal balanced per command", not unbalanced,
+               f"{len(unbalanced)} unbalanced" + (f": {unbalanced[:5]}" if unbalanced else ""))
+    mismatched = await ledger.mismatched_accounts()
+    checks.add("balances = journal", not mismatched,
+               f"{len(mismatched)} mismatched" + (f": {mismatched[:5]}" if mismatched else ""))
+
+    unanswered = [s for s in samples if s.finished_at is None]
+    checks.add("every request answered", not unanswered,
+               f"{len(samples)} transfers, all ended with a final reply" if not unanswered else
+               f"{len(unanswered)} of {len(samples)} without a final reply "
+               f"({', '.join(sorted({f'{s.step}:{s.outcome}' for s in unanswered}))})")
+    still_open = open_sagas(gateway)
+    checks.add("every saga final", not still_open,
+               f"{len(gateway.transfer_states)} sagas, all final" if not still_open else
+               f"{len(still_open)} not final, e.g. {still_open[:3]}")
+    completed = [s for s in samples if s.outcome == COMPLETED]
+    disagree = [s.transfer_id for s in completed
+                if gateway.transfer_states.get(s.transfer_id, (0, ""))[1] != COMPLETED]
+    checks.add("completed replies = COMPLETED sagas", not disagree,
+               f"{len(completed)} completed" if not disagree else
+               f"{len(disagree)} completed replies whose saga is not COMPLETED")
+
+    if unanswered:
+        checks.add("every account moved exactly once", False,
+                   "cannot be checked: some outcomes are unknown")
+    else:
+        expected: dict[str, int] = defaultdict(lambda: INITIAL_BALANCE_MINOR)
+        for s in completed:
+            expected[users[s.payer].account_id] -= s.amount_minor
+            expected[users[s.payee].account_id] += s.amount_minor
+        async with ledger.engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT account_id, balance_minor FROM accounts"))).all()
+        actual = {str(r[0]): int(r[1]) for r in rows}
+        wrong = [u.account_id for u in users if actual.get(u.account_id)
+                 != expected[u.account_id]]
+        checks.add("every account moved exactly once", not wrong,
+                   f"{len(users)} balances = opening - sent + received" if not wrong else
+                   f"{len(wrong)} accounts differ from the completed transfers, e.g. "
+                   f"{wrong[:3]}")
+    checks.add("no error replies", not errors,
+               "none" if not errors else ", ".join(f"{k}: {v}" for k, v in errors.items()))
+    return checks
