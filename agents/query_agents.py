@@ -16,6 +16,7 @@ through :attr:`QueryRuntime.accounts`, before each event is relayed to its saga;
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -120,13 +121,19 @@ class QueryRuntime:
 
     async def _catch_up_transfer_events(self, partition: int) -> None:
         tp = TP(self.topics.transfer_events, partition)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DETAILS_CATCH_UP_SECONDS
         try:
-            ends = await self.app.consumer.highwaters(tp)
+            # Bounded: the consumer thread that answers may be busy with a rebalance, which
+            # itself waits for this agent to finish its record.
+            ends = await asyncio.wait_for(self.app.consumer.highwaters(tp),
+                                          DETAILS_CATCH_UP_SECONDS)
         except Exception:  # the answer is still correct, only maybe not the newest
             log.warning("cannot read the end offset of %s", tp, exc_info=True)
             return
         end = int(ends.get(tp, 0))
-        if not await self.progress.wait_for(partition, end - 1, DETAILS_CATCH_UP_SECONDS):
+        remaining = max(0.0, deadline - loop.time())
+        if not await self.progress.wait_for(partition, end - 1, remaining):
             log.warning("transfer events %s not caught up to %d within %ss", tp, end,
                         DETAILS_CATCH_UP_SECONDS)
 

@@ -292,15 +292,18 @@ class TransferService:
     async def _transfer_init(
         self, env: CommandEnvelope, payload: TransferInitPayload, cache_key: str
     ) -> list[Outbound]:
-        user = await self._active_user(env.operator_id)
+        now = self.clock()
+        facts = await self.store.init_facts(env.operator_id, payload.to_account_id, _day(now))
+        user = facts.user
+        if user is None or user.status is not UserStatus.ACTIVE:
+            raise Rejection(ErrorCode.FORBIDDEN, "the user is unknown or blocked")
         if payload.currency != user.currency:
             raise Rejection(ErrorCode.INVALID_REQUEST, f"the account holds {user.currency}")
         if payload.to_account_id == user.account_id:
             raise Rejection(ErrorCode.INVALID_REQUEST, "cannot transfer to the same account")
-        if not await self.store.account_exists(payload.to_account_id):
+        if not facts.payee_exists:
             raise Rejection(ErrorCode.ACCOUNT_NOT_FOUND, "the payee account does not exist")
-        now = self.clock()
-        reserved = await self.store.reserved_today(user.user_id, _day(now))
+        reserved = facts.reserved_today_minor
         if reserved + payload.amount_minor > user.daily_limit_minor:
             raise Rejection(ErrorCode.LIMIT_EXCEEDED, "the amount exceeds today's limit",
                             {"remainingMinor": max(0, user.daily_limit_minor - reserved)})

@@ -145,6 +145,11 @@ def console_summary(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- PNG
 
 
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def write_png(path: Path, result: dict[str, Any], series: dict[str, Any]) -> bool:
     """Latency CDFs and histograms, throughput per second, CPU by process."""
     try:
@@ -183,7 +188,7 @@ def write_png(path: Path, result: dict[str, Any], series: dict[str, Any]) -> boo
     for q in (0.5, 0.95, 0.99):
         ax.axhline(q, color="grey", linewidth=0.5, linestyle=":")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
 
     ax = axes[0][1]
     values = [1000 * v for _, vs in curves[:3] for v in vs]
@@ -197,7 +202,7 @@ def write_png(path: Path, result: dict[str, Any], series: dict[str, Any]) -> boo
     ax.set_xlabel("latency (ms, log)")
     ax.set_ylabel("requests")
     ax.set_title("Latency histogram (measured window)")
-    ax.legend(fontsize=8)
+    _legend(ax)
 
     ax = axes[1][0]
     per_second = series["completedPerSecond"]
@@ -210,7 +215,7 @@ def write_png(path: Path, result: dict[str, Any], series: dict[str, Any]) -> boo
     ax.set_title("Throughput over time")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
 
     ax = axes[1][1]
     cpu = f.get("cpu") or {}

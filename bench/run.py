@@ -180,7 +180,13 @@ async def wait_ready(system: IsolatedSystem, gateway: BenchGateway, vus: Virtual
         check_alive()
         await asyncio.sleep(0.5)
     await every_partition_answers()  # again: a late rebalance moved partitions
-    sample = await vus.transfer(-1, random.Random(cfg.seed))
+    first = asyncio.create_task(vus.transfer(-1, random.Random(cfg.seed)))
+    while not first.done():
+        await asyncio.wait([first], timeout=0.5)
+        if not first.done() and system.dead():
+            first.cancel()
+        check_alive()
+    sample = first.result()
     if sample.outcome != COMPLETED:
         raise Aborted(f"the first transfer did not complete: {sample.outcome}")
     log.info("system ready (%d worker(s), group stable) in %.1f s", cfg.workers,

@@ -84,8 +84,10 @@ def _timed(name: str, fn: Callable[..., Any], label: Callable[..., str] | None =
 
 
 def _wrap_all(cls: type, prefix: str, names: list[str]) -> None:
+    """Time the methods of ``cls`` that exist among ``names`` (the code moves on)."""
     for attr in names:
-        setattr(cls, attr, _timed(f"{prefix}.{attr}", getattr(cls, attr)))
+        if hasattr(cls, attr):
+            setattr(cls, attr, _timed(f"{prefix}.{attr}", getattr(cls, attr)))
 
 
 def _command_type(_self: Any, raw: bytes | None, *_args: Any, **_kw: Any) -> str:
@@ -146,7 +148,8 @@ def install() -> None:
 
     _wrap_all(PostgresBusinessStore, "db", [
         "get_user", "account_exists", "reserved_today", "check_pin", "claim_transfer_token",
-        "reserve_daily_limit", "release_daily_limit", "get_funding_source"])
+        "reserve_daily_limit", "release_daily_limit", "get_funding_source", "init_facts",
+        "confirm_checks"])
     _wrap_all(AccessTokenVerifier, "jwt.access", ["verify"])
     _wrap_all(TransferTokens, "jwt.transfer", ["issue", "verify"])
     _wrap_all(faust_app.TableSagas, "table.sagas", ["get", "put"])

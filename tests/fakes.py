@@ -34,6 +34,7 @@ from app.domain.ports import (
     ConfirmChecks,
     ConfirmOutcome,
     FundingSource,
+    InitFacts,
     PinCheck,
     PinOutcome,
     TokenClaim,
@@ -78,6 +79,10 @@ class InMemoryBusinessStore:
         self.funding_sources: dict[str, FundingSource] = {}
         for user in users:
             self.put_user(user)
+
+    async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
+        return InitFacts(await self.get_user(user_id), await self.account_exists(to_account_id),
+                         await self.reserved_today(user_id, day))
 
     async def confirm_checks(
         self, *, user_id: str, from_account_id: str, request_id: str,

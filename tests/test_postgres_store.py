@@ -290,3 +290,16 @@ async def test_concurrent_confirms_of_one_user_respect_the_limit(
     assert sum(r.outcome is ConfirmOutcome.OK for r in results) == 3
     assert {r.outcome for r in results} == {ConfirmOutcome.OK, ConfirmOutcome.LIMIT_EXCEEDED}
     assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 900_000
+
+
+async def test_init_facts_reads_user_payee_and_reservations_together(
+        store: PostgresBusinessStore) -> None:
+    payer, payee = await _new_user(store), await _new_user(store)
+    day = date(2026, 3, 4)
+    assert await store.reserve_daily_limit(payer.user_id, _uid("t"), day, 2_500, 10_000)
+    facts = await store.init_facts(payer.user_id, payee.account_id, day)
+    assert (facts.user, facts.payee_exists, facts.reserved_today_minor) == (payer, True, 2_500)
+    facts = await store.init_facts(payer.user_id, "acc-nobody", date(2026, 3, 5))
+    assert (facts.payee_exists, facts.reserved_today_minor) == (False, 0)
+    facts = await store.init_facts("nobody", payee.account_id, day)
+    assert facts.user is None and facts.payee_exists

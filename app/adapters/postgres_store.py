@@ -20,6 +20,7 @@ from app.domain.ports import (
     ConfirmChecks,
     ConfirmOutcome,
     FundingSource,
+    InitFacts,
     PinCheck,
     PinOutcome,
     TokenClaim,
@@ -97,6 +98,15 @@ CREATE TABLE IF NOT EXISTS funding_sources (
 _USER_COLUMNS = (
     "user_id, account_id, currency, phone, pin_verifier, "
     "otp_threshold_minor, daily_limit_minor, status"
+)
+
+# One statement: the payer (or a row of NULLs), the payee's existence, today's reservations.
+_INIT_FACTS = text(
+    "SELECT EXISTS (SELECT 1 FROM users WHERE account_id = :a) AS payee_exists,"  # noqa: S608 (a constant)
+    " COALESCE((SELECT reserved_minor FROM daily_usage"
+    " WHERE user_id = :u AND day = :d), 0) AS reserved,"
+    " u.* FROM (SELECT 1) AS one LEFT JOIN (SELECT " + _USER_COLUMNS + " FROM users"
+    " WHERE user_id = :u) AS u ON true"
 )
 
 
@@ -326,6 +336,13 @@ class PostgresBusinessStore:
             {**key, "a": amount_minor},
         )
         return True
+
+    async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(_INIT_FACTS, {"u": user_id, "a": to_account_id,
+                                                    "d": day})).one()
+        user = None if row.user_id is None else _user_of(row)
+        return InitFacts(user, bool(row.payee_exists), int(row.reserved))
 
     async def confirm_checks(
         self,

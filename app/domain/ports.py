@@ -71,6 +71,15 @@ class ConfirmChecks:
     attempts_left: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class InitFacts:
+    """What a transferInit needs to know, read together."""
+
+    user: UserRecord | None
+    payee_exists: bool
+    reserved_today_minor: int
+
+
 class TokenClaim(StrEnum):
     CLAIMED = "claimed"  # first use, or the same transfer asking again
     USED_ELSEWHERE = "used_elsewhere"  # already funds another transfer
@@ -110,6 +119,10 @@ class BusinessStore(Protocol):
 
         Atomic under concurrency (two reservations of one user never both slip under the
         limit) and idempotent (the same transfer reserving again returns True, once)."""
+        ...
+
+    async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
+        """``get_user``, ``account_exists`` and ``reserved_today`` in one read."""
         ...
 
     async def confirm_checks(
