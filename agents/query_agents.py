@@ -61,6 +61,10 @@ class TableKeyValue:
         self.table[key.encode()] = value
 
 
+#: The query side's tables (their changelogs are created by events.topics.ensure_topics).
+QUERY_TABLES = ("balances", "history", "account_events_seen", "transfers")
+
+
 class QueryRuntime:
     """The query side of one worker: tables, projections, the service, and where each key
     lives."""
@@ -75,8 +79,7 @@ class QueryRuntime:
             return app.Table(name, schema=raw, key_type=bytes, value_type=bytes,
                              partitions=settings.topic_partitions)
 
-        self.tables = {name: table(name) for name in (
-            "balances", "history", "account_events_seen", "transfers")}
+        self.tables = {name: table(name) for name in QUERY_TABLES}
         kv = {name: TableKeyValue(t) for name, t in self.tables.items()}
         self.app = app
         self.settings = settings

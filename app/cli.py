@@ -149,8 +149,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def seed_demo(settings: Settings) -> None:
     from app.account_center.ledger import Ledger
+    from app.account_center.service import announce_openings
     from app.adapters.demo_seed import DEMO_USERS, seed_directory
     from app.adapters.postgres_store import PostgresBusinessStore
+    from events.topics import ensure_topics
 
     store = PostgresBusinessStore.from_settings(settings)
     ledger = Ledger.from_settings(settings)
@@ -160,6 +162,8 @@ async def seed_demo(settings: Settings) -> None:
         await seed_directory(store, settings.pin_pepper.get_secret_value().encode(), DEMO_USERS)
         for user in DEMO_USERS:
             await ledger.open_account(user.account_id, user.currency, user.initial_balance_minor)
+        await ensure_topics(settings)
+        await announce_openings(settings, ledger, [u.account_id for u in DEMO_USERS])
     finally:
         await store.close()
         await ledger.close()

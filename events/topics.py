@@ -43,6 +43,19 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
 )
 
 
+#: The worker's Faust tables. Their changelog topics (``<app id>-<table>-changelog``) are
+#: created here too, compacted, with the co-partitioned count: Faust would declare them at
+#: start, but a table written before its new changelog's metadata is visible makes Faust
+#: raise PartitionsMismatch (seen under load), so they exist before the worker starts.
+TABLES: tuple[str, ...] = (
+    "sagas", "replies", "balances", "history", "account_events_seen", "transfers",
+)
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    return f"{settings.app_id}-{table}-changelog"
+
+
 class TopicMismatch(RuntimeError):
     pass
 
@@ -55,6 +68,10 @@ async def ensure_topics(settings: Settings) -> list[str]:
     try:
         existing = set(await admin.list_topics())
         wanted = {settings.topic(s.name): s for s in TOPIC_SPECS}
+        for table in TABLES:
+            wanted[changelog_topic(settings, table)] = TopicSpec(
+                changelog_topic(settings, table), "the table's key", compacted=True,
+                copartitioned=True)
         missing = [
             NewTopic(name, settings.topic_partitions, settings.topic_replication_factor,
                      topic_configs={"cleanup.policy": "compact"} if spec.compacted else {})

@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
 from app.account_center.ledger import Ledger
+from app.account_center.service import announce_openings
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_verifier
 from app.domain.ports import FundingSource, UserRecord, UserStatus
@@ -218,6 +219,9 @@ class System:
         await self.store.upsert_user(user)
         if open_account:
             await self.ledger.open_account(user.account_id, currency, balance)
+            assert self.client is not None
+            await announce_openings(self.settings, self.ledger, [user.account_id],
+                                    self.client._producer)
         return user
 
     async def add_funding_source(self, user_id: str, source_id: str, *,

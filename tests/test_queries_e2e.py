@@ -154,7 +154,8 @@ async def test_a_query_is_answered_afresh_for_the_same_request_id(system: System
     env = system.client.envelope("queryBalance", payer, token, {}, request_id=request_id)
     await system.client.send(env)
     before = await system.final(request_id)
-    assert before["data"]["balanceMinor"] == first["data"]["balanceMinor"] == 0  # no movement
+    # No movement yet: the opening balance, announced on account.events when opened.
+    assert before["data"]["balanceMinor"] == first["data"]["balanceMinor"] == 100_000
     assert (await system.transfer(payer, f"acc-{payee}", 700))["status"] == "ok"
     await system.client.send(env)  # the same request again: not a saved reply
     after = await system.client.wait(
@@ -218,9 +219,10 @@ async def test_failed_transfer_details_carry_the_code(system: System) -> None:
                                 {"transferId": reply["data"]["transferId"]})
     assert (details["data"]["state"], details["data"]["code"]) == (
         "FAILED", "INSUFFICIENT_FUNDS")
-    # A rejected debit moved no money and is not in the history.
+    # A rejected debit moved no money and is not in the history: only the opening is.
     history = await system.call("queryTransactionHistory", payer, {})
-    assert history["data"] == {"items": []}
+    assert [(i["transferId"], i["kind"], i["amountMinor"])
+            for i in history["data"]["items"]] == [(f"open:acc-{payer}", "credit", 100)]
 
 
 async def test_history_of_over_a_thousand_entries_pages_to_the_end(system: System) -> None:
@@ -333,7 +335,8 @@ async def test_http_with_a_good_an_expired_and_another_users_token(cluster: Clus
             "accountId": f"acc-{payer}", "currency": "USD", "balanceMinor": 98_000,
             "asOf": body["asOf"]}, body
         status, body, _ = await system.http_get(port, paths["history"], good)
-        assert status == 200 and [i["amountMinor"] for i in body["items"]] == [-2_000]
+        assert status == 200 and [i["amountMinor"] for i in body["items"]] == [-2_000,
+                                                                               100_000]
         assert body["items"][0]["transferId"] == transfer_id
         status, body, _ = await system.http_get(port, paths["details"], good)
         assert status == 200 and body["state"] == "COMPLETED"
@@ -452,4 +455,4 @@ async def test_a_new_worker_rebuilds_the_tables_from_the_changelogs(cluster: Clu
                                 {"transferId": done["data"]["transferId"]})
     assert details["data"]["state"] == "COMPLETED"
     history = await system.call("queryTransactionHistory", payer, {})
-    assert [i["amountMinor"] for i in history["data"]["items"]] == [-300]
+    assert [i["amountMinor"] for i in history["data"]["items"]] == [-300, 100_000]

@@ -284,6 +284,23 @@ class Ledger:
                 )
             return True
 
+    async def opening_event(self, account_id: str) -> AccountEvent | None:
+        """The opening credit of an account as an account event (``commandId`` =
+        ``open:<accountId>``), the same every time it is asked for; None when the account
+        was opened empty or does not exist."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(text(
+                "SELECT amount_minor, created_at FROM journal"
+                " WHERE command_id = :c AND account_id = :a"),
+                {"c": f"open:{account_id}", "a": account_id})).one_or_none()
+        if row is None or row.amount_minor <= 0:
+            return None
+        return AccountEvent(
+            command_id=f"open:{account_id}", type=AccountEventType.CREDITED,
+            account_id=account_id, amount_minor=row.amount_minor,
+            balance_after_minor=row.amount_minor, occurred_at=row.created_at,
+        )
+
     async def close_account(self, account_id: str) -> bool:
         """Mark an account closed: later commands to it are rejected ACCOUNT_NOT_FOUND."""
         async with self._engine.begin() as conn:

@@ -307,3 +307,31 @@ async def _quietly(aw: Any) -> None:
         await aw
     except Exception:
         log.exception("error during account center shutdown")
+
+
+async def announce_openings(
+    settings: Settings, ledger: Ledger, account_ids: Sequence[str],
+    producer: AIOKafkaProducer | None = None,
+) -> int:
+    """Publish the opening balances of ``account_ids`` on ``account.events`` (as credits
+    ``open:<accountId>``), so that whoever follows the accounts from their events — the
+    worker's balance and history tables — knows them before their first movement. Safe to
+    repeat: the event is the same each time and consumers recognise its commandId."""
+    own = producer is None
+    if producer is None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                    acks="all", enable_idempotence=True)
+        await producer.start()
+    try:
+        sent = 0
+        for account_id in account_ids:
+            event = await ledger.opening_event(account_id)
+            if event is not None:
+                await producer.send_and_wait(settings.topic("account.events"),
+                                             orjson.dumps(event.to_wire()),
+                                             key=account_id.encode())
+                sent += 1
+        return sent
+    finally:
+        if own:
+            await producer.stop()
