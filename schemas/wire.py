@@ -202,7 +202,15 @@ class AccountEventType(StrEnum):
     REJECTED = "rejected"
 
 
-class AccountEvent(WireModel):
+class InboundWireModel(WireModel):
+    """A message another team produces. Our contract lets them add optional fields, so
+    unknown fields are ignored here: refusing them would dead-letter every answer and leave
+    sagas re-sending commands forever with money held in clearing."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class AccountEvent(InboundWireModel):
     command_id: Identifier
     type: AccountEventType
     account_id: Identifier
@@ -227,7 +235,7 @@ class FundingCommand(WireModel):
     currency: Currency
 
 
-class FundingEvent(WireModel):
+class FundingEvent(InboundWireModel):
     charge_id: Identifier
     status: Literal["captured", "declined", "refunded"]
     reason: str | None = None
