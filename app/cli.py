@@ -26,6 +26,7 @@ import sys
 import uuid
 from typing import Any
 
+from app.event_loop import install_event_loop
 from app.settings import Settings, load_settings
 
 log = logging.getLogger("bizcenter")
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings()
     _setup_logging(settings)
+    install_event_loop(settings.event_loop)
     return int(args.fn(settings, args))
 
 

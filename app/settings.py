@@ -136,6 +136,14 @@ class Settings(BaseSettings):
     tick_interval_seconds: float = Field(
         1.0, gt=0, description="How often each worker checks its sagas' deadlines."
     )
+    saga_max_in_flight: int = Field(
+        64, ge=1, description="Records the saga agent has taken and not finished: those of "
+        "different partitions run concurrently, those of one partition in order.",
+    )
+    saga_stop_grace_seconds: float = Field(
+        5.0, ge=0, description="At stop, how long records in flight may finish; the rest are "
+        "not acknowledged and are delivered again.",
+    )
 
     # --- top-ups and the reference funding provider ----------------------------------
     funding_timeout_seconds: float = Field(
@@ -162,6 +170,10 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("INFO", description="Python log level.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="Event loop of every process: uvloop (less CPU per message) or "
+        "the standard library's asyncio.",
+    )
 
     @field_validator("access_token_algorithms")
     @classmethod

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -49,6 +50,11 @@ from schemas.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The partition of the record being handled (where its table writes land). A context
+#: variable, not an attribute: the saga agent handles records of different partitions
+#: concurrently, each in its own task (agents/lanes.py).
+_handled_partition: ContextVar[int] = ContextVar("handled_partition", default=0)
 
 #: Namespaces of the deterministic ids (UUIDv5): the same input always yields the same id.
 TRANSFER_NS = uuid.UUID("6f1c1d2e-58a4-4c8e-9a57-2b1f3f0c9a01")
@@ -178,8 +184,6 @@ class TransferService:
         # Deadlines of the open sagas, per home partition: derived, rebuilt by scanning.
         self._deadlines: dict[int, dict[str, float]] = {}
         self._next_purge: dict[int, float] = {}
-        #: The partition of the message being handled: where table writes land.
-        self._partition = 0
 
     # ----------------------------------------------------------------------------------
     # business.commands
@@ -188,7 +192,7 @@ class TransferService:
     async def handle_command(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
-        self._partition = partition
+        _handled_partition.set(partition)
         try:
             return await self._handle_command(raw, key, partition, offset)
         except Exception:
@@ -497,7 +501,7 @@ class TransferService:
     async def handle_saga_input(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
-        self._partition = partition
+        _handled_partition.set(partition)
         try:
             item = SagaInput.model_validate_json(raw or b"")
         except ValidationError as exc:
@@ -539,7 +543,8 @@ class TransferService:
             # Money was taken from a source for a top-up nobody knows (purged long ago):
             # nothing may be lost, so operators get it.
             return [self._dead_letter(
-                self.topics.funding_events, self._partition, -1, event.charge_id.encode(),
+                self.topics.funding_events, _handled_partition.get(), -1,
+                event.charge_id.encode(),
                 orjson.dumps(event.to_wire()),
                 "capture for an unknown top-up: give it back to the source by hand")]
         new, outputs = saga_core.on_funding_event(saga, event.charge_id, event.status,
@@ -685,7 +690,8 @@ class TransferService:
             reply["data"] = data
         value = orjson.dumps(reply)
         if cache_key is not None:
-            self.replies.put(cache_key, value, at=self.clock(), partition=self._partition)
+            self.replies.put(cache_key, value, at=self.clock(),
+                             partition=_handled_partition.get())
         return [Outbound(self.topics.replies, request_id.encode(), value)]
 
     def _reply_error(

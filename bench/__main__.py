@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="py-spy samples per second")
     p.add_argument("--table-store", default=DEFAULTS.table_store,
                    help="BIZ_TABLE_STORE of the workers")
+    p.add_argument("--event-loop", default=DEFAULTS.event_loop, choices=("uvloop", "asyncio"),
+                   help="BIZ_EVENT_LOOP of every process of the run, the load generator's "
+                   "and the echo's loop")
     p.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout,
                    help="seconds a virtual user waits for one reply")
     p.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout,
@@ -90,6 +93,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         echo_duration=args.echo_duration, echo_warmup=args.echo_warmup, profile=args.profile,
         profile_rate=args.profile_rate, trace=args.trace,
         experiments=tuple(args.experiment), table_store=args.table_store,
+        event_loop=args.event_loop,
         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
         idle_seconds=args.idle_seconds,
         quiesce_timeout=args.quiesce_timeout, start_timeout=args.start_timeout,
@@ -112,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    from app.event_loop import install_event_loop
     from bench.run import run  # after the arguments: --help needs no broker or database
 
+    install_event_loop(args.event_loop)
     return asyncio.run(run(config_from(args)))
 
 

@@ -45,6 +45,7 @@ class BenchConfig:
     trace: bool = False
     experiments: tuple[str, ...] = ()
     table_store: str = "rocksdb://"
+    event_loop: str = "uvloop"
     request_timeout: float = 30.0
     drain_timeout: float = 60.0
     idle_seconds: float = 5.0

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from app.event_loop import install_event_loop
 from bench.gateway import PRODUCER_OPTIONS, Tail
 
 #: The worker's Faust producer: acks=-1, linger 2 ms (app/faust_app.py).
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replies", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--reply-size", type=int, required=True)
+    parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     args = parser.parse_args(argv)
+    install_event_loop(args.event_loop)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -182,9 +185,10 @@ class EchoClient:
 
 
 def server_command(bootstrap: str, requests: str, replies: str, group: str,
-                   reply_size: int) -> list[str]:
+                   reply_size: int, event_loop: str = "uvloop") -> list[str]:
     return [sys.executable, "-m", "bench.echo", "--bootstrap", bootstrap, "--requests",
-            requests, "--replies", replies, "--group", group, "--reply-size", str(reply_size)]
+            requests, "--replies", replies, "--group", group, "--reply-size", str(reply_size),
+            "--event-loop", event_loop]
 
 
 if __name__ == "__main__":

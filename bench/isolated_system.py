@@ -62,6 +62,7 @@ def run_settings(base: Settings, run_id: str, cfg: BenchConfig, data_dir: Path) 
         db_schema=f"{run_id}_biz",
         account_center_db_schema=f"{run_id}_ac",
         table_store=cfg.table_store,
+        event_loop=cfg.event_loop,
         data_dir=str(data_dir),
         log_level=cfg.log_level,
     )
@@ -273,5 +274,6 @@ class IsolatedSystem:
             "topicPrefix": s.topic_prefix, "appId": s.app_id,
             "accountCenterGroup": s.account_center_group, "dbSchema": s.db_schema,
             "accountCenterDbSchema": s.account_center_db_schema, "tableStore": s.table_store,
+            "eventLoop": s.event_loop,
             "partitions": s.topic_partitions, "workers": self.cfg.workers,
         }

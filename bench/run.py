@@ -283,7 +283,8 @@ async def measure_echo(system: IsolatedSystem, cfg: BenchConfig, request_size: i
     requests, replies = echo_topics(s)
     await system.create_topics(requests, replies)
     server = system.start_process("echo-server", server_command(
-        s.kafka_bootstrap_servers, requests, replies, f"{s.app_id}-echo", reply_size))
+        s.kafka_bootstrap_servers, requests, replies, f"{s.app_id}-echo", reply_size,
+        cfg.event_loop))
     client = EchoClient(s.kafka_bootstrap_servers, requests, replies, request_size)
     try:
         await client.start()
