@@ -18,6 +18,7 @@ import orjson
 from mode.utils.times import want_seconds
 
 from app.domain import transfer_saga as saga_core
+from app.faust_consumer import BatchDeliveringConsumer
 from app.settings import Settings
 from app.transfer_service import Outbound, Topics, TransferService
 
@@ -75,6 +76,16 @@ class TableReplies:
         del self.table[key.encode()]
 
 
+class BusinessApp(faust.App):
+    """faust.App whose Kafka consumer delivers each fetched batch in one task
+    (app/faust_consumer.py)."""
+
+    def _new_transport(self) -> Any:
+        transport = super()._new_transport()
+        transport.Consumer = BatchDeliveringConsumer  # type: ignore[misc]
+        return transport
+
+
 @dataclass
 class Worker:
     """What the agents need: the app, its channels and the service."""
@@ -98,7 +109,7 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
 
     datadir = Path(settings.data_dir) / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = BusinessApp(
         settings.app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap_servers.split(",")],
         store=settings.table_store,
@@ -110,7 +121,7 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         topic_disable_leader=True,
         processing_guarantee="at_least_once",
         producer_acks=-1,
-        producer_linger=want_seconds(0.002),
+        producer_linger=want_seconds(settings.producer_linger_ms / 1000),
         consumer_auto_offset_reset="earliest",
         broker_commit_every=500,
         broker_commit_interval=0.5,

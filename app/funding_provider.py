@@ -95,7 +95,8 @@ async def run_funding_provider(settings: Settings, *, stop: asyncio.Event | None
         auto_offset_reset="earliest",
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                acks="all", enable_idempotence=True, linger_ms=2)
+                                acks="all", enable_idempotence=True,
+                                linger_ms=settings.producer_linger_ms)
     await consumer.start()
     await producer.start()
     late: set[asyncio.Task[None]] = set()

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     tick_interval_seconds: float = Field(
         1.0, gt=0, description="How often each worker checks its sagas' deadlines."
     )
+    producer_linger_ms: float = Field(
+        2.0, ge=0, description="How long the producers of the worker, the account center and "
+        "the funding provider wait to fill a batch: more batching costs less CPU per record "
+        "and adds up to this much latency per hop.",
+    )
     saga_max_in_flight: int = Field(
         64, ge=1, description="Records the saga agent has taken and not finished: those of "
         "different partitions run concurrently, those of one partition in order.",

@@ -278,7 +278,7 @@ async def run_account_center(settings: Settings, *, stop: asyncio.Event | None =
             client_id="account-center",
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            linger_ms=settings.producer_linger_ms,
         )
         await producer.start()
         consumer = AIOKafkaConsumer(
