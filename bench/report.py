@@ -118,6 +118,13 @@ def console_summary(result: dict[str, Any]) -> str:
         if s.get("count"):
             out.append(f"  {label:<31} p50 {s['p50Ms']:7.1f}  p95 {s['p95Ms']:7.1f}  "
                        f"p99 {s['p99Ms']:7.1f}  max {s['maxMs']:7.1f} ms  (n={s['count']})")
+    hop_figures = (f.get("hops") or {}).get("hopsMs") or {}
+    if hop_figures:
+        out.append(f"  confirm → final by hop (record timestamps, {f['hops']['transfers']} "
+                   "transfers without OTP):")
+        for name, s in hop_figures.items():
+            out.append(f"    {name:<44} p50 {s['p50']:6.1f}  p90 {s['p90']:6.1f}  "
+                       f"mean {s['mean']:6.1f} ms  ({s['shareOfMean']:.0%})")
     errors = f["errorsInWindow"]
     out.append("  errors in the window        " + (", ".join(
         f"{k}: {v}" for k, v in sorted(errors.items())) or "none"))

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import random
 import secrets
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
 from app.tokens import issue_access_token
-from bench import machine, profiling, report, traced_worker
+from bench import hops, machine, profiling, report, traced_worker
 from bench.config import BenchConfig
 from bench.echo import EchoClient, EchoResult, server_command
 from bench.gateway import BenchGateway
@@ -98,6 +99,10 @@ async def measure(cfg: BenchConfig, system: IsolatedSystem, gateway: BenchGatewa
                                    vus.samples, quiet, system.dead(), errors)
         result["quiescence"] = quiet
         load["recordsPerTransfer"] = await records_per_transfer(settings, len(vus.samples))
+        try:
+            load["hops"] = await hops.measure(settings, load["windowWall"])
+        except Exception:  # a measurement, not a check: report it missing, go on
+            log.exception("could not read the hops from the run's topics")
     except Aborted as exc:
         log.error("run aborted: %s", exc)
         checks.add("run completed", False, str(exc))
@@ -205,6 +210,7 @@ async def drive(system: IsolatedSystem, gateway: BenchGateway, vus: VirtualUsers
     log.info("load: %d virtual users, warm-up %.0f s", cfg.users, cfg.warmup)
     await watch(system, vus, cfg.warmup)
     window_start = loop.time()
+    window_start_wall = time.time()
     before = meter.snapshot(window_start)
     requests_before = gateway.requests_sent
     traces_before = read_traces(system)
@@ -216,6 +222,7 @@ async def drive(system: IsolatedSystem, gateway: BenchGateway, vus: VirtualUsers
     log.info("measuring for %.0f s", cfg.duration)
     await watch(system, vus, cfg.duration)
     window_end = loop.time()
+    window_wall = (window_start_wall, time.time())
     after = meter.snapshot(window_end)
     traces = {name: traced_worker.diff(traces_before[name], snap)
               for name, snap in read_traces(system).items() if name in traces_before}
@@ -226,6 +233,7 @@ async def drive(system: IsolatedSystem, gateway: BenchGateway, vus: VirtualUsers
              f" ({cut} virtual users cut at the deadline)" if cut else "")
     profiles = {rec.name: profiling.finish(rec) for rec in recordings}
     return {"start": start, "windowStart": window_start, "windowEnd": window_end,
+            "windowWall": window_wall,
             "cpu": machine.CpuMeter.between(before, after), "cpuIdle": cpu_idle,
             "profiles": profiles,
             "traces": traces,
@@ -357,6 +365,8 @@ def figures(cfg: BenchConfig, vus: VirtualUsers | None, load: dict[str, Any],
         #: The same processes with no load, just before it started (fixed costs).
         "cpuIdle": load.get("cpuIdle"),
         "kafkaRecordsPerTransfer": load.get("recordsPerTransfer"),
+        #: confirm → final reply, hop by hop, from the records' timestamps (bench/hops.py).
+        "hops": load.get("hops"),
         "profiles": load.get("profiles") or None,
         "traces": load.get("traces") or None,
         "duplicateOrLateReplies": gateway.other_replies,
