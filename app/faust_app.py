@@ -80,6 +80,9 @@ class BusinessApp(faust.App):
     """faust.App whose Kafka consumer delivers each fetched batch in one task
     (app/faust_consumer.py)."""
 
+    #: (fetch_min_bytes, fetch_max_wait_ms) of the worker's consumer, or None for Faust's.
+    fetch_tuning: tuple[int, int] | None = None
+
     def _new_transport(self) -> Any:
         transport = super()._new_transport()
         transport.Consumer = BatchDeliveringConsumer  # type: ignore[misc]
@@ -141,6 +144,7 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         table_cleanup_interval=60.0,
         logging_config=None,
     )
+    app.fetch_tuning = (settings.consumer_fetch_min_bytes, settings.consumer_fetch_max_wait_ms)
     topics = Topics.from_settings(settings)
 
     def raw_topic(name: str) -> Any:

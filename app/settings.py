@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         "the funding provider wait to fill a batch: more batching costs less CPU per record "
         "and adds up to this much latency per hop.",
     )
+    consumer_fetch_min_bytes: int = Field(
+        65536, ge=1, description="The worker's and the account center's fetches wait for "
+        "this much data (or the wait below) before the broker answers: fewer, fuller fetches.",
+    )
+    consumer_fetch_max_wait_ms: int = Field(
+        10, ge=0, description="The longest the broker holds a fetch of the worker or the "
+        "account center waiting for the minimum above (latency added per hop at low traffic).",
+    )
     saga_max_in_flight: int = Field(
         64, ge=1, description="Records the saga agent has taken and not finished: those of "
         "different partitions run concurrently, those of one partition in order.",

@@ -288,6 +288,8 @@ async def run_account_center(settings: Settings, *, stop: asyncio.Event | None =
             group_id=settings.account_center_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            fetch_min_bytes=settings.consumer_fetch_min_bytes,
+            fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         )
         await consumer.start()
         log.info("account center consuming %s as group %s",
