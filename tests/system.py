@@ -135,6 +135,21 @@ class System:
             "BIZ_DATA_DIR": str(self.logdir / f"{name}-data"),
         })
 
+    async def group_state(self) -> tuple[str, int]:
+        """(state, number of members) of the workers' consumer group, e.g. ("Stable", 2)."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            (response,) = await admin.describe_consumer_groups([self.settings.app_id])
+            groups = response.to_object()["groups"]
+        finally:
+            await admin.close()
+        if not groups:
+            return "Unknown", 0
+        return str(groups[0].get("state")), len(groups[0].get("members") or [])
+
     async def stop_process(self, name: str, *, kill: bool = False, timeout: float = 60) -> None:
         proc = self.processes.get(name)
         if proc is None or proc.poll() is not None:
