@@ -29,7 +29,6 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.types.tuples import ack_lock
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +60,6 @@ class FetchTunedConsumerThread(AIOKafkaConsumerThread):
 class BatchDeliveringConsumer(AIOKafkaConsumer):
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return FetchTunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    def ack(self, message: Any) -> bool:
-        """Faust's ack, except for records no agent took.
-
-        A stream that meets a record of an earlier consumer generation, or any record while
-        flow is stopped for a rebalance, skips it *and acknowledges it*: its offset then
-        counts as done, and a commit can pass it although no agent ever saw it. Normally
-        the record is fetched again after the rebalance, but if a second rebalance (or a
-        crash) comes first, the offset committed past it is where the next owner starts:
-        the record is lost (seen here as a transfer confirm never answered while a worker
-        joined and left under load). Records a stream handed to an agent are *tracked*;
-        untracked ones are released without becoming committable, and the seek to the
-        committed offset after the rebalance delivers them again."""
-        if not message.tracked:
-            with ack_lock:
-                message.acked = True
-                self._unacked_messages.discard(message)
-            return False
-        return bool(super().ack(message))
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - live broker
         consumer_should_stop = self._stopped.is_set

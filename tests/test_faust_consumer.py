@@ -70,17 +70,3 @@ async def test_large_batches_are_delivered_whole() -> None:
     await BatchDeliveringConsumer._deliver(c, [msg(A, i) for i in range(n)])
     assert [o for _, o in c.delivered] == list(range(n))
 
-
-def test_a_record_no_agent_took_is_released_but_never_committable() -> None:
-    """A stream skips (and acknowledges) records of an earlier generation and records met
-    while flow is stopped for a rebalance: such a record must not count as done, or a
-    commit could pass it before it is fetched again."""
-    class Record:  # hashable, like faust's Message
-        tracked, acked, tp, offset, topic = False, False, A, 5, A.topic
-
-    message = Record()
-    unacked: set[Any] = {message}
-    consumer = SimpleNamespace(_unacked_messages=unacked)
-    assert BatchDeliveringConsumer.ack(consumer, message) is False  # type: ignore[arg-type]
-    assert message.acked is True  # released: wait_empty does not wait for it
-    assert message not in unacked
