@@ -126,6 +126,10 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         producer_acks=-1,
         producer_linger=want_seconds(settings.producer_linger_ms / 1000),
         consumer_auto_offset_reset="earliest",
+        # A worker that dies without leaving holds its partitions until its session
+        # times out: Faust's 60 s default made a restarted worker wait ~90 s.
+        broker_session_timeout=settings.consumer_session_timeout_seconds,
+        broker_heartbeat_interval=settings.consumer_heartbeat_interval_seconds,
         broker_commit_every=500,
         broker_commit_interval=0.5,
         stream_buffer_maxsize=1024,

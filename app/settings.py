@@ -153,6 +153,16 @@ class Settings(BaseSettings):
         64, ge=1, description="Records the saga agent has taken and not finished: those of "
         "different partitions run concurrently, those of one partition in order.",
     )
+    consumer_session_timeout_seconds: float = Field(
+        10.0, ge=6, le=300, description="Kafka consumer-group session timeout of the worker: "
+        "a worker that died without leaving (SIGKILL, a lost host) holds its partitions this "
+        "long before the group reassigns them. Kafka's broker refuses values below its "
+        "group.min.session.timeout.ms (6 s by default).",
+    )
+    consumer_heartbeat_interval_seconds: float = Field(
+        1.0, gt=0, description="How often the worker's consumer heartbeats to the group "
+        "coordinator; at most a third of the session timeout.",
+    )
     saga_stop_grace_seconds: float = Field(
         5.0, ge=0, description="At stop, how long records in flight may finish; the rest are "
         "not acknowledged and are delivered again.",
