@@ -41,15 +41,17 @@ up:
 down:
 	infra/down.sh
 
+# make run, make test and make bench run on the development secrets, explicitly (a
+# production environment, the default, refuses them; see README "Secrets in production").
 run: venv up
-	$(VENV)/bin/bizcenter run
+	BIZ_ENVIRONMENT=development $(VENV)/bin/bizcenter run
 
 # Lint first and pytest last, so that the run ends with pytest's summary; both always run.
 # (The lint commands are repeated rather than run as `$(MAKE) lint`: a recipe line holding
 # $(MAKE) is executed even by `make -n`.)
 test: venv up
 	lint_rc=0; $(RUFF) || lint_rc=1; $(MYPY) || lint_rc=1; \
-	test_rc=0; $(VENV)/bin/python -m pytest || test_rc=$$?; \
+	test_rc=0; BIZ_ENVIRONMENT=development $(VENV)/bin/python -m pytest || test_rc=$$?; \
 	if (( lint_rc != 0 )); then echo "make test: lint FAILED (see above)" >&2; fi; \
 	exit $$(( test_rc != 0 ? test_rc : lint_rc ))
 
@@ -57,7 +59,7 @@ lint: venv
 	rc=0; $(RUFF) || rc=1; $(MYPY) || rc=1; exit $$rc
 
 bench: venv up
-	$(VENV)/bin/python -m bench
+	BIZ_ENVIRONMENT=development $(VENV)/bin/python -m bench
 
 clean: down
 	rm -rf .local $(VENV)

@@ -26,10 +26,17 @@ import sys
 import uuid
 from typing import Any
 
+from pydantic import ValidationError
+
+from app import log_redaction
 from app.event_loop import install_event_loop
-from app.settings import Settings, load_settings
+from app.settings import EXIT_CONFIG, Settings, load_settings
 
 log = logging.getLogger("bizcenter")
+
+#: Commands that stand in for other systems with development data (the user center's
+#: tokens, demo users with a known PIN): refused in production whatever the secrets.
+DEVELOPMENT_ONLY = frozenset({"token", "transfer", "topup", "seed-demo", "run"})
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -37,6 +44,22 @@ def _setup_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    log_redaction.install()
+
+
+def environment_refusal(settings: Settings, command: str) -> str | None:
+    """The one-line reason this command must not start in this environment, or None."""
+    if settings.environment != "production":
+        return None
+    if command in DEVELOPMENT_ONLY:
+        return (f"bizcenter {command}: refused with BIZ_ENVIRONMENT=production (a "
+                f"development tool; set BIZ_ENVIRONMENT=development on a local system)")
+    problems = settings.production_problems()
+    if not problems:
+        return None
+    return (f"bizcenter {command}: refusing to start with BIZ_ENVIRONMENT=production: "
+            f"{'; '.join(problems)} (set them to random secrets, see README \"Secrets in "
+            f"production\"; or BIZ_ENVIRONMENT=development on a local system)")
 
 
 async def prepare(settings: Settings, *, ledger: bool = False) -> None:
@@ -65,11 +88,20 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     from app.faust_app import create_app
 
-    if settings.uses_dev_secrets:
-        log.warning("running with the development secrets: set BIZ_* secrets in production")
+    class RedactingWorker(FaustWorker):
+        """Faust's worker replaces the root logger's handlers when it starts: the
+        redaction filter goes onto the new ones before any record reaches them."""
+
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            log_redaction.install()
+
+    if settings.environment == "development":
+        log.warning("BIZ_ENVIRONMENT=development: the development secrets are accepted")
     asyncio.run(prepare(settings))
     worker = create_app(settings)
-    faust_worker = FaustWorker(worker.app, loglevel=settings.log_level.lower(), quiet=True)
+    faust_worker = RedactingWorker(worker.app, loglevel=settings.log_level.lower(),
+                                   quiet=True)
     faust_worker.execute_from_commandline()
     return 0
 
@@ -103,7 +135,7 @@ def cmd_ping(settings: Settings, args: argparse.Namespace) -> int:
             await admin.list_topics()
         finally:
             await admin.close()
-        engine = create_async_engine(settings.database_url)
+        engine = create_async_engine(settings.database_url, hide_parameters=True)
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
@@ -348,7 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ValidationError as exc:  # without the input: it may be a secret
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False))
+        print(f"bizcenter {args.command}: invalid settings: {reasons}", file=sys.stderr)
+        return EXIT_CONFIG
+    refusal = environment_refusal(settings, args.command)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return EXIT_CONFIG
     _setup_logging(settings)
     install_event_loop(settings.event_loop)
     return int(args.fn(settings, args))

@@ -7,8 +7,8 @@ writes (``.local/env`` by default, see ``BIZ_ENV_FILE``); the environment wins.
 
 from __future__ import annotations
 
+import json
 import os
-from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -18,6 +18,15 @@ DEV_ACCESS_SECRET = "dev-only-access-token-secret-change-me-0123456789"  # noqa:
 DEV_TRANSFER_SECRET = "dev-only-transfer-token-secret-change-me-0123456789"  # noqa: S105
 DEV_PIN_PEPPER = "dev-only-pin-pepper-change-me-0123456789"
 DEV_OTP_PEPPER = "dev-only-otp-pepper-change-me-0123456789"
+DEV_WEB_FORWARD_SECRET = "dev-only-web-forward-secret-change-me-0123456789"  # noqa: S105
+#: Every development value: in production a secret equal to any of them is refused.
+DEV_SECRETS = frozenset({DEV_ACCESS_SECRET, DEV_TRANSFER_SECRET, DEV_PIN_PEPPER,
+                         DEV_OTP_PEPPER, DEV_WEB_FORWARD_SECRET})
+#: Bytes an HMAC key needs for each algorithm (RFC 7518 §3.2: at least the hash size).
+#: The PIN and OTP peppers and the forward secret are HMAC-SHA256 keys.
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: Exit status of a process refused by its environment (sysexits.h EX_CONFIG).
+EXIT_CONFIG = 78
 
 
 def default_env_file() -> str:
@@ -32,6 +41,13 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         frozen=True,
+    )
+
+    environment: Literal["production", "development"] = Field(
+        "production",
+        description="production refuses to start with a secret unset, a development value "
+        "or too short; development accepts the development secrets (make run, make test, "
+        "make bench).",
     )
 
     # --- connections -----------------------------------------------------------------
@@ -85,6 +101,11 @@ class Settings(BaseSettings):
         "server: with BIZ_WEB_PORT it makes the URL the worker advertises to its group "
         "(requests for keys it owns are forwarded there).",
     )
+    web_forward_secret: SecretStr = Field(
+        SecretStr(DEV_WEB_FORWARD_SECRET),
+        description="Shared HMAC-SHA256 key of the workers of one group (at least 32 "
+        "bytes): signs the HTTP queries one worker forwards to another.",
+    )
 
     # --- access tokens (issued by the user center) -----------------------------------
     access_token_algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"]] = (
@@ -93,6 +114,12 @@ class Settings(BaseSettings):
     access_token_key: SecretStr = Field(
         SecretStr(DEV_ACCESS_SECRET),
         description="HS* shared secret, or the PEM public key for RS256/ES256/EdDSA.",
+    )
+    access_token_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Key set selected by the token's kid, a JSON list "
+        '[{"kid": "...", "key": "..."}] (HS* secrets or PEM public keys). When set, every '
+        "access token must name one of these kids and BIZ_ACCESS_TOKEN_KEY is not used.",
     )
     access_token_issuer: str = Field("user-center", description="Required `iss` of access tokens.")
     access_token_audience: str = Field(
@@ -212,14 +239,96 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
-    @cached_property
-    def uses_dev_secrets(self) -> bool:
-        return any(
-            s.get_secret_value() in (DEV_ACCESS_SECRET, DEV_TRANSFER_SECRET,
-                                     DEV_PIN_PEPPER, DEV_OTP_PEPPER)
-            for s in (self.access_token_key, self.transfer_token_secret,
-                      self.pin_pepper, self.otp_pepper)
-        )
+    @field_validator("access_token_keys")
+    @classmethod
+    def _key_set_shape(cls, value: SecretStr) -> SecretStr:
+        parse_access_token_keys(value.get_secret_value())  # ValueError names no key
+        return value
+
+    def access_token_key_set(self) -> dict[str | None, str]:
+        """kid → key of the access-token verifier, in the order configured; the first
+        kid is the one the development issuer signs with; ``None`` is the key of tokens
+        without a kid. Without BIZ_ACCESS_TOKEN_KEYS, BIZ_ACCESS_TOKEN_KEY is the key of kid
+        ``default`` and of tokens without a kid, as before key sets existed. With it,
+        BIZ_ACCESS_TOKEN_KEY still verifies the tokens without a kid only when it is set
+        (not empty): the move from one key to a key set."""
+        entries = parse_access_token_keys(self.access_token_keys.get_secret_value())
+        key = self.access_token_key.get_secret_value()
+        if not entries:
+            return {DEFAULT_ACCESS_KID: key, None: key}
+        keys: dict[str | None, str] = dict(entries)
+        if self._access_token_key_given():
+            keys[None] = key
+        return keys
+
+    def _access_token_key_given(self) -> bool:
+        return ("access_token_key" in self.model_fields_set
+                and bool(self.access_token_key.get_secret_value()))
+
+    def production_problems(self) -> list[str]:
+        """Why these secrets must not run in production, one phrase per variable (no
+        value is ever named); empty when they may."""
+        problems: list[str] = []
+
+        def check(variable: str, field: str | None, value: str, min_bytes: int) -> None:
+            if field is not None and (field not in self.model_fields_set or not value):
+                problems.append(f"{variable} is unset")
+            elif value in DEV_SECRETS:
+                problems.append(f"{variable} is a development value")
+            elif len(value.encode("utf-8")) < min_bytes:
+                problems.append(f"{variable} is shorter than {min_bytes} bytes")
+
+        access_min = max((HMAC_MIN_BYTES[a] for a in self.access_token_algorithms
+                          if a in HMAC_MIN_BYTES), default=0)  # public keys: no length
+        entries = parse_access_token_keys(self.access_token_keys.get_secret_value())
+        if entries:
+            for kid, key in entries:
+                check(f"BIZ_ACCESS_TOKEN_KEYS (kid {kid})", None, key, access_min)
+            if self._access_token_key_given():  # still the key of tokens without a kid
+                check("BIZ_ACCESS_TOKEN_KEY", "access_token_key",
+                      self.access_token_key.get_secret_value(), access_min)
+        else:
+            check("BIZ_ACCESS_TOKEN_KEY", "access_token_key",
+                  self.access_token_key.get_secret_value(), access_min)
+        for variable, field, min_bytes in (
+            ("BIZ_TRANSFER_TOKEN_SECRET", "transfer_token_secret", 32),
+            ("BIZ_PIN_PEPPER", "pin_pepper", 32),
+            ("BIZ_OTP_PEPPER", "otp_pepper", 32),
+            ("BIZ_WEB_FORWARD_SECRET", "web_forward_secret", 32),
+        ):
+            check(variable, field, getattr(self, field).get_secret_value(), min_bytes)
+        return problems
+
+
+#: The kid of BIZ_ACCESS_TOKEN_KEY when no key set is configured.
+DEFAULT_ACCESS_KID = "default"
+
+
+def parse_access_token_keys(text: str) -> list[tuple[str, str]]:
+    """``[{"kid": ..., "key": ...}, ...]`` as (kid, key) pairs; empty text is no key set.
+    Errors name the entry, never a key."""
+    if not text.strip():
+        return []
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise ValueError("BIZ_ACCESS_TOKEN_KEYS is not JSON") from None
+    if isinstance(raw, dict) and isinstance(raw.get("keys"), list):
+        raw = raw["keys"]  # a JWKS-like {"keys": [...]} too
+    if not isinstance(raw, list):
+        raise ValueError("BIZ_ACCESS_TOKEN_KEYS must be a JSON list of {kid, key}")
+    entries: list[tuple[str, str]] = []
+    for n, item in enumerate(raw):
+        kid = item.get("kid") if isinstance(item, dict) else None
+        key = item.get("key") if isinstance(item, dict) else None
+        if not isinstance(kid, str) or not 0 < len(kid) <= 128:
+            raise ValueError(f"BIZ_ACCESS_TOKEN_KEYS[{n}]: kid must be 1 to 128 characters")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"BIZ_ACCESS_TOKEN_KEYS[{n}]: key must be a non-empty string")
+        if any(kid == known for known, _ in entries):
+            raise ValueError(f"BIZ_ACCESS_TOKEN_KEYS[{n}]: kid {kid!r} appears twice")
+        entries.append((kid, key))
+    return entries
 
 
 def load_settings(**overrides: Any) -> Settings:

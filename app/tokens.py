@@ -3,8 +3,10 @@
 Two kinds of token, kept apart by audience *and* by explicit typing (RFC 8725 §3.11):
 
 * **access tokens**, issued by the user center: verified by :class:`AccessTokenVerifier`
-  against a pinned algorithm list and a key configured next to it (never chosen from the
-  token's ``alg``); ``none`` is never accepted; HMAC secrets and public keys are never mixed.
+  against a pinned algorithm list and a key set configured next to it, the key chosen by
+  the token's ``kid`` (never by its ``alg``; an unknown ``kid`` is refused), so that the
+  user center can rotate keys with an overlap; ``none`` is never accepted; HMAC secrets
+  and public keys are never mixed.
 * **transfer tokens**, issued by this service between ``transferInit`` and
   ``transferConfirm``: short-lived HS256 JWTs with header ``typ: transfer+jwt``, handled by
   :class:`TransferTokens`.
@@ -92,6 +94,7 @@ class TokenSettings(Protocol):
     def access_token_algorithms(self) -> Sequence[str]: ...
     @property
     def access_token_key(self) -> SecretStr: ...
+    def access_token_key_set(self) -> Mapping[str | None, str]: ...
     @property
     def access_token_issuer(self) -> str: ...
     @property
@@ -232,6 +235,32 @@ def _hmac_key(algorithm: str, secret: str) -> bytes:
     return key
 
 
+def _prepare_access_key(algs: tuple[str, ...], key: str) -> Any:
+    """One key of the access-token key set, checked against every pinned algorithm."""
+    if not isinstance(key, str):
+        raise ValueError("an access token key must be a string")
+    if algs[0].startswith("HS"):
+        keys = {_hmac_key(a, key) for a in algs}
+        return keys.pop()
+    try:
+        prepared = load_pem_public_key(key.encode("utf-8"))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"access token key is not a PEM public key: {type(exc).__name__}"
+        ) from None
+    for a in algs:
+        alg = jwt.get_algorithm_by_name(a)
+        try:
+            alg.prepare_key(prepared)
+        except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"access token key does not suit {a}: {type(exc).__name__}"
+            ) from None
+        if alg.check_key_length(prepared):
+            raise ValueError(f"access token key too weak for {a}")
+    return prepared
+
+
 # --------------------------------------------------------------------------------------
 # access tokens
 # --------------------------------------------------------------------------------------
@@ -241,17 +270,20 @@ class AccessTokenVerifier:
     """Verifies access tokens issued by the user center.
 
     ``algorithms`` is the pinned allow-list handed to PyJWT; ``key`` is the HMAC secret for
-    HS* or the PEM public key (SubjectPublicKeyInfo) for RS*/PS*/ES*/EdDSA, loaded once here.
-    The key must suit every pinned algorithm, so HMAC and public-key algorithms can never
-    be mixed (RFC 8725 §3.1) and a misconfiguration fails at start-up.
+    HS* or the PEM public key (SubjectPublicKeyInfo) for RS*/PS*/ES*/EdDSA, loaded once here;
+    or a key set, ``{kid: key}``, where the ``None`` kid is the key of tokens that carry no
+    ``kid`` (a plain ``key`` is exactly ``{None: key}``). A token's ``kid`` selects its key;
+    a ``kid`` not in the set, or a token without one when the set has no ``None`` key, is
+    refused. Every key must suit every pinned algorithm, so HMAC and public-key algorithms
+    can never be mixed (RFC 8725 §3.1) and a misconfiguration fails at start-up.
     """
 
-    __slots__ = ("_algorithms", "_audience", "_issuer", "_key", "_leeway", "_options")
+    __slots__ = ("_algorithms", "_audience", "_issuer", "_keys", "_leeway", "_options")
 
     def __init__(
         self,
         algorithms: Sequence[str],
-        key: str,
+        key: str | Mapping[str | None, str],
         issuer: str,
         audience: str,
         leeway_seconds: int,
@@ -271,30 +303,21 @@ class AccessTokenVerifier:
         if leeway_seconds < 0:
             raise ValueError("leeway_seconds must not be negative")
 
-        prepared: Any
-        if algs[0].startswith("HS"):
-            keys = {_hmac_key(a, key) for a in algs}
-            prepared = keys.pop()
-        else:
+        key_set: Mapping[str | None, str] = {None: key} if isinstance(key, str) else key
+        if not key_set:
+            raise ValueError("at least one access token key is required")
+        prepared: dict[str | None, Any] = {}
+        for kid, one in key_set.items():
+            if kid is not None and (not isinstance(kid, str) or not kid):
+                raise ValueError("a kid must be a non-empty string")
             try:
-                prepared = load_pem_public_key(key.encode("utf-8"))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(
-                    f"access token key is not a PEM public key: {type(exc).__name__}"
-                ) from None
-            for a in algs:
-                alg = jwt.get_algorithm_by_name(a)
-                try:
-                    alg.prepare_key(prepared)
-                except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
-                    raise ValueError(
-                        f"access token key does not suit {a}: {type(exc).__name__}"
-                    ) from None
-                if alg.check_key_length(prepared):
-                    raise ValueError(f"access token key too weak for {a}")
+                prepared[kid] = _prepare_access_key(algs, one)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (kid {kid})" if kid is not None else str(exc)
+                                 ) from None
 
         self._algorithms = list(algs)
-        self._key = prepared
+        self._keys = prepared
         self._issuer = issuer
         self._audience = audience
         self._leeway = float(leeway_seconds)
@@ -315,7 +338,7 @@ class AccessTokenVerifier:
     def from_settings(cls, settings: TokenSettings) -> AccessTokenVerifier:
         return cls(
             algorithms=list(settings.access_token_algorithms),
-            key=settings.access_token_key.get_secret_value(),
+            key=dict(settings.access_token_key_set()),
             issuer=settings.access_token_issuer,
             audience=settings.access_token_audience,
             leeway_seconds=settings.jwt_leeway_seconds,
@@ -325,10 +348,15 @@ class AccessTokenVerifier:
     def algorithms(self) -> tuple[str, ...]:
         return tuple(self._algorithms)
 
+    @property
+    def kids(self) -> tuple[str | None, ...]:
+        """The kids of the key set (``None``: tokens without a kid are accepted)."""
+        return tuple(self._keys)
+
     def __repr__(self) -> str:
         return (
             f"AccessTokenVerifier(algorithms={self._algorithms!r}, issuer={self._issuer!r}, "
-            f"audience={self._audience!r})"
+            f"audience={self._audience!r}, kids={list(self._keys)!r})"
         )
 
     def verify(
@@ -345,9 +373,16 @@ class AccessTokenVerifier:
         if not _acceptable_input(token):
             raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_INVALID)
         try:
+            # The key is chosen by kid from the configured set, never from the token's own
+            # claims about itself (alg, jku, jwk, x5u are not read).
+            kid = jwt.get_unverified_header(token).get("kid")
+            if kid is not None and not isinstance(kid, str):
+                raise _Invalid("kid")
+            if kid not in self._keys:
+                raise _Invalid("unknown kid")
             decoded = jwt.decode_complete(
                 token,
-                key=self._key,
+                key=self._keys[kid],
                 algorithms=self._algorithms,
                 options=self._options,
                 issuer=self._issuer,
@@ -557,20 +592,27 @@ def issue_access_token(
     now: datetime | None = None,
     private_key: str | None = None,
     algorithm: str | None = None,
+    kid: str | None = None,
 ) -> str:
     """An access token as the user center would issue it (demos, CLI and tests only).
 
-    HS* tokens are signed with ``settings.access_token_key`` unless ``private_key`` is
-    given; RS*/PS*/ES*/EdDSA need ``private_key`` (PEM). ``algorithm`` defaults to the first
+    The header names a ``kid``: ``kid`` if given, else the first kid of the settings' key
+    set. HS* tokens are signed with that kid's key unless ``private_key`` is given;
+    RS*/PS*/ES*/EdDSA need ``private_key`` (PEM). ``algorithm`` defaults to the first
     pinned algorithm of the settings.
     """
     alg = algorithm or settings.access_token_algorithms[0]
     if alg not in _ACCESS_ALGORITHMS:
         raise ValueError(f"unsupported access token algorithm: {alg}")
+    key_set = settings.access_token_key_set()
+    if kid is None:
+        kid = next((k for k in key_set if k is not None), None)
     if private_key is not None:
         key: str = private_key
     elif alg.startswith("HS"):
-        key = settings.access_token_key.get_secret_value()
+        if kid not in key_set:
+            raise ValueError("kid is not in the key set")
+        key = key_set[kid]
     else:
         raise ValueError(f"{alg} access tokens need private_key (settings hold the public key)")
     issued_at = _aware_utc(now).replace(microsecond=0)
@@ -582,4 +624,7 @@ def issue_access_token(
         "exp": int((issued_at + timedelta(seconds=ttl_seconds)).timestamp()),
         "jti": uuid.uuid4().hex,
     }
-    return jwt.encode(payload, key, algorithm=alg, headers={"typ": ACCESS_TOKEN_TYP})
+    headers: dict[str, Any] = {"typ": ACCESS_TOKEN_TYP}
+    if kid is not None:
+        headers["kid"] = kid
+    return jwt.encode(payload, key, algorithm=alg, headers=headers)

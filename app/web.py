@@ -11,18 +11,35 @@ reply with status 200, else ``{code, message}`` with 400 INVALID_REQUEST, 401
 UNAUTHENTICATED, 403 FORBIDDEN, 500 INTERNAL, or 503 INTERNAL while the partitions are
 being reassigned (retry).
 
-Any worker answers for any key: a request for a key another worker owns is forwarded once
-to that worker (its canonical URL, from the assignment the consumer group agreed on), which
-authenticates, authorizes and answers from its tables. A forwarded request carries the
-header ``X-Bizcenter-Routed``; a worker that receives one for a key it does not own answers
-503 rather than forwarding again (no loops while two workers disagree during a rebalance).
+Any worker answers for any key. Each request is authenticated first, where it arrives
+(the token, then the directory): nothing unauthenticated is ever forwarded. A request for a
+key another worker of the same group owns (its canonical URL, from the assignment the
+consumer group agreed on) is then forwarded once to that worker, **without** the bearer
+token: the forwarding worker vouches for the operator it authenticated with
+``X-Bizcenter-Forwarded-Operator``, ``X-Bizcenter-Forwarded-At`` and
+``X-Bizcenter-Forward-Signature``, an HMAC-SHA256 under ``BIZ_WEB_FORWARD_SECRET`` (shared
+by the workers) over the group (``BIZ_APP_ID``), the method, the path and query, the
+operator and the time. The owner accepts a forwarded request only with a valid signature
+no older than :data:`FORWARD_MAX_AGE_SECONDS` (compared in constant time), re-reads the
+operator from the directory, authorizes and answers from its tables; a forged or stale one
+is 401. A worker that receives a forwarded request for a key it does not own (ownership
+moving during a rebalance) answers 503 rather than forwarding again (no loops).
 
-Faust's own ``/table``, ``/router``, statistics and graph pages are not served (app
-configuration in app/faust_app.py).
+``X-Bizcenter-Served-By`` names the worker whose tables answered by an opaque tag (an HMAC
+of its URL under the forward secret, :func:`served_by_tag`), never by its address.
+
+A transfer's details are authorized before any wait: a transfer the table holds and the
+operator is not party to is answered at once (as an unknown one); only a transfer missing
+from the table or the operator's own unfinished one waits for the transfer events still on
+their way (app.query_service, at most ``DETAILS_CATCH_UP_SECONDS``), in the request's own
+task, so that no other query waits for it.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -43,8 +60,12 @@ from schemas.wire import CommandType, ErrorCode, QueryRequest, QueryTransactionH
 
 log = logging.getLogger(__name__)
 
-ROUTED_HEADER = "X-Bizcenter-Routed"
-#: The canonical URL of the worker whose tables answered (operators and tests).
+#: Headers of a forwarded request (see the module docstring).
+FORWARDED_OPERATOR_HEADER = "X-Bizcenter-Forwarded-Operator"
+FORWARDED_AT_HEADER = "X-Bizcenter-Forwarded-At"
+FORWARD_SIGNATURE_HEADER = "X-Bizcenter-Forward-Signature"
+_FORWARD_HEADERS = (FORWARDED_OPERATOR_HEADER, FORWARDED_AT_HEADER, FORWARD_SIGNATURE_HEADER)
+#: An opaque tag of the worker whose tables answered (operators and tests), not its URL.
 SERVED_BY_HEADER = "X-Bizcenter-Served-By"
 STATUS = {
     ErrorCode.INVALID_REQUEST: 400,
@@ -53,6 +74,8 @@ STATUS = {
     ErrorCode.INTERNAL: 500,
 }
 FORWARD_TIMEOUT_SECONDS = 10.0
+#: A forwarded request older (or newer) than this is refused: a replay window.
+FORWARD_MAX_AGE_SECONDS = 30.0
 
 
 class HttpError(Exception):
@@ -85,69 +108,145 @@ def _ident(url: str) -> tuple[str, int]:
     return parsed.host or "", int(parsed.port or 80)
 
 
+def served_by_tag(secret: str, canonical_url: str) -> str:
+    """The public name of a worker: 12 hex digits of an HMAC of its URL under the forward
+    secret. Stable per worker, and says nothing about where the worker is."""
+    digest = hmac.new(secret.encode(), b"served-by\n" + canonical_url.encode(),
+                      hashlib.sha256).hexdigest()
+    return f"w-{digest[:12]}"
+
+
+def forward_signature(secret: str, group: str, method: str, path_qs: str,
+                      operator_b64: str, at: str) -> str:
+    """HMAC-SHA256 (hex) of a forwarded request under the workers' shared secret."""
+    message = "\n".join(("bizcenter-forward-v1", group, method.upper(), path_qs,
+                         operator_b64, at))
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def forward_headers(secret: str, group: str, method: str, path_qs: str, operator_id: str,
+                    now: float) -> dict[str, str]:
+    """The headers with which a worker vouches for the operator it authenticated."""
+    operator_b64 = base64.urlsafe_b64encode(operator_id.encode()).decode()
+    at = str(int(now))
+    return {
+        FORWARDED_OPERATOR_HEADER: operator_b64,
+        FORWARDED_AT_HEADER: at,
+        FORWARD_SIGNATURE_HEADER: forward_signature(secret, group, method, path_qs,
+                                                    operator_b64, at),
+    }
+
+
 class QueryViews:
-    """What the three views share: forwarding, authentication, the answer as JSON."""
+    """What the three views share: authentication, forwarding, the answer as JSON."""
 
     def __init__(self, app: Any, runtime: Any) -> None:
         self.app = app
         self.runtime = runtime
+        self._secret = runtime.settings.web_forward_secret.get_secret_value()
+        self._group = runtime.settings.app_id
+        self._served_by = {SERVED_BY_HEADER: served_by_tag(
+            self._secret, str(self.app.conf.canonical_url))}
 
     async def serve(self, view: web.View, request: web.Request, table: str, key: str,
                     query: Callable[[UserRecord], QueryRequest]) -> web.Response:
         try:
-            forwarded = await self._forward_if_elsewhere(view, request, table, key)
-            if forwarded is not None:
-                return forwarded
+            if any(h in request.headers for h in _FORWARD_HEADERS):
+                user = await self._forwarded_operator(request)
+                if not self._owns(table, key):
+                    raise _unavailable("the partitions are being reassigned; retry")
+            else:
+                user = await self._authenticate(request)
+                forwarded = await self._forward_if_elsewhere(view, request, table, key,
+                                                             user)
+                if forwarded is not None:
+                    return forwarded
             if getattr(self.app, "in_recovery", False):
                 raise _unavailable("the tables are being recovered; retry")
-            user = await self._authenticate(request)
-            answer: Answer = await self.runtime.answer(query(user))
+            answer: Answer = await self._answer(query(user))
         except HttpError as err:
             return self._error(view, err.status, err.code, err.message)
         except Exception:
             log.exception("HTTP query %s failed", request.url.path)
             return self._error(view, 500, ErrorCode.INTERNAL, "internal error; retry")
         if answer.ok:
-            return view.json(answer.data, headers=self._served_by())
+            return view.json(answer.data, headers=self._served_by)
         assert answer.code is not None
         return self._error(view, STATUS.get(answer.code, 500), answer.code,
                            answer.message or "")
 
-    def _served_by(self) -> dict[str, str]:
-        return {SERVED_BY_HEADER: str(self.app.conf.canonical_url)}
+    async def _answer(self, request: QueryRequest) -> Answer:
+        """The answer from this worker's tables. Details are authorized on what the table
+        holds before anything waits: someone else's transfer is answered at once."""
+        if request.type == CommandType.QUERY_TRANSACTION_DETAILS.value:
+            service = self.runtime.service
+            transfer_id = str(request.params.get("transferId", ""))
+            now: Answer = service.answer(request)
+            if service.transfers.get(transfer_id) is not None and (
+                    not now.ok or service.transfer_settled(transfer_id)):
+                return now  # not the operator's (same answer as unknown), or final
+        answer: Answer = await self.runtime.answer(request)  # waits only if it may be theirs
+        return answer
 
     def _error(self, view: web.View, status: int, code: ErrorCode, message: str
                ) -> web.Response:
         return view.json({"code": code.value, "message": message}, status=status,
-                         headers=self._served_by())
+                         headers=self._served_by)
 
-    async def _forward_if_elsewhere(self, view: web.View, request: web.Request, table: str,
-                                    key: str) -> web.Response | None:
+    def _owner(self, table: str, key: str) -> str:
         owner = self.runtime.owner_url(table, key.encode())
         if owner is None:
             raise _unavailable("the partitions are being reassigned; retry")
+        return str(owner)
+
+    def _owns(self, table: str, key: str) -> bool:
+        return _ident(self._owner(table, key)) == _ident(str(self.app.conf.canonical_url))
+
+    async def _forward_if_elsewhere(self, view: web.View, request: web.Request, table: str,
+                                    key: str, user: UserRecord) -> web.Response | None:
+        owner = self._owner(table, key)  # a worker of this group: the group's assignment
         if _ident(owner) == _ident(str(self.app.conf.canonical_url)):
             return None
-        if request.headers.get(ROUTED_HEADER):
-            raise _unavailable("the partitions are being reassigned; retry")
-        headers = {ROUTED_HEADER: "1"}
-        authorization = request.headers.get("Authorization")
-        if authorization is not None:
-            headers["Authorization"] = authorization
-        url = URL(owner.rstrip("/") + str(request.rel_url), encoded=True)
+        path_qs = str(request.rel_url)
+        headers = forward_headers(self._secret, self._group, request.method, path_qs,
+                                  user.user_id, time.time())
+        url = URL(owner.rstrip("/") + path_qs, encoded=True)
         try:
             async with self.app.http_client.get(
-                url, headers=headers,
+                url, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_SECONDS),
             ) as response:
                 body = await response.read()
-                served_by = response.headers.get(SERVED_BY_HEADER, owner)
+                served_by = response.headers.get(SERVED_BY_HEADER)
                 return view.bytes(body, content_type="application/json",
                                   status=response.status,
-                                  headers={SERVED_BY_HEADER: served_by})
+                                  headers={SERVED_BY_HEADER: served_by} if served_by else {})
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("cannot forward %s to %s: %s", request.url.path, owner, exc)
+            # The owner's address goes to the log only, never to the client.
+            log.warning("cannot forward %s to %s: %s", request.url.path, owner,
+                        type(exc).__name__)
             raise _unavailable("the worker owning this key does not answer; retry") from None
+
+    async def _forwarded_operator(self, request: web.Request) -> UserRecord:
+        """The operator another worker of the group authenticated, if its signature holds."""
+        operator_b64 = request.headers.get(FORWARDED_OPERATOR_HEADER, "")
+        at = request.headers.get(FORWARDED_AT_HEADER, "")
+        signature = request.headers.get(FORWARD_SIGNATURE_HEADER, "")
+        expected = forward_signature(self._secret, self._group, request.method,
+                                     str(request.rel_url), operator_b64, at)
+        refused = HttpError(401, ErrorCode.UNAUTHENTICATED, "invalid forwarded request")
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            log.warning("refused a forwarded request with a bad signature: %s",
+                        request.url.path)
+            raise refused
+        try:
+            sent_at = int(at)
+            operator_id = base64.urlsafe_b64decode(operator_b64.encode()).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise refused from None
+        if abs(time.time() - sent_at) > FORWARD_MAX_AGE_SECONDS or not operator_id:
+            raise refused
+        return await self._active_user(operator_id)
 
     async def _authenticate(self, request: web.Request) -> UserRecord:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -161,7 +260,10 @@ class QueryViews:
             self.runtime.access.verify(token, subject, datetime.fromtimestamp(time.time(), UTC))
         except TokenError as err:
             raise HttpError(STATUS.get(err.code, 401), err.code, err.message) from None
-        user: UserRecord | None = await self.runtime.store.get_user(subject)
+        return await self._active_user(subject)
+
+    async def _active_user(self, user_id: str) -> UserRecord:
+        user: UserRecord | None = await self.runtime.store.get_user(user_id)
         if user is None or user.status is not UserStatus.ACTIVE:
             raise HttpError(403, ErrorCode.FORBIDDEN, "the user is unknown or blocked")
         return user

@@ -65,6 +65,7 @@ def run_settings(base: Settings, run_id: str, cfg: BenchConfig, data_dir: Path) 
         event_loop=cfg.event_loop,
         data_dir=str(data_dir),
         log_level=cfg.log_level,
+        environment="development",  # seeded with the development secrets and a known PIN
     )
     return Settings(**values)
 

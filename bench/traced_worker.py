@@ -204,6 +204,7 @@ def _no_pre_ping() -> None:
         original(url, schema, pool_size)  # validates the schema name
         return create_async_engine(
             url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
+            hide_parameters=True,
             connect_args={"server_settings": {"search_path": schema,
                                               "application_name": "bizcenter"}})
 

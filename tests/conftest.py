@@ -23,6 +23,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The tests run on the development secrets: every Settings built in this process, and
+# every child process whose environment derives from this one or from such settings, is a
+# development one (a production environment refuses them, app/cli.py). The tests of the
+# production refusal build their children's environment from scratch.
+os.environ["BIZ_ENVIRONMENT"] = "development"
+
 
 def _env_file() -> dict[str, str]:
     path = Path(os.environ.get("BIZ_ENV_FILE", ROOT / ".local" / "env"))
@@ -125,7 +131,7 @@ async def pg_admin(database_url: str) -> AsyncIterator[object]:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    engine = create_async_engine(database_url, pool_size=2)
+    engine = create_async_engine(database_url, pool_size=2, hide_parameters=True)
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

@@ -5,6 +5,7 @@ center and the funding provider, the real broker and PostgreSQL. Over Kafka
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,37 +17,53 @@ from aiokafka.partitioner import murmur2
 from conftest import wait_for
 from system import System, free_port
 
+from app.web import (
+    FORWARD_SIGNATURE_HEADER,
+    FORWARDED_AT_HEADER,
+    FORWARDED_OPERATOR_HEADER,
+    SERVED_BY_HEADER,
+    forward_headers,
+    served_by_tag,
+)
+
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 3
 
 
 class Cluster:
-    """The system plus the web ports of its two workers."""
+    """The system plus the web ports of its two workers, and the opaque tags by which
+    their answers name them (``X-Bizcenter-Served-By``, never an address)."""
 
     def __init__(self, system: System, ports: tuple[int, int]) -> None:
         self.system = system
         self.ports = ports
         self.urls = tuple(f"http://127.0.0.1:{p}" for p in ports)
+        secret = system.settings.web_forward_secret.get_secret_value()
+        self.tags = tuple(served_by_tag(secret, url) for url in self.urls)
+        self.probe_user = ""  # an active user without an account (set by the fixture)
+        self.probe_token = ""  # and their access token
 
     async def owners(self) -> dict[int, str] | None:
-        """Partition → the URL of the worker that owns it, when both workers agree on an
+        """Partition → the tag of the worker that owns it, when both workers agree on an
         assignment that uses both; else None."""
         seen: dict[int, set[str]] = {}
         for partition, key in enumerate(PROBES):
             for port in self.ports:
                 try:
                     status, _body, headers = await self.system.http_get(
-                        port, f"/accounts/{key}/balance")
+                        port, f"/accounts/{key}/balance", self.probe_token)
                 except OSError:  # not listening yet (aiohttp's errors are OSErrors)
                     return None
-                if status != 401:  # no token: the owner answers 401, 503 while moving
+                # Authenticated where it arrives, then answered by the owner: someone
+                # else's account is 403 there; 503 while the partitions move.
+                if status != 403:
                     return None
-                seen.setdefault(partition, set()).add(headers["X-Bizcenter-Served-By"])
-        if any(len(urls) != 1 for urls in seen.values()):
+                seen.setdefault(partition, set()).add(headers[SERVED_BY_HEADER])
+        if any(len(tags) != 1 for tags in seen.values()):
             return None
-        owners = {p: urls.pop() for p, urls in seen.items()}
-        return owners if set(owners.values()) == set(self.urls) else None
+        owners = {p: tags.pop() for p, tags in seen.items()}
+        return owners if set(owners.values()) == set(self.tags) else None
 
 
 def partition_of(key: str) -> int:
@@ -75,6 +92,10 @@ async def cluster(kafka_bootstrap: str, database_url: str, isolation_id: str,
     await sys_.start()
     sys_.start_worker("worker-2", web_port=ports[1])
     cluster = Cluster(sys_, ports)
+    probe = "probe" + uuid.uuid4().hex[:8]
+    await sys_.add_user(probe, balance=0, open_account=False)
+    cluster.probe_user = probe
+    cluster.probe_token = sys_.token(probe, ttl_seconds=3600)
     try:
         await wait_for(cluster.owners, timeout=120, interval=0.5,
                        what="both workers in the group, serving HTTP")
@@ -372,6 +393,106 @@ async def test_http_bad_parameters_are_400(cluster: Cluster) -> None:
         assert (status, body["code"]) == (400, "INVALID_REQUEST"), (query, body)
 
 
+async def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+    """GET with exactly these headers (a forged forward, for instance)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{port}{path}", headers=headers,
+            timeout=aiohttp.ClientTimeout(total=30)) as response:
+        return response.status, await response.json(content_type=None), dict(response.headers)
+
+
+async def _user_owned_by(cluster: Cluster, owners: dict[int, str], tag: str) -> str:
+    """A new user (with an account of balance 0) whose account partition ``tag`` owns."""
+    while True:
+        user = _user()
+        if owners[partition_of(f"acc-{user}")] == tag:
+            await cluster.system.add_user(user, balance=0)
+            return user
+
+
+async def test_an_unauthenticated_request_is_refused_where_it_arrives(
+        cluster: Cluster) -> None:
+    """Nothing unauthenticated is forwarded: each worker answers 401 itself (its own tag in
+    X-Bizcenter-Served-By), also for the keys the other worker owns."""
+    system = cluster.system
+    owners = await cluster.owners()
+    assert owners is not None
+    expired = system.token(cluster.probe_user, ttl_seconds=-120)
+    for port, tag in zip(cluster.ports, cluster.tags, strict=True):
+        assert any(owner != tag for owner in owners.values())  # some keys are elsewhere
+        for key in PROBES:
+            for token in (None, "not-a-jwt", expired):
+                status, body, headers = await system.http_get(
+                    port, f"/accounts/{key}/balance", token)
+                assert (status, body["code"]) == (401, "UNAUTHENTICATED"), (port, key)
+                assert headers[SERVED_BY_HEADER] == tag, (port, key, token)
+
+
+async def test_a_forwarded_answer_reveals_no_address(cluster: Cluster) -> None:
+    system = cluster.system
+    owners = await cluster.owners()
+    assert owners is not None
+    user = await _user_owned_by(cluster, owners, cluster.tags[1])
+    status, body, headers = await system.http_get(
+        cluster.ports[0], f"/accounts/acc-{user}/balance", system.token(user))
+    assert (status, body["balanceMinor"]) == (200, 0)
+    assert headers[SERVED_BY_HEADER] == cluster.tags[1]  # answered by the other worker
+    for name, value in headers.items():
+        for revealing in ("127.0.0.1", "http://", *(f":{p}" for p in cluster.ports)):
+            assert revealing not in value, (name, value)
+
+
+async def test_a_forged_forwarded_request_is_refused(cluster: Cluster) -> None:
+    """A worker believes a forwarded request only with the group's signature over this
+    very request, made now; a correctly signed one (the control) is answered."""
+    system = cluster.system
+    owners = await cluster.owners()
+    assert owners is not None
+    user = await _user_owned_by(cluster, owners, cluster.tags[0])
+    other = await _user_owned_by(cluster, owners, cluster.tags[0])
+    port = cluster.ports[0]
+    path = f"/accounts/acc-{user}/balance"
+    secret = system.settings.web_forward_secret.get_secret_value()
+    group = system.settings.app_id
+
+    def signed(*, key: str = secret, grp: str = group, at: float | None = None,
+               for_path: str = path, operator: str = user) -> dict[str, str]:
+        return forward_headers(key, grp, "GET", for_path, operator,
+                               time.time() if at is None else at)
+
+    # The control: signed with the group's secret, no bearer token at all.
+    status, body, headers = await _get(port, path, signed())
+    assert (status, body["balanceMinor"], headers[SERVED_BY_HEADER]) == (
+        200, 0, cluster.tags[0])
+    good = signed()
+    forged: dict[str, dict[str, str]] = {
+        "no signature": {k: v for k, v in good.items() if k != FORWARD_SIGNATURE_HEADER},
+        "empty signature": {**good, FORWARD_SIGNATURE_HEADER: ""},
+        "another secret": signed(key="not-the-group-secret-" + "x" * 40),
+        "another group": signed(grp=group + "-other"),
+        "stale": signed(at=time.time() - 120),
+        "from the future": signed(at=time.time() + 120),
+        "signed for another path": signed(for_path=f"/accounts/acc-{other}/balance"),
+        "another operator": {**good, FORWARDED_OPERATOR_HEADER: signed(
+            operator=other)[FORWARDED_OPERATOR_HEADER]},
+        "another time": {**good, FORWARDED_AT_HEADER: str(int(good[FORWARDED_AT_HEADER]) - 1)},
+        "with the user's own bearer token": {
+            "Authorization": f"Bearer {system.token(user)}",
+            FORWARD_SIGNATURE_HEADER: "0" * 64},
+    }
+    for what, headers in forged.items():
+        status, body, _ = await _get(port, path, headers)
+        assert (status, body["code"]) == (401, "UNAUTHENTICATED"), what
+    # A signed request for a key the receiver does not own is not forwarded again.
+    elsewhere = await _user_owned_by(cluster, owners, cluster.tags[1])
+    elsewhere_path = f"/accounts/acc-{elsewhere}/balance"
+    status, body, _ = await _get(port, elsewhere_path, forward_headers(
+        secret, group, "GET", elsewhere_path, elsewhere, time.time()))
+    assert (status, body["code"]) == (503, "INTERNAL")
+
+
 async def test_faust_raw_endpoints_are_off(cluster: Cluster) -> None:
     for port in cluster.ports:
         for path in ("/table/", "/table/balances/", "/table/balances/acc-x/", "/router/",
@@ -398,15 +519,15 @@ async def test_two_workers_each_answer_for_accounts_the_other_owns(cluster: Clus
         await wait_for(lambda u=user, p=partition: _has_balance(system, u, 1_000 + p),
                        timeout=30, what=f"balance of {user}")
     # HTTP: every worker answers for every account; the owner's tables answer.
-    answered_by_other = {url: 0 for url in cluster.urls}
-    for port, url in zip(cluster.ports, cluster.urls, strict=True):
+    answered_by_other = {tag: 0 for tag in cluster.tags}
+    for port, tag in zip(cluster.ports, cluster.tags, strict=True):
         for partition, user in users.items():
             status, body, headers = await system.http_get(
                 port, f"/accounts/acc-{user}/balance", system.token(user))
             assert (status, body["balanceMinor"]) == (200, 1_000 + partition)
-            assert headers["X-Bizcenter-Served-By"] == owners[partition]
-            if owners[partition] != url:
-                answered_by_other[url] += 1
+            assert headers[SERVED_BY_HEADER] == owners[partition]
+            if owners[partition] != tag:
+                answered_by_other[tag] += 1
     assert all(answered_by_other.values()), answered_by_other
     # Kafka: a query whose command lands on one worker is answered by the other worker
     # (the command's partition is its requestId's, the answer the account's).

@@ -880,3 +880,117 @@ def test_issue_access_token_claims() -> None:
     assert payload["sub"] == "alice"
     assert payload["exp"] - payload["iat"] == 120
     assert isinstance(payload["jti"], str) and payload["jti"]
+
+
+# --------------------------------------------------------------------------------------
+# key rotation: a key set selected by kid
+# --------------------------------------------------------------------------------------
+
+K1 = "key-one-for-tests-" + "1" * 40
+K2 = "key-two-for-tests-" + "2" * 40
+
+
+def key_set(*entries: tuple[str, str]) -> SecretStr:
+    return SecretStr(json.dumps([{"kid": kid, "key": key} for kid, key in entries]))
+
+
+def test_a_key_set_verifies_each_token_with_the_key_its_kid_names() -> None:
+    verifier = AccessTokenVerifier(["HS256"], {"k1": K1, "k2": K2}, ISSUER, AUDIENCE, LEEWAY)
+    for kid, key in (("k1", K1), ("k2", K2)):
+        token = encode(access_claims(), key=key, headers={"kid": kid})
+        assert verifier.verify(token, "alice", now=NOW).user_id == "alice"
+    refused = {
+        "signed with k1, naming k2": encode(access_claims(), key=K1, headers={"kid": "k2"}),
+        "unknown kid, signed with a known key": encode(access_claims(), key=K1,
+                                                       headers={"kid": "k3"}),
+        "empty kid": encode(access_claims(), key=K1, headers={"kid": ""}),
+        "kid not a string": hand_signed_hs256({"alg": "HS256", "kid": 1}, access_claims(),
+                                              K1.encode()),
+        "no kid (the set has no key for it)": encode(access_claims(), key=K1),
+    }
+    for what, token in refused.items():
+        err = raises_token_error(lambda t=token: verifier.verify(t, "alice", now=NOW),
+                                 ErrorCode.UNAUTHENTICATED)
+        assert err.message == "invalid access token", what
+    assert verifier.kids == ("k1", "k2")
+    assert K1 not in repr(verifier) and K2 not in repr(verifier)
+
+
+def test_rotation_with_an_overlap_through_the_settings() -> None:
+    before = Settings(access_token_keys=key_set(("k1", K1)))
+    during = Settings(access_token_keys=key_set(("k2", K2), ("k1", K1)))
+    after = Settings(access_token_keys=key_set(("k2", K2)))
+    old_token = issue_access_token(before, "alice", now=NOW)
+    new_token = issue_access_token(during, "alice", now=NOW)  # signs with the first kid
+    assert jwt.get_unverified_header(old_token)["kid"] == "k1"
+    assert jwt.get_unverified_header(new_token)["kid"] == "k2"
+    overlap = AccessTokenVerifier.from_settings(during)
+    for token in (old_token, new_token):
+        assert overlap.verify(token, "alice", now=NOW).user_id == "alice"
+    raises_token_error(lambda: AccessTokenVerifier.from_settings(after).verify(
+        old_token, "alice", now=NOW), ErrorCode.UNAUTHENTICATED)  # k1 retired
+    raises_token_error(lambda: AccessTokenVerifier.from_settings(before).verify(
+        new_token, "alice", now=NOW), ErrorCode.UNAUTHENTICATED)  # k2 not yet known
+    # With a key set, a token without a kid is refused unless BIZ_ACCESS_TOKEN_KEY is set
+    # too (moving from the single key): then that key verifies it, and only it.
+    no_kid = encode(access_claims(), key=ACCESS_SECRET)
+    raises_token_error(lambda: AccessTokenVerifier.from_settings(during).verify(
+        no_kid, "alice", now=NOW), ErrorCode.UNAUTHENTICATED)
+    moving = Settings(access_token_keys=key_set(("k2", K2)),
+                      access_token_key=SecretStr(ACCESS_SECRET))
+    assert AccessTokenVerifier.from_settings(moving).verify(no_kid, "alice", now=NOW)
+    raises_token_error(lambda: AccessTokenVerifier.from_settings(moving).verify(
+        encode(access_claims(), key=K2), "alice", now=NOW), ErrorCode.UNAUTHENTICATED)
+
+
+def test_the_single_key_accepts_no_kid_and_the_default_kid_only() -> None:
+    settings = Settings(access_token_key=SecretStr(ACCESS_SECRET))
+    verifier = AccessTokenVerifier.from_settings(settings)
+    issued = issue_access_token(settings, "alice", now=NOW)
+    assert jwt.get_unverified_header(issued)["kid"] == "default"  # the issuer sets a kid
+    for token in (issued, encode(access_claims(), key=ACCESS_SECRET),
+                  encode(access_claims(), key=ACCESS_SECRET, headers={"kid": "default"})):
+        assert verifier.verify(token, "alice", now=NOW).user_id == "alice"
+    raises_token_error(lambda: verifier.verify(
+        encode(access_claims(), key=ACCESS_SECRET, headers={"kid": "k9"}), "alice", now=NOW),
+        ErrorCode.UNAUTHENTICATED)
+
+
+def test_a_key_set_never_mixes_hmac_secrets_and_public_keys(
+    rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    with pytest.raises(ValueError, match="kid k2"):
+        AccessTokenVerifier(["HS256"], {"k1": K1, "k2": pem_public(rsa_key)}, ISSUER,
+                            AUDIENCE, LEEWAY)
+    with pytest.raises(ValueError, match="kid k2"):
+        AccessTokenVerifier(["RS256"], {"k1": pem_public(rsa_key), "k2": K1}, ISSUER,
+                            AUDIENCE, LEEWAY)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    verifier = AccessTokenVerifier(["RS256"], {"a": pem_public(rsa_key),
+                                               "b": pem_public(other)},
+                                   ISSUER, AUDIENCE, LEEWAY)
+    for kid, private in (("a", rsa_key), ("b", other)):
+        token = encode(access_claims(), key=private, algorithm="RS256", headers={"kid": kid})
+        assert verifier.verify(token, "alice", now=NOW).user_id == "alice"
+    swapped = encode(access_claims(), key=rsa_key, algorithm="RS256", headers={"kid": "b"})
+    raises_token_error(lambda: verifier.verify(swapped, "alice", now=NOW),
+                       ErrorCode.UNAUTHENTICATED)
+    # The public key of kid a used as an HMAC secret (algorithm confusion): refused.
+    confused = hand_signed_hs256({"alg": "HS256", "kid": "a"}, access_claims(),
+                                 pem_public(rsa_key).encode())
+    raises_token_error(lambda: verifier.verify(confused, "alice", now=NOW),
+                       ErrorCode.UNAUTHENTICATED)
+
+
+@pytest.mark.parametrize("text", [
+    "not json", '{"kid": "k1"}', '[{"kid": "k1"}]', '[{"key": "x"}]',
+    '[{"kid": "", "key": "x"}]',
+    f'[{{"kid": "k1", "key": "{K1}"}}, {{"kid": "k1", "key": "{K2}"}}]',
+])
+def test_a_malformed_key_set_is_refused_without_showing_a_key(text: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        Settings(access_token_keys=SecretStr(text))
+    shown = str(info.value.errors(include_input=False, include_url=False))
+    assert K1 not in shown and K2 not in shown

@@ -25,6 +25,8 @@ def make_engine(url: str, schema: str, pool_size: int = 10) -> AsyncEngine:
         # middleboxes drop idle ones.
         pool_pre_ping=False,
         pool_recycle=1800,
+        # Errors and SQL logs never show bound values (PIN verifiers, OTP digests, ...).
+        hide_parameters=True,
         connect_args={"server_settings": {"search_path": schema, "application_name": "bizcenter"}},
     )
 
