@@ -74,6 +74,9 @@ class System:
             "tick_interval_seconds": 0.5,
             "account_command_timeout_seconds": 3.0,
             "db_pool_size": 5,
+            # The children run the development secrets: a production environment would
+            # refuse to start (app/cli.py).
+            "environment": "development",
         }
         values.update(overrides)
         return cls(Settings(**values), tmp)
