@@ -17,10 +17,7 @@ through :attr:`QueryRuntime.accounts`, before each event is relayed to its saga;
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import time
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -38,7 +35,20 @@ from app.query_service import (
     TransferProjection,
     reply_value,
 )
-from schemas.wire import CommandType, DeadLetter, ErrorCode, QueryRequest
+from app.record_failures import (
+    MAX_TYPE_CHARS,
+    Handler,
+    Outbound,
+    Poison,
+    Refused,
+    SourceRecord,
+    cut,
+    dead_letter_out,
+    decode_json_object,
+    readable_fields,
+    readable_id,
+)
+from schemas.wire import CommandType, ErrorCode, QueryRequest
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +155,48 @@ class QueryRuntime:
             TP(self.topics.transfer_events, partition))
         return int(committed) - 1 if committed else -1
 
-    def dead_letter(self, msg: Any, reason: str) -> tuple[bytes | None, bytes]:
-        record = DeadLetter(
-            source_topic=msg.topic, source_partition=msg.partition, source_offset=msg.offset,
-            key_b64=base64.b64encode(msg.key).decode() if msg.key is not None else None,
-            value_b64=base64.b64encode(msg.value).decode() if msg.value is not None else None,
-            reason=reason, failed_at=datetime.fromtimestamp(time.time(), UTC),
-        )
-        return msg.key, orjson.dumps(record.to_wire())
+    # ---------------------------------------------------------------- records
+
+    async def decide_query(self, record: SourceRecord) -> list[Outbound]:
+        """A ``business.queries`` record → its reply."""
+        doc = decode_json_object(record.value)
+        try:
+            request = QueryRequest.model_validate(doc)
+        except ValidationError:
+            raise Refused("invalid query request") from None
+        answer = await self.answer(request)
+        return [Outbound(self.topics.replies, request.request_id.encode(),
+                         reply_value(request, answer))]
+
+    def query_poison(self, record: SourceRecord, exc: BaseException) -> list[Outbound]:
+        """Dead-lettered; a query whose answering failed is also answered ``INTERNAL``."""
+        reason = exc.reason if isinstance(exc, Poison) else "internal error"
+        outputs = [dead_letter_out(self.topics.dlq, record, reason)]
+        fields = readable_fields(record.value, ("requestId", "type", "idempotencyKey"))
+        request_id = readable_id(fields, "requestId")
+        if request_id is not None and not isinstance(exc, Refused):
+            reply: dict[str, Any] = {
+                "requestId": request_id, "type": cut(fields.get("type", "unknown"),
+                                                     MAX_TYPE_CHARS),
+                "status": "error", "code": ErrorCode.INTERNAL.value,
+                "message": "internal error; retry"}
+            idem = readable_id(fields, "idempotencyKey")
+            if idem is not None:
+                reply["idempotencyKey"] = idem
+            outputs.append(Outbound(self.topics.replies, request_id.encode(),
+                                    orjson.dumps(reply)))
+        return outputs
+
+    async def decide_transfer_event(self, record: SourceRecord) -> list[Outbound]:
+        self.transfers.apply_raw(record.value)
+        self.progress.advance(record.partition, record.offset)
+        return []
+
+    def transfer_event_poison(self, record: SourceRecord, exc: BaseException
+                              ) -> list[Outbound]:
+        self.progress.advance(record.partition, record.offset)
+        reason = exc.reason if isinstance(exc, Poison) else "internal error"
+        return [dead_letter_out(self.topics.dlq, record, reason)]
 
 
 def register(worker: Worker) -> QueryRuntime:
@@ -160,46 +204,24 @@ def register(worker: Worker) -> QueryRuntime:
     app, topics = worker.app, worker.topics
     runtime = QueryRuntime(worker)
     worker.queries = runtime
-    replies = worker.channels[topics.replies]
-    dlq = worker.channels[topics.dlq]
+    # The relay of account.events (agents/transfer_agents.py) applies each valid event to
+    # the account tables before relaying it.
+    worker.service.account_event_listeners.append(runtime.accounts.apply)
+    queries = Handler(runtime.decide_query, runtime.query_poison)
+    transfer_events = Handler(runtime.decide_transfer_event, runtime.transfer_event_poison)
+
+    from agents.transfer_agents import consume
 
     @app.agent(worker.channels[topics.queries], name="answer_queries", concurrency=1)
     async def answer_queries(stream: Any) -> None:
         """business.queries (key accountId or transferId) → business.replies."""
-        async for event in stream.events():
-            msg = event.message
-            try:
-                try:
-                    request = QueryRequest.model_validate_json(msg.value or b"")
-                except ValidationError:
-                    key, value = runtime.dead_letter(msg, "invalid query request")
-                    await dlq.send(key=key, value=value)
-                    continue
-                try:
-                    answer = await runtime.answer(request)
-                except Exception:
-                    log.exception("query %s failed", request.request_id)
-                    answer = Answer.error(ErrorCode.INTERNAL, "internal error; retry")
-                await replies.send(key=request.request_id.encode(),
-                                   value=reply_value(request, answer))
-            except Exception as exc:  # only infrastructure failures (the producer is gone)
-                log.exception("cannot answer %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-                await app.crash(exc)
-                return
+        await consume(worker, stream, queries)
 
     @app.agent(worker.channels[topics.transfer_events], name="track_transfers",
                concurrency=1)
     async def track_transfers(stream: Any) -> None:
         """business.transfer-events (key transferId) → the transfers table."""
-        async for event in stream.events():
-            msg = event.message
-            try:
-                runtime.transfers.apply_raw(msg.value)
-                runtime.progress.advance(msg.partition, msg.offset)
-            except Exception as exc:
-                log.exception("cannot track %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-                await app.crash(exc)
-                return
+        await consume(worker, stream, transfer_events)
 
     @app.on_partitions_revoked.connect
     def forget_progress(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

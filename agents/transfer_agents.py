@@ -1,9 +1,12 @@
 """Agents of the business worker: thin adapters between Kafka and the TransferService.
 
-No business decision is taken here. Each agent decodes nothing itself: it hands the raw
-bytes, key and position to the service and sends what the service returns. Faust concurrency
-stays 1 (faust-streaming #606: higher concurrency can commit offsets past in-flight
-messages); the saga agent overlaps partitions itself, acking each record when it is done
+No business decision is taken here, and no failure handling either: every record goes
+through the service's :class:`app.record_failures.RecordGuard` (``service.guard``), the one
+poison/outage rule of every consumer (docs/architecture.md): a record that fails for its own
+sake gets its error reply or dead letter and the partition moves on; an infrastructure
+failure is retried with back-off, nothing skipped. Faust concurrency stays 1
+(faust-streaming #606: higher concurrency can commit offsets past in-flight messages); the
+saga agent overlaps partitions itself, acking each record when it is done
 (agents/lanes.py).
 """
 
@@ -15,8 +18,16 @@ from typing import Any
 
 from agents.lanes import LaneFailed, Lanes
 from app.faust_app import Worker
+from app.record_failures import RecordHandler, SourceRecord, describe
 
 log = logging.getLogger(__name__)
+
+
+async def consume(worker: Worker, stream: Any, handler: RecordHandler) -> None:
+    """The body of a plain agent: each record through the guard, in order."""
+    guard = worker.service.guard
+    async for event in stream.events():
+        await guard.process(SourceRecord.of(event.message), handler, worker.send_all)
 
 
 def register(worker: Worker) -> None:
@@ -30,20 +41,8 @@ def register(worker: Worker) -> None:
 
     async def run_saga_record(event: Any) -> None:
         msg = event.message
-        try:
-            if msg.topic == topics.commands:
-                outs = await service.handle_command(msg.value, msg.key, msg.partition,
-                                                    msg.offset)
-            else:
-                outs = await service.handle_saga_input(msg.value, msg.key, msg.partition,
-                                                       msg.offset)
-            await worker.send_all(outs)
-        except Exception as exc:  # the service turns every business error into a reply
-            # Only infrastructure failures reach here (e.g. the producer is gone). Crash
-            # the worker before this record is acked: it is redelivered after restart.
-            log.exception("cannot process %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            await app.crash(exc)
-            raise
+        handler = service.commands if msg.topic == topics.commands else service.saga_inputs
+        await service.guard.process(SourceRecord.of(msg), handler, worker.send_all)
         event.ack()
 
     @app.agent(saga_channel, name="run_transfer_sagas", concurrency=1)
@@ -71,43 +70,28 @@ def register(worker: Worker) -> None:
         """account.events (keyed by account) → business.saga-inputs, to the saga's partition.
 
         The account's query tables (balance, history) are updated first, in this record's
-        partition: the saga's final reply comes after the relay, so a query sent after it
-        finds them updated (read your writes, docs/architecture.md)."""
-        async for event in stream.events():
-            msg = event.message
-            try:
-                worker.queries.accounts.apply_raw(msg.value)
-                await worker.send_all(
-                    service.route_account_event(msg.value, msg.key, msg.partition, msg.offset)
-                )
-            except Exception as exc:
-                log.exception("cannot relay %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-                await app.crash(exc)
-                return
+        partition (``service.account_event_listeners``): the saga's final reply comes after
+        the relay, so a query sent after it finds them updated (read your writes,
+        docs/architecture.md)."""
+        await consume(worker, stream, service.account_events)
 
     @app.agent(worker.channels[topics.funding_events], name="relay_funding_events",
                concurrency=1)
     async def relay_funding_events(stream: Any) -> None:
         """funding.events (keyed by charge) → business.saga-inputs, to the top-up's
         partition."""
-        async for event in stream.events():
-            msg = event.message
-            try:
-                await worker.send_all(
-                    service.route_funding_event(msg.value, msg.key, msg.partition, msg.offset)
-                )
-            except Exception as exc:
-                log.exception("cannot relay %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-                await app.crash(exc)
-                return
+        await consume(worker, stream, service.funding_events)
 
     @app.timer(interval=worker.settings.tick_interval_seconds, name="tick_sagas")  # type: ignore[untyped-decorator]
     async def tick_sagas() -> None:
-        """Wake the sagas of the partitions this worker owns (deadlines, re-sends)."""
+        """Wake the sagas of the partitions this worker owns (deadlines, re-sends). A tick
+        that cannot be sent (the broker is away) is not retried: the next one comes."""
         for tp in app.consumer.assignment():
             if tp.topic == topics.saga_inputs:
-                out = service.tick(tp.partition)
-                await worker.send_all([out])
+                try:
+                    await worker.send_all([service.tick(tp.partition)])
+                except Exception as exc:
+                    log.warning("tick to %s not sent (%s)", tp, describe(exc))
 
     @app.on_partitions_revoked.connect
     def forget_deadlines(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

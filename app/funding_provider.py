@@ -13,6 +13,10 @@ captured once; a refund is applied once). It can be told to misbehave for given 
 
 Its memory of charges lives in the process: a restart forgets them (a real provider keeps
 them; for the test double this is enough, and the business center never relies on it).
+
+Its records follow the poison/outage rule of every consumer (app/record_failures.py): a
+command that cannot be decoded is dead-lettered on ``business.dlq`` (coordinates only), an
+unreachable broker is waited out.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
+from app.record_failures import (
+    Handler,
+    Outbound,
+    Poison,
+    RecordGuard,
+    Refused,
+    SourceRecord,
+    dead_letter_out,
+    decode_json_object,
+    validation_reason,
+)
 from app.settings import Settings
 from schemas.wire import FundingCommand
 
@@ -101,16 +116,49 @@ async def run_funding_provider(settings: Settings, *, stop: asyncio.Event | None
     await producer.start()
     late: set[asyncio.Task[None]] = set()
 
-    async def answer(charge_id: str, status: str, reason: str | None = None) -> None:
+    dlq = settings.topic("business.dlq")
+    guard = RecordGuard(dlq_topic=dlq, partitions=settings.topic_partitions)
+
+    def event_of(charge_id: str, status: str, reason: str | None = None) -> Outbound:
         event: dict[str, str] = {"chargeId": charge_id, "status": status}
         if reason is not None:
             event["reason"] = reason
-        await producer.send_and_wait(events, orjson.dumps(event), key=charge_id.encode())
+        return Outbound(events, charge_id.encode(), orjson.dumps(event))
+
+    async def send(outs: list[Outbound]) -> None:
+        for out in outs:
+            await producer.send_and_wait(out.topic, out.value, key=out.key)
 
     async def answer_later(charge_id: str) -> None:
         await asyncio.sleep(settings.funding_late_capture_seconds)
         if provider.capture_late(charge_id):
-            await answer(charge_id, "captured")
+            await send([event_of(charge_id, "captured")])
+
+    async def decide(record: SourceRecord) -> list[Outbound]:
+        doc = decode_json_object(record.value)
+        try:
+            cmd = FundingCommand.model_validate(doc)
+        except ValidationError as exc:
+            raise Refused("invalid funding command: "
+                          + validation_reason(exc, name_unknown=True)) from None
+        status = provider.decide(cmd)
+        if status is not None:
+            return [event_of(cmd.charge_id, status,
+                             "declined by the issuer" if status == "declined" else None)]
+        if (cmd.type == "charge"
+                and cmd.funding_source_id in settings.funding_late_sources
+                and provider.charges[cmd.charge_id].status == "pending"
+                and not any(t.get_name() == cmd.charge_id for t in late)):
+            task = asyncio.create_task(answer_later(cmd.charge_id), name=cmd.charge_id)
+            late.add(task)
+            task.add_done_callback(late.discard)
+        return []
+
+    def poison(record: SourceRecord, exc: BaseException) -> list[Outbound]:
+        reason = exc.reason if isinstance(exc, Poison) else "internal error"
+        return [dead_letter_out(dlq, record, reason)]
+
+    handler = Handler(decide, poison)
 
     log.info("funding provider consuming %s as group %s", commands,
              settings.funding_provider_group)
@@ -119,25 +167,7 @@ async def run_funding_provider(settings: Settings, *, stop: asyncio.Event | None
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
             for records in batches.values():
                 for record in records:
-                    try:
-                        cmd = FundingCommand.model_validate_json(record.value or b"")
-                    except ValidationError:
-                        log.warning("undecodable funding command at %s[%s]@%s",
-                                    record.topic, record.partition, record.offset)
-                        continue
-                    status = provider.decide(cmd)
-                    if status is not None:
-                        await answer(cmd.charge_id, status,
-                                     "declined by the issuer" if status == "declined"
-                                     else None)
-                    elif (cmd.type == "charge"
-                          and cmd.funding_source_id in settings.funding_late_sources
-                          and provider.charges[cmd.charge_id].status == "pending"
-                          and not any(t.get_name() == cmd.charge_id for t in late)):
-                        task = asyncio.create_task(answer_later(cmd.charge_id),
-                                                   name=cmd.charge_id)
-                        late.add(task)
-                        task.add_done_callback(late.discard)
+                    await guard.process(SourceRecord.of(record), handler, send)
             if batches:
                 await consumer.commit()
     finally:

@@ -14,11 +14,11 @@ transfer and every output id is deterministic).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -32,6 +32,25 @@ from app.domain import pin as pin_codes
 from app.domain import transfer_saga as saga_core
 from app.domain.ports import BusinessStore, ConfirmOutcome, UserStatus
 from app.query_service import query_record
+from app.record_failures import (
+    MAX_ID_CHARS,
+    MAX_REASON_CHARS,
+    MAX_TYPE_CHARS,
+    Handler,
+    Outbound,
+    Poison,
+    RecordGuard,
+    Refused,
+    SourceRecord,
+    cut,
+    dead_letter_out,
+    decode_json_object,
+    describe,
+    is_outage,
+    readable_fields,
+    readable_id,
+    validation_reason,
+)
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TokenError, TransferTokens
 from schemas.wire import (
@@ -66,14 +85,14 @@ def transfer_id_for(operator_id: str, idempotency_key: str) -> str:
     return str(uuid.uuid5(TRANSFER_NS, f"{operator_id}\x1f{idempotency_key}"))
 
 
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """A message to send. ``topic`` is a logical name, see :class:`Topics`."""
+#: The steps whose commands go to the account center, and to the funding provider: an
+#: event answering anything else is not an answer to this service.
+ACCOUNT_STEPS = frozenset({"debit", "credit", "refund"})
+FUNDING_STEPS = frozenset({"charge"})
+#: The longest a saga whose tick failed waits before it is tried again.
+TICK_RETRY_MAX_SECONDS = 60.0
 
-    topic: str
-    key: bytes | None
-    value: bytes
-    partition: int | None = None
+__all__ = ["Outbound", "Rejection", "Topics", "TransferService", "transfer_id_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +181,7 @@ class TransferService:
         new_otp: Callable[[], str] = otp_codes.generate_otp,
         access: AccessTokenVerifier | None = None,
         transfer_tokens: TransferTokens | None = None,
+        pause: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
@@ -184,6 +204,19 @@ class TransferService:
         # Deadlines of the open sagas, per home partition: derived, rebuilt by scanning.
         self._deadlines: dict[int, dict[str, float]] = {}
         self._next_purge: dict[int, float] = {}
+        self._tick_failures: dict[str, int] = {}
+        #: The poison/outage rule of every consumer of the worker (app/record_failures.py).
+        self.guard = RecordGuard(dlq_topic=self.topics.dlq,
+                                 partitions=settings.topic_partitions, clock=clock, pause=pause)
+        #: Records set aside or ignored for what they hold: foreign ids, misrouted inputs.
+        self.counters: Counter[str] = Counter()
+        #: Called with every valid account event before it is relayed (the query tables).
+        self.account_event_listeners: list[Callable[[AccountEvent], object]] = []
+        # One handler per consumed topic: how a record is decided, and answered as poison.
+        self.commands = Handler(self._decide_command, self._command_poison)
+        self.saga_inputs = Handler(self._decide_saga_input, self._dead_letter_poison)
+        self.account_events = Handler(self._decide_account_event, self._dead_letter_poison)
+        self.funding_events = Handler(self._decide_funding_event, self._dead_letter_poison)
 
     # ----------------------------------------------------------------------------------
     # business.commands
@@ -192,35 +225,27 @@ class TransferService:
     async def handle_command(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
-        _handled_partition.set(partition)
-        try:
-            return await self._handle_command(raw, key, partition, offset)
-        except Exception:
-            # Never let an exception escape to the agent (Faust would ack and skip).
-            log.exception("internal error on business.commands[%s]@%s", partition, offset)
-            return self._internal_error(raw, key, self.topics.commands, partition, offset)
+        """The outputs of one ``business.commands`` record, through the guard (an outage
+        retried, poison answered): what the saga agent sends."""
+        record = SourceRecord(self.topics.commands, partition, offset, key, raw)
+        return await self.guard.decide(record, self.commands)
 
-    async def _handle_command(
-        self, raw: bytes | None, key: bytes | None, partition: int, offset: int
-    ) -> list[Outbound]:
-        try:
-            doc = orjson.loads(raw or b"")
-            if not isinstance(doc, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            return [self._dead_letter(self.topics.commands, partition, offset, key, raw,
-                                      f"undecodable: {exc}")]
+    async def _decide_command(self, record: SourceRecord) -> list[Outbound]:
+        _handled_partition.set(record.partition)
+        doc = decode_json_object(record.value)  # size, JSON, object, depth: else Refused
         try:
             envelope = CommandEnvelope.model_validate(doc)
         except ValidationError as exc:
-            request_id = doc.get("requestId")
-            if isinstance(request_id, str) and request_id:
-                return self._reply_error(
-                    request_id, doc.get("idempotencyKey"), str(doc.get("type", "unknown")),
-                    ErrorCode.INVALID_REQUEST, _validation_message(exc), cache_key=None,
-                )
-            return [self._dead_letter(self.topics.commands, partition, offset, key, raw,
-                                      f"invalid envelope: {_validation_message(exc)}")]
+            raise Refused(f"invalid envelope: {_validation_message(exc, name_unknown=True)}",
+                          _validation_message(exc)) from None
+        # Key = idempotency key, always: a record keyed otherwise (or not at all) lands on a
+        # partition whose sagas do not hold this key, and would start a second transfer.
+        expected = envelope.idempotency_key or envelope.request_id
+        if record.key != expected.encode():
+            return self._reply_error(
+                envelope.request_id, envelope.idempotency_key, envelope.type.value,
+                ErrorCode.INVALID_REQUEST, "the record key must equal the idempotencyKey "
+                "(the requestId for a command without one)", cache_key=None)
 
         cache_key = f"{envelope.operator_id}\x1f{envelope.request_id}"
         saved = envelope.type not in QUERY_COMMANDS  # a query is answered afresh every time
@@ -228,12 +253,39 @@ class TransferService:
         if cached is not None:
             return await self._answered_before(envelope, cached)
         try:
-            return await self._dispatch(envelope, key, partition, cache_key)
+            return await self._dispatch(envelope, record.partition, cache_key)
         except Rejection as rej:
             return self._reply_error(
                 envelope.request_id, envelope.idempotency_key, envelope.type.value,
                 rej.code, rej.message, data=rej.data, cache_key=cache_key if saved else None,
             )
+
+    def _command_poison(self, record: SourceRecord, exc: BaseException) -> list[Outbound]:
+        """A command that failed for its own sake. With a readable ``requestId`` (docs/
+        contract.md) it is answered: ``INVALID_REQUEST`` when it breaks the contract,
+        ``INTERNAL`` (and a dead letter) when its handling failed; without one it is
+        dead-lettered. Nothing is saved: a retry is decided afresh."""
+        fields = readable_fields(record.value, ("requestId", "type", "idempotencyKey"))
+        request_id = readable_id(fields, "requestId")
+        command_type = cut(fields.get("type", "unknown"), MAX_TYPE_CHARS)
+        idem = readable_id(fields, "idempotencyKey")
+        if isinstance(exc, Refused):
+            if request_id is None:
+                return [self._dead_letter(record, exc.reason)]
+            return self._reply_error(request_id, idem, command_type, ErrorCode.INVALID_REQUEST,
+                                     exc.reply_message, cache_key=None)
+        outputs = [self._dead_letter(
+            record, exc.reason if isinstance(exc, Poison) else "internal error")]
+        if request_id is not None:
+            outputs += self._reply(request_id, idem, command_type, "error",
+                                   ErrorCode.INTERNAL.value,
+                                   "internal error; retry with the same idempotencyKey", None,
+                                   cache_key=None)
+        return outputs
+
+    def _dead_letter_poison(self, record: SourceRecord, exc: BaseException) -> list[Outbound]:
+        reason = exc.reason if isinstance(exc, Poison) else f"internal error ({describe(exc)})"
+        return [self._dead_letter(record, reason)]
 
     async def _answered_before(self, env: CommandEnvelope, cached: bytes) -> list[Outbound]:
         """A request answered before (a gateway retry, a redelivery, a replay): the same
@@ -255,20 +307,15 @@ class TransferService:
         return [Outbound(self.topics.replies, env.request_id.encode(), cached)]
 
     async def _dispatch(
-        self, env: CommandEnvelope, key: bytes | None, partition: int, cache_key: str
+        self, env: CommandEnvelope, partition: int, cache_key: str
     ) -> list[Outbound]:
         try:
             payload = PAYLOAD_MODELS[env.type].model_validate(env.payload)
         except ValidationError as exc:
             raise Rejection(ErrorCode.INVALID_REQUEST, _validation_message(exc)) from None
-        if env.type in NEEDS_IDEMPOTENCY_KEY:
-            if not env.idempotency_key:
-                raise Rejection(ErrorCode.INVALID_REQUEST,
-                                f"{env.type.value} needs an idempotencyKey")
-            if key is not None and key != env.idempotency_key.encode():
-                raise Rejection(
-                    ErrorCode.INVALID_REQUEST, "the message key must equal the idempotencyKey"
-                )
+        if env.type in NEEDS_IDEMPOTENCY_KEY and not env.idempotency_key:
+            raise Rejection(ErrorCode.INVALID_REQUEST,
+                            f"{env.type.value} needs an idempotencyKey")
         now = self.clock()
         try:
             identity = self.access.verify(env.access_token, env.operator_id,
@@ -462,37 +509,80 @@ class TransferService:
     def route_account_event(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
-        """Forward an account event to the partition where its saga lives."""
+        """The outputs of one ``account.events`` record, through the guard."""
+        record = SourceRecord(self.topics.account_events, partition, offset, key, raw)
+        return self.guard.decide_now(record, self._relay_account_event, self.account_events)
+
+    async def _decide_account_event(self, record: SourceRecord) -> list[Outbound]:
+        return self._relay_account_event(record)
+
+    def _relay_account_event(self, record: SourceRecord) -> list[Outbound]:
+        """Forward an account event to the partition where its saga lives, if it answers a
+        command of this service: ``<uuid>:debit|credit|refund:<partition in range>``.
+        Events of other services' commands are normal on this shared topic: counted,
+        never relayed. One shaped like ours but naming a partition that does not exist is
+        dead-lettered."""
+        doc = decode_json_object(record.value)
         try:
-            event = AccountEvent.model_validate_json(raw or b"")
+            event = AccountEvent.model_validate(doc)
         except ValidationError as exc:
-            return [self._dead_letter(self.topics.account_events, partition, offset, key, raw,
-                                      f"invalid account event: {_validation_message(exc)}")]
-        parsed = saga_core.parse_command_id(event.command_id)
-        if parsed is None:
-            log.debug("account event for a command this saga did not emit: %s", event.command_id)
+            raise Refused("invalid account event: "
+                          + _validation_message(exc, name_unknown=True)) from None
+        for listener in self.account_event_listeners:
+            listener(event)
+        home = self._home_of(event.command_id, ACCOUNT_STEPS, "foreign_account_events")
+        if home is None:
             return []
-        transfer_id, _step, home = parsed
+        transfer_id, partition = home
         value = SagaInput(kind="accountEvent", account_event=event)
         return [Outbound(self.topics.saga_inputs, transfer_id.encode(),
-                         orjson.dumps(value.to_wire()), partition=home)]
+                         orjson.dumps(value.to_wire()), partition=partition)]
 
     def route_funding_event(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
-        """Forward a funding provider's event to the partition where its top-up lives."""
+        """The outputs of one ``funding.events`` record, through the guard."""
+        record = SourceRecord(self.topics.funding_events, partition, offset, key, raw)
+        return self.guard.decide_now(record, self._relay_funding_event, self.funding_events)
+
+    async def _decide_funding_event(self, record: SourceRecord) -> list[Outbound]:
+        return self._relay_funding_event(record)
+
+    def _relay_funding_event(self, record: SourceRecord) -> list[Outbound]:
+        """Forward a funding provider's event to the partition where its top-up lives. The
+        topic answers this service only: an event for any other charge id is
+        dead-lettered."""
+        doc = decode_json_object(record.value)
         try:
-            event = FundingEvent.model_validate_json(raw or b"")
+            event = FundingEvent.model_validate(doc)
         except ValidationError as exc:
-            return [self._dead_letter(self.topics.funding_events, partition, offset, key, raw,
-                                      f"invalid funding event: {_validation_message(exc)}")]
-        parsed = saga_core.parse_command_id(event.charge_id)
-        if parsed is None or parsed[1] != "charge":
-            log.warning("funding event for a charge this service did not make")
-            return []
+            raise Refused("invalid funding event: "
+                          + _validation_message(exc, name_unknown=True)) from None
+        home = self._home_of(event.charge_id, FUNDING_STEPS, "foreign_funding_events")
+        if home is None:
+            raise Refused("not a charge of this service")
+        transfer_id, partition = home
         value = SagaInput(kind="fundingEvent", funding_event=event)
-        return [Outbound(self.topics.saga_inputs, parsed[0].encode(),
-                         orjson.dumps(value.to_wire()), partition=parsed[2])]
+        return [Outbound(self.topics.saga_inputs, transfer_id.encode(),
+                         orjson.dumps(value.to_wire()), partition=partition)]
+
+    def _home_of(self, command_id: str, steps: frozenset[str], foreign: str
+                 ) -> tuple[str, int] | None:
+        """``(transferId, home partition)`` of a command id this service issued; None (and
+        counted as ``foreign``) for any other; :class:`Refused` when it names a partition
+        that does not exist."""
+        parsed = saga_core.parse_command_id(command_id)
+        if parsed is None or parsed[1] not in steps or not _is_transfer_id(parsed[0]):
+            self.counters[foreign] += 1
+            log.debug("event for a command this service did not issue (%s so far)",
+                      self.counters[foreign])
+            return None
+        transfer_id, _step, home = parsed
+        if not 0 <= home < self.settings.topic_partitions:
+            self.counters["out_of_range_ids"] += 1
+            raise Refused(f"foreign id: it names partition {home}, which does not exist "
+                          f"({self.settings.topic_partitions} partitions)")
+        return transfer_id, home
 
     def tick(self, partition: int) -> Outbound:
         return Outbound(self.topics.saga_inputs, b"tick",
@@ -501,68 +591,101 @@ class TransferService:
     async def handle_saga_input(
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
-        _handled_partition.set(partition)
-        try:
-            item = SagaInput.model_validate_json(raw or b"")
-        except ValidationError as exc:
-            return [self._dead_letter(self.topics.saga_inputs, partition, offset, key, raw,
-                                      f"invalid saga input: {_validation_message(exc)}")]
-        try:
-            if item.kind == "tick":
-                return await self._on_tick(partition)
-            if item.kind == "fundingEvent":
-                assert item.funding_event is not None
-                return await self._on_funding_event(item.funding_event)
-            assert item.account_event is not None
-            return await self._on_account_event(item.account_event)
-        except Exception:
-            log.exception("internal error on saga input [%s]@%s", partition, offset)
-            return []  # the saga's deadline re-sends its command: nothing is lost
+        """The outputs of one ``business.saga-inputs`` record, through the guard."""
+        record = SourceRecord(self.topics.saga_inputs, partition, offset, key, raw)
+        return await self.guard.decide(record, self.saga_inputs)
 
-    async def _on_account_event(self, event: AccountEvent) -> list[Outbound]:
-        parsed = saga_core.parse_command_id(event.command_id)
-        if parsed is None:
-            return []
-        saga = self.sagas.get(parsed[0])
+    async def _decide_saga_input(self, record: SourceRecord) -> list[Outbound]:
+        _handled_partition.set(record.partition)
+        doc = decode_json_object(record.value)
+        try:
+            item = SagaInput.model_validate(doc)
+        except ValidationError as exc:
+            raise Refused("invalid saga input: "
+                          + _validation_message(exc, name_unknown=True)) from None
+        if item.kind == "tick":
+            return await self._on_tick(record.partition)
+        if item.kind == "fundingEvent":
+            if item.funding_event is None:
+                raise Refused("invalid saga input: fundingEvent missing")
+            return await self._on_funding_event(item.funding_event, record)
+        if item.account_event is None:
+            raise Refused("invalid saga input: accountEvent missing")
+        return await self._on_account_event(item.account_event, record)
+
+    def _routed_here(self, command_id: str, record: SourceRecord) -> str | None:
+        """The transfer id of a relayed event, if its id names this record's partition:
+        the relay sends nothing anywhere else, so any other record was not relayed by
+        this service (counted, ignored)."""
+        parsed = saga_core.parse_command_id(command_id)
+        if parsed is None or parsed[2] != record.partition:
+            self.counters["misrouted_saga_inputs"] += 1
+            return None
+        return parsed[0]
+
+    def _saga(self, transfer_id: str) -> saga_core.Saga | None:
+        saga = self.sagas.get(transfer_id)
         if saga is None:
-            log.warning("account event for an unknown transfer %s", parsed[0])
+            self.counters["unknown_transfer_events"] += 1
+            log.warning("event for an unknown transfer %s", transfer_id)
+        return saga
+
+    async def _on_account_event(self, event: AccountEvent, record: SourceRecord
+                                ) -> list[Outbound]:
+        transfer_id = self._routed_here(event.command_id, record)
+        saga = None if transfer_id is None else self._saga(transfer_id)
+        if saga is None:
             return []
         new, outputs = saga_core.on_account_event(
             saga, event.command_id, event.type.value, event.reason, self.clock(), self.policy
         )
         return await self._apply(new, outputs, changed=new is not saga)
 
-    async def _on_funding_event(self, event: FundingEvent) -> list[Outbound]:
-        parsed = saga_core.parse_command_id(event.charge_id)
-        if parsed is None:
+    async def _on_funding_event(self, event: FundingEvent, record: SourceRecord
+                                ) -> list[Outbound]:
+        transfer_id = self._routed_here(event.charge_id, record)
+        if transfer_id is None:
             return []
-        saga = self.sagas.get(parsed[0])
+        saga = self._saga(transfer_id)
         if saga is None:
             if event.status != "captured":
                 return []
             # Money was taken from a source for a top-up nobody knows (purged long ago):
             # nothing may be lost, so operators get it.
             return [self._dead_letter(
-                self.topics.funding_events, _handled_partition.get(), -1,
-                event.charge_id.encode(),
-                orjson.dumps(event.to_wire()),
-                "capture for an unknown top-up: give it back to the source by hand")]
+                record, f"capture {event.charge_id} for an unknown top-up: give it back to "
+                "the source by hand")]
         new, outputs = saga_core.on_funding_event(saga, event.charge_id, event.status,
                                                   self.clock(), self.policy)
         return await self._apply(new, outputs, changed=new is not saga)
 
     async def _on_tick(self, partition: int) -> list[Outbound]:
+        """Every due saga of the partition, each on its own: a saga whose step fails (the
+        database is away, a bug) is left exactly as it was, nothing written and nothing to
+        send, and tried again after a back-off; the other sagas' steps are written and
+        their outputs returned together, so no state is kept whose outputs were dropped."""
         now = self.clock()
-        due = [tid for tid, at in self._deadlines_of(partition).items() if at <= now]
+        self._purge_if_due(partition, now)  # first: if it fails, no saga has moved yet
+        index = self._deadlines_of(partition)
+        due = [tid for tid, at in index.items() if at <= now]
         sends: list[Outbound] = []
         for transfer_id in due:
-            saga = self.sagas.get(transfer_id)
-            if saga is None:
-                self._deadlines[partition].pop(transfer_id, None)
-                continue
-            new, outputs = saga_core.on_tick(saga, now, self.policy)
-            sends.extend(await self._apply(new, outputs, changed=new is not saga))
-        self._purge_if_due(partition, now)
+            try:
+                saga = self.sagas.get(transfer_id)
+                if saga is None:
+                    index.pop(transfer_id, None)
+                    continue
+                new, outputs = saga_core.on_tick(saga, now, self.policy)
+                sends.extend(await self._apply(new, outputs, changed=new is not saga))
+                self._tick_failures.pop(transfer_id, None)
+            except Exception as exc:
+                failures = self._tick_failures[transfer_id] = (
+                    self._tick_failures.get(transfer_id, 0) + 1)
+                delay = min(2.0 ** (failures - 1), TICK_RETRY_MAX_SECONDS)
+                index[transfer_id] = now + delay
+                log.warning("saga %s: its timer step failed (%s); it is unchanged and tried "
+                            "again in %.0fs", transfer_id, describe(exc), delay,
+                            exc_info=not is_outage(exc))
         return sends
 
     def _purge_if_due(self, partition: int, now: float) -> None:
@@ -612,10 +735,21 @@ class TransferService:
         self, saga: saga_core.Saga, outputs: Iterable[saga_core.Output], *,
         changed: bool = True, phone: str | None = None,
     ) -> list[Outbound]:
+        """One saga's step, all or nothing: its outputs are encoded and checked, then its
+        PostgreSQL effects run (idempotent), then its state and saved reply are written and
+        its outputs returned. A failure before the writes leaves no trace but the
+        idempotent effects, so deciding again (a retry, a redelivery, the next tick) is
+        safe; after them nothing can fail."""
         outputs = tuple(outputs)
-        for output in outputs:  # PostgreSQL effects first: idempotent, safe to repeat
+        saves: list[tuple[str, bytes]] = []
+        encoded = list(self._encode(saga, outputs, phone, saves))
+        self.guard.check_outputs(encoded)  # an output that could never be sent: poison
+        for output in outputs:  # PostgreSQL effects: idempotent, safe to repeat
             if isinstance(output, saga_core.ReleaseLimit):
                 await self.store.release_daily_limit(output.transfer_id)
+        for cache_key, value in saves:
+            self.replies.put(cache_key, value, at=self.clock(),
+                             partition=_handled_partition.get())
         if changed:
             self.sagas.put(saga)
             index = self._deadlines.get(saga.transfer.home_partition)
@@ -625,10 +759,11 @@ class TransferService:
                     index.pop(saga.transfer.transfer_id, None)
                 else:
                     index[saga.transfer.transfer_id] = deadline
-        return list(self._encode(saga, outputs, phone))
+        return encoded
 
     def _encode(
-        self, saga: saga_core.Saga, outputs: tuple[saga_core.Output, ...], phone: str | None
+        self, saga: saga_core.Saga, outputs: tuple[saga_core.Output, ...], phone: str | None,
+        saves: list[tuple[str, bytes]],
     ) -> Iterator[Outbound]:
         t = saga.transfer
         for o in outputs:
@@ -637,7 +772,7 @@ class TransferService:
                     f"{t.operator_id}\x1f{o.request_id}")
                 yield from self._reply(o.request_id, t.idempotency_key, o.command_type, o.status,
                                        o.code, o.message, _wire_data(o.data),
-                                       cache_key=status_cache)
+                                       cache_key=status_cache, saves=saves)
             elif isinstance(o, saga_core.SendAccountCommand):
                 command = {
                     "commandId": o.command_id, "type": o.type, "accountId": o.account_id,
@@ -677,8 +812,10 @@ class TransferService:
     def _reply(
         self, request_id: str, idempotency_key: str | None, command_type: str, status: str,
         code: str | None, message: str | None, data: dict[str, Any] | None, *,
-        cache_key: str | None,
+        cache_key: str | None, saves: list[tuple[str, bytes]] | None = None,
     ) -> list[Outbound]:
+        """A reply to ``request_id``, saved under ``cache_key`` (now, or by the caller when
+        ``saves`` collects it)."""
         reply: dict[str, Any] = {"requestId": request_id, "type": command_type, "status": status}
         if idempotency_key is not None:
             reply["idempotencyKey"] = idempotency_key
@@ -690,49 +827,27 @@ class TransferService:
             reply["data"] = data
         value = orjson.dumps(reply)
         if cache_key is not None:
-            self.replies.put(cache_key, value, at=self.clock(),
-                             partition=_handled_partition.get())
+            if saves is not None:
+                saves.append((cache_key, value))
+            else:
+                self.replies.put(cache_key, value, at=self.clock(),
+                                 partition=_handled_partition.get())
         return [Outbound(self.topics.replies, request_id.encode(), value)]
 
     def _reply_error(
         self, request_id: str, idempotency_key: Any, command_type: str, code: ErrorCode,
         message: str, *, data: dict[str, Any] | None = None, cache_key: str | None,
     ) -> list[Outbound]:
-        key = idempotency_key if isinstance(idempotency_key, str) else None
-        return self._reply(request_id, key, command_type, "error", code.value, message, data,
+        """An error reply; what it echoes is bounded (docs/contract.md, "Limits")."""
+        key = idempotency_key if isinstance(idempotency_key, str) and 0 < len(
+            idempotency_key) <= MAX_ID_CHARS else None
+        return self._reply(request_id, key, cut(command_type, MAX_TYPE_CHARS), "error",
+                           code.value, cut(message, MAX_REASON_CHARS), data,
                            cache_key=cache_key)
 
-    def _dead_letter(
-        self, topic: str, partition: int, offset: int, key: bytes | None, raw: bytes | None,
-        reason: str,
-    ) -> Outbound:
-        log.warning("dead letter from %s[%s]@%s: %s", topic, partition, offset, reason)
-        raw = redact_secrets(raw)
-        record = {
-            "sourceTopic": topic, "sourcePartition": partition, "sourceOffset": offset,
-            "keyB64": base64.b64encode(key).decode() if key is not None else None,
-            "valueB64": base64.b64encode(raw).decode() if raw is not None else None,
-            "reason": reason, "failedAt": iso(self.clock()),
-        }
-        return Outbound(self.topics.dlq, key, orjson.dumps(record))
-
-    def _internal_error(
-        self, raw: bytes | None, key: bytes | None, topic: str, partition: int, offset: int
-    ) -> list[Outbound]:
-        """An unexpected failure: the caller gets INTERNAL and the message is dead-lettered
-        so that nothing is lost."""
-        outputs = [self._dead_letter(topic, partition, offset, key, raw, "internal error")]
-        try:
-            doc = orjson.loads(raw or b"")
-            request_id = doc.get("requestId") if isinstance(doc, dict) else None
-        except ValueError:
-            request_id = None
-        if isinstance(request_id, str) and request_id:
-            outputs += self._reply(request_id, doc.get("idempotencyKey"), str(doc.get("type")),
-                                   "error", ErrorCode.INTERNAL.value,
-                                   "internal error; retry with the same idempotencyKey", None,
-                                   cache_key=None)
-        return outputs
+    def _dead_letter(self, record: SourceRecord, reason: str) -> Outbound:
+        return dead_letter_out(self.topics.dlq, record, reason,
+                               datetime.fromtimestamp(self.clock(), UTC))
 
 
 CONFIRM_REFUSALS = {
@@ -757,45 +872,17 @@ def _refuse_if(access_expired: bool) -> None:
         raise Rejection(ErrorCode.UNAUTHENTICATED, "access token expired")
 
 
-SECRET_FIELDS = ("accessToken", "pin", "otp", "transferToken")
-
-
-def redact_secrets(raw: bytes | None) -> bytes | None:
-    """The original bytes of a dead letter, minus any access token, PIN, OTP or transfer
-    token they hold (when they are JSON at all; undecodable bytes are kept as they are)."""
-    try:
-        doc = orjson.loads(raw or b"")
-    except ValueError:
-        return raw
-    found = False
-
-    def scrub(node: Any) -> Any:
-        nonlocal found
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                if k in SECRET_FIELDS:
-                    found = True
-                    out[k] = "[redacted]"
-                else:
-                    out[k] = scrub(v)
-            return out
-        if isinstance(node, list):
-            return [scrub(v) for v in node]
-        return node
-
-    cleaned = scrub(doc)
-    return orjson.dumps(cleaned) if found else raw
-
-
 def _day(ts: float) -> date:
     return datetime.fromtimestamp(ts, UTC).date()
 
 
-def _validation_message(exc: ValidationError) -> str:
-    """Field paths and reasons only: never echo input values (they may hold a PIN)."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ())) or "message"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
+def _is_transfer_id(value: str) -> bool:
+    """A transfer id as this service makes them: a UUID in its canonical form."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def _validation_message(exc: ValidationError, *, name_unknown: bool = False) -> str:
+    return validation_reason(exc, name_unknown=name_unknown)

@@ -16,7 +16,11 @@ from pydantic.alias_generators import to_camel
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-MinorUnits = Annotated[int, Field(strict=True, description="Integer amount in minor units.")]
+#: Signed 64-bit: what PostgreSQL's bigint holds (a larger JSON integer is refused, not
+#: left to fail in the database).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MinorUnits = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX,
+                                  description="Integer amount in minor units (64-bit).")]
 
 
 class WireModel(BaseModel):
@@ -277,12 +281,21 @@ class TransferEvent(WireModel):
 
 
 class DeadLetter(WireModel):
+    """A record set aside: where it is, how to recognise it, and why. Never its value: the
+    original stays in its topic for the retention period, and the coordinates point at it
+    (a value cannot leak a PIN, an OTP or a token from here, JSON or not)."""
+
     source_topic: str
     source_partition: int
-    source_offset: int
-    key_b64: str | None = None
-    value_b64: str | None = None
-    reason: str
+    source_offset: int = Field(description="-1 when the record is not a consumed one.")
+    key_b64: str | None = Field(
+        None, description="The original key, base64, cut to its first 128 bytes.")
+    key_size: int | None = Field(None, description="Bytes of the original key (none: null).")
+    value_size: int | None = Field(
+        None, description="Bytes of the original value (none: a null value).")
+    value_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None, description="SHA-256 of the original value, hex.")
+    reason: Annotated[str, StringConstraints(max_length=512)]
     failed_at: datetime
 
 

@@ -441,9 +441,11 @@ class Harness:
         self.sagas = DictSagas()
         self.reply_cache = DictReplies()
         self.new_otp = OtpSequence(otp_seed, otps)
+        #: The back-offs the guard waited out (an outage), instead of sleeping.
+        self.pauses: list[float] = []
         self.service = TransferService(
             self.settings, self.store, self.sagas, self.reply_cache,
-            clock=self.clock, new_otp=self.new_otp,
+            clock=self.clock, new_otp=self.new_otp, pause=self._pause,
         )
         self.topics = self.service.topics
         self._pumped = {self.topics.account_commands, self.topics.account_events,
@@ -452,6 +454,9 @@ class Harness:
         self.emitted: list[Outbound] = []
         self.history: list[Delivery] = []
         self._request_ids = itertools.count(1)
+
+    async def _pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
 
     # --- building commands -----------------------------------------------------------
 

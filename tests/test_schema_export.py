@@ -135,8 +135,10 @@ EXAMPLES: dict[type[WireModel], dict[str, Any]] = {
         "sourcePartition": 4,
         "sourceOffset": 1187,
         "keyB64": "aWRlbS03YzFk",
-        "valueB64": "bm90IGpzb24=",
-        "reason": "undecodable: unexpected character: line 1 column 1 (char 0)",
+        "keySize": 9,
+        "valueSize": 8,
+        "valueSha256": "7ccfa1fbf3940e6f0c0375d87c0f9235a50514e14cb427bdfaf5077987b26ccf",
+        "reason": "undecodable: invalid JSON: unexpected character: line 1 column 1 (char 0)",
         "failedAt": "2025-01-15T10:00:06Z",
     },
     SagaInput: {
@@ -234,6 +236,8 @@ def test_example_matches_the_exported_schema_fields(model: type[WireModel]) -> N
         (AccountCommand, {"type": "withdraw"}),
         (Reply, {"status": "done"}),
         (SagaInput, {"kind": "other"}),
+        (DeadLetter, {"valueB64": "bm90IGpzb24="}),  # dead letters never hold the value
+        (DeadLetter, {"reason": "r" * 513}),  # bounded
         (QueryTransactionHistoryPayload, {"limit": 0}),
         (QueryTransactionHistoryPayload, {"limit": 101}),
         (QueryTransactionHistoryPayload, {"limit": "20"}),

@@ -9,6 +9,7 @@ dropping what one call produced; redeliveries by delivering a message again.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import random
 from typing import Any
@@ -592,8 +593,13 @@ async def test_undecodable_input_is_dead_lettered(raw: bytes | None, reason: str
     assert [o.topic for o in outs] == ["business.dlq"]
     [letter] = h.dead_letters
     assert letter["reason"].startswith(reason)
-    assert letter["valueB64"] == (None if raw is None else base64.b64encode(raw).decode())
+    # The value is never kept, only its size and digest: the original stays in its topic.
+    assert "valueB64" not in letter
+    assert letter.get("valueSize") == (None if raw is None else len(raw))
+    assert letter.get("valueSha256") == (None if raw is None
+                                         else hashlib.sha256(raw).hexdigest())
     assert letter["keyB64"] == base64.b64encode(b"some-key").decode()
+    assert letter["keySize"] == len(b"some-key")
     assert (letter["sourceTopic"], letter["sourcePartition"]) == ("business.commands", 2)
     assert h.replies == []
 
@@ -691,26 +697,56 @@ async def test_verify_otp_without_a_transfer_is_invalid() -> None:
 async def test_an_internal_error_becomes_a_reply_and_a_dead_letter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A failure that belongs to the record (here a bug it triggers) is poison: INTERNAL
+    and a dead letter, and the partition moves on."""
     h = Harness()
     token = await h.transfer_token("alice", "acc-bob", 5_000)
     raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": PIN},
                     idem="k1", request_id="r-c")
 
-    async def down(*args: Any, **kwargs: Any) -> Any:
-        raise ConnectionError("database is down")
+    async def bug(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug this record triggers")
 
     with monkeypatch.context() as patch:
-        patch.setattr(h.store, "check_pin", down)
+        patch.setattr(h.store, "check_pin", bug)
         outs = await h.send(raw)
     assert sorted(o.topic for o in outs) == ["business.dlq", "business.replies"]
     reply = h.reply("r-c")
     assert reply is not None and (reply["status"], reply["code"]) == ("error", "INTERNAL")
     assert h.dead_letters[0]["reason"] == "internal error"
     assert h.saga("alice", "k1") is None
-    await h.send(raw)  # the gateway retries the same request once the database is back
+    await h.send(raw)  # the gateway retries the same request once the bug is fixed
     await h.run_until_quiet()
     assert h.reply("r-c")["status"] == "ok"  # type: ignore[index]
     assert h.balance("alice") == 95_000
+
+
+async def test_an_outage_is_waited_out_not_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL unreachable is the infrastructure's failure: the record is retried with
+    back-off until it is back, never answered INTERNAL nor dead-lettered nor skipped."""
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 5_000)
+    raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": PIN},
+                    idem="k1", request_id="r-c")
+    original = h.store.check_pin
+    failures = 6
+
+    async def down_for_a_while(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionRefusedError("connection refused")
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(h.store, "check_pin", down_for_a_while)
+    outs = await h.send(raw)
+    assert failures == 0 and h.pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
+    assert h.dead_letters == [] and [o.topic for o in outs].count("business.dlq") == 0
+    await h.run_until_quiet()
+    assert h.replies_for("r-c") == [h.reply("r-c")]  # one answer: the outcome
+    assert h.reply("r-c")["status"] == "ok"  # type: ignore[index]
+    assert h.balance("alice") == 95_000
+    assert h.service.guard.counters["outage_retries"] == 6
 
 
 async def test_invalid_account_events_and_saga_inputs_are_dead_lettered() -> None:
@@ -722,6 +758,124 @@ async def test_invalid_account_events_and_saga_inputs_are_dead_lettered() -> Non
                             "accountId": "acc-bob", "amountMinor": 1,
                             "occurredAt": "2030-01-02T00:00:00Z"})
     assert h.service.route_account_event(foreign, b"acc-bob", 0) == []
+
+
+def _account_event(command_id: str) -> bytes:
+    return orjson.dumps({"commandId": command_id, "type": "credited", "accountId": "acc-bob",
+                         "amountMinor": 1, "balanceAfterMinor": 1,
+                         "occurredAt": "2030-01-02T00:00:00Z"})
+
+
+async def test_foreign_ids_are_never_relayed() -> None:
+    """Another team's command ids look like anything; only ``<uuid>:<our step>:<partition
+    that exists>`` is relayed. A foreign one is counted and ignored; one shaped like ours
+    but naming a partition that does not exist is dead-lettered (aiokafka would raise
+    "Unrecognized partition" on the relay)."""
+    h = Harness()  # 6 partitions
+    t = tid("alice", "k")
+    for foreign in ("payroll-2024:credit:2024", f"{t.upper()}:debit:1", f"{t}:charge:1",
+                    f"{t}:debit:-1", "x" * 120 + ":debit:1", f"{t}:debit:01x"):
+        assert h.service.route_account_event(_account_event(foreign), b"acc-bob", 0) == [], \
+            foreign
+    assert h.service.counters["foreign_account_events"] == 6
+    for out_of_range in (f"{t}:credit:6", f"{t}:credit:2024", f"{t}:refund:{'9' * 60}"):
+        outs = h.service.route_account_event(_account_event(out_of_range), b"acc-bob", 3, 17)
+        assert [o.topic for o in outs] == ["business.dlq"], out_of_range
+        letter = orjson.loads(outs[0].value)
+        assert (letter["sourceTopic"], letter["sourcePartition"], letter["sourceOffset"]) == (
+            "account.events", 3, 17)
+        assert "partition" in letter["reason"]
+    ours = h.service.route_account_event(_account_event(f"{t}:credit:5"), b"acc-bob", 0)
+    assert [(o.topic, o.partition) for o in ours] == [("business.saga-inputs", 5)]
+    # funding.events answers this service only: anything else goes to operators
+    for charge in ("payroll-2024:charge:1", f"{t}:debit:1", f"{t}:charge:6"):
+        outs = h.service.route_funding_event(
+            orjson.dumps({"chargeId": charge, "status": "captured"}), b"k", 0)
+        assert [o.topic for o in outs] == ["business.dlq"], charge
+    # a saga input whose id names another partition was not relayed by this service
+    misrouted = orjson.dumps({"kind": "accountEvent",
+                              "accountEvent": orjson.loads(_account_event(f"{t}:credit:5"))})
+    assert await h.service.handle_saga_input(misrouted, t.encode(), 4) == []
+    assert h.service.counters["misrouted_saga_inputs"] == 1
+
+
+async def test_the_record_key_must_be_the_idempotency_key_or_the_request_id() -> None:
+    """A null key passes nothing: the confirm changes nothing (no PIN check, no token claim,
+    no reservation, no saga), and the same confirm keyed properly then moves money once."""
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 5_000)
+    raw = h.command("transferConfirm", "alice", {"transferToken": token, "pin": PIN},
+                    idem="k-null", request_id="r-null")
+    calls = len(h.store.calls)
+    for key in (None, b"", b"r-null", b"k-null "):
+        outs = await h.send(raw, key=key, partition=1)
+        assert [o.topic for o in outs] == ["business.replies"]
+        reply = orjson.loads(outs[0].value)
+        assert (reply["code"], reply["requestId"]) == ("INVALID_REQUEST", "r-null")
+    assert h.store.calls[calls:] == [] and h.store.token_uses == {}
+    assert h.store.reservations == {} and h.saga("alice", "k-null") is None
+    assert h.reply_cache.rows == {k: v for k, v in h.reply_cache.rows.items()
+                                  if "r-null" not in k}  # the refusal is not saved
+    reply = await h.confirm("alice", token, "k-null", request_id="r-null")
+    assert reply is not None and reply["status"] == "ok", reply
+    assert len(h.sim.applied_of(tid("alice", "k-null"), "debit")) == 1
+    assert h.balance("alice") == 95_000
+    # a command without an idempotency key is keyed by its requestId
+    init = h.command("transferInit", "alice", {"toAccountId": "acc-bob", "amountMinor": 1,
+                                               "currency": "EUR"}, request_id="r-init")
+    for key in (None, b"another"):
+        outs = await h.send(init, key=key)
+        assert orjson.loads(outs[0].value)["code"] == "INVALID_REQUEST"
+    outs = await h.send(init, key=b"r-init")
+    assert orjson.loads(outs[0].value)["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("raw", "answer"),
+    [
+        # over 64 KiB: never parsed; the requestId is read from the first 4 KiB only
+        (b'{"requestId": "r-big", "type": "transferInit", "payload": "'
+         + b"x" * 800_000 + b'"}', "INVALID_REQUEST"),
+        (b'{"type": "transferInit", "payload": "' + b"x" * 800_000
+         + b'", "requestId": "r-big"}', "dlq"),
+        (b'{"requestId": "' + b"r" * 600_000 + b'", "type": "transferInit"}', "dlq"),
+        # a requestId over 128 characters is not readable: cutting it would address
+        # another request
+        (orjson.dumps({"requestId": "r" * 129, "type": "transferInit"}), "dlq"),
+        (b'{"requestId": "r-deep", "type": "transferInit", "payload": {"a": '
+         + b"[" * 32 + b"]" * 32 + b"}}", "INVALID_REQUEST"),  # 34 levels deep
+        (b"[" * 5000 + b"]" * 5000, "dlq"),
+        (b'{"requestId": "r-pin", "pin": "73910482",}', "dlq"),  # trailing comma: not JSON
+    ],
+)
+async def test_limits_and_bounded_answers(raw: bytes, answer: str) -> None:
+    h = Harness()
+    outs = await h.send(raw, key=b"k")
+    assert len(outs) == 1
+    out = outs[0]
+    assert len(out.value) < 2048 and len(out.key or b"") <= 128
+    if answer == "dlq":
+        assert out.topic == "business.dlq"
+        letter = orjson.loads(out.value)
+        assert letter["valueSha256"] == hashlib.sha256(raw).hexdigest()
+        assert letter["valueSize"] == len(raw) and "valueB64" not in letter
+        assert PIN not in out.value.decode()
+    else:
+        reply = orjson.loads(out.value)
+        assert (out.topic, reply["status"], reply["code"]) == (
+            "business.replies", "error", "INVALID_REQUEST")
+        assert reply["requestId"] in ("r-big", "r-deep")
+
+
+async def test_error_replies_echo_bounded_fields() -> None:
+    h = Harness()
+    doc = {"type": "t" * 10_000, "requestId": "r-echo", "idempotencyKey": "i" * 5_000,
+           "operatorId": "alice", "payload": {}, "extra" * 2_000: 1}
+    outs = await h.send(orjson.dumps(doc), key=b"k")
+    reply = orjson.loads(outs[0].value)
+    assert reply["code"] == "INVALID_REQUEST" and reply["requestId"] == "r-echo"
+    assert len(reply["type"]) <= 64 and "idempotencyKey" not in reply
+    assert len(reply["message"]) <= 512 and len(outs[0].value) < 1024
 
 
 # --------------------------------------------------------------------------------------
@@ -746,11 +900,11 @@ async def test_no_pin_otp_or_token_in_replies_dead_letters_or_logs(
     await h.send(b"\x00pin=73910482 otp=583920")  # undecodable
     await h.send(orjson.dumps({"pin": PIN, "accessToken": h.access_token("alice")}))
 
-    async def down(*args: Any, **kwargs: Any) -> Any:
-        raise ConnectionError("database is down")
+    async def bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug this record triggers")
 
     with monkeypatch.context() as patch:
-        patch.setattr(h.store, "check_pin", down)
+        patch.setattr(h.store, "check_pin", bug)
         await h.confirm("alice", bad_pin, "k-internal")
     h.service.route_account_event(
         orjson.dumps({"commandId": "acct-cmd-1", "type": "debited", "accountId": "acc-bob",

@@ -5,20 +5,23 @@ events are produced (acks=all, idempotent producer) and only then are the offset
 A crash anywhere before the offset commit means redelivery; the ledger then returns the
 stored events, which are produced again unchanged (consumers deduplicate on commandId).
 
-Records that cannot be decoded go to business.dlq (never a crash, never a silent skip).
-Database errors are retried with back-off and nothing is committed meanwhile; a command
-whose data the database refuses outright (SQLSTATE class 22/23, after isolating it from its
-batch) is dead-lettered so that it cannot stall its partition.
+Failures follow the poison/outage rule of every consumer (app/record_failures.py,
+docs/architecture.md). Records that cannot be decoded (over 64 KiB, not JSON, nested too
+deep, invalid) go to business.dlq: never a crash, never a silent skip. Infrastructure
+failures (the database or the broker unreachable) are retried with back-off and nothing is
+committed meanwhile. A command that fails for its own sake (the database refuses its data,
+SQLSTATE class 22/23, or any failure that is not the infrastructure's), after isolating it
+from its batch and trying it three times, is dead-lettered so that it cannot stall its
+partition; so is one whose event cannot be produced (too large). Dead letters hold the
+record's coordinates and digest, never its value.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -26,7 +29,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from app.account_center.ledger import Ledger, sqlstate
+from app.account_center.ledger import Ledger
+from app.record_failures import (
+    MAX_OUTPUT_BYTES,
+    Poison,
+    Refused,
+    SourceRecord,
+    check_size,
+    dead_letter,
+    decode_json_object,
+    describe,
+    is_outage,
+    validation_reason,
+)
 from app.settings import Settings
 from schemas.wire import AccountCommand, AccountEvent, AccountEventType, DeadLetter
 
@@ -59,46 +74,24 @@ class _Out:
     topic: str
     key: bytes | None
     value: bytes
+    source: Any = None  # the consumed record it answers: dead-lettered if it cannot be sent
 
 
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode("ascii")
-
-
-def dead_letter(record: Any, reason: str, now: datetime | None = None) -> DeadLetter:
-    return DeadLetter(
-        source_topic=record.topic,
-        source_partition=record.partition,
-        source_offset=record.offset,
-        key_b64=_b64(record.key),
-        value_b64=_b64(record.value),
-        reason=reason[:1000],
-        failed_at=now or datetime.now(UTC),
-    )
-
-
-def decode_command(value: bytes | None) -> AccountCommand:
-    """Raise ValueError (with a reason) when the record is not a valid AccountCommand."""
-    if value is None:
-        raise ValueError("empty record value")
-    try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc}") from exc
+def decode_command(record: Any) -> AccountCommand:
+    """The AccountCommand of a record, or :class:`Refused` with the reason (no value in
+    it): over 64 KiB, not JSON, nested too deep, or invalid."""
+    check_size(SourceRecord.of(record))
+    data = decode_json_object(record.value)
     try:
         return AccountCommand.model_validate(data)
     except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise ValueError(f"invalid AccountCommand: {errors}") from exc
+        raise Refused("invalid AccountCommand: "
+                      + validation_reason(exc, name_unknown=True)) from None
 
 
 def _is_data_error(exc: BaseException) -> bool:
-    """Errors caused by the command's data (retrying it can never succeed)."""
-    state = sqlstate(exc)
-    return state is not None and state[:2] in ("22", "23")
+    """A failure of the command itself (poison): retrying it elsewhere can never succeed."""
+    return not is_outage(exc)
 
 
 class AccountCenter:
@@ -141,21 +134,21 @@ class AccountCenter:
         for records in batches.values():
             for record in records:
                 try:
-                    items.append(_Item(record, decode_command(record.value)))
-                except ValueError as exc:
+                    items.append(_Item(record, decode_command(record)))
+                except Poison as exc:
                     dead += 1
                     log.warning("dead-lettering %s[%d]@%d: %s", record.topic,
-                                record.partition, record.offset, exc)
-                    out.append(self._dlq_out(dead_letter(record, str(exc))))
+                                record.partition, record.offset, exc.reason)
+                    out.append(self._dlq_out(dead_letter(SourceRecord.of(record), exc.reason)))
 
         results = await self._decide(items)
         rejected = 0
-        for result in results:
+        for item, result in zip(items, results, strict=True):
             if isinstance(result, AccountEvent):
                 rejected += result.type is AccountEventType.REJECTED
                 out.append(
                     _Out(self._events_topic, result.account_id.encode(),
-                         orjson.dumps(result.to_wire()))
+                         orjson.dumps(result.to_wire()), item.record)
                 )
             else:
                 dead += 1
@@ -189,8 +182,8 @@ class AccountCenter:
             except Exception as exc:
                 if _is_data_error(exc):
                     if len(items) > 1:
-                        log.warning("batch refused by the database (%s): isolating commands",
-                                    sqlstate(exc))
+                        log.warning("batch refused for one of its commands (%s): isolating them",
+                                    describe(exc))
                         return [await self._decide_one(i) for i in items]
                     # A single command: _decide_one counts its attempts.
                     return [await self._decide_one(items[0])]
@@ -210,12 +203,11 @@ class AccountCenter:
                 if _is_data_error(exc):
                     data_errors += 1
                     if data_errors >= POISON_ATTEMPTS:
-                        log.error("command %s refused by the database (%s): dead-lettered",
-                                  item.command.command_id, sqlstate(exc))
+                        log.error("command %s failed for its own sake (%s): dead-lettered",
+                                  item.command.command_id, describe(exc))
                         return dead_letter(
-                            item.record,
-                            f"ledger refused the command: sqlstate {sqlstate(exc)} "
-                            f"({type(exc).__name__})",
+                            SourceRecord.of(item.record),
+                            f"ledger refused the command: {describe(exc)}",
                         )
                 else:
                     log.error("ledger unavailable (%s: %s), command retried in %.1fs",
@@ -225,20 +217,65 @@ class AccountCenter:
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _produce(self, out: Sequence[_Out]) -> None:
+        """Send every output, then wait for all. An outage (the broker away) re-sends them
+        all after a back-off (consumers deduplicate on commandId); an output refused for its
+        own sake (too large, say) is replaced by the dead letter of the command it answers,
+        so that it can never stall the partition."""
+        pending = [self._sendable(o) for o in out]
         backoff = BACKOFF_INITIAL
         while True:
             try:
-                futures = [
-                    await self._producer.send(o.topic, value=o.value, key=o.key) for o in out
-                ]
-                await asyncio.gather(*futures)
+                futures = []
+                for i, o in enumerate(pending):
+                    try:
+                        futures.append(await self._producer.send(o.topic, value=o.value,
+                                                                 key=o.key))
+                    except Exception as exc:
+                        if is_outage(exc) or o.source is None:
+                            raise
+                        pending[i] = self._refused(o, exc)  # refused before it left
+                        futures.append(await self._producer.send(
+                            pending[i].topic, value=pending[i].value, key=pending[i].key))
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                results = [exc]
+            failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+            if not failed:
                 return
-            except KafkaError as exc:
-                # Re-sending may duplicate some events: consumers deduplicate on commandId.
+            if any(is_outage(r) for _i, r in failed):
                 log.warning("produce failed (%s), %d messages re-sent in %.1fs",
-                            exc, len(out), backoff)
+                            describe(failed[0][1]), len(pending), backoff)
                 await self._backoff(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            # Refused by the broker for their own sake: replaced by dead letters, and the
+            # batch sent again (duplicate events are absorbed by commandId).
+            errors = dict(failed)
+            kept: list[_Out] = []
+            for i, o in enumerate(pending):
+                err = errors.get(i)
+                if err is None:
+                    kept.append(o)
+                elif o.source is not None:
+                    kept.append(self._refused(o, err))
+                else:
+                    log.error("a dead letter was refused (%s); dropped", describe(err))
+            pending = kept
+
+    def _sendable(self, o: _Out) -> _Out:
+        size = len(o.key or b"") + len(o.value)
+        if size > MAX_OUTPUT_BYTES and o.source is not None:
+            return self._refused(o, Poison(f"event of {size} bytes over the limit"))
+        return o
+
+    def _refused(self, o: _Out, exc: BaseException) -> _Out:
+        log.error("output for %s[%s]@%s refused (%s): dead-lettered", o.source.topic,
+                  o.source.partition, o.source.offset, describe(exc))
+        letter = dead_letter(SourceRecord.of(o.source), f"its event was refused: "
+                             f"{describe(exc)}")
+        return replace(self._dlq_out(letter), source=None)
 
     async def _backoff(self, seconds: float) -> None:
         try:
