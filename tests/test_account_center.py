@@ -620,3 +620,61 @@ async def test_service_retries_db_outage_and_dead_letters_poison(
         stop.set()
         await reader.stop()
         await producer.stop()
+
+
+# --------------------------------------------------------------------------------------
+# the poison/outage rule at the producer (no broker: a fake producer)
+# --------------------------------------------------------------------------------------
+
+
+class _FakeProducer:
+    """``send`` as aiokafka's: refuses synchronously, or returns the delivery future."""
+
+    def __init__(self, fail: Any) -> None:
+        self.fail = fail
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        error = self.fail(topic, value)
+        if error is not None:
+            raise error
+        self.sent.append((topic, key, value))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+async def test_an_event_that_cannot_be_produced_is_dead_lettered_not_retried() -> None:
+    """Until issue 9, a KafkaError was retried forever: one oversized output stopped all
+    command processing. An output refused for its own sake now becomes the dead letter of
+    the command it answers; an outage is still retried (then everything is sent)."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+    from app.account_center.service import AccountCenter, _Out
+
+    settings = Settings(topic_prefix="p.", _env_file=None)  # type: ignore[call-arg]
+    outages = 2
+
+    def fail(topic: str, value: bytes) -> BaseException | None:
+        nonlocal outages
+        if outages:
+            outages -= 1
+            return KafkaTimeoutError()
+        return MessageSizeTooLargeError() if value == b"huge" else None
+
+    producer = _FakeProducer(fail)
+    center = AccountCenter(settings, None, None, producer, asyncio.Event())  # type: ignore[arg-type]
+    source = SimpleNamespace(topic="p.account.commands", partition=1, offset=5, key=b"acc",
+                             value=b"command")
+    await asyncio.wait_for(center._produce([
+        _Out("p.account.events", b"acc", b"huge", source),
+        _Out("p.account.events", b"acc-2", b"fine", source),
+    ]), 30)
+    assert [t for t, _k, _v in producer.sent] == ["p.business.dlq", "p.account.events"]
+    letter = DeadLetter.model_validate_json(producer.sent[0][2])
+    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+        "p.account.commands", 1, 5)
+    assert letter.value_sha256 == hashlib.sha256(b"command").hexdigest()
+    assert "MessageSizeTooLargeError" in letter.reason
