@@ -154,7 +154,8 @@ _names = ("requestId", "type", "idempotencyKey")
 _docs = st.dictionaries(st.sampled_from(_names) | _text, _json | _text, max_size=6)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(doc=_docs, ascii_only=st.booleans(), spaced=st.booleans())
 def test_the_prefix_scan_reads_what_a_parser_reads(
         doc: dict[str, Any], ascii_only: bool, spaced: bool) -> None:
