@@ -528,6 +528,11 @@ class TransferService:
         except ValidationError as exc:
             raise Refused("invalid account event: "
                           + _validation_message(exc, name_unknown=True)) from None
+        if record.key != event.account_id.encode():
+            # Not from the account center (it keys by account): its table writes would land
+            # in another partition than the account's, and it answers nothing of ours.
+            self.counters["miskeyed_account_events"] += 1
+            raise Refused("the record key is not the event's accountId")
         for listener in self.account_event_listeners:
             listener(event)
         home = self._home_of(event.command_id, ACCOUNT_STEPS, "foreign_account_events")

@@ -787,6 +787,9 @@ async def test_foreign_ids_are_never_relayed() -> None:
         assert "partition" in letter["reason"]
     ours = h.service.route_account_event(_account_event(f"{t}:credit:5"), b"acc-bob", 0)
     assert [(o.topic, o.partition) for o in ours] == [("business.saga-inputs", 5)]
+    for key in (None, b"acc-alice"):  # account.events is keyed by the account
+        outs = h.service.route_account_event(_account_event(f"{t}:credit:5"), key, 0)
+        assert [o.topic for o in outs] == ["business.dlq"], key
     # funding.events answers this service only: anything else goes to operators
     for charge in ("payroll-2024:charge:1", f"{t}:debit:1", f"{t}:charge:6"):
         outs = h.service.route_funding_event(
