@@ -185,6 +185,50 @@ async def test_an_otp_never_verified_expires_on_tick() -> None:
     assert h.account_commands == []
 
 
+@pytest.mark.parametrize("failure", [ConnectionRefusedError, RuntimeError])
+async def test_a_tick_is_all_or_nothing_per_saga(
+    failure: type[Exception], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 9: one saga's effect failing in a tick (an outage, or a bug) neither drops the
+    other sagas' sends nor keeps a state whose reply was never sent. The failed saga is
+    left as it was and tried again after a back-off."""
+    h = Harness(otp_ttl_seconds=30)
+    for idem in ("k-a", "k-b", "k-c"):
+        token = await h.transfer_token("alice", "acc-bob", 20_000)
+        pending = await h.confirm("alice", token, idem, request_id=f"r-{idem}")
+        assert pending is not None and pending["code"] == "OTP_REQUIRED"
+    broken = tid("alice", "k-b")
+    release = h.store.release_daily_limit
+
+    async def failing_for_b(transfer_id: str) -> None:
+        if transfer_id == broken:
+            raise failure("PostgreSQL went away" if failure is ConnectionRefusedError
+                          else "a bug")
+        await release(transfer_id)
+
+    monkeypatch.setattr(h.store, "release_daily_limit", failing_for_b)
+    h.clock.advance(31)
+    outs = await h.tick()
+    expired = {o["requestId"] for o in h.emitted_on(h.topics.replies, outs)}
+    assert expired == {"r-k-a", "r-k-c"}  # the other sagas' sends are all there
+    assert {e["transferId"] for e in h.emitted_on(h.topics.transfer_events, outs)} == {
+        tid("alice", "k-a"), tid("alice", "k-c")}
+    b = h.saga("alice", "k-b")
+    assert b is not None and b.state is State.AWAITING_OTP  # unchanged: nothing unsent
+    assert h.reply("r-k-b")["code"] == "OTP_REQUIRED"  # type: ignore[index]
+    assert h.reply_cache.rows["alice\x1fr-k-b"] == orjson.dumps(h.reply("r-k-b"))
+    assert h.dead_letters == []
+    h.clock.advance(0.5)
+    assert await h.tick() == []  # backing off
+    monkeypatch.setattr(h.store, "release_daily_limit", release)
+    h.clock.advance(0.5)
+    await h.tick()
+    assert h.reply("r-k-b")["code"] == "OTP_EXPIRED"  # type: ignore[index]
+    b = h.saga("alice", "k-b")
+    assert b is not None and b.state is State.FAILED
+    assert h.reserved_today("alice") == 0
+
+
 # --------------------------------------------------------------------------------------
 # authentication and tokens
 # --------------------------------------------------------------------------------------
