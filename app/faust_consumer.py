@@ -18,6 +18,23 @@ untouched; after the rebalance Faust seeks every partition to its committed offs
 (``perform_seek``), so they are fetched again, and records of the old generation that did
 reach a stream are skipped by the stream itself. Offsets are committed between batches
 (``broker_commit_every``) and by Faust's commit timer, never past an unacknowledged record.
+
+It also keeps records from being lost at a rebalance (docs/architecture.md, "Rebalances"):
+
+- While the app is rebalancing (from the revocation until Faust's recovery has sought the
+  stream partitions to their committed offsets *and* cleared the stream buffers), only
+  changelog partitions are fetched. faust-streaming 0.15.3 resumes the stream partitions,
+  seeks them (one round trip per partition) and only then clears every stream buffer
+  (``faust/tables/recovery.py``, ``on_recovery_completed``): records fetched during the seek
+  were put in a buffer, cleared, and never seen by an agent.
+- On the input topics (every non-changelog topic: none is compacted and no producer of them
+  is transactional) a record whose offset is past the next one expected is a *jump*, not a
+  gap to acknowledge: it is logged as an error, not delivered, and the partition is sought
+  back to the offset expected, so the records in between are fetched again. Only when those
+  records no longer exist (deleted by retention) is the jump accepted, loudly.
+- The committable offset never passes an offset that was not acknowledged: Faust's head
+  check (``min(acked) - committed > 1``, ``Consumer._new_offset``) lets a commit skip the
+  one record right at the committed offset, and is skipped when the committed offset is 0.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +76,82 @@ class FetchTunedConsumerThread(AIOKafkaConsumerThread):
 
 
 class BatchDeliveringConsumer(AIOKafkaConsumer):
+    #: Partition -> the next offset this consumer expects to deliver (input topics only).
+    _next_expected: dict[TP, int]
+    #: Partition -> the offset processing (re)started from, when Faust knows no commit.
+    _floor: dict[TP, int]
+    #: Jumps seen (each was sought back, or accepted when retention had deleted the records).
+    jumps_detected: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._next_expected = {}
+        self._floor = {}
+
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return FetchTunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _is_input_tp(self, tp: TP) -> bool:
+        """A stream partition whose offsets have no holes (not a table changelog)."""
+        return not self._is_changelog_tp(tp)
+
+    # -- no stream records fetched while rebalancing --------------------------------------
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
+        if self.app.rebalancing and active_partitions is not None:
+            # A copy, never the live set; and never an empty set: aiokafka reads an empty
+            # set as "every partition".
+            active_partitions = {tp for tp in active_partitions if self._is_changelog_tp(tp)}
+            if not active_partitions:
+                # Nothing may be fetched until the rebalance ends: poll for its end.
+                await asyncio.sleep(min(timeout, REBALANCE_POLL_SECONDS))
+                return {}
+        return await super()._getmany(active_partitions, timeout)
+
+    # -- where each partition (re)starts ---------------------------------------------------
+
+    async def perform_seek(self) -> None:
+        """Faust's seek of every assigned partition to its committed offset, plus: an input
+        partition without a committed offset (or committed at 0) is sought to where the
+        group starts (earliest, ``consumer_auto_offset_reset``), which aiokafka's
+        ``seek_to_committed`` skips (it seeks only to offsets above 0), so that records
+        fetched before the rebalance but never processed are fetched again; and the offset
+        each input partition must deliver next is remembered."""
+        committed = await self.seek_to_committed()
+        self._read_offset.update({
+            tp: offset if offset is not None and offset >= 0 else None
+            for tp, offset in committed.items()
+        })
+        self._committed_offset.update({
+            TP(tp.topic, tp.partition): offset if offset else None
+            for tp, offset in committed.items() if offset is not None
+        })
+        inputs = {TP(tp.topic, tp.partition): offset for tp, offset in committed.items()
+                  if self._is_input_tp(TP(tp.topic, tp.partition))}
+        unstarted = [tp for tp, offset in inputs.items() if offset is None or offset <= 0]
+        earliest = dict(await self.earliest_offsets(*unstarted)) if unstarted else {}
+        for tp, offset in inputs.items():
+            if offset is None or offset < 0:
+                start = int(earliest.get(tp) or 0)
+            else:
+                start = offset
+            if offset is None or offset <= 0:
+                await self._seek(tp, start)
+            self._next_expected[tp] = start
+            self._floor[tp] = start
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        if self._is_input_tp(partition):
+            self._next_expected[partition] = offset
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        for tp in revoked:
+            self._next_expected.pop(tp, None)
+            self._floor.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    # -- delivery ---------------------------------------------------------------------------
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - live broker
         consumer_should_stop = self._stopped.is_set
@@ -95,17 +187,41 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
             unset_flag(CONSUMER_FETCHING)
 
     async def _deliver(self, batch: list[tuple[Any, Any]]) -> None:
-        """The original per-record logic (read offset, gap), without a task per record."""
+        """Faust's per-record logic without a task per record; on input topics, a record
+        past the next expected offset is not delivered and its partition is sought back."""
         callback = self.callback
         read_offset = self._read_offset
+        expected_of = self._next_expected
         acks_enabled_for = self.app.topics.acks_enabled_for
+        sought_back: set[TP] = set()
         since_yield = 0
         for tp, message in batch:
             since_yield += 1
             if since_yield > YIELD_EVERY:
                 await asyncio.sleep(0)
                 since_yield = 0
+            if tp in sought_back:
+                continue
             offset = message.offset
+            if self._is_input_tp(tp):
+                expected = expected_of.get(tp)
+                if expected is not None and offset < expected:
+                    # Fetched before a seek to an earlier position: it comes again.
+                    self.log.dev("DROPPED STALE MESSAGE %r@%r (expected %r)", tp, offset,
+                                 expected)
+                    continue
+                if expected is not None and offset > expected:
+                    if await self._records_still_exist(tp, expected):
+                        self._on_jump(tp, expected, offset)
+                        sought_back.add(tp)
+                        await self.seek(tp, expected)
+                        continue
+                if expected is None:
+                    self._floor.setdefault(tp, offset)
+                await callback(message)
+                expected_of[tp] = offset + 1
+                read_offset[tp] = offset
+                continue
             r_offset = read_offset[tp]
             if r_offset is None or offset >= r_offset:
                 gap = offset - (r_offset or 0)
@@ -116,3 +232,60 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
             else:
                 self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key,
                              message.value)
+
+    def _on_jump(self, tp: TP, expected: int, offset: int) -> None:
+        self.jumps_detected += 1
+        log.error(
+            "offset jump on %s[%s]: expected offset %d, fetched %d; the %d records between "
+            "were never delivered (a fetch during a rebalance?). Seeking back to %d; no "
+            "offset is committed past them.", tp.topic, tp.partition, expected, offset,
+            offset - expected, expected,
+        )
+
+    async def _records_still_exist(self, tp: TP, expected: int) -> bool:
+        try:
+            earliest = (await self.earliest_offsets(tp)).get(tp)
+        except Exception:  # cannot tell: keep the records safe, seek back
+            return True
+        if earliest is not None and earliest > expected:
+            self.jumps_detected += 1
+            log.error(
+                "%s[%s]: records %d..%d were deleted by retention before this group "
+                "processed them; going on from %d", tp.topic, tp.partition, expected,
+                earliest - 1, earliest,
+            )
+            return False
+        return True
+
+    # -- commits -------------------------------------------------------------------------
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit for ``tp``: one past the longest run of acknowledged records
+        that starts right at the committed offset (None when the record at the committed
+        offset is not acknowledged yet)."""
+        if not self._is_input_tp(tp):
+            return super()._new_offset(tp)
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        acked.sort()
+        committed = self._committed_offset.get(tp)
+        if committed is None:
+            committed = self._floor.get(tp)
+        if committed is not None:
+            # Already committed (a redelivered record acknowledged twice): not again.
+            while acked and acked[0] < committed:
+                self._acked_index[tp].discard(acked.pop(0))
+            if not acked or acked[0] != committed:
+                return None  # the record at the committed offset is not done yet
+        run = 1
+        while run < len(acked) and acked[run] == acked[run - 1] + 1:
+            run += 1
+        batch = acked[:run]
+        del acked[:run]
+        self._acked_index[tp].difference_update(batch)
+        return batch[-1] + 1
+
+
+#: While rebalancing and nothing may be fetched, how often to look whether it has ended.
+REBALANCE_POLL_SECONDS = 0.01

@@ -102,7 +102,7 @@ class System:
         env["BIZ_ENV_FILE"] = "/nonexistent"
         return env
 
-    async def start(self) -> None:
+    async def start(self, *, worker_env: dict[str, str] | None = None) -> None:
         await ensure_topics(self.settings)
         self.store = PostgresBusinessStore.from_settings(self.settings)
         await self.store.migrate()
@@ -118,7 +118,7 @@ class System:
         await self.transfer_events.start()
         self.start_process("account-center")
         self.start_process("funding-provider")
-        self.start_process("worker")
+        self.start_process("worker", env=worker_env)
 
     def start_process(self, name: str, *, command: str | None = None,
                       env: dict[str, str] | None = None) -> None:
@@ -337,6 +337,35 @@ class System:
         finally:
             await consumer.stop()
             await admin.close()
+
+    def worker_input_topics(self) -> list[str]:
+        """Every topic the workers' consumer group reads (tables' changelogs aside)."""
+        t = self.settings.topic
+        return [t("business.commands"), t("business.saga-inputs"), t("account.events"),
+                t("funding.events"), t("business.transfer-events"), t("business.queries")]
+
+    async def money_moved_more_than_once(self) -> list[tuple[str, str, int]]:
+        """(transferId, command type, times) of every transfer whose debit, credit or refund
+        the ledger applied more than once (under different command ids: e.g. two sagas)."""
+        assert self.ledger is not None
+        async with self.ledger.engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT transfer_id, type, count(*) FROM processed_commands "
+                "WHERE result->>'type' <> 'rejected' "
+                "GROUP BY transfer_id, type HAVING count(*) > 1"))).all()
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def balances_off_from(self, opening: dict[str, int],
+                                completed: list[tuple[str, str, int]]) -> dict[str, Any]:
+        """Accounts whose balance is not their opening balance minus what they sent plus
+        what they received over the ``completed`` (payer, payee, amount) transfers:
+        {account: (expected, actual)}; empty when every account moved exactly once."""
+        expected = dict(opening)
+        for payer, payee, amount in completed:
+            expected[payer] -= amount
+            expected[payee] += amount
+        actual = await self.balances(*expected)
+        return {a: (expected[a], actual[a]) for a in expected if actual[a] != expected[a]}
 
 
 def free_port() -> int:
