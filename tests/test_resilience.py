@@ -9,6 +9,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -117,31 +118,70 @@ async def _transfer_tolerating_crashes(system: System, payer: str, payee: str, a
 
 async def test_200_concurrent_transfers_with_crashes_conserve_money(system: System) -> None:
     """200 transfers among 20 accounts, concurrently; the worker and the account center
-    are each killed (SIGKILL) and restarted in the middle. Money is conserved, clearing
-    is empty at the end, and every transfer ends COMPLETED or with an error code."""
+    are each killed (SIGKILL) while transfers are in flight, and restarted. Money is
+    conserved, clearing is empty at the end, every transfer ends COMPLETED or with an error
+    code, and money moved exactly once per transfer."""
     rng = random.Random(20261124)
     users = [f"load{i:02d}" for i in range(20)]
+    opening = {}
     for u in users:
-        await system.add_user(u, balance=rng.randrange(50_000, 200_000), threshold=150_000)
+        opening[f"acc-{u}"] = rng.randrange(50_000, 200_000)
+        await system.add_user(u, balance=opening[f"acc-{u}"], threshold=150_000)
     total_before, clearing_before, seeded = await _money(system)
     assert clearing_before == 0 and total_before == seeded
+    started: list[int] = []
+    finished: list[int] = []
 
-    async def one(i: int) -> dict[str, Any]:
+    async def one(i: int) -> Attempt:
         payer, payee = rng.sample(users, 2)
         amount = rng.choice([rng.randrange(1, 20_000), rng.randrange(100_000, 250_000)])
         await asyncio.sleep(i * 0.02)  # a ramp: the crashes land while work is in flight
-        return await _transfer_tolerating_crashes(system, payer, payee, amount)
+        started.append(i)
+        try:
+            reply = await _transfer_tolerating_crashes(system, payer, payee, amount)
+        finally:
+            finished.append(i)
+        return Attempt(f"acc-{payer}", f"acc-{payee}", amount, reply)
+
+    in_flight_at_kills: list[int] = []
 
     async def crashes() -> None:
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: len(started) - len(finished) >= 10, timeout=60,
+                       interval=0.05, what="transfers in flight")
+        in_flight_at_kills.append(len(started) - len(finished))
         await system.stop_process("worker", kill=True)
         system.start_process("worker")
-        await asyncio.sleep(1.5)
+        await wait_for(lambda: len(started) - len(finished) >= 10, timeout=60,
+                       interval=0.05, what="transfers in flight")
+        in_flight_at_kills.append(len(started) - len(finished))
         await system.stop_process("account-center", kill=True)
         system.start_process("account-center")
 
     results, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(200))), crashes())
-    await _assert_final_and_conserved(system, results, seeded)
+    assert len(in_flight_at_kills) == 2 and min(in_flight_at_kills) >= 10, in_flight_at_kills
+    await _assert_final_and_conserved(system, [a.reply for a in results], seeded)
+    await _assert_exactly_once(system, opening, results)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    payer_account: str
+    payee_account: str
+    amount: int
+    reply: dict[str, Any]
+
+
+async def _assert_exactly_once(system: System, opening: dict[str, int],
+                               attempts: list[Attempt]) -> None:
+    """Money moved exactly once per transfer: the ledger applied at most one debit and one
+    credit (or refund) per transferId, and every account's balance is its opening balance
+    minus what it sent plus what it received over the COMPLETED transfers. (Conservation
+    alone would pass a transfer applied twice.)"""
+    assert await system.money_moved_more_than_once() == []
+    completed = [(a.payer_account, a.payee_account, a.amount) for a in attempts
+                 if a.reply["status"] == "ok"]
+    off = await system.balances_off_from(opening, completed)
+    assert off == {}, f"accounts not moved exactly once (expected, actual): {off}"
 
 
 async def _assert_final_and_conserved(system: System, results: list[dict[str, Any]],
@@ -167,55 +207,121 @@ async def _assert_final_and_conserved(system: System, results: list[dict[str, An
     assert await system.ledger.mismatched_accounts() == []
 
 
-async def test_a_worker_joining_and_leaving_under_load_moves_money_once(system: System) -> None:
-    """Partitions move between workers while transfers are in flight. The saga agent keeps
-    several records in flight at once (a lane per partition, agents/lanes.py) and the
-    worker's consumer hands whole fetched batches to the streams (app/faust_consumer.py):
-    a rebalance must wait for the records in flight, and a record handed over but not
-    finished must come again to the partition's next owner. A second worker joins the
-    group under load, takes partitions, and leaves it (SIGTERM): every partition moves
-    twice, and transfers keep starting until both moves are done.
-
-    Known limit (faust-streaming, also without this project's lanes and consumer: seen in
-    about 1 run in 4 at commit 23f23b7): a request handled around the live hand-over can go
-    unanswered. The client asks again with the same idempotency key and gets the answer;
-    money moves once either way, which is what this test holds the system to."""
+async def test_workers_joining_leaving_and_crashing_under_load_answer_everything_once(
+        system: System) -> None:
+    """Partitions move between workers while transfers are in flight: a second worker joins
+    the group, leaves it (SIGTERM), and then the first worker is killed (SIGKILL) and
+    restarted at once; transfers keep starting until all three moves are done. The saga
+    agent keeps several records in flight (a lane per partition, agents/lanes.py) and the
+    consumer hands whole fetched batches to the streams (app/faust_consumer.py): a record
+    handed over but not finished must come again to the partition's next owner, and no
+    record may be dropped at the hand-over (tests/test_rebalance_records.py proves the
+    mechanism with the window widened). Every request is answered without being asked
+    again, money moves exactly once, and the group commits every input record."""
     rng = random.Random(1124)
     users = [f"rb{i:02d}" for i in range(16)]
+    opening = {}
     for u in users:
-        await system.add_user(u, balance=rng.randrange(50_000, 200_000), threshold=150_000)
+        opening[f"acc-{u}"] = rng.randrange(50_000, 200_000)
+        await system.add_user(u, balance=opening[f"acc-{u}"], threshold=150_000)
     _total, _clearing, seeded = await _money(system)
     moved = asyncio.Event()
-
-    async def one() -> dict[str, Any]:
-        payer, payee = rng.sample(users, 2)
-        amount = rng.choice([rng.randrange(1, 20_000), rng.randrange(100_000, 250_000)])
-        return await _transfer_tolerating_crashes(system, payer, payee, amount,
-                                                  asked_again=asked_again)
-
     asked_again: list[str] = []
 
-    async def load() -> list[dict[str, Any]]:
-        started: list[asyncio.Task[dict[str, Any]]] = []
-        while (not moved.is_set() or len(started) < 100) and len(started) < 2000:
+    async def one() -> Attempt:
+        payer, payee = rng.sample(users, 2)
+        amount = rng.choice([rng.randrange(1, 20_000), rng.randrange(100_000, 250_000)])
+        reply = await _transfer_tolerating_crashes(system, payer, payee, amount,
+                                                   asked_again=asked_again)
+        return Attempt(f"acc-{payer}", f"acc-{payee}", amount, reply)
+
+    async def load() -> list[Attempt]:
+        started: list[asyncio.Task[Attempt]] = []
+        while (not moved.is_set() or len(started) < 100) and len(started) < 3000:
             started.append(asyncio.create_task(one()))
             await asyncio.sleep(0.03)  # a steady stream of new transfers
         return list(await asyncio.gather(*started))
 
-    async def join_then_leave() -> None:
-        await asyncio.sleep(1.0)
+    async def join_leave_crash() -> None:
+        await asyncio.sleep(1.0)  # some load first
         system.start_worker("worker-2", web_port=free_port())
         await wait_for(lambda: _group_is(system, "Stable", 2), timeout=120, interval=0.2,
                        what="the second worker to take partitions")
         await system.stop_process("worker-2")  # SIGTERM: a graceful leave
         await wait_for(lambda: _group_is(system, "Stable", 1), timeout=120, interval=0.2,
                        what="the first worker to take every partition back")
+        await system.stop_process("worker", kill=True)  # a crash: no leave
+        system.start_process("worker")
+        await wait_for(lambda: _group_is(system, "Stable", 1), timeout=120, interval=0.2,
+                       what="the restarted worker to take every partition")
         moved.set()
 
-    results, _ = await asyncio.gather(load(), join_then_leave())
-    assert len(results) < 2000, "the partitions never moved back: load stopped at its cap"
-    await _assert_final_and_conserved(system, results, seeded)
-    assert len(asked_again) <= len(results) // 20, asked_again  # the limit stays a rare one
+    results, _ = await asyncio.gather(load(), join_leave_crash())
+    assert len(results) < 3000, "the partitions never settled: load stopped at its cap"
+    assert asked_again == [], f"{len(asked_again)} requests had to be asked again"
+    await _assert_final_and_conserved(system, [a.reply for a in results], seeded)
+    await _assert_exactly_once(system, opening, results)
+    await _assert_inputs_committed(system)
+
+
+async def _assert_inputs_committed(system: System) -> None:
+    """The workers' group committed every record its input topics held once the run
+    ended (business.saga-inputs keeps growing with ticks: its end is taken now)."""
+    topics = system.worker_input_topics()
+    targets = await _end_offsets(system, topics)
+    await wait_for(lambda: _committed_reach(system, system.settings.app_id, targets),
+                   timeout=60, interval=0.5, what="the group to commit every input record")
+
+
+async def test_a_worker_killed_under_load_answers_again_within_seconds(system: System) -> None:
+    """The worker is killed (SIGKILL: it never leaves the group) under a steady load and
+    restarted at once. The group reassigns the dead member's partitions when its session
+    times out (BIZ_CONSUMER_SESSION_TIMEOUT_SECONDS, 10 s; Faust's default of 60 s made
+    this ~93 s), so the restarted worker answers again within seconds, and every request
+    sent around the crash is answered without being asked again."""
+    assert system.client is not None
+    users = [f"kg{i}" for i in range(4)]
+    for u in users:
+        await system.add_user(u, balance=100_000)
+    assert (await system.init(users[0], f"acc-{users[1]}", 1, timeout=120))["status"] == "ok"
+    loop = asyncio.get_running_loop()
+    rng = random.Random(7)
+    stop = asyncio.Event()
+    sent: list[tuple[float, asyncio.Task[dict[str, Any]]]] = []
+    answered_at: dict[int, float] = {}
+
+    async def ask(i: int) -> dict[str, Any]:
+        payer, payee = rng.sample(users, 2)
+        reply = await system.init(payer, f"acc-{payee}", rng.randrange(1, 500), timeout=120)
+        answered_at[i] = loop.time()
+        return reply
+
+    async def load() -> None:
+        while not stop.is_set():
+            sent.append((loop.time(), asyncio.create_task(ask(len(sent)))))
+            await asyncio.sleep(0.1)  # pacing of the load, not synchronisation
+
+    loader = asyncio.create_task(load())
+    await wait_for(lambda: len(answered_at) >= 20, timeout=60, interval=0.1,
+                   what="answers before the crash")
+    await system.stop_process("worker", kill=True)
+    restarted = loop.time()
+    system.start_process("worker")
+    await wait_for(lambda: any(sent[i][0] > restarted for i in answered_at), timeout=120,
+                   interval=0.1, what="an answer to a request sent after the restart")
+    first_answer = min(at for i, at in answered_at.items() if sent[i][0] > restarted)
+    mark = len(sent)
+    await wait_for(lambda: sum(1 for i in answered_at if i >= mark) >= 10, timeout=60,
+                   interval=0.1, what="steady answers after the restart")
+    stop.set()
+    await loader
+    replies = await asyncio.gather(*(t for _at, t in sent))
+    assert all(r["status"] == "ok" for r in replies), [r for r in replies
+                                                       if r["status"] != "ok"][:3]
+    gap = first_answer - restarted
+    print(f"restarted worker answered {gap:.1f} s after its start")
+    # The bound catches a session timeout back at Faust's 60 s; the target is 15 s.
+    assert gap < 30, f"the restarted worker answered only {gap:.1f} s after its start"
 
 
 async def _group_is(system: System, state: str, members: int) -> bool:
@@ -262,8 +368,7 @@ async def test_operator_replay_from_offset_zero_moves_no_money(system: System) -
             args += ["--topic", t]
         done = kafka_tool(*args)
         assert done.returncode == 0, done.stdout + done.stderr
-    targets_worker = await _end_offsets(system, [s.topic("business.commands"),
-                                                 s.topic("account.events")])
+    targets_worker = await _end_offsets(system, worker_inputs)
     targets_ac = await _end_offsets(system, [s.topic("account.commands")])
     system.start_process("account-center")
     system.start_process("worker")
@@ -290,3 +395,4 @@ async def test_operator_replay_from_offset_zero_moves_no_money(system: System) -
     assert await system.balances(*accounts) == balances_before
     assert await _money(system) == money_before
     assert await _processed_commands(system) == processed_before
+    assert await system.money_moved_more_than_once() == []
