@@ -531,7 +531,7 @@ class TransferService:
         if record.key != event.account_id.encode():
             # Not from the account center (it keys by account): its table writes would land
             # in another partition than the account's, and it answers nothing of ours.
-            self.counters["miskeyed_account_events"] += 1
+            self._count("miskeyed_account_events")
             raise Refused("the record key is not the event's accountId")
         for listener in self.account_event_listeners:
             listener(event)
@@ -578,13 +578,11 @@ class TransferService:
         that does not exist."""
         parsed = saga_core.parse_command_id(command_id)
         if parsed is None or parsed[1] not in steps or not _is_transfer_id(parsed[0]):
-            self.counters[foreign] += 1
-            log.debug("event for a command this service did not issue (%s so far)",
-                      self.counters[foreign])
+            self._count(foreign)
             return None
         transfer_id, _step, home = parsed
         if not 0 <= home < self.settings.topic_partitions:
-            self.counters["out_of_range_ids"] += 1
+            self._count("out_of_range_ids")
             raise Refused(f"foreign id: it names partition {home}, which does not exist "
                           f"({self.settings.topic_partitions} partitions)")
         return transfer_id, home
@@ -624,16 +622,24 @@ class TransferService:
         this service (counted, ignored)."""
         parsed = saga_core.parse_command_id(command_id)
         if parsed is None or parsed[2] != record.partition:
-            self.counters["misrouted_saga_inputs"] += 1
+            self._count("misrouted_saga_inputs")
             return None
         return parsed[0]
 
     def _saga(self, transfer_id: str) -> saga_core.Saga | None:
         saga = self.sagas.get(transfer_id)
         if saga is None:
-            self.counters["unknown_transfer_events"] += 1
-            log.warning("event for an unknown transfer %s", transfer_id)
+            self._count("unknown_transfer_events")
         return saga
+
+    def _count(self, what: str) -> None:
+        """Count a record ignored or set aside for what it holds; logged at 1, 2, 4, 8, ...
+        (an operator sees it happen without a line per record)."""
+        self.counters[what] += 1
+        n = self.counters[what]
+        log.debug("%s: one more (%d)", what.replace("_", " "), n)
+        if n & (n - 1) == 0:
+            log.info("%s: %d so far", what.replace("_", " "), n)
 
     async def _on_account_event(self, event: AccountEvent, record: SourceRecord
                                 ) -> list[Outbound]:
