@@ -6,6 +6,8 @@
     bizcenter create-topics    create every topic with explicit partition counts
     bizcenter migrate          create the PostgreSQL schemas and tables
     bizcenter ping             health check: the broker and the database answer
+    bizcenter reconcile        check once that the ledger's money adds up (exit 0 or 1)
+    bizcenter config           the effective configuration, secrets masked
     bizcenter seed-demo        demo users in the directory and funded accounts
     bizcenter token USER       a development access token (stands in for the user center)
     bizcenter transfer ...     a transfer through the gateway protocol, end to end
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -28,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app import log_redaction
+from app import log_format, log_redaction
 from app.event_loop import install_event_loop
 from app.settings import EXIT_CONFIG, Settings, load_settings
 
@@ -40,11 +43,9 @@ DEVELOPMENT_ONLY = frozenset({"token", "transfer", "topup", "seed-demo", "run"})
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format=log_format.TEXT_FORMAT)
     log_redaction.install()
+    log_format.install(settings.log_format)
 
 
 def environment_refusal(settings: Settings, command: str) -> str | None:
@@ -95,11 +96,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             log_redaction.install()
+            log_format.install(settings.log_format)
 
     if settings.environment == "development":
         log.warning("BIZ_ENVIRONMENT=development: the development secrets are accepted")
     asyncio.run(prepare(settings))
     worker = create_app(settings)
+    if settings.web_enabled:
+        from app.health import register_health_views
+
+        register_health_views(worker.app, settings.database_url, settings.db_schema)
     faust_worker = RedactingWorker(worker.app, loglevel=settings.log_level.lower(),
                                    quiet=True)
     faust_worker.execute_from_commandline()
@@ -149,6 +155,86 @@ def cmd_ping(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print("ok")
     return 0
+
+
+#: Exit statuses of ``bizcenter reconcile``.
+RECONCILE_BALANCED, RECONCILE_DRIFT, RECONCILE_UNCHECKED = 0, 1, 2
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """The ledger's money checks, once: 0 balanced, 1 drift (with a table of what differs),
+    2 when the ledger cannot be read."""
+    from app.account_center.ledger import Ledger
+    from app.reconciliation import Report, reconcile
+
+    async def check() -> Report:
+        ledger = Ledger.from_settings(settings, pool_size=1)
+        try:
+            return await reconcile(ledger.engine)
+        finally:
+            await ledger.close()
+
+    try:
+        report = asyncio.run(asyncio.wait_for(check(), 60))
+    except Exception as exc:
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"bizcenter reconcile: cannot read the ledger: {type(exc).__name__}: "
+              f"{first_line}", file=sys.stderr)
+        return RECONCILE_UNCHECKED
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(report.as_table())
+    return RECONCILE_BALANCED if report.balanced else RECONCILE_DRIFT
+
+
+def effective_configuration(settings: Settings) -> dict[str, Any]:
+    """Every setting by its variable name, secrets masked: a secret shows only whether it
+    is unset, a development placeholder or set (with its length); the database URL's
+    password is masked."""
+    from pydantic import SecretStr
+    from sqlalchemy.engine import make_url
+
+    from app.settings import DEV_SECRETS
+
+    config: dict[str, Any] = {}
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        variable = (alias.choices[0] if alias is not None and hasattr(alias, "choices")
+                    else f"BIZ_{name.upper()}")
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            secret = value.get_secret_value()
+            value = ("(unset)" if not secret else "(development placeholder)"
+                     if secret in DEV_SECRETS else f"(set, {len(secret.encode())} bytes)")
+        elif name == "database_url":
+            try:
+                value = make_url(value).render_as_string(hide_password=True)
+            except Exception:
+                value = "(unparseable, masked)"
+        config[str(variable)] = value
+    return config
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    config = effective_configuration(settings)
+    if args.json:
+        print(json.dumps(config, indent=2))
+    else:
+        width = max(len(k) for k in config)
+        for key, value in config.items():
+            shown = json.dumps(value) if isinstance(value, list | bool) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bizcenter")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def cmd_funding_provider(settings: Settings, args: argparse.Namespace) -> int:
@@ -292,19 +378,52 @@ def cmd_topup(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if reply.get("status") == "ok" else 1
 
 
+#: Where ``bizcenter run`` writes its child processes' logs (one file each; the previous
+#: run's as ``<name>.log.1``).
+RUN_LOG_DIR = os.path.join(".local", "logs")
+RUN_CHILDREN = ("account-center", "funding-provider", "worker")
+
+
+async def demo_balances(settings: Settings) -> dict[str, int | None]:
+    from app.account_center.ledger import Ledger
+    from app.adapters.demo_seed import DEMO_USERS
+
+    ledger = Ledger.from_settings(settings, pool_size=1)
+    try:
+        return {u.account_id: await ledger.balance(u.account_id) for u in DEMO_USERS}
+    finally:
+        await ledger.close()
+
+
+def _print_balances(title: str, balances: dict[str, int | None]) -> None:
+    shown = "  ".join(f"{account} {'-' if minor is None else f'{minor / 100:,.2f}'}"
+                      for account, minor in balances.items())
+    print(f"{title:<16}{shown}  (USD)")
+
+
+def _start_child(exe: list[str], name: str) -> subprocess.Popen[bytes]:
+    os.makedirs(RUN_LOG_DIR, exist_ok=True)
+    path = os.path.join(RUN_LOG_DIR, f"{name}.log")
+    if os.path.exists(path):
+        os.replace(path, path + ".1")
+    with open(path, "ab") as out:
+        return subprocess.Popen([*exe, name], env=os.environ.copy(),  # noqa: S603
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """The local system in one command: the account center, the funding provider and the
-    worker as child processes, demo transfers and a top-up through them, then all stay up
-    until Ctrl-C."""
+    worker as child processes (their logs in ``.local/logs/``), demo transfers and a top-up
+    through them with the balances before and after, then all stay up until Ctrl-C."""
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     asyncio.run(prepare(settings, ledger=True))
     asyncio.run(seed_demo(settings))
     exe = [sys.executable, "-m", "app.cli"]
-    children = [
-        subprocess.Popen([*exe, "account-center"], env=os.environ.copy()),  # noqa: S603
-        subprocess.Popen([*exe, "funding-provider"], env=os.environ.copy()),  # noqa: S603
-        subprocess.Popen([*exe, "worker"], env=os.environ.copy()),  # noqa: S603
-    ]
+    children = [_start_child(exe, name) for name in RUN_CHILDREN]
+    print(f"\nstarted {', '.join(RUN_CHILDREN)}; their logs: "
+          + ", ".join(os.path.join(RUN_LOG_DIR, f"{n}.log") for n in RUN_CHILDREN))
     try:
+        _print_balances("balances before", asyncio.run(demo_balances(settings)))
         print("\n=== demo: alice sends 12.50 USD to bob, then 750.00 USD (OTP step-up) ===\n")
         for amount in (1250, 75000):
             asyncio.run(run_transfer(
@@ -316,8 +435,11 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             settings, user="bob", to="", amount=4000, currency="USD", pin="",
             otp_from_topic=True, timeout=120.0, source="card-bob",
         ))
-        print("\nThe worker, the account center and the funding provider are running. "
-              "Ctrl-C stops them.\n"
+        print()
+        _print_balances("balances after", asyncio.run(demo_balances(settings)))
+        print(f"\nThe worker, the account center and the funding provider are running "
+              f"(logs in {RUN_LOG_DIR}/; worker health: "
+              f"http://127.0.0.1:{settings.web_port}/readyz). Ctrl-C stops them.\n"
               "Try: .venv/bin/bizcenter transfer --user bob --to acc-carol --amount 500\n"
               "     .venv/bin/bizcenter topup --user carol --source card-carol --amount 2000\n")
         while all(child.poll() is None for child in children):
@@ -340,6 +462,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bizcenter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"bizcenter {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="run the business worker (Faust)").set_defaults(fn=cmd_worker)
     sub.add_parser("account-center", help="run the reference account center").set_defaults(
@@ -349,6 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("create-topics", help="create the topics").set_defaults(fn=cmd_create_topics)
     sub.add_parser("ping", help="health check of Kafka and PostgreSQL").set_defaults(
         fn=cmd_ping)
+    reconcile_cmd = sub.add_parser(
+        "reconcile", help="check once that the ledger's money adds up",
+        description="The ledger's checks, once: money conserved (balances = seeded + "
+        "funded - clearing), clearing account zero, journal balanced per command, "
+        "balances = journal. Exit 0 balanced, 1 drift (with a table of what differs), "
+        "2 the ledger cannot be read.")
+    reconcile_cmd.add_argument("--json", action="store_true", help="the report as JSON")
+    reconcile_cmd.set_defaults(fn=cmd_reconcile)
+    config_cmd = sub.add_parser(
+        "config", help="the effective configuration, secrets masked",
+        description="Every setting (environment, then env file, then default) by its "
+        "variable name; secrets show only unset / development placeholder / set.")
+    config_cmd.add_argument("--json", action="store_true", help="as a JSON object")
+    config_cmd.set_defaults(fn=cmd_config)
     sub.add_parser("migrate", help="create the database tables").set_defaults(fn=cmd_migrate)
     sub.add_parser("seed-demo", help="demo users and funded accounts").set_defaults(
         fn=cmd_seed_demo)

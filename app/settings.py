@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     )
     data_dir: str = Field(".local/worker-data", description="Directory of the RocksDB tables.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's web server.")
-    web_enabled: bool = Field(False, description="Serve the worker's web endpoints.")
+    web_enabled: bool = Field(True, description="Serve the worker's web endpoints (the "
+                              "HTTP queries, /healthz and /readyz).")
     web_bind: str = Field("127.0.0.1", description="Interface the worker's web server "
                           "listens on (0.0.0.0 for all).")
     web_host: str = Field(
@@ -220,6 +221,10 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text (a terminal) or JSON objects, one per line "
+        "(log collectors; app/log_format.py).",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="Event loop of every process: uvloop (less CPU per message) or "
         "the standard library's asyncio.",

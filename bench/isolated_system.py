@@ -45,6 +45,15 @@ log = logging.getLogger("bench")
 SEED_CONCURRENCY = 8
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on right now (a worker's web server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def base_settings() -> Settings:
     """Kafka and PostgreSQL as ``make up`` wrote them (``.local/env``), or the environment."""
     env_file = os.environ.get("BIZ_ENV_FILE", str(ROOT / ".local" / "env"))
@@ -188,7 +197,9 @@ class IsolatedSystem:
         self.start_process("account-center", "account-center")
         for i in range(self.cfg.workers):
             # One data directory per worker process: RocksDB locks its files.
-            env = {"BIZ_DATA_DIR": str(Path(self.settings.data_dir) / f"w{i}")}
+            # Its own web port too: the web server is on by default (/readyz, queries).
+            env = {"BIZ_DATA_DIR": str(Path(self.settings.data_dir) / f"w{i}"),
+                   "BIZ_WEB_PORT": str(_free_port())}
             command: str | list[str] = "worker"
             if self.cfg.trace or self.cfg.experiments:
                 env["BENCH_TRACE_FILE"] = str(self.trace_file(f"worker-{i}"))

@@ -74,6 +74,8 @@ class System:
             "tick_interval_seconds": 0.5,
             "account_command_timeout_seconds": 3.0,
             "db_pool_size": 5,
+            # The web server is on by default: every system (and start_worker) its own port.
+            "web_port": free_port(),
             # The children run the development secrets: a production environment would
             # refuse to start (app/cli.py).
             "environment": "development",

@@ -1,0 +1,119 @@
+"""How log lines look: text for a terminal (the default) or JSON lines (``BIZ_LOG_FORMAT=json``),
+and rebalance cancellations told as what they are.
+
+**JSON lines.** One object per line::
+
+    {"ts": "2026-11-30T09:14:36.123Z", "level": "INFO", "logger": "app.transfer_service",
+     "message": "...", "requestId": "...", "transferId": "...", "operatorId": "..."}
+
+``requestId``, ``transferId`` and ``operatorId`` appear when the record carries them, i.e.
+when the call site passes them as ``extra``::
+
+    log.info("saga %s -> %s", old, new, extra={"transferId": tid, "requestId": rid})
+
+(the convention for every line about a request or a transfer: these three names, exactly,
+in ``extra``; see docs/operations.md). ``exc`` holds the traceback when there is one. The
+redaction filter (app/log_redaction.py) runs on each handler before the formatter, so the
+message and the traceback are already redacted; the id fields are redacted too.
+
+**Rebalance cancellations.** When a rebalance revokes partitions, Faust cancels the agent
+tasks that were working on them and mode logs each as ``Crashed reason=CancelledError()``
+at ERROR with a traceback. Nothing crashed: the records are delivered again to the new
+owner. :class:`RebalanceCancellations` turns exactly those records (a ``faust``/``mode``
+logger, the message ``Crashed reason=CancelledError()``, or its exception a
+``CancelledError``) into one INFO line without a traceback. Any other crash stays an ERROR.
+
+:func:`install` applies both to every handler that exists; call it again after anything
+that replaces handlers (Faust's worker does, see app/cli.py), like ``log_redaction.install``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Final, Literal
+
+from app.log_redaction import redact
+
+#: The ``extra`` names a JSON line carries as fields when a record has them.
+ID_FIELDS: Final = ("requestId", "transferId", "operatorId")
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (see the module docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in ID_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = redact(str(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(self.formatException(record.exc_info))
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def _is_cancellation(record: logging.LogRecord) -> bool:
+    if not record.name.startswith(("faust", "mode")) or record.levelno < logging.ERROR:
+        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        message = record.getMessage()
+    except Exception:
+        return False
+    return "Crashed reason=CancelledError(" in message
+
+
+class RebalanceCancellations(logging.Filter):
+    """A ``Crashed reason=CancelledError()`` record of Faust or mode becomes one INFO line
+    without a traceback. Never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _is_cancellation(record):
+            record.levelno = logging.INFO
+            record.levelname = logging.getLevelName(logging.INFO)
+            record.msg = record.getMessage() + " (a rebalance cancelled the task; its " \
+                "records are delivered again)"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_CANCELLATIONS: Final = RebalanceCancellations()
+
+
+def _all_handlers() -> list[logging.Handler]:
+    handlers = list(logging.root.handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            handlers.extend(logger.handlers)
+    return handlers
+
+
+def install(log_format: Literal["text", "json"] = "text") -> int:
+    """On every handler that exists now: the cancellation filter (ahead of the others, so
+    that no traceback is formatted for it) and, with ``json``, the JSON formatter.
+    Idempotent; returns how many handlers it saw."""
+    handlers = _all_handlers()
+    for handler in handlers:
+        if not any(isinstance(f, RebalanceCancellations) for f in handler.filters):
+            handler.filters.insert(0, _CANCELLATIONS)
+        if log_format == "json" and not isinstance(handler.formatter, JsonFormatter):
+            handler.setFormatter(JsonFormatter())
+    return len(handlers)
