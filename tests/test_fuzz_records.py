@@ -41,9 +41,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from conftest import wait_for
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from system import PIN, System
 
 from app.gateway_client import TopicTail
+from schemas.wire import AccountCommand, FundingCommand, WireModel
 
 pytestmark = pytest.mark.integration
 
@@ -382,6 +384,38 @@ def readable_request_id(value: bytes | None) -> str | None:
     return found if isinstance(found, str) and 0 < len(found) <= 128 else None
 
 
+def _depth(doc: Any) -> int:
+    if isinstance(doc, dict):
+        return 1 + max((_depth(v) for v in doc.values()), default=0)
+    if isinstance(doc, list):
+        return 1 + max((_depth(v) for v in doc), default=0)
+    return 0
+
+
+def refused(record: Record, model: type[WireModel]) -> bool:
+    """Whether the contract refuses the record (docs/contract.md, "Limits"), with the wire
+    model as the oracle: those are dead-lettered, every other one is handled."""
+    key, value = record.key, record.value
+    if value is None or len(key or b"") + len(value) > MAX_RECORD_BYTES:
+        return True
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return True
+    if not isinstance(doc, dict) or _depth(doc) > 32:
+        return True
+    try:
+        model.model_validate(doc)
+    except ValidationError:
+        return True
+    return False
+
+
+def _digests(records: list[Record]) -> Counter[str | None]:
+    return Counter(None if r.value is None else hashlib.sha256(r.value).hexdigest()
+                   for r in records)
+
+
 # --------------------------------------------------------------------------------------
 # the test
 # --------------------------------------------------------------------------------------
@@ -487,17 +521,23 @@ async def test_fuzzed_records_on_every_topic(system: System) -> None:
             assert len(replies) == 1, replies
             assert replies[0]["status"] == "error" and replies[0]["code"] != "INTERNAL", \
                 replies
-        unreadable = Counter(
-            None if r.value is None else hashlib.sha256(r.value).hexdigest()
-            for r in fuzzed if r.readable is None)
-        commands_topic = s.topic("business.commands")
+        unreadable = _digests([r for r in fuzzed if r.readable is None])
 
-        def command_letters() -> Counter[str | None]:
+        def letters_from(topic: str) -> Counter[str | None]:
             return Counter(v.get("valueSha256") for _k, v in dlq.messages
-                           if v.get("sourceTopic") == commands_topic)
+                           if v.get("sourceTopic") == s.topic(topic))
 
-        await wait_for(lambda: command_letters() == unreadable, timeout=60,
+        await wait_for(lambda: letters_from("business.commands") == unreadable, timeout=60,
                        what="one dead letter per unreadable command")
+        # The account center and the funding provider: a dead letter for each record the
+        # contract refuses, none for the others (handled, not skipped).
+        for topic, model in (("account.commands", AccountCommand),
+                             ("funding.commands", FundingCommand)):
+            expected = _digests([r for r in records
+                                 if r.spec.topic == topic and refused(r, model)])
+            assert sum(expected.values()) > 10
+            await wait_for(lambda t=topic, e=expected: letters_from(t) == e, timeout=60,
+                           what=f"one dead letter per refused record of {topic}")
 
         # Dead letters: bounded, no value, no secret (PINs and tokens were in the fuzz).
         secrets = [PIN, *tokens.values()]
