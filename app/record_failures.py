@@ -177,8 +177,9 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what caused it: ``__cause__``, ``__context__`` and SQLAlchemy's ``orig``
-    (the driver's error), breadth first, at most 16."""
+    """``exc`` and what caused it: ``__cause__``, ``__context__`` (unless suppressed, as
+    Python shows them) and SQLAlchemy's ``orig`` (the driver's error), breadth first, at
+    most 16."""
     seen: list[BaseException] = []
     todo: list[BaseException] = [exc]
     while todo and len(seen) < 16:
@@ -186,7 +187,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if any(current is s for s in seen):
             continue
         seen.append(current)
-        for nxt in (current.__cause__, current.__context__, getattr(current, "orig", None)):
+        context = None if current.__suppress_context__ else current.__context__
+        for nxt in (current.__cause__, context, getattr(current, "orig", None)):
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
     return seen
