@@ -40,6 +40,9 @@ log = logging.getLogger("bizcenter")
 #: Commands that stand in for other systems with development data (the user center's
 #: tokens, demo users with a known PIN): refused in production whatever the secrets.
 DEVELOPMENT_ONLY = frozenset({"token", "transfer", "topup", "seed-demo", "run"})
+#: Read-only operator commands that use no secret: they run whatever the secrets
+#: (``config`` is how an operator sees which secret is unset).
+SECRET_FREE = frozenset({"config", "reconcile"})
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -50,7 +53,7 @@ def _setup_logging(settings: Settings) -> None:
 
 def environment_refusal(settings: Settings, command: str) -> str | None:
     """The one-line reason this command must not start in this environment, or None."""
-    if settings.environment != "production":
+    if settings.environment != "production" or command in SECRET_FREE:
         return None
     if command in DEVELOPMENT_ONLY:
         return (f"bizcenter {command}: refused with BIZ_ENVIRONMENT=production (a "

@@ -1,0 +1,206 @@
+"""Log lines as JSON (BIZ_LOG_FORMAT=json) with the request's ids, still redacted; rebalance
+cancellations logged as INFO without a traceback, every other crash still an ERROR; the
+readiness checks of /readyz from Faust's state; ``bizcenter config`` masks every secret."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from app import log_format
+from app.cli import effective_configuration
+from app.health import readiness_checks
+from app.log_format import JsonFormatter, RebalanceCancellations
+from app.log_redaction import REDACTED, RedactSecrets
+from app.settings import DEV_PIN_PEPPER, Settings
+from app.tokens import issue_access_token
+
+TOKEN = issue_access_token(Settings(), "alice")
+
+
+@pytest.fixture
+def logged() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger whose one handler is set up like the processes' (redaction, then
+    log_format.install with json), writing to a string."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactSecrets())
+    logger = logging.getLogger(f"test.logformat.{uuid.uuid4().hex}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        log_format.install("json")
+        assert isinstance(handler.formatter, JsonFormatter)
+        assert isinstance(handler.filters[0], RebalanceCancellations)
+        yield logger, stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_json_line_carries_the_request_ids_and_no_secret(
+        logged: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = logged
+    logger.info("confirm %s with pin=%s", "t-1", "97531864",
+                extra={"requestId": "r-1", "transferId": "t-1", "operatorId": "alice"})
+    logger.warning("no ids here, token %s", TOKEN)
+    try:
+        raise ValueError(f"bad token {TOKEN}")
+    except ValueError:
+        logger.exception("failed", extra={"transferId": "t-2"})
+    first, second, third = _lines(stream)
+    assert first["level"] == "INFO" and first["logger"] == logger.name
+    assert first["message"] == f"confirm t-1 with pin={REDACTED}"
+    assert (first["requestId"], first["transferId"], first["operatorId"]) == (
+        "r-1", "t-1", "alice")
+    assert first["ts"].endswith("Z") and "T" in first["ts"]
+    assert not {"requestId", "transferId", "operatorId"} & set(second)
+    assert TOKEN not in stream.getvalue() and "97531864" not in stream.getvalue()
+    assert third["level"] == "ERROR" and third["transferId"] == "t-2"
+    assert "ValueError: bad token <redacted>" in third["exc"]
+
+
+def test_a_rebalance_cancellation_is_one_info_line_without_traceback(
+        logged: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = logged
+    faust_logger = logging.getLogger("faust.agents.agent")
+    handler = logger.handlers[0]
+    faust_logger.addHandler(handler)
+    saved = faust_logger.propagate, faust_logger.level
+    faust_logger.propagate, faust_logger.level = False, logging.DEBUG
+    try:
+        for exc in (asyncio.CancelledError(), RuntimeError("boom")):
+            try:
+                raise exc
+            except BaseException as caught:  # as mode's Service.crash logs it
+                faust_logger.exception("[^--Agent*: agents.x]: Crashed reason=%r", caught)
+        # the same words from an application logger are not touched
+        logger.error("Crashed reason=%r", asyncio.CancelledError())
+    finally:
+        faust_logger.removeHandler(handler)
+        faust_logger.propagate, faust_logger.level = saved
+    cancelled, crashed, ours = _lines(stream)
+    assert cancelled["level"] == "INFO" and "exc" not in cancelled, cancelled
+    assert "Crashed reason=CancelledError()" in cancelled["message"]
+    assert "rebalance" in cancelled["message"]
+    assert crashed["level"] == "ERROR" and "RuntimeError: boom" in crashed["exc"], crashed
+    assert ours["level"] == "ERROR", ours
+
+
+def test_install_is_idempotent_and_text_stays_the_default() -> None:
+    handler = logging.StreamHandler(io.StringIO())
+    named = logging.getLogger(f"test.install.{uuid.uuid4().hex}")
+    named.addHandler(handler)
+    try:
+        log_format.install()
+        log_format.install()
+        assert [type(f) for f in handler.filters] == [RebalanceCancellations]
+        assert not isinstance(handler.formatter, JsonFormatter)
+    finally:
+        named.removeHandler(handler)
+
+
+def test_the_worker_logs_json_lines_by_setting() -> None:
+    """The whole process: ``bizcenter`` with BIZ_LOG_FORMAT=json writes JSON lines."""
+    code = ("import logging, sys; from app import cli; from app.settings import load_settings;"
+            "cli._setup_logging(load_settings());"
+            "logging.getLogger('app.x').warning('hello', extra={'requestId': 'r-9'})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"BIZ_LOG_FORMAT": "json", "BIZ_ENV_FILE": "/nonexistent",
+                              "PATH": "/usr/bin:/bin"}, timeout=60, check=True)
+    line = json.loads(out.stderr.strip().splitlines()[-1])
+    assert (line["message"], line["requestId"], line["level"]) == ("hello", "r-9", "WARNING")
+
+
+# --------------------------------------------------------------------------------------
+# /readyz from Faust's state
+# --------------------------------------------------------------------------------------
+
+
+class _Flag:
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def is_set(self) -> bool:
+        return self.value
+
+    def is_active(self) -> bool:
+        return self.value
+
+
+def _app(**over: Any) -> Any:
+    state: dict[str, Any] = dict(
+        crashed=False, should_stop=False, rebalancing_count=1, rebalancing=False,
+        in_recovery=False, tables=SimpleNamespace(recovery=SimpleNamespace(
+            completed=_Flag(True))), flow_control=_Flag(True),
+        _fetcher=SimpleNamespace(started=True, should_stop=False))
+    state.update(over)
+    return SimpleNamespace(**state)
+
+
+@pytest.mark.parametrize(("over", "failing"), [
+    ({}, set()),
+    ({"rebalancing_count": 0}, {"assigned"}),  # never joined its group yet
+    ({"rebalancing": True}, {"assigned"}),
+    ({"in_recovery": True}, {"recovered"}),
+    ({"tables": SimpleNamespace(recovery=SimpleNamespace(completed=_Flag(False)))},
+     {"recovered"}),
+    ({"flow_control": _Flag(False)}, {"consuming"}),
+    ({"_fetcher": SimpleNamespace(started=False, should_stop=False)}, {"consuming"}),
+    ({"crashed": True}, {"assigned", "consuming"}),
+])
+def test_readiness_checks(over: dict[str, Any], failing: set[str]) -> None:
+    checks = readiness_checks(_app(**over))
+    assert {name for name, ok in checks.items() if not ok} == failing, checks
+
+
+# --------------------------------------------------------------------------------------
+# bizcenter config
+# --------------------------------------------------------------------------------------
+
+
+def test_config_masks_every_secret() -> None:
+    secret = "s3cr3t-" + uuid.uuid4().hex * 2
+    settings = Settings(_env_file=None, pin_pepper=secret, otp_pepper="",  # type: ignore[call-arg]
+                        database_url="postgresql+asyncpg://u:dbpass-xyz@h:5432/d")
+    config = effective_configuration(settings)
+    shown = json.dumps(config)
+    assert secret not in shown and "dbpass-xyz" not in shown and DEV_PIN_PEPPER not in shown
+    assert config["BIZ_PIN_PEPPER"] == f"(set, {len(secret)} bytes)"
+    assert config["BIZ_OTP_PEPPER"] == "(unset)"
+    assert config["BIZ_TRANSFER_TOKEN_SECRET"] == "(development placeholder)"
+    assert config["DATABASE_URL"] == "postgresql+asyncpg://u:***@h:5432/d"
+    assert set(config) >= {"KAFKA_BOOTSTRAP_SERVERS", "BIZ_WEB_ENABLED", "BIZ_LOG_FORMAT"}
+    assert len(config) == len(Settings.model_fields)
+
+
+def test_version_and_config_json_from_the_command_line() -> None:
+    env = {"BIZ_ENV_FILE": "/nonexistent", "BIZ_ENVIRONMENT": "development",
+           "PATH": "/usr/bin:/bin"}
+    version = subprocess.run([sys.executable, "-m", "app.cli", "--version"], env=env,
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert version.stdout.startswith("bizcenter ") and version.stdout.strip() != "bizcenter"
+    config = subprocess.run([sys.executable, "-m", "app.cli", "config", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(config.stdout)["BIZ_ENVIRONMENT"] == "development"
+    # In production with every secret unset (where every process refuses to start),
+    # config still shows what is set: it is how an operator finds the missing one.
+    production = subprocess.run(
+        [sys.executable, "-m", "app.cli", "config", "--json"], capture_output=True,
+        text=True, timeout=60, check=True,
+        env={**env, "BIZ_ENVIRONMENT": "production", "BIZ_PIN_PEPPER": ""})
+    assert json.loads(production.stdout)["BIZ_PIN_PEPPER"] == "(unset)"
