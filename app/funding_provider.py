@@ -47,6 +47,11 @@ from schemas.wire import FundingCommand
 log = logging.getLogger(__name__)
 
 
+class _Stopped(BaseException):
+    """Stop asked while an outage is waited out: the record stays uncommitted (a
+    BaseException, so that the guard does not take it for the record's failure)."""
+
+
 @dataclass
 class Charge:
     source: str
@@ -117,7 +122,18 @@ async def run_funding_provider(settings: Settings, *, stop: asyncio.Event | None
     late: set[asyncio.Task[None]] = set()
 
     dlq = settings.topic("business.dlq")
-    guard = RecordGuard(dlq_topic=dlq, partitions=settings.topic_partitions)
+
+    async def pause(seconds: float) -> None:
+        """The guard's back-off, cut short by a stop."""
+        if stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        if stop.is_set():
+            raise _Stopped
+
+    guard = RecordGuard(dlq_topic=dlq, partitions=settings.topic_partitions, pause=pause)
 
     def event_of(charge_id: str, status: str, reason: str | None = None) -> Outbound:
         event: dict[str, str] = {"chargeId": charge_id, "status": status}
@@ -165,9 +181,13 @@ async def run_funding_provider(settings: Settings, *, stop: asyncio.Event | None
     try:
         while stop is None or not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
-            for records in batches.values():
-                for record in records:
-                    await guard.process(SourceRecord.of(record), handler, send)
+            try:
+                for records in batches.values():
+                    for record in records:
+                        await guard.process(SourceRecord.of(record), handler, send)
+            except _Stopped:
+                log.info("funding provider stopping during an outage: batch uncommitted")
+                break
             if batches:
                 await consumer.commit()
     finally:
