@@ -61,8 +61,9 @@ CHANNELS: dict[str, Channel] = {
         "account."),
     "account.events": Channel(
         "AccountEvent", send=False, receive=True,
-        description="The account center's outcomes (debited, credited, refunded, rejected, "
-        "opened): applied to the balance and history tables, then routed to the saga."),
+        description="The account center's outcomes (debited, credited, refunded, rejected; "
+        "opening balances as credits open:<accountId>): applied to the balance and history "
+        "tables, then routed to the saga."),
     "notifications.otp": Channel(
         "OtpNotification", send=True, receive=False,
         description="One-time passwords for the SMS sender. Holds the plain OTP: restrict "
