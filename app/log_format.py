@@ -22,6 +22,8 @@ at ERROR with a traceback. Nothing crashed: the records are delivered again to t
 owner. :class:`RebalanceCancellations` turns exactly those records (a ``faust``/``mode``
 logger, the message ``Crashed reason=CancelledError()``, or its exception a
 ``CancelledError``) into one INFO line without a traceback. Any other crash stays an ERROR.
+Likewise :class:`RetriedCoordinatorLookups`: aiokafka's ERROR for a group-coordinator lookup
+that failed with a retriable error (and is retried) becomes a WARNING.
 
 :func:`install` applies both to every handler that exists; call it again after anything
 that replaces handlers (Faust's worker does, see app/cli.py), like ``log_redaction.install``.
@@ -95,7 +97,25 @@ class RebalanceCancellations(logging.Filter):
         return True
 
 
+class RetriedCoordinatorLookups(logging.Filter):
+    """aiokafka logs a failed group-coordinator lookup at ERROR and then retries it when
+    the error is retriable (``CoordinatorNotAvailableError`` while a fresh broker creates
+    ``__consumer_offsets``, or while the coordinator moves). Such a record becomes a
+    WARNING; a non-retriable one stays an ERROR. Never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno >= logging.ERROR and record.name.startswith("aiokafka")
+                and record.msg == "Group Coordinator Request failed: %s"
+                and isinstance(record.args, tuple) and record.args
+                and getattr(record.args[0], "retriable", False) is True):
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+            record.msg = "Group Coordinator Request failed (retriable, retrying): %s"
+        return True
+
+
 _CANCELLATIONS: Final = RebalanceCancellations()
+_COORDINATOR_LOOKUPS: Final = RetriedCoordinatorLookups()
 
 
 def _all_handlers() -> list[logging.Handler]:
@@ -107,13 +127,16 @@ def _all_handlers() -> list[logging.Handler]:
 
 
 def install(log_format: Literal["text", "json"] = "text") -> int:
-    """On every handler that exists now: the cancellation filter (ahead of the others, so
-    that no traceback is formatted for it) and, with ``json``, the JSON formatter.
+    """On every handler that exists now: the cancellation and coordinator-lookup filters
+    (ahead of the others, so that they see the record's own arguments and no traceback is
+    formatted for a cancellation) and, with ``json``, the JSON formatter.
     Idempotent; returns how many handlers it saw."""
     handlers = _all_handlers()
     for handler in handlers:
         if not any(isinstance(f, RebalanceCancellations) for f in handler.filters):
             handler.filters.insert(0, _CANCELLATIONS)
+        if not any(isinstance(f, RetriedCoordinatorLookups) for f in handler.filters):
+            handler.filters.insert(0, _COORDINATOR_LOOKUPS)
         if log_format == "json" and not isinstance(handler.formatter, JsonFormatter):
             handler.setFormatter(JsonFormatter())
     return len(handlers)

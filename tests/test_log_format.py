@@ -20,7 +20,7 @@ import pytest
 from app import log_format
 from app.cli import effective_configuration
 from app.health import readiness_checks
-from app.log_format import JsonFormatter, RebalanceCancellations
+from app.log_format import JsonFormatter, RebalanceCancellations, RetriedCoordinatorLookups
 from app.log_redaction import REDACTED, RedactSecrets
 from app.settings import DEV_PIN_PEPPER, Settings
 from app.tokens import issue_access_token
@@ -42,7 +42,8 @@ def logged() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     try:
         log_format.install("json")
         assert isinstance(handler.formatter, JsonFormatter)
-        assert isinstance(handler.filters[0], RebalanceCancellations)
+        assert [type(f) for f in handler.filters[:2]] == [RetriedCoordinatorLookups,
+                                                           RebalanceCancellations]
         yield logger, stream
     finally:
         logger.removeHandler(handler)
@@ -101,6 +102,30 @@ def test_a_rebalance_cancellation_is_one_info_line_without_traceback(
     assert ours["level"] == "ERROR", ours
 
 
+def test_a_retried_coordinator_lookup_is_a_warning_a_fatal_one_an_error(
+        logged: tuple[logging.Logger, io.StringIO]) -> None:
+    from aiokafka import errors
+
+    logger, stream = logged
+    aiokafka_logger = logging.getLogger("aiokafka.consumer.group_coordinator")
+    handler = logger.handlers[0]
+    aiokafka_logger.addHandler(handler)
+    saved = aiokafka_logger.propagate
+    aiokafka_logger.propagate = False
+    try:
+        # exactly as aiokafka logs it, then retries when the error is retriable
+        for err in (errors.CoordinatorNotAvailableError(), errors.KafkaError("fatal")):
+            aiokafka_logger.error("Group Coordinator Request failed: %s", err)
+    finally:
+        aiokafka_logger.removeHandler(handler)
+        aiokafka_logger.propagate = saved
+    retried, fatal = _lines(stream)
+    assert retried["level"] == "WARNING", retried
+    assert "CoordinatorNotAvailable" in retried["message"], retried
+    assert "retrying" in retried["message"]
+    assert fatal["level"] == "ERROR", fatal
+
+
 def test_install_is_idempotent_and_text_stays_the_default() -> None:
     handler = logging.StreamHandler(io.StringIO())
     named = logging.getLogger(f"test.install.{uuid.uuid4().hex}")
@@ -108,7 +133,8 @@ def test_install_is_idempotent_and_text_stays_the_default() -> None:
     try:
         log_format.install()
         log_format.install()
-        assert [type(f) for f in handler.filters] == [RebalanceCancellations]
+        assert [type(f) for f in handler.filters] == [RetriedCoordinatorLookups,
+                                                      RebalanceCancellations]
         assert not isinstance(handler.formatter, JsonFormatter)
     finally:
         named.removeHandler(handler)

@@ -1,5 +1,6 @@
 """Operating the system, for real: ``bizcenter run`` (what ``make run`` runs) in its own
-topics and schemas, its output a screenful with the balances and where the logs are; the
+topics and schemas, its output a screenful with the balances and where the logs are, every
+child's log line JSON with BIZ_LOG_FORMAT=json; the
 worker's ``/healthz`` and ``/readyz`` (503 until the worker is ready, then 200);
 ``bizcenter reconcile`` exit 0 after the run and 1 after a ledger row is changed behind the
 account center's back."""
@@ -88,7 +89,8 @@ async def ran(kafka_bootstrap: str, database_url: str, isolation_id: str,
     """One ``bizcenter run`` to its "running" line, /readyz polled from its start; then
     Ctrl-C. Yields what was seen."""
     tmp = tmp_path_factory.mktemp("run")
-    system = System.build(kafka_bootstrap, database_url, isolation_id, tmp)
+    # JSON log lines (BIZ_LOG_FORMAT=json), as a log collector wants them.
+    system = System.build(kafka_bootstrap, database_url, isolation_id, tmp, log_format="json")
     port = system.settings.web_port
     run = Run(system, tmp)
     statuses: list[int] = []  # /readyz answers in order (connection refused not counted)
@@ -150,6 +152,20 @@ async def test_run_prints_a_screenful_with_the_balances_and_the_logs(ran: dict[s
         assert (logs / f"{name}.log").stat().st_size > 0, name
     assert "Worker ready" in (logs / "worker.log").read_text(), "the worker's log is elsewhere"
     assert ran["rc"] == 0, out  # Ctrl-C: a clean stop
+
+
+@pytest.mark.integration
+async def test_every_log_line_of_every_process_is_json(ran: dict[str, Any]) -> None:
+    logs = Path(ran["cwd"]) / ".local" / "logs"
+    for name in ("worker", "account-center", "funding-provider"):
+        lines = (logs / f"{name}.log").read_text().splitlines()
+        assert lines, name
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise AssertionError(f"{name}.log:{number} is not JSON: {line[:200]}") from None
+            assert {"ts", "level", "logger", "message"} <= set(record), line
 
 
 @pytest.mark.integration
