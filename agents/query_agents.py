@@ -26,6 +26,7 @@ from aiokafka.partitioner import murmur2
 from faust.types import TP
 from pydantic import ValidationError
 
+from app import metrics
 from app.faust_app import Worker
 from app.query_service import (
     AccountProjection,
@@ -165,6 +166,8 @@ class QueryRuntime:
         except ValidationError:
             raise Refused("invalid query request") from None
         answer = await self.answer(request)
+        metrics.replied(request.type, "ok" if answer.ok else "error",
+                        None if answer.code is None else answer.code.value)
         return [Outbound(self.topics.replies, request.request_id.encode(),
                          reply_value(request, answer))]
 
@@ -185,6 +188,7 @@ class QueryRuntime:
                 reply["idempotencyKey"] = idem
             outputs.append(Outbound(self.topics.replies, request_id.encode(),
                                     orjson.dumps(reply)))
+            metrics.replied(reply["type"], "error", ErrorCode.INTERNAL.value)
         return outputs
 
     async def decide_transfer_event(self, record: SourceRecord) -> list[Outbound]:

@@ -179,4 +179,63 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
 
     query_agents.register(worker)  # query tables first: the relay writes them
     transfer_agents.register(worker)
+    register_worker_metrics(worker, sagas_table)
     return worker
+
+
+#: States counted by ``bizcenter_open_sagas``: every non-final one, and MANUAL_REVIEW (final
+#: for the saga, open for operators).
+OPEN_STATES = (*(s.value for s in saga_core.State if s not in saga_core.FINAL_STATES),
+               saga_core.State.MANUAL_REVIEW.value)
+
+
+def register_worker_metrics(worker: Worker, sagas_table: Any) -> None:
+    """The worker's scrape-time gauges (open sagas by state, consumer lag) and, with the
+    web server on, ``/metrics``. Both gauges are computed only when scraped (at most every
+    5 s): nothing on the path of a record."""
+    from app import metrics
+
+    app, topics = worker.app, worker.topics
+    inputs = {topics.commands, topics.saga_inputs, topics.account_events,
+              topics.funding_events, topics.transfer_events, topics.queries}
+
+    def assigned() -> set[Any]:
+        try:
+            return set(app.consumer.assignment())
+        except Exception:  # not started yet
+            return set()
+
+    def open_sagas() -> list[tuple[tuple[str, ...], float]]:
+        mine = {tp.partition for tp in assigned() if tp.topic == topics.saga_inputs}
+        counts = dict.fromkeys(OPEN_STATES, 0)
+        if mine:
+            for _key, raw in list(sagas_table.items()):
+                found = metrics.saga_state_and_home(bytes(raw))
+                if found is not None and found[0] in counts and found[1] in mine:
+                    counts[found[0]] += 1
+        return [((state,), float(n)) for state, n in counts.items()]
+
+    def consumer_lag() -> list[tuple[tuple[str, ...], float]]:
+        consumer = app.consumer
+        committed = getattr(consumer, "_committed_offset", {})
+        rows: list[tuple[tuple[str, ...], float]] = []
+        for tp in sorted(assigned()):
+            if tp.topic not in inputs:
+                continue
+            end = consumer.highwater(tp)
+            done = committed.get(tp)
+            if end is None or end < 0:
+                continue
+            rows.append(((tp.topic, str(tp.partition)),
+                         float(max(0, end - (done if done is not None else 0)))))
+        return rows
+
+    metrics.register_collector(metrics.CallbackCollector(
+        "bizcenter_open_sagas", "Sagas of this worker's partitions by state (non-final, and "
+        "MANUAL_REVIEW)", ["state"], open_sagas))
+    metrics.register_collector(metrics.CallbackCollector(
+        "bizcenter_consumer_lag", "Records of each assigned input partition not yet "
+        "committed (log end offset - committed offset)", ["topic", "partition"],
+        consumer_lag))
+    if worker.settings.web_enabled:
+        metrics.register_metrics_view(app)

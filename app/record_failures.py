@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
+from app import metrics
 from schemas.wire import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -434,6 +435,7 @@ def dead_letter(record: SourceRecord, reason: str, now: datetime | None = None) 
     reason; never the value."""
     key = record.key
     value = record.value
+    metrics.dead_lettered(record.topic, reason)
     return DeadLetter(
         source_topic=record.topic,
         source_partition=record.partition,

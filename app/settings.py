@@ -107,6 +107,15 @@ class Settings(BaseSettings):
         description="Shared HMAC-SHA256 key of the workers of one group (at least 32 "
         "bytes): signs the HTTP queries one worker forwards to another.",
     )
+    account_center_web_port: int = Field(
+        6067, ge=0, le=65535, description="Port of the account center's web server "
+        "(/metrics, /healthz, /readyz) on BIZ_WEB_BIND; 0 turns it off.",
+    )
+    reconcile_interval_seconds: float = Field(
+        60.0, ge=0, description="How often the account center reconciles its ledger "
+        "(app/reconciliation.py), setting the reconciliation metrics and logging an alarm "
+        "on drift; 0 turns the live check off.",
+    )
 
     # --- access tokens (issued by the user center) -----------------------------------
     access_token_algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA"]] = (

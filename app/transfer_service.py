@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
+from app import metrics, saga_telemetry
 from app.domain import otp as otp_codes
 from app.domain import pin as pin_codes
 from app.domain import transfer_saga as saga_core
@@ -763,6 +764,7 @@ class TransferService:
                              partition=_handled_partition.get())
         if changed:
             self.sagas.put(saga)
+            saga_telemetry.observe(saga, outputs)  # a log line and metrics per state change
             index = self._deadlines.get(saga.transfer.home_partition)
             if index is not None:
                 deadline = saga.deadline()
@@ -837,6 +839,7 @@ class TransferService:
         if data is not None:
             reply["data"] = data
         value = orjson.dumps(reply)
+        metrics.replied(command_type, status, code)
         if cache_key is not None:
             if saves is not None:
                 saves.append((cache_key, value))

@@ -19,6 +19,7 @@ record's coordinates and digest, never its value.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -112,9 +113,15 @@ class AccountCenter:
         self._stop = stop
         self._events_topic = settings.topic(EVENTS_TOPIC)
         self._dlq_topic = settings.topic(DLQ_TOPIC)
+        #: The next offset of each partition this process committed (consumer lag).
+        self.committed: dict[Any, int] = {}
+        #: When the loop last asked for records (monotonic): /readyz's ``consuming``.
+        self.last_poll: float | None = None
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
+            self.last_poll = loop.time()
             batches = await self._consumer.getmany(
                 timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS
             )
@@ -158,6 +165,7 @@ class AccountCenter:
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
         try:
             await self._consumer.commit(offsets)
+            self.committed.update(offsets)
         except KafkaError as exc:
             # Typically a rebalance: the new owner re-processes, the ledger deduplicates.
             log.warning("offset commit failed (%s): batch will be redelivered", exc)
@@ -307,6 +315,8 @@ async def run_account_center(settings: Settings, *, stop: asyncio.Event | None =
     ledger = Ledger.from_settings(settings)
     consumer: Any = None
     producer: Any = None
+    web: Any = None
+    background: list[asyncio.Task[None]] = []
     try:
         if not await _migrate(ledger, stop):
             return
@@ -331,14 +341,170 @@ async def run_account_center(settings: Settings, *, stop: asyncio.Event | None =
         await consumer.start()
         log.info("account center consuming %s as group %s",
                  settings.topic(COMMANDS_TOPIC), settings.account_center_group)
-        await AccountCenter(settings, ledger, consumer, producer, stop).run()
+        center = AccountCenter(settings, ledger, consumer, producer, stop)
+        if settings.reconcile_interval_seconds > 0:
+            background.append(asyncio.create_task(
+                live_reconciliation(ledger, settings.reconcile_interval_seconds, stop),
+                name="live-reconciliation"))
+        if settings.account_center_web_port:
+            web = await start_web(settings, center, consumer)
+        await center.run()
     finally:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if web is not None:
+            await _quietly(web.cleanup())
         if consumer is not None:
             await _quietly(consumer.stop())
         if producer is not None:
             await _quietly(producer.stop())
         await _quietly(ledger.close())
         log.info("account center stopped")
+
+
+# --------------------------------------------------------------------------------------
+# operating it: live reconciliation, /metrics, /healthz, /readyz
+# --------------------------------------------------------------------------------------
+
+#: A drift still there is logged again (ERROR) at most this often.
+ALARM_REPEAT_SECONDS = 600.0
+RECONCILE_TIMEOUT_SECONDS = 60.0
+
+
+class LiveReconciliation:
+    """One run of app/reconciliation.py's checks at a time: sets the reconciliation metrics
+    and logs an alarm (ERROR) naming what differs (accounts, currencies, commands) when a
+    drift appears or changes, again every :data:`ALARM_REPEAT_SECONDS` while it stays, and
+    one INFO line when the ledger is balanced again."""
+
+    def __init__(self, engine: Any, *, clock: Any = None) -> None:
+        import time
+
+        self.engine = engine
+        self.clock = clock or time.monotonic
+        self._alarm: tuple[Any, ...] | None = None
+        self._alarmed_at = 0.0
+
+    async def run_once(self) -> Any:
+        from app import metrics
+        from app.reconciliation import reconcile
+
+        try:
+            report = await asyncio.wait_for(reconcile(self.engine), RECONCILE_TIMEOUT_SECONDS)
+        except Exception as exc:
+            metrics.RECONCILIATIONS.labels("error").inc()
+            log.warning("live reconciliation: the ledger could not be read (%s)",
+                        describe(exc))
+            return None
+        for currency, totals in report.totals.items():
+            metrics.DRIFT.labels(currency).set(
+                totals["balances"] - (totals["entered"] - totals["clearing"]))
+            metrics.CLEARING.labels(currency).set(totals["clearing"])
+        for check in report.checks:
+            metrics.CHECK_OK.labels(check.name).set(1 if check.ok else 0)
+        # Money in clearing is normal while transfers are in flight: not an alarm by itself.
+        drifts = tuple(d for d in report.drifts if d.check != "clearing account zero")
+        if not drifts:
+            metrics.RECONCILIATIONS.labels("balanced").inc()
+            if self._alarm is not None:
+                log.info("live reconciliation: the ledger is balanced again")
+            self._alarm = None
+            return report
+        metrics.RECONCILIATIONS.labels("drift").inc()
+        now = self.clock()
+        if drifts != self._alarm or now - self._alarmed_at >= ALARM_REPEAT_SECONDS:
+            self._alarm, self._alarmed_at = drifts, now
+            involved = sorted({d.subject for d in drifts})
+            log.error(
+                "RECONCILIATION DRIFT: %s; involved: %s (docs/operations.md, Reconcile)",
+                "; ".join(f"{d.check} {d.subject}: expected {d.expected}, actual "
+                          f"{d.actual} ({d.difference:+d})" for d in drifts[:20]),
+                ", ".join(involved[:50]))
+        return report
+
+
+async def live_reconciliation(ledger: Ledger, interval: float, stop: asyncio.Event) -> None:
+    """Reconcile every ``interval`` seconds until ``stop`` (the first run at once)."""
+    checker = LiveReconciliation(ledger.engine)
+    while not stop.is_set():
+        await checker.run_once()
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            pass
+
+
+async def start_web(settings: Settings, center: AccountCenter, consumer: Any) -> Any:
+    """The account center's web server on ``BIZ_WEB_BIND:BIZ_ACCOUNT_CENTER_WEB_PORT``:
+    ``/metrics``, ``/healthz`` (alive), ``/readyz`` (partitions assigned, the loop polling,
+    PostgreSQL answering; 503 otherwise). A port it cannot bind is logged (ERROR) and the
+    account center runs without it. Returns the aiohttp runner (None when not started)."""
+    from aiohttp import web
+
+    from app import metrics
+    from app.adapters.db import make_engine
+    from app.health import PostgresProbe
+
+    probe = PostgresProbe(make_engine(settings.database_url,
+                                      settings.account_center_db_schema, pool_size=1))
+    loop = asyncio.get_running_loop()
+
+    def consumer_lag() -> list[tuple[tuple[str, ...], float]]:
+        rows: list[tuple[tuple[str, ...], float]] = []
+        for tp in sorted(consumer.assignment()):
+            end = consumer.highwater(tp)
+            done = center.committed.get(tp)
+            if end is not None and done is not None:
+                rows.append(((tp.topic, str(tp.partition)), float(max(0, end - done))))
+        return rows
+
+    metrics.register_collector(metrics.CallbackCollector(
+        "bizcenter_consumer_lag", "Records of each assigned partition not yet committed "
+        "(log end offset - committed offset)", ["topic", "partition"], consumer_lag))
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        polled = center.last_poll
+        checks = {
+            "assigned": bool(consumer.assignment()),
+            "consuming": polled is not None and loop.time() - polled < 10.0,
+            "postgres": await probe.ok(),
+        }
+        ready = all(checks.values())
+        return web.json_response({"ready": ready, "checks": checks},
+                                 status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+    async def close_probe(_app: web.Application) -> None:
+        await probe.close()
+
+    app.on_cleanup.append(close_probe)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.web_bind, settings.account_center_web_port).start()
+    except OSError as exc:
+        log.error("account center web server not started on %s:%s (%s): no /metrics, "
+                  "/healthz or /readyz", settings.web_bind, settings.account_center_web_port,
+                  describe(exc))
+        await runner.cleanup()
+        return None
+    log.info("account center web server on http://%s:%s (/metrics, /healthz, /readyz)",
+             settings.web_bind, settings.account_center_web_port)
+    return runner
 
 
 async def _quietly(aw: Any) -> None:

@@ -1,0 +1,58 @@
+"""What a saga's state change tells operators: one log line and the saga metrics.
+
+Called by the service once a saga's new state is written (``TransferService._apply``), with
+the outputs of that step: every state change is a :class:`PublishTransferEvent` among them,
+so nothing is parsed again. Logged with the request's ids as ``extra``
+(``transferId``, ``requestId``, ``operatorId``: app/log_format.py); ``MANUAL_REVIEW`` at
+WARNING (operators must act), everything else at INFO.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from app import metrics
+from app.domain import transfer_saga as saga_core
+
+log = logging.getLogger("app.saga")
+
+#: States a saga leaves a final state for (a late capture given back, an operator's
+#: resolution): the final state after them is not a transfer's first outcome.
+_REOPENED = frozenset({saga_core.State.REVERSING.value, "RESOLVING"})
+
+
+def observe(saga: saga_core.Saga, outputs: Iterable[saga_core.Output]) -> None:
+    """Log and count every state change among ``outputs`` (the step that made ``saga``)."""
+    for out in outputs:
+        if isinstance(out, saga_core.PublishTransferEvent):
+            _state_changed(saga, out)
+
+
+def _state_changed(saga: saga_core.Saga, event: saga_core.PublishTransferEvent) -> None:
+    t = saga.transfer
+    state = event.state
+    extra = {"transferId": t.transfer_id, "requestId": saga.reply_to,
+             "operatorId": t.operator_id}
+    level = logging.WARNING if state == saga_core.State.MANUAL_REVIEW.value else logging.INFO
+    if log.isEnabledFor(level):
+        resolution = ""
+        resolved_by = getattr(saga, "resolved_by", None)
+        if resolved_by is not None and "RESOLVING" in (state, event.previous_state):
+            resolution = (f" (operator resolution {getattr(saga, 'resolution_action', '?')} "
+                          f"by {resolved_by})")
+        log.log(level, "%s %s: %s -> %s%s%s", t.kind, t.transfer_id,
+                event.previous_state or "start", state,
+                f" ({event.code})" if event.code and state in ("FAILED", "MANUAL_REVIEW")
+                else "", resolution, extra=extra)
+    metrics.TRANSITIONS.labels(t.kind, state).inc()
+    if state not in saga_core.FINAL_STATES:
+        return
+    if event.previous_state == "RESOLVING":
+        metrics.RESOLUTIONS.labels(getattr(saga, "resolution_action", None) or "unknown",
+                                   state).inc()
+        return
+    if event.previous_state in _REOPENED:
+        return
+    metrics.TRANSFERS.labels(t.kind, state).inc()
+    metrics.SAGA_DURATION.labels(t.kind, state).observe(max(0.0, event.at - saga.created_at))
