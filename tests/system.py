@@ -76,6 +76,7 @@ class System:
             "db_pool_size": 5,
             # The web server is on by default: every system (and start_worker) its own port.
             "web_port": free_port(),
+            "account_center_web_port": free_port(),  # its /metrics, /healthz, /readyz
             # The children run the development secrets: a production environment would
             # refuse to start (app/cli.py).
             "environment": "development",
