@@ -8,6 +8,8 @@
     bizcenter ping             health check: the broker and the database answer
     bizcenter reconcile        check once that the ledger's money adds up (exit 0 or 1)
     bizcenter config           the effective configuration, secrets masked
+    bizcenter sagas ...        list, show and resolve (MANUAL_REVIEW) transfer sagas
+    bizcenter dlq ...          list and show dead letters
     bizcenter seed-demo        demo users in the directory and funded accounts
     bizcenter token USER       a development access token (stands in for the user center)
     bizcenter transfer ...     a transfer through the gateway protocol, end to end
@@ -490,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         "variable name; secrets show only unset / development placeholder / set.")
     config_cmd.add_argument("--json", action="store_true", help="as a JSON object")
     config_cmd.set_defaults(fn=cmd_config)
+    from app.operator_commands import add_parsers as add_operator_parsers
+
+    add_operator_parsers(sub)  # sagas list|show|resolve, dlq list|show
     sub.add_parser("migrate", help="create the database tables").set_defaults(fn=cmd_migrate)
     sub.add_parser("seed-demo", help="demo users and funded accounts").set_defaults(
         fn=cmd_seed_demo)

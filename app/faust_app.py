@@ -236,6 +236,6 @@ def register_worker_metrics(worker: Worker, sagas_table: Any) -> None:
     metrics.register_collector(metrics.CallbackCollector(
         "bizcenter_consumer_lag", "Records of each assigned input partition not yet "
         "committed (log end offset - committed offset)", ["topic", "partition"],
-        consumer_lag))
+        consumer_lag, ttl=0.0))
     if worker.settings.web_enabled:
         metrics.register_metrics_view(app)

@@ -17,10 +17,6 @@ from app.domain import transfer_saga as saga_core
 
 log = logging.getLogger("app.saga")
 
-#: States a saga leaves a final state for (a late capture given back, an operator's
-#: resolution): the final state after them is not a transfer's first outcome.
-_REOPENED = frozenset({saga_core.State.REVERSING.value, "RESOLVING"})
-
 
 def observe(saga: saga_core.Saga, outputs: Iterable[saga_core.Output]) -> None:
     """Log and count every state change among ``outputs`` (the step that made ``saga``)."""
@@ -36,11 +32,9 @@ def _state_changed(saga: saga_core.Saga, event: saga_core.PublishTransferEvent) 
              "operatorId": t.operator_id}
     level = logging.WARNING if state == saga_core.State.MANUAL_REVIEW.value else logging.INFO
     if log.isEnabledFor(level):
-        resolution = ""
-        resolved_by = getattr(saga, "resolved_by", None)
-        if resolved_by is not None and "RESOLVING" in (state, event.previous_state):
-            resolution = (f" (operator resolution {getattr(saga, 'resolution_action', '?')} "
-                          f"by {resolved_by})")
+        resolution = (f" (operator resolution {saga.resolution_count}: "
+                      f"{saga.resolution_action} by {saga.resolved_by})"
+                      if saga.resolution_count else "")
         log.log(level, "%s %s: %s -> %s%s%s", t.kind, t.transfer_id,
                 event.previous_state or "start", state,
                 f" ({event.code})" if event.code and state in ("FAILED", "MANUAL_REVIEW")
@@ -48,11 +42,10 @@ def _state_changed(saga: saga_core.Saga, event: saga_core.PublishTransferEvent) 
     metrics.TRANSITIONS.labels(t.kind, state).inc()
     if state not in saga_core.FINAL_STATES:
         return
-    if event.previous_state == "RESOLVING":
-        metrics.RESOLUTIONS.labels(getattr(saga, "resolution_action", None) or "unknown",
-                                   state).inc()
+    if saga.resolution_count:  # an operator's resolution ended: the transfer was counted
+        metrics.RESOLUTIONS.labels(saga.resolution_action or "unknown", state).inc()
         return
-    if event.previous_state in _REOPENED:
-        return
+    if event.previous_state == saga_core.State.REVERSING.value:
+        return  # a late capture given back: the top-up was counted when it failed
     metrics.TRANSFERS.labels(t.kind, state).inc()
     metrics.SAGA_DURATION.labels(t.kind, state).observe(max(0.0, event.at - saga.created_at))

@@ -609,6 +609,10 @@ class TransferService:
                           + _validation_message(exc, name_unknown=True)) from None
         if item.kind == "tick":
             return await self._on_tick(record.partition)
+        if item.kind == "operatorResolution":
+            if item.resolution is None:
+                raise Refused("invalid saga input: resolution missing")
+            return await self._on_resolution(item.resolution, record)
         if item.kind == "fundingEvent":
             if item.funding_event is None:
                 raise Refused("invalid saga input: fundingEvent missing")
@@ -616,6 +620,23 @@ class TransferService:
         if item.account_event is None:
             raise Refused("invalid saga input: accountEvent missing")
         return await self._on_account_event(item.account_event, record)
+
+    async def _on_resolution(self, resolution: Any, record: SourceRecord) -> list[Outbound]:
+        """An operator's resolution of a MANUAL_REVIEW saga (``bizcenter sagas resolve``,
+        app/operator_commands.py), on the saga's home partition: the pure saga decides."""
+        ids = {"transferId": resolution.transfer_id, "operatorId": resolution.operator}
+        saga = self.sagas.get(resolution.transfer_id)
+        if saga is None or saga.transfer.home_partition != record.partition:
+            log.warning("resolution of %s ignored: no such saga on partition %s",
+                        resolution.transfer_id, record.partition, extra=ids)
+            return []
+        new, outputs = saga_core.on_resolution(
+            saga, resolution.resolution_id, resolution.action, resolution.operator,
+            resolution.reason, self.clock(), self.policy)
+        if new is saga and not outputs:
+            log.warning("resolution %s of %s ignored: the saga is %s", resolution.action,
+                        resolution.transfer_id, saga.state.value, extra=ids)
+        return await self._apply(new, outputs, changed=new is not saga)
 
     def _routed_here(self, command_id: str, record: SourceRecord) -> str | None:
         """The transfer id of a relayed event, if its id names this record's partition:

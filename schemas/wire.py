@@ -304,12 +304,29 @@ class DeadLetter(WireModel):
 # --------------------------------------------------------------------------------------
 
 
-class SagaInput(WireModel):
-    """Internal: an account event routed to its saga's partition, or a timer tick."""
+class OperatorResolution(WireModel):
+    """Internal: an operator's resolution of a MANUAL_REVIEW transfer (``bizcenter sagas
+    resolve``), sent to the saga's home partition of ``business.saga-inputs``."""
 
-    kind: Literal["accountEvent", "fundingEvent", "tick"]
+    transfer_id: Identifier
+    resolution_id: Identifier = Field(description="The same for the same resolution asked "
+                                      "again: a repeat re-sends what it decided.")
+    action: Literal["refund", "complete"] = Field(
+        description="`refund`: the amount held in clearing back to the payer; `complete`: "
+        "credited to the payee.")
+    operator: Identifier = Field(description="Who resolved it (recorded in the saga).")
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=512)] = Field(
+        description="Why (recorded in the saga).")
+
+
+class SagaInput(WireModel):
+    """Internal: an account event routed to its saga's partition, a timer tick, or an
+    operator's resolution."""
+
+    kind: Literal["accountEvent", "fundingEvent", "tick", "operatorResolution"]
     account_event: AccountEvent | None = None
     funding_event: FundingEvent | None = None
+    resolution: OperatorResolution | None = None
 
 
 # --------------------------------------------------------------------------------------

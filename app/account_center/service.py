@@ -463,7 +463,8 @@ async def start_web(settings: Settings, center: AccountCenter, consumer: Any) ->
 
     metrics.register_collector(metrics.CallbackCollector(
         "bizcenter_consumer_lag", "Records of each assigned partition not yet committed "
-        "(log end offset - committed offset)", ["topic", "partition"], consumer_lag))
+        "(log end offset - committed offset)", ["topic", "partition"], consumer_lag,
+        ttl=0.0))
 
     async def metrics_view(request: web.Request) -> web.Response:
         body, content_type = metrics.exposition()

@@ -185,6 +185,12 @@ class Saga:
     give_up_at: float | None = None  # top-up: when an unanswered charge fails
     last_trigger: str = ""
     last_outputs: tuple[Output, ...] = ()
+    #: Operator resolutions of MANUAL_REVIEW (``bizcenter sagas resolve``): how many were
+    #: started (part of their command ids), the last one's action, who and why.
+    resolution_count: int = 0
+    resolution_action: str | None = None
+    resolved_by: str | None = None
+    resolution_reason: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -227,16 +233,33 @@ def command_id(transfer: Transfer, step: str) -> str:
     return f"{transfer.transfer_id}:{step}:{transfer.home_partition}"
 
 
+def step_base(step: str) -> str:
+    """The step an id names: ``credit`` or ``refund`` for an operator resolution's
+    ``credit.r<n>`` / ``refund.r<n>`` (the n-th resolution of the saga), else ``step``."""
+    base, sep, n = step.partition(".r")
+    if sep and base in ("credit", "refund") and n.isascii() and n.isdigit():
+        return base
+    return step
+
+
+def _resolution_step(saga: Saga, step: str) -> str:
+    """The id step of ``step`` for this saga: ``<step>.r<n>`` once an operator's n-th
+    resolution started (the account center keeps the refused commands of the first ids
+    for ever, so a resolution needs new ones), else ``step``."""
+    return f"{step}.r{saga.resolution_count}" if saga.resolution_count else step
+
+
 def parse_command_id(value: str) -> tuple[str, str, int] | None:
     """``(transfer_id, step, home_partition)`` of a command id this saga emitted."""
     parts = value.rsplit(":", 2)
-    if (len(parts) != 3 or not parts[0] or parts[1] not in ANSWER_OF_STEP
+    if (len(parts) != 3 or not parts[0] or step_base(parts[1]) not in ANSWER_OF_STEP
             or not (parts[2].isascii() and parts[2].isdigit())):
         return None  # isascii: "²".isdigit() is True but int("²") raises
-    return parts[0], parts[1], int(parts[2])
+    return parts[0], step_base(parts[1]), int(parts[2])
 
 
-def _step_command(transfer: Transfer, step: str) -> SendAccountCommand | SendFundingCommand:
+def _step_command(transfer: Transfer, step: str, id_step: str | None = None
+                  ) -> SendAccountCommand | SendFundingCommand:
     """The command of a step, with its deterministic id."""
     if transfer.kind == TOPUP and step != "credit":
         # charge, and refund/reverse: both give back the capture of the one charge id
@@ -249,7 +272,7 @@ def _step_command(transfer: Transfer, step: str) -> SendAccountCommand | SendFun
         )
     account = transfer.to_account_id if step == "credit" else transfer.from_account_id
     return SendAccountCommand(
-        command_id=command_id(transfer, step),
+        command_id=command_id(transfer, id_step or step),
         type=step,
         account_id=account,
         amount_minor=transfer.amount_minor,
@@ -287,7 +310,8 @@ def _move(
         release = ReleaseLimit(saga.transfer.transfer_id)
         all_outputs = (release, *all_outputs)
         new = replace(new, last_outputs=(release, *new.last_outputs))
-    if new.is_final:
+    if new.is_final and not new.resolution_count:
+        # (after an operator's resolution no reply: the request had its final answer)
         all_outputs = (*all_outputs, new.final_reply(new.reply_to, new.reply_type))
         new = replace(new, last_outputs=(*new.last_outputs, all_outputs[-1]))
     return new, all_outputs
@@ -300,7 +324,8 @@ def _start_step(
     if state is State.CHARGING:
         changes["give_up_at"] = now + policy.funding_timeout_seconds
     return _move(
-        saga, state, now, trigger, [_step_command(saga.transfer, step)],
+        saga, state, now, trigger,
+        [_step_command(saga.transfer, step, _resolution_step(saga, step))],
         command_attempts=1, next_retry_at=now + policy.command_timeout_seconds, **changes,
     )
 
@@ -462,7 +487,7 @@ def on_account_event(
     if saga.last_trigger == trigger:
         return saga, saga.last_outputs  # redelivery of the event that moved the saga
     step = STEP_OF_STATE.get(saga.state)
-    if step is None or command_id_ != command_id(saga.transfer, step):
+    if step is None or command_id_ != command_id(saga.transfer, _resolution_step(saga, step)):
         return saga, ()  # stale or foreign: already handled, nothing to decide
     if event_type == ANSWER_OF_STEP[step]:
         if saga.state is State.DEBITING:
@@ -528,7 +553,36 @@ def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output,
         policy.command_max_backoff_seconds,
     )
     new = replace(saga, command_attempts=saga.command_attempts + 1, next_retry_at=now + backoff)
-    return new, (_step_command(saga.transfer, step),)
+    return new, (_step_command(saga.transfer, step, _resolution_step(saga, step)),)
+
+
+RESOLUTION_ACTIONS = frozenset({"refund", "complete"})
+
+
+def on_resolution(
+    saga: Saga, resolution_id: str, action: str, operator: str, reason: str, now: float,
+    policy: Policy,
+) -> tuple[Saga, tuple[Output, ...]]:
+    """An operator settles a MANUAL_REVIEW transfer (``bizcenter sagas resolve``):
+    ``refund`` gives the amount held in clearing back to the payer (REFUNDING, then FAILED),
+    ``complete`` credits the payee (CREDITING, then COMPLETED; a refused credit falls back
+    to the refund, as in any transfer). The money moves through the account center like any
+    step, under new command ids (``<step>.r<n>``), so once. The same resolution again (a
+    redelivery, the command run twice) re-sends what it decided; a resolution of a saga not
+    in MANUAL_REVIEW (already resolved, or a top-up) changes nothing. A refused resolution
+    ends in MANUAL_REVIEW again. No reply is sent: the request had its final answer; the
+    outcome is on business.transfer-events."""
+    trigger = f"resolve:{resolution_id}"
+    if saga.last_trigger == trigger:
+        return saga, saga.last_outputs
+    if (saga.state is not State.MANUAL_REVIEW or saga.transfer.kind == TOPUP
+            or action not in RESOLUTION_ACTIONS):
+        return saga, ()
+    moved = replace(saga, resolution_count=saga.resolution_count + 1, resolution_action=action,
+                    resolved_by=operator, resolution_reason=reason,
+                    code=saga.code if action == "refund" else None)
+    state = State.REFUNDING if action == "refund" else State.CREDITING
+    return _start_step(moved, state, now, policy, trigger)
 
 
 # --------------------------------------------------------------------------------------

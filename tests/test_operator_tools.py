@@ -1,0 +1,356 @@
+"""Operating the system for real (issue 14): the worker's and the account center's
+``/metrics`` moving after a transfer; a dead letter counted and shown by ``bizcenter dlq``;
+a transfer driven into MANUAL_REVIEW, listed by ``bizcenter sagas list``, logged at WARNING
+as a JSON line with its ids, resolved by ``bizcenter sagas resolve`` (money moved once, the
+command idempotent); the account center's live reconciliation raising its alarm on a ledger
+row changed behind its back.
+
+One system (worker, account center, funding provider as child processes) in its own topics
+and schemas; JSON logs; the live reconciliation every second."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from conftest import wait_for
+from sqlalchemy import text
+from system import ROOT, System
+
+ALICE, BOB, CAROL = "ot-alice", "ot-bob", "ot-carol"
+OPENING = 1_000_000
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def system(kafka_bootstrap: str, database_url: str, isolation_id: str,
+                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    tmp = tmp_path_factory.mktemp("operator")
+    sys_ = System.build(kafka_bootstrap, database_url, isolation_id, tmp, log_format="json",
+                        reconcile_interval_seconds=1.0)
+    try:
+        await sys_.start()
+        for user in (ALICE, BOB, CAROL):
+            await sys_.add_user(user, balance=OPENING)
+        await wait_for(lambda: _ready(sys_), timeout=120, interval=0.5,
+                       what="the worker's and the account center's /readyz")
+        yield sys_
+    finally:
+        await sys_.close()
+
+
+async def _ready(system: System) -> bool:
+    for port in (system.settings.web_port, system.settings.account_center_web_port):
+        try:
+            status, _body, _ = await system.http_get(port, "/readyz")
+        except OSError:
+            return False
+        if status != 200:
+            return False
+    return True
+
+
+async def scrape(system: System, port: int) -> dict[str, float]:
+    """``name{labels}`` → value of every sample of a ``/metrics`` page."""
+    status, body, headers = await system.http_get(port, "/metrics")
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("text/plain"), headers
+    samples: dict[str, float] = {}
+    for line in str(body).splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def sample(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The value of the sample ``name`` whose labels include ``labels`` (0 if none)."""
+    for key, value in samples.items():
+        metric, _, rest = key.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if metric == name and all(found.get(k) == v for k, v in labels.items()):
+            return value
+    return 0.0
+
+
+def bizcenter(system: System, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args],
+                          env={**system.env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+@pytest.mark.integration
+async def test_metrics_are_served_and_move_after_a_transfer(system: System) -> None:
+    worker_port = system.settings.web_port
+    ac_port = system.settings.account_center_web_port
+    before = await scrape(system, worker_port)
+    ac_before = await scrape(system, ac_port)
+
+    reply = await system.transfer(ALICE, f"acc-{BOB}", 1_250)
+    assert reply["status"] == "ok", reply
+
+    async def moved() -> dict[str, float] | None:
+        after = await scrape(system, worker_port)
+        done = sample(after, "bizcenter_transfers_total", kind="transfer",
+                      outcome="COMPLETED")
+        return after if done >= sample(before, "bizcenter_transfers_total", kind="transfer",
+                                       outcome="COMPLETED") + 1 else None
+
+    after = await wait_for(moved, timeout=30, what="bizcenter_transfers_total to move")
+    for name, labels in [
+        ("bizcenter_requests_total", {"type": "transferInit", "status": "ok", "code": ""}),
+        ("bizcenter_requests_total", {"type": "transferConfirm", "status": "ok", "code": ""}),
+        ("bizcenter_saga_duration_seconds_count", {"kind": "transfer",
+                                                   "outcome": "COMPLETED"}),
+        ("bizcenter_saga_transitions_total", {"kind": "transfer", "state": "CREDITING"}),
+    ]:
+        assert sample(after, name, **labels) == sample(before, name, **labels) + 1, (
+            name, labels)
+    assert sample(after, "bizcenter_saga_duration_seconds_sum", kind="transfer",
+                  outcome="COMPLETED") > sample(before, "bizcenter_saga_duration_seconds_sum",
+                                                kind="transfer", outcome="COMPLETED")
+    # the scrape-time gauges: every open state present, the lag of the input partitions
+    for state in ("AWAITING_OTP", "DEBITING", "CREDITING", "REFUNDING", "MANUAL_REVIEW"):
+        assert f'bizcenter_open_sagas{{state="{state}"}}' in after, sorted(after)[:40]
+    commands = system.settings.topic("business.commands")
+    lags = [k for k in after if k.startswith("bizcenter_consumer_lag{")
+            and f'topic="{commands}"' in k]
+    assert len(lags) == system.settings.topic_partitions, lags
+    assert all(after[k] >= 0 for k in lags)
+
+    # the account center: its own metrics, consumer lag, the live reconciliation's gauges
+    async def ac_moved() -> dict[str, float] | None:
+        now = await scrape(system, ac_port)
+        runs = sample(now, "bizcenter_reconciliation_runs_total", result="balanced")
+        return now if runs > sample(ac_before, "bizcenter_reconciliation_runs_total",
+                                    result="balanced") else None
+
+    ac_after = await wait_for(ac_moved, timeout=30, what="a live reconciliation run")
+    assert 'bizcenter_reconciliation_drift_minor{currency="USD"}' in ac_after, sorted(ac_after)
+    assert sample(ac_after, "bizcenter_reconciliation_drift_minor", currency="USD") == 0
+    assert sample(ac_after, "bizcenter_reconciliation_check_ok",
+                  check="money conserved") == 1
+    account_commands = system.settings.topic("account.commands")
+
+    async def ac_lag() -> bool:  # a partition's lag is known once the center committed it
+        return any(k.startswith("bizcenter_consumer_lag{") and account_commands in k
+                   for k in await scrape(system, ac_port))
+
+    await wait_for(ac_lag, timeout=30, what="the account center's consumer lag")
+    assert (await system.http_get(ac_port, "/healthz"))[:2] == (200, {"status": "alive"})
+    status, body, _ = await system.http_get(ac_port, "/readyz")
+    assert (status, body) == (200, {"ready": True, "checks": {
+        "assigned": True, "consuming": True, "postgres": True}})
+
+
+@pytest.mark.integration
+async def test_a_dead_letter_is_counted_listed_and_shown(system: System) -> None:
+    port = system.settings.web_port
+    commands = system.settings.topic("business.commands")
+    before = await scrape(system, port)
+    assert system.client is not None and system.client._producer is not None
+    marker = uuid.uuid4().hex.encode()
+    await system.client._producer.send_and_wait(commands, b"not json " + marker, key=marker)
+
+    async def counted() -> bool:
+        now = await scrape(system, port)
+        return sample(now, "bizcenter_dlq_records_total", topic=commands,
+                      reason="undecodable") == sample(
+            before, "bizcenter_dlq_records_total", topic=commands, reason="undecodable") + 1
+
+    await wait_for(counted, timeout=30, what="the dead letter to be counted")
+
+    listed = bizcenter(system, "dlq", "list", "--json", "--topic", "business.commands")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    mine = [d for d in letters if d.get("keyB64") == base64.b64encode(marker).decode()]
+    assert len(mine) == 1, letters
+    letter = mine[0]
+    assert letter["sourceTopic"] == commands and letter["reason"].startswith("undecodable")
+    assert "value" not in letter  # never the original value
+    table = bizcenter(system, "dlq", "list")
+    assert table.returncode == 0 and letter["id"] in table.stdout, table.stdout
+    shown = bizcenter(system, "dlq", "show", letter["id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == letter
+    missing = bizcenter(system, "dlq", "show", "99:99999")
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+
+
+async def _manual_review_transfer(system: System) -> str:
+    """A transfer alice → carol whose credit is refused (carol's account closed) and whose
+    refund is refused too (a trigger of this test's own schema closes alice's account as
+    soon as her debit is journaled): MANUAL_REVIEW, the amount held in clearing."""
+    assert system.ledger is not None
+    async with system.ledger.engine.begin() as conn:  # search_path: the ledger's schema
+        await conn.execute(text("""
+            CREATE OR REPLACE FUNCTION close_payer() RETURNS trigger AS $$
+            BEGIN
+                UPDATE accounts SET status = 'closed' WHERE account_id = NEW.account_id;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql"""))
+        await conn.execute(text("""
+            CREATE TRIGGER close_payer AFTER INSERT ON journal FOR EACH ROW
+            WHEN (NEW.account_id = 'acc-ot-alice' AND NEW.amount_minor < 0)
+            EXECUTE FUNCTION close_payer()"""))
+    await system.ledger.close_account(f"acc-{CAROL}")
+    try:
+        reply = await system.transfer(ALICE, f"acc-{CAROL}", 4_321)
+    finally:
+        async with system.ledger.engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER close_payer ON journal"))
+    assert reply["status"] == "error" and reply["data"]["state"] == "MANUAL_REVIEW", reply
+    return str(reply["data"]["transferId"])
+
+
+@pytest.mark.integration
+async def test_a_manual_review_transfer_is_listed_logged_and_resolved_once(
+        system: System) -> None:
+    assert system.ledger is not None
+    port = system.settings.web_port
+    before = await scrape(system, port)
+    alice_before = (await system.balances(f"acc-{ALICE}"))[f"acc-{ALICE}"]
+    assert alice_before is not None
+    transfer_id = await _manual_review_transfer(system)
+    assert (await system.balances(f"acc-{ALICE}"))[f"acc-{ALICE}"] == alice_before - 4_321
+
+    # the state change logged at WARNING, a JSON line carrying the ids
+    def warned() -> dict[str, Any] | None:
+        return next((line for line in json_lines(system.logdir / "worker.log")
+                     if line.get("transferId") == transfer_id
+                     and "MANUAL_REVIEW" in line["message"]), None)
+
+    line = await wait_for(warned, timeout=30, what="the MANUAL_REVIEW log line")
+    assert line["level"] == "WARNING", line
+    assert line["operatorId"] == ALICE and line["requestId"], line
+    assert line["logger"] == "app.saga"
+    after = await scrape(system, port)
+    assert sample(after, "bizcenter_transfers_total", kind="transfer",
+                  outcome="MANUAL_REVIEW") == sample(
+        before, "bizcenter_transfers_total", kind="transfer", outcome="MANUAL_REVIEW") + 1
+
+    async def open_in_review() -> bool:  # computed when scraped, at most every 5 s
+        return sample(await scrape(system, port), "bizcenter_open_sagas",
+                      state="MANUAL_REVIEW") == 1
+
+    await wait_for(open_in_review, timeout=30, what="bizcenter_open_sagas{MANUAL_REVIEW}")
+
+    # sagas list / show
+    listed = bizcenter(system, "sagas", "list", "--state", "MANUAL_REVIEW", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["transferId"] for r in rows] == [transfer_id], rows
+    assert rows[0]["amountMinor"] == 4_321 and rows[0]["fromAccountId"] == f"acc-{ALICE}"
+    assert "otp_digest" not in listed.stdout and "otpDigest" not in listed.stdout
+    old_only = bizcenter(system, "sagas", "list", "--state", "MANUAL_REVIEW",
+                         "--older-than", "1h", "--json")
+    assert old_only.returncode == 0 and json.loads(old_only.stdout) == []
+    table = bizcenter(system, "sagas", "list", "--state", "MANUAL_REVIEW")
+    assert transfer_id in table.stdout and "1 saga(s)" in table.stdout, table.stdout
+    assert bizcenter(system, "sagas", "show", str(uuid.uuid4())).returncode == 1
+
+    # resolve: the payer's account reopened, the amount refunded through the saga, once
+    async with system.ledger.engine.begin() as conn:
+        await conn.execute(text("UPDATE accounts SET status = 'open' WHERE account_id = :a"),
+                           {"a": f"acc-{ALICE}"})
+    first = bizcenter(system, "sagas", "resolve", transfer_id, "--refund", "--operator",
+                      "ops-anna", "--reason", "payer account reopened", "--json")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert json.loads(first.stdout)["outcome"] == "FAILED", first.stdout
+    assert (await system.balances(f"acc-{ALICE}"))[f"acc-{ALICE}"] == alice_before
+
+    again = bizcenter(system, "sagas", "resolve", transfer_id, "--refund", "--operator",
+                      "ops-anna", "--reason", "payer account reopened", "--json",
+                      "--wait", "5")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["outcome"] in ("already resolved", "FAILED"), again.stdout
+    other = bizcenter(system, "sagas", "resolve", transfer_id, "--complete", "--operator",
+                      "ops-anna", "--reason", "changed my mind", "--wait", "5")
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert (await system.balances(f"acc-{ALICE}", f"acc-{CAROL}")) == {
+        f"acc-{ALICE}": alice_before, f"acc-{CAROL}": OPENING}
+    assert await system.money_moved_more_than_once() == []
+    async with system.ledger.engine.connect() as conn:
+        refunds = (await conn.execute(text(
+            "SELECT count(*) FROM processed_commands WHERE transfer_id = :t "
+            "AND type = 'refund' AND result->>'type' = 'refunded'"), {"t": transfer_id})
+        ).scalar_one()
+    assert refunds == 1
+
+    shown = bizcenter(system, "sagas", "show", transfer_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    saga = json.loads(shown.stdout)
+    assert saga["saga"]["state"] == "FAILED"
+    assert (saga["saga"]["resolvedBy"], saga["saga"]["resolutionReason"]) == (
+        "ops-anna", "payer account reopened")
+    states = [e["state"] for e in saga["transferEvents"]]
+    assert states[-3:] == ["MANUAL_REVIEW", "REFUNDING", "FAILED"], states
+    assert "otpDigest" not in shown.stdout and "otp_digest" not in shown.stdout
+    await wait_for(lambda: _clearing_zero(system), timeout=30, what="clearing back to 0")
+    resolved = await scrape(system, port)
+    assert sample(resolved, "bizcenter_resolutions_total", action="refund",
+                  outcome="FAILED") == 1
+
+
+async def _clearing_zero(system: System) -> bool:
+    samples = await scrape(system, system.settings.account_center_web_port)
+    return sample(samples, "bizcenter_clearing_minor", currency="USD") == 0 and sample(
+        samples, "bizcenter_reconciliation_check_ok", check="clearing account zero") == 1
+
+
+@pytest.mark.integration
+async def test_the_live_reconciliation_alarms_on_a_drift(system: System) -> None:
+    assert system.ledger is not None
+    port = system.settings.account_center_web_port
+    account = f"acc-{BOB}"
+    async with system.ledger.engine.begin() as conn:  # behind the account center's back
+        await conn.execute(text("UPDATE accounts SET balance_minor = balance_minor + 7 "
+                                "WHERE account_id = :a"), {"a": account})
+    try:
+        async def drifted() -> bool:
+            samples = await scrape(system, port)
+            return sample(samples, "bizcenter_reconciliation_drift_minor",
+                          currency="USD") == 7
+
+        await wait_for(drifted, timeout=30, what="the drift gauge")
+        samples = await scrape(system, port)
+        assert sample(samples, "bizcenter_reconciliation_check_ok",
+                      check="balances = journal") == 0
+
+        def alarm() -> dict[str, Any] | None:
+            return next((line for line in json_lines(system.logdir / "account-center.log")
+                         if "RECONCILIATION DRIFT" in line["message"]), None)
+
+        line = await wait_for(alarm, timeout=30, what="the drift alarm")
+        assert line["level"] == "ERROR", line
+        assert account in line["message"] and "+7" in line["message"], line
+    finally:
+        async with system.ledger.engine.begin() as conn:
+            await conn.execute(text("UPDATE accounts SET balance_minor = balance_minor - 7 "
+                                    "WHERE account_id = :a"), {"a": account})
+
+    def balanced_again() -> bool:
+        return any("balanced again" in line["message"]
+                   for line in json_lines(system.logdir / "account-center.log"))
+
+    await wait_for(balanced_again, timeout=30, what="the all-clear")
+    samples = await scrape(system, port)
+    assert sample(samples, "bizcenter_reconciliation_drift_minor", currency="USD") == 0
