@@ -193,6 +193,26 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return RECONCILE_BALANCED if report.balanced else RECONCILE_DRIFT
 
 
+def cmd_users_unlock(settings: Settings, args: argparse.Namespace) -> int:
+    """Operator: end USER's PIN lock (and reset the count) and forget their wrong OTPs (the
+    OTP lock). Exit 0 done, 1 no such user."""
+    from app.adapters.postgres_store import PostgresBusinessStore
+
+    async def unlock() -> bool:
+        store = PostgresBusinessStore.from_settings(settings)
+        try:
+            await store.migrate()
+            return await store.unlock_user(args.user)
+        finally:
+            await store.close()
+
+    if not asyncio.run(unlock()):
+        print(f"bizcenter users unlock: no user {args.user!r}", file=sys.stderr)
+        return 1
+    print(f"{args.user}: PIN and OTP unlocked")
+    return 0
+
+
 def effective_configuration(settings: Settings) -> dict[str, Any]:
     """Every setting by its variable name, secrets masked: a secret shows only whether it
     is unset, a development placeholder or set (with its length); the database URL's
@@ -333,6 +353,7 @@ async def run_transfer(
         if source is not None:
             reply = await client.request(client.envelope(
                 "topUp", user, token, {"fundingSourceId": source, "amountMinor": amount,
+                                       "pin": pin,
                                        "currency": currency},
                 idempotency_key=key), timeout)
             show("topUp", reply)
@@ -377,7 +398,8 @@ def cmd_transfer(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topup(settings: Settings, args: argparse.Namespace) -> int:
     reply = asyncio.run(run_transfer(
-        settings, user=args.user, to="", amount=args.amount, currency=args.currency, pin="",
+        settings, user=args.user, to="", amount=args.amount, currency=args.currency,
+        pin=args.pin,
         otp_from_topic=args.otp_from_topic, source=args.source,
     ))
     return 0 if reply.get("status") == "ok" else 1
@@ -437,7 +459,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             ))
         print("\n=== demo: bob tops up 40.00 USD from his card ===\n")
         asyncio.run(run_transfer(
-            settings, user="bob", to="", amount=4000, currency="USD", pin="",
+            settings, user="bob", to="", amount=4000, currency="USD", pin="123456",
             otp_from_topic=True, timeout=120.0, source="card-bob",
         ))
         print()
@@ -492,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
         "variable name; secrets show only unset / development placeholder / set.")
     config_cmd.add_argument("--json", action="store_true", help="as a JSON object")
     config_cmd.set_defaults(fn=cmd_config)
+    users_cmd = sub.add_parser("users", help="operator tools for users").add_subparsers(
+        dest="users_command", required=True)
+    unlock_cmd = users_cmd.add_parser(
+        "unlock", help="end USER's PIN lock and OTP lock",
+        description="Reset USER's wrong-PIN count, end the PIN lock and forget the wrong "
+        "OTPs that lock step-ups (both locks also end by themselves, see "
+        "BIZ_PIN_LOCK_SECONDS and BIZ_OTP_FAILURE_WINDOW_SECONDS).")
+    unlock_cmd.add_argument("user")
+    unlock_cmd.set_defaults(fn=cmd_users_unlock)
     from app.operator_commands import add_parsers as add_operator_parsers
 
     add_operator_parsers(sub)  # sagas list|show|resolve, dlq list|show
@@ -516,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     topup.add_argument("--source", required=True, help="funding source (e.g. card-alice)")
     topup.add_argument("--amount", type=int, required=True, help="minor units (cents)")
     topup.add_argument("--currency", default="USD")
+    topup.add_argument("--pin", default="123456", help="confirms the top-up, as a transfer")
     topup.add_argument("--otp-from-topic", action="store_true",
                        help="demo only: read the OTP from notifications.otp")
     topup.set_defaults(fn=cmd_topup)

@@ -149,12 +149,27 @@ class Settings(BaseSettings):
     pin_pepper: SecretStr = Field(
         SecretStr(DEV_PIN_PEPPER), description="Server-side key of the PIN HMAC."
     )
-    pin_max_attempts: int = Field(5, ge=1, description="Consecutive wrong PINs before lock.")
+    pin_max_attempts: int = Field(
+        5, ge=1, description="Wrong PINs of one user (however spread over requests, keys, "
+        "partitions and workers) before the PIN locks; a right PIN resets the count.")
+    pin_lock_seconds: float = Field(
+        86_400.0, gt=0, description="How long a PIN lock lasts (bizcenter users unlock ends "
+        "it earlier).")
     otp_pepper: SecretStr = Field(
         SecretStr(DEV_OTP_PEPPER), description="Server-side key of the OTP HMAC."
     )
     otp_ttl_seconds: float = Field(300, gt=0, description="OTP lifetime.")
     otp_max_attempts: int = Field(5, ge=1, description="Wrong OTPs before the transfer fails.")
+    otp_user_max_failures: int = Field(
+        10, ge=1, description="Wrong OTPs of one user, across transfers, within "
+        "BIZ_OTP_FAILURE_WINDOW_SECONDS before every step-up is refused (OTP_LOCKED).")
+    otp_failure_window_seconds: float = Field(
+        86_400.0, gt=0, description="Rolling window of BIZ_OTP_USER_MAX_FAILURES.")
+    otp_max_sends: int = Field(
+        5, ge=1, description="OTPs sent to one user within BIZ_OTP_SEND_WINDOW_SECONDS "
+        "before a new step-up is refused (RATE_LIMITED).")
+    otp_send_window_seconds: float = Field(
+        900.0, gt=0, description="Rolling window of BIZ_OTP_MAX_SENDS.")
 
     # --- saga timing -----------------------------------------------------------------
     idempotency_retention_hours: float = Field(
@@ -206,6 +221,9 @@ class Settings(BaseSettings):
     )
 
     # --- top-ups and the reference funding provider ----------------------------------
+    topup_daily_limit_minor: int = Field(
+        500_000, ge=0, description="What one user may top up per UTC day, in minor units "
+        "(a limit apart from the transfers' daily limit).")
     funding_timeout_seconds: float = Field(
         30.0, gt=0, description="A charge the funding provider has not answered in this "
         "time fails the top-up (FUNDING_TIMEOUT); a later capture is refunded to the source.",

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
@@ -31,7 +31,14 @@ from app import metrics, saga_telemetry
 from app.domain import otp as otp_codes
 from app.domain import pin as pin_codes
 from app.domain import transfer_saga as saga_core
-from app.domain.ports import BusinessStore, ConfirmOutcome, UserStatus
+from app.domain.ports import (
+    BusinessStore,
+    ConfirmChecks,
+    ConfirmOutcome,
+    ConfirmRequest,
+    GuessBudgets,
+    UserStatus,
+)
 from app.query_service import query_record
 from app.record_failures import (
     MAX_ID_CHARS,
@@ -75,10 +82,23 @@ log = logging.getLogger(__name__)
 #: variable, not an attribute: the saga agent handles records of different partitions
 #: concurrently, each in its own task (agents/lanes.py).
 _handled_partition: ContextVar[int] = ContextVar("handled_partition", default=0)
+#: The coordinates (topic/partition/offset) of the ``business.commands`` record being
+#: handled: what a Kafka redelivery keeps and a client cannot vary (a wrong PIN counts once
+#: per record). None for a record that was not consumed (offset unknown).
+_handled_record: ContextVar[str | None] = ContextVar("handled_record", default=None)
 
 #: Namespaces of the deterministic ids (UUIDv5): the same input always yields the same id.
 TRANSFER_NS = uuid.UUID("6f1c1d2e-58a4-4c8e-9a57-2b1f3f0c9a01")
 TOKEN_NS = uuid.UUID("0b9e3c44-7d1a-4f0e-8f3a-5c2d7e9b1a02")
+#: Attempt ids of top-ups (transfers derive theirs from the transfer token's jti).
+ATTEMPT_NS = uuid.UUID("9d4f2b7a-3c1e-4a8b-b6d2-7e0f5a9c1d03")
+
+
+def attempt_for(transfer_id: str, nonce: str) -> str:
+    """16 hex digits unique to one attempt of a key: the token's jti for a transfer, the
+    first request for a top-up. Kept in the idempotency record: every re-decision of the
+    key uses the first attempt's id."""
+    return uuid.uuid5(ATTEMPT_NS, f"{transfer_id}\x1f{nonce}").hex[:saga_core.ATTEMPT_CHARS]
 
 
 def transfer_id_for(operator_id: str, idempotency_key: str) -> str:
@@ -202,6 +222,14 @@ class TransferService:
             funding_timeout_seconds=settings.funding_timeout_seconds,
         )
         self._pin_pepper = settings.pin_pepper.get_secret_value().encode()
+        self.budgets = GuessBudgets(
+            pin_max_attempts=settings.pin_max_attempts,
+            pin_lock_seconds=settings.pin_lock_seconds,
+            otp_max_failures=settings.otp_user_max_failures,
+            otp_failure_window_seconds=settings.otp_failure_window_seconds,
+            otp_max_sends=settings.otp_max_sends,
+            otp_send_window_seconds=settings.otp_send_window_seconds,
+        )
         # Deadlines of the open sagas, per home partition: derived, rebuilt by scanning.
         self._deadlines: dict[int, dict[str, float]] = {}
         self._next_purge: dict[int, float] = {}
@@ -233,6 +261,7 @@ class TransferService:
 
     async def _decide_command(self, record: SourceRecord) -> list[Outbound]:
         _handled_partition.set(record.partition)
+        _handled_record.set(_record_identity(record))
         doc = decode_json_object(record.value)  # size, JSON, object, depth: else Refused
         try:
             envelope = CommandEnvelope.model_validate(doc)
@@ -332,6 +361,9 @@ class TransferService:
             key_, value = query_record(env, payload, user.account_id, user.currency)
             return [Outbound(self.topics.queries, key_, value)]  # answered by answer_queries
         if isinstance(payload, TransferInitPayload):
+            stale = self._stale(env, now, expired)
+            if stale is not None:
+                return stale
             _refuse_if(expired)
             return await self._transfer_init(env, payload, cache_key)
         if isinstance(payload, TransferConfirmPayload):
@@ -355,6 +387,9 @@ class TransferService:
             raise Rejection(ErrorCode.INVALID_REQUEST, "cannot transfer to the same account")
         if not facts.payee_exists:
             raise Rejection(ErrorCode.ACCOUNT_NOT_FOUND, "the payee account does not exist")
+        if facts.payee_currency is not None and facts.payee_currency != payload.currency:
+            raise Rejection(ErrorCode.CURRENCY_MISMATCH,
+                            f"the payee account holds {facts.payee_currency}")
         reserved = facts.reserved_today_minor
         if reserved + payload.amount_minor > user.daily_limit_minor:
             raise Rejection(ErrorCode.LIMIT_EXCEEDED, "the amount exceeds today's limit",
@@ -403,31 +438,39 @@ class TransferService:
         transfer_id, answered = await self._duplicate_of(env, fingerprint, now)
         if answered is not None:
             return answered
+        stale = self._stale(env, now, access_expired)
+        if stale is not None:
+            return stale
         _refuse_if(access_expired)
 
         leeway = self.settings.jwt_leeway_seconds
         if now > claims.expires_at.timestamp() + leeway:
+            # A key whose saga was purged: the kept idempotency record answers, never an
+            # expired token (and never another operation's outcome).
+            kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
+            if kept is not None and (kept.state is not None
+                                     or kept.fingerprint != fingerprint):
+                return self._kept_answer(env, fingerprint, kept)
             raise Rejection(ErrorCode.TOKEN_EXPIRED, "the transfer token has expired")
-        checks = await self.store.confirm_checks(
-            user_id=env.operator_id, from_account_id=claims.from_account_id,
-            request_id=env.request_id,
+        checks = await self.store.confirm_checks(ConfirmRequest(
+            user_id=env.operator_id, idempotency_key=env.idempotency_key,
+            fingerprint=fingerprint, transfer_id=transfer_id,
+            attempt=attempt_for(transfer_id, claims.jti),
             matches=lambda verifier: pin_codes.pin_matches(
                 self._pin_pepper, env.operator_id, payload.pin, verifier),
-            max_attempts=self.settings.pin_max_attempts, jti=claims.jti,
-            transfer_id=transfer_id, day=_day(now), amount_minor=claims.amount_minor,
-        )
-        if checks.outcome is not ConfirmOutcome.OK:
-            code, message = CONFIRM_REFUSALS[checks.outcome]
-            raise Rejection(code, message, {"attemptsLeft": checks.attempts_left}
-                            if checks.outcome is ConfirmOutcome.INVALID_PIN else None)
-        user = checks.user
-        assert user is not None
+            record=_handled_record.get(), day=_day(now), now=now_dt,
+            amount_minor=claims.amount_minor, from_account_id=claims.from_account_id,
+            jti=claims.jti,
+        ), self.budgets)
+        user = self._checked(env, fingerprint, checks)
+        if isinstance(user, list):
+            return user
         transfer = saga_core.Transfer(
             transfer_id=transfer_id, operator_id=env.operator_id,
             idempotency_key=env.idempotency_key, fingerprint=fingerprint,
             from_account_id=claims.from_account_id, to_account_id=claims.to_account_id,
             amount_minor=claims.amount_minor, currency=claims.currency, note=claims.note,
-            home_partition=partition,
+            home_partition=partition, attempt=checks.attempt,
         )
         needs_otp = claims.amount_minor > user.otp_threshold_minor
         saga, outputs = saga_core.start(
@@ -435,6 +478,46 @@ class TransferService:
             otp=self.new_otp() if needs_otp else None, now=now, policy=self.policy,
         )
         return await self._apply(saga, outputs, phone=user.phone)
+
+    def _checked(self, env: CommandEnvelope, fingerprint: str, checks: ConfirmChecks
+                 ) -> Any:
+        """The user a new operation may start for, or the answer when the checks refused
+        it (a :class:`Rejection`) or its key already ended (the kept outcome)."""
+        if checks.outcome is ConfirmOutcome.ANSWERED:
+            assert checks.kept is not None
+            return self._kept_answer(env, fingerprint, checks.kept)
+        if checks.outcome is not ConfirmOutcome.OK:
+            code, message = CONFIRM_REFUSALS[checks.outcome]
+            raise Rejection(code, message, {"attemptsLeft": checks.attempts_left}
+                            if checks.outcome is ConfirmOutcome.INVALID_PIN else None)
+        assert checks.user is not None
+        return checks.user
+
+    def _kept_answer(self, env: CommandEnvelope, fingerprint: str, kept: Any
+                     ) -> list[Outbound]:
+        """The answer of an idempotency record whose saga was purged: the same payload gets
+        the operation's final outcome (saved for this request), another one
+        IDEMPOTENCY_KEY_REUSED."""
+        if kept.fingerprint != fingerprint:
+            raise Rejection(*CONFIRM_REFUSALS[ConfirmOutcome.KEY_REUSED])
+        assert kept.state is not None
+        reply = saga_core.final_reply(kept.transfer_id, kept.state, kept.code,
+                                      env.request_id, env.type.value)
+        return self._reply(reply.request_id, env.idempotency_key, reply.command_type,
+                           reply.status, reply.code, reply.message, reply.data,
+                           cache_key=f"{env.operator_id}\x1f{env.request_id}")
+
+    def _stale(self, env: CommandEnvelope, now: float, access_expired: bool
+               ) -> list[Outbound] | None:
+        """A request sent before the retention window, with an expired access token and
+        nothing kept to answer it with (its saved reply and saga were purged): an operator
+        replay. It is not answered at all (``[]``) rather than answered differently from
+        the first time; counted and logged."""
+        horizon = now - self.settings.idempotency_retention_hours * 3600
+        if not access_expired or env.sent_at.timestamp() >= horizon:
+            return None
+        self._count("stale_requests_unanswered")
+        return []
 
     async def _duplicate_of(
         self, env: CommandEnvelope, fingerprint: str, now: float
@@ -466,6 +549,9 @@ class TransferService:
         topup_id, answered = await self._duplicate_of(env, fingerprint, now)
         if answered is not None:
             return answered
+        stale = self._stale(env, now, access_expired)
+        if stale is not None:
+            return stale
         _refuse_if(access_expired)
         user = await self._active_user(env.operator_id)
         source = await self.store.get_funding_source(payload.funding_source_id)
@@ -474,12 +560,28 @@ class TransferService:
             raise Rejection(ErrorCode.FORBIDDEN, "the funding source is unknown or not yours")
         if payload.currency != user.currency:
             raise Rejection(ErrorCode.INVALID_REQUEST, f"the account holds {user.currency}")
+        # Confirmed with the PIN exactly like a transfer, and counted against the daily
+        # top-up limit (one transaction, docs/architecture.md "Security").
+        checks = await self.store.confirm_checks(ConfirmRequest(
+            user_id=env.operator_id, idempotency_key=env.idempotency_key,
+            fingerprint=fingerprint, transfer_id=topup_id,
+            attempt=attempt_for(topup_id, env.request_id),
+            matches=lambda verifier: pin_codes.pin_matches(
+                self._pin_pepper, env.operator_id, payload.pin, verifier),
+            record=_handled_record.get(), day=_day(now),
+            now=datetime.fromtimestamp(now, UTC), amount_minor=payload.amount_minor,
+            kind=saga_core.TOPUP, limit_minor=self.settings.topup_daily_limit_minor,
+        ), self.budgets)
+        checked = self._checked(env, fingerprint, checks)
+        if isinstance(checked, list):
+            return checked
+        user = checked
         topup = saga_core.Transfer(
             transfer_id=topup_id, operator_id=env.operator_id,
             idempotency_key=env.idempotency_key, fingerprint=fingerprint,
             from_account_id=source.funding_source_id, to_account_id=user.account_id,
             amount_minor=payload.amount_minor, currency=payload.currency, note=None,
-            home_partition=partition, kind=saga_core.TOPUP,
+            home_partition=partition, kind=saga_core.TOPUP, attempt=checks.attempt,
         )
         needs_otp = payload.amount_minor > user.otp_threshold_minor
         saga, outputs = saga_core.start(
@@ -494,13 +596,27 @@ class TransferService:
         assert env.idempotency_key is not None
         saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
         if saga is None:
+            stale = self._stale(env, self.clock(), access_expired)
+            if stale is not None:
+                return stale
             _refuse_if(access_expired)
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             "no transfer under this idempotencyKey awaits a one-time password")
-        _refuse_if(access_expired and saga.state is saga_core.State.AWAITING_OTP
-                   and saga.last_trigger != f"otp:{env.request_id}")
-        new, outputs = saga_core.on_otp(saga, env.request_id, payload.otp, self.clock(),
-                                        self.policy)
+        fresh = (saga.state is saga_core.State.AWAITING_OTP
+                 and saga.last_trigger != f"otp:{env.request_id}")
+        _refuse_if(access_expired and fresh)
+        now = self.clock()
+        now_dt = datetime.fromtimestamp(now, UTC)
+        spent = False
+        if fresh:  # the user's wrong OTPs across transfers, in the rolling window
+            since = now_dt - timedelta(seconds=self.budgets.otp_failure_window_seconds)
+            spent = (await self.store.otp_failures_since(env.operator_id, since)
+                     >= self.budgets.otp_max_failures)
+        new, outputs = saga_core.on_otp(saga, env.request_id, payload.otp, now,
+                                        self.policy, budget_spent=spent)
+        if new.otp_attempts > saga.otp_attempts:  # a wrong OTP: counted once per attempt
+            await self.store.record_otp_failure(
+                env.operator_id, f"{saga.transfer.transfer_id}:{new.otp_attempts}", now_dt)
         return await self._apply(new, outputs, changed=new is not saga)
 
     # ----------------------------------------------------------------------------------
@@ -666,6 +782,13 @@ class TransferService:
     async def _on_account_event(self, event: AccountEvent, record: SourceRecord
                                 ) -> list[Outbound]:
         transfer_id = self._routed_here(event.command_id, record)
+        if event.reason == saga_core.COMMAND_ID_CONFLICT:
+            # Someone sent one of our command ids with other content: the account center
+            # refused it (and alarmed); the id's own event stands. Never a decision.
+            self._count("command_id_conflicts")
+            log.error("account center refused a command sent with our id %s and other "
+                      "content (COMMAND_ID_CONFLICT): ignored", event.command_id)
+            return []
         saga = None if transfer_id is None else self._saga(transfer_id)
         if saga is None:
             return []
@@ -780,6 +903,10 @@ class TransferService:
         for output in outputs:  # PostgreSQL effects: idempotent, safe to repeat
             if isinstance(output, saga_core.ReleaseLimit):
                 await self.store.release_daily_limit(output.transfer_id)
+        if changed and saga.is_final:  # kept beyond the purge (the idempotency record)
+            await self.store.save_outcome(saga.transfer.operator_id,
+                                          saga.transfer.idempotency_key, saga.state.value,
+                                          saga.code)
         for cache_key, value in saves:
             self.replies.put(cache_key, value, at=self.clock(),
                              partition=_handled_partition.get())
@@ -894,12 +1021,28 @@ CONFIRM_REFUSALS = {
                                 "this transfer token already funds another transfer"),
     ConfirmOutcome.LIMIT_EXCEEDED: (ErrorCode.LIMIT_EXCEEDED,
                                     "the amount exceeds today's limit"),
+    ConfirmOutcome.OTP_LOCKED: (ErrorCode.OTP_LOCKED, "too many wrong one-time passwords "
+                                "lately: step-ups are refused for a while"),
+    ConfirmOutcome.RATE_LIMITED: (ErrorCode.RATE_LIMITED, "too many one-time passwords sent "
+                                  "lately: try again later"),
+    ConfirmOutcome.KEY_REUSED: (ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                                "this idempotencyKey was used for another operation"),
 }
 
 
 def _fingerprint(*parts: object) -> str:
     """What identifies a payload under an idempotency key."""
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def _record_identity(record: SourceRecord) -> str | None:
+    """What a redelivery of a record keeps and nothing else has: its coordinates and the
+    hash of its value (a topic recreated later reuses offsets, never with the same bytes).
+    None for a record that was not consumed."""
+    if record.offset < 0:
+        return None
+    digest = hashlib.sha256(record.value or b"").hexdigest()[:32]
+    return f"{record.topic}/{record.partition}/{record.offset}/{digest}"
 
 
 def _refuse_if(access_expired: bool) -> None:

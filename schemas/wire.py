@@ -16,6 +16,11 @@ from pydantic.alias_generators import to_camel
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+#: An identifier that goes into derived ids (``transferId``, the transfer token's ``jti``,
+#: the saved replies' keys are joined with U+001F): no control character (C0, DEL, C1), so
+#: no separator, and two different pairs can never derive the same id.
+KeyIdentifier = Annotated[str, StringConstraints(
+    min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
 #: Signed 64-bit: what PostgreSQL's bigint holds (a larger JSON integer is refused, not
 #: left to fail in the database).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -57,6 +62,8 @@ class ErrorCode(StrEnum):
     OTP_REQUIRED = "OTP_REQUIRED"
     FUNDING_DECLINED = "FUNDING_DECLINED"
     FUNDING_TIMEOUT = "FUNDING_TIMEOUT"
+    CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
+    RATE_LIMITED = "RATE_LIMITED"
     INTERNAL = "INTERNAL"
 
 
@@ -87,6 +94,8 @@ class TopUpPayload(WireModel):
     funding_source_id: Identifier
     amount_minor: MinorUnits = Field(gt=0)
     currency: Currency
+    pin: Annotated[str, StringConstraints(pattern=r"^[0-9]{4,12}$")] = Field(
+        repr=False, description="The user's PIN: a top-up is confirmed like a transfer.")
 
 
 class QueryBalancePayload(WireModel):
@@ -127,8 +136,8 @@ class CommandEnvelope(WireModel):
 
     type: CommandType
     request_id: Identifier
-    idempotency_key: Identifier | None = None
-    operator_id: Identifier
+    idempotency_key: KeyIdentifier | None = None
+    operator_id: KeyIdentifier
     access_token: Annotated[str, StringConstraints(min_length=1, max_length=8192)] = Field(
         repr=False
     )

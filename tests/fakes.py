@@ -2,8 +2,9 @@
 loop (business worker + reference account center) without Kafka or PostgreSQL.
 
 * :class:`InMemoryBusinessStore` has the semantics of ``PostgresBusinessStore``
-  (app/adapters/postgres_store.py): per-request-id idempotent PIN failure counting, a lock
-  at ``max_attempts``, first-claim-wins transfer tokens, idempotent daily-limit reservations
+  (app/adapters/postgres_store.py): PIN failures counted once per Kafka record, a lock
+  at ``max_attempts`` that expires, per-user OTP budgets, idempotency records,
+  first-claim-wins transfer tokens, idempotent daily-limit reservations
   and releases. asyncio runs one coroutine at a time and no method awaits inside, so every
   method is atomic, as the PostgreSQL transactions are.
 * :class:`DictSagas` keeps each saga as the JSON of ``saga_to_dict`` (what the Faust table
@@ -23,7 +24,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -33,8 +34,11 @@ from app.domain.pin import pin_verifier
 from app.domain.ports import (
     ConfirmChecks,
     ConfirmOutcome,
+    ConfirmRequest,
     FundingSource,
+    GuessBudgets,
     InitFacts,
+    KeptOutcome,
     PinCheck,
     PinOutcome,
     TokenClaim,
@@ -64,7 +68,7 @@ OTP_PEPPER = "tests-otp-pepper-" + "o" * 40
 class _UserRow:
     record: UserRecord
     pin_failed_attempts: int = 0
-    pin_last_failed_request: str | None = None
+    pin_locked_until: datetime | None = None
 
 
 class InMemoryBusinessStore:
@@ -74,38 +78,97 @@ class InMemoryBusinessStore:
         self.users: dict[str, _UserRow] = {}
         self.token_uses: dict[str, str] = {}  # jti -> transfer_id
         self.daily_usage: dict[tuple[str, date], int] = {}
-        self.reservations: dict[str, tuple[str, date, int]] = {}  # transfer_id -> row
+        self.topup_usage: dict[tuple[str, date], int] = {}
+        self.reservations: dict[str, tuple[str, date, int, str]] = {}  # transfer_id -> row
         self.calls: list[str] = []  # names of the methods called, in order
         self.funding_sources: dict[str, FundingSource] = {}
+        self.pin_failure_records: set[str] = set()
+        self.otp_failures: dict[str, tuple[str, datetime]] = {}  # key -> (user, at)
+        self.otp_sends: dict[str, tuple[str, datetime]] = {}  # transfer_id -> (user, at)
+        self.kept: dict[tuple[str, str], KeptOutcome] = {}  # (operator, key) -> record
         for user in users:
             self.put_user(user)
 
     async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
+        payee = next((row.record for row in self.users.values()
+                      if row.record.account_id == to_account_id), None)
         return InitFacts(await self.get_user(user_id), await self.account_exists(to_account_id),
-                         await self.reserved_today(user_id, day))
+                         await self.reserved_today(user_id, day),
+                         None if payee is None else payee.currency)
 
-    async def confirm_checks(
-        self, *, user_id: str, from_account_id: str, request_id: str,
-        matches: Callable[[str], bool], max_attempts: int, jti: str, transfer_id: str,
-        day: date, amount_minor: int,
-    ) -> ConfirmChecks:
+    async def confirm_checks(self, request: ConfirmRequest, budgets: GuessBudgets
+                             ) -> ConfirmChecks:
         """The single methods in the PostgreSQL store's order (one transaction there)."""
-        user = await self.get_user(user_id)
+        r = request
+        self.calls.append("confirm_checks")
+        user = await self.get_user(r.user_id)
         if user is None or user.status is not UserStatus.ACTIVE:
             return ConfirmChecks(ConfirmOutcome.FORBIDDEN)
-        if user.account_id != from_account_id:
+        if r.from_account_id is not None and user.account_id != r.from_account_id:
             return ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
-        pin = await self.check_pin(user_id, request_id, matches, max_attempts)
+        kept = self.kept.get((r.user_id, r.idempotency_key))
+        if kept is not None and kept.fingerprint != r.fingerprint:
+            return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
+        if kept is not None and kept.state is not None:
+            return ConfirmChecks(ConfirmOutcome.ANSWERED, user, kept=kept)
+        if kept is None and r.jti is not None and any(
+                t == r.transfer_id and j != r.jti for j, t in self.token_uses.items()):
+            return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
+        pin = await self.check_pin(r.user_id, r.record, r.matches, budgets.pin_max_attempts,
+                                   now=r.now, lock_seconds=budgets.pin_lock_seconds)
         if pin.outcome is PinOutcome.LOCKED:
             return ConfirmChecks(ConfirmOutcome.PIN_LOCKED, user)
         if pin.outcome is PinOutcome.INVALID:
             return ConfirmChecks(ConfirmOutcome.INVALID_PIN, user, pin.attempts_left)
-        if await self.claim_transfer_token(jti, transfer_id) is not TokenClaim.CLAIMED:
+        needs_otp = r.amount_minor > user.otp_threshold_minor
+        if needs_otp and r.transfer_id not in self.otp_sends:
+            failures_since = r.now - timedelta(seconds=budgets.otp_failure_window_seconds)
+            sends_since = r.now - timedelta(seconds=budgets.otp_send_window_seconds)
+            if sum(1 for u, at in self.otp_failures.values()
+                   if u == r.user_id and at > failures_since) >= budgets.otp_max_failures:
+                return ConfirmChecks(ConfirmOutcome.OTP_LOCKED, user)
+            if sum(1 for u, at in self.otp_sends.values()
+                   if u == r.user_id and at > sends_since) >= budgets.otp_max_sends:
+                return ConfirmChecks(ConfirmOutcome.RATE_LIMITED, user)
+        if r.jti is not None and await self.claim_transfer_token(r.jti, r.transfer_id) \
+                is not TokenClaim.CLAIMED:
             return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
-        if not await self.reserve_daily_limit(user_id, transfer_id, day, amount_minor,
-                                              user.daily_limit_minor):
+        limit = user.daily_limit_minor if r.limit_minor is None else r.limit_minor
+        if not await self.reserve_daily_limit(r.user_id, r.transfer_id, r.day, r.amount_minor,
+                                              limit, r.kind):
             return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
-        return ConfirmChecks(ConfirmOutcome.OK, user)
+        if needs_otp:
+            self.otp_sends.setdefault(r.transfer_id, (r.user_id, r.now))
+        kept = self.kept.setdefault((r.user_id, r.idempotency_key), KeptOutcome(
+            r.transfer_id, r.fingerprint, r.attempt))
+        return ConfirmChecks(ConfirmOutcome.OK, user, attempt=kept.attempt)
+
+    async def kept_outcome(self, operator_id: str, idempotency_key: str) -> KeptOutcome | None:
+        self.calls.append("kept_outcome")
+        return self.kept.get((operator_id, idempotency_key))
+
+    async def save_outcome(self, operator_id: str, idempotency_key: str, state: str,
+                           code: str | None) -> None:
+        self.calls.append("save_outcome")
+        kept = self.kept.get((operator_id, idempotency_key))
+        if kept is not None:
+            self.kept[(operator_id, idempotency_key)] = replace(kept, state=state, code=code)
+
+    async def otp_failures_since(self, user_id: str, since: datetime) -> int:
+        self.calls.append("otp_failures_since")
+        return sum(1 for u, at in self.otp_failures.values() if u == user_id and at > since)
+
+    async def record_otp_failure(self, user_id: str, key: str, at: datetime) -> None:
+        self.calls.append("record_otp_failure")
+        self.otp_failures.setdefault(key, (user_id, at))
+
+    async def unlock_user(self, user_id: str) -> bool:
+        row = self.users.get(user_id)
+        if row is None:
+            return False
+        row.pin_failed_attempts, row.pin_locked_until = 0, None
+        self.otp_failures = {k: v for k, v in self.otp_failures.items() if v[0] != user_id}
+        return True
 
     async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
         self.calls.append("get_funding_source")
@@ -121,7 +184,7 @@ class InMemoryBusinessStore:
         self.put_user(user)
 
     async def unlock_pin(self, user_id: str) -> None:
-        self.users[user_id].pin_failed_attempts = 0
+        await self.unlock_user(user_id)
 
     def pin_failures(self, user_id: str) -> int:
         return self.users[user_id].pin_failed_attempts
@@ -140,24 +203,35 @@ class InMemoryBusinessStore:
     async def check_pin(
         self,
         user_id: str,
-        request_id: str,
+        record: str | None,
         matches: Callable[[str], bool],
         max_attempts: int,
+        *,
+        now: datetime | None = None,
+        lock_seconds: float = 86_400.0,
     ) -> PinCheck:
         self.calls.append("check_pin")
         row = self.users.get(user_id)
         if row is None:
             return PinCheck(PinOutcome.INVALID, 0)
-        failed = row.pin_failed_attempts
-        if failed >= max_attempts:
+        now = now or datetime.now(UTC)
+        if row.pin_locked_until is not None and row.pin_locked_until > now:
             return PinCheck(PinOutcome.LOCKED, 0)
+        if row.pin_locked_until is None and row.pin_failed_attempts >= max_attempts:
+            return PinCheck(PinOutcome.LOCKED, 0)
+        if row.pin_locked_until is not None:  # the lock has ended
+            row.pin_failed_attempts, row.pin_locked_until = 0, None
+        failed = row.pin_failed_attempts
         if matches(row.record.pin_verifier):
-            row.pin_failed_attempts = 0  # pin_last_failed_request is kept, as in SQL
+            row.pin_failed_attempts = 0
             return PinCheck(PinOutcome.OK, max_attempts)
-        if row.pin_last_failed_request != request_id:
+        if record is None or record not in self.pin_failure_records:
+            if record is not None:
+                self.pin_failure_records.add(record)
             failed += 1
             row.pin_failed_attempts = failed
-            row.pin_last_failed_request = request_id
+            if failed >= max_attempts:
+                row.pin_locked_until = now + timedelta(seconds=lock_seconds)
         if failed >= max_attempts:
             return PinCheck(PinOutcome.LOCKED, 0)
         return PinCheck(PinOutcome.INVALID, max_attempts - failed)
@@ -168,26 +242,29 @@ class InMemoryBusinessStore:
         return TokenClaim.CLAIMED if owner == transfer_id else TokenClaim.USED_ELSEWHERE
 
     async def reserve_daily_limit(
-        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int
+        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int,
+        kind: str = "transfer",
     ) -> bool:
         self.calls.append("reserve_daily_limit")
         if amount_minor <= 0:
             raise ValueError(f"amount_minor must be positive, got {amount_minor}")
-        reserved = self.daily_usage.setdefault((user_id, day), 0)
+        usage = self.daily_usage if kind == "transfer" else self.topup_usage
+        reserved = usage.setdefault((user_id, day), 0)
         if transfer_id in self.reservations:
             return True
         if reserved + amount_minor > limit_minor:
             return False
-        self.reservations[transfer_id] = (user_id, day, amount_minor)
-        self.daily_usage[(user_id, day)] = reserved + amount_minor
+        self.reservations[transfer_id] = (user_id, day, amount_minor, kind)
+        usage[(user_id, day)] = reserved + amount_minor
         return True
 
     async def release_daily_limit(self, transfer_id: str) -> None:
         self.calls.append("release_daily_limit")
         row = self.reservations.pop(transfer_id, None)
         if row is not None:
-            user_id, day, amount = row
-            self.daily_usage[(user_id, day)] -= amount
+            user_id, day, amount, kind = row
+            usage = self.daily_usage if kind == "transfer" else self.topup_usage
+            usage[(user_id, day)] -= amount
 
     async def reserved_today(self, user_id: str, day: date) -> int:
         self.calls.append("reserved_today")
@@ -289,6 +366,7 @@ class AccountCenterSim:
         self.accounts: dict[str, SimAccount] = {}
         self.clearing: dict[str, int] = {}  # currency -> money between debit and credit
         self.processed: dict[str, bytes] = {}  # command id -> the event emitted, as sent
+        self.contents: dict[str, tuple[str, AccountCommandType, str, int]] = {}
         self.applied: list[AccountCommand] = []  # commands decided (first delivery only)
         self.deliveries = 0
 
@@ -318,7 +396,16 @@ class AccountCenterSim:
         cmd = AccountCommand.model_validate_json(raw)
         stored = self.processed.get(cmd.command_id)
         if stored is not None:
+            first = self.contents[cmd.command_id]
+            if first != (cmd.transfer_id, cmd.type, cmd.account_id, cmd.amount_minor):
+                return orjson.dumps(AccountEvent(
+                    command_id=cmd.command_id, type=AccountEventType.REJECTED,
+                    account_id=cmd.account_id, amount_minor=cmd.amount_minor,
+                    reason="COMMAND_ID_CONFLICT",
+                    occurred_at=datetime.fromtimestamp(self.clock(), UTC)).to_wire())
             return stored
+        self.contents[cmd.command_id] = (cmd.transfer_id, cmd.type, cmd.account_id,
+                                         cmd.amount_minor)
         self.applied.append(cmd)
         acct = self.accounts.get(cmd.account_id)
         event_type: AccountEventType
@@ -383,6 +470,7 @@ class Delivery:
     value: bytes | None
     key: bytes | None
     partition: int
+    offset: int = -1  # business.commands: the record's offset (a redelivery keeps it)
 
 
 _AUTO_KEY: Any = object()
@@ -454,6 +542,7 @@ class Harness:
         self.emitted: list[Outbound] = []
         self.history: list[Delivery] = []
         self._request_ids = itertools.count(1)
+        self._offsets: dict[int, int] = {}  # business.commands partition -> last offset
 
     async def _pause(self, seconds: float) -> None:
         self.pauses.append(seconds)
@@ -500,7 +589,8 @@ class Harness:
         (a crash after the state was written, before the sends)."""
         if key is _AUTO_KEY:
             key = _gateway_key(raw)
-        return await self.process(Delivery(self.topics.commands, raw, key, partition),
+        offset = self._offsets[partition] = self._offsets.get(partition, -1) + 1
+        return await self.process(Delivery(self.topics.commands, raw, key, partition, offset),
                                   deliver=deliver)
 
     async def process(self, item: Delivery, *, deliver: bool = True) -> list[Outbound]:
@@ -509,7 +599,8 @@ class Harness:
         t = self.topics
         outs: list[Outbound]
         if item.topic == t.commands:
-            outs = await self.service.handle_command(item.value, item.key, item.partition)
+            outs = await self.service.handle_command(item.value, item.key, item.partition,
+                                                     item.offset)
         elif item.topic == t.account_commands:
             assert item.value is not None
             event = self.sim.apply(item.value)

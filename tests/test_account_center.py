@@ -23,7 +23,12 @@ from conftest import wait_for
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from app.account_center.ledger import CURRENCY_MISMATCH, Ledger, clearing_account
+from app.account_center.ledger import (
+    COMMAND_ID_CONFLICT,
+    CURRENCY_MISMATCH,
+    Ledger,
+    clearing_account,
+)
 from app.account_center.service import run_account_center
 from app.settings import Settings
 from schemas.wire import (
@@ -211,6 +216,39 @@ async def test_same_command_twice_has_one_effect(ledger: Ledger) -> None:
     assert e1 == e2
     assert (await ledger.apply_batch([c], T0 + timedelta(days=1)))[0] == e1
     assert await ledger.balance(acc) == 307
+    await _assert_books_balanced(ledger, "USD")
+
+
+@pytest.mark.parametrize("change", ["amount", "account", "type", "transfer"])
+async def test_a_known_command_id_with_other_content_is_refused(
+        ledger: Ledger, change: str, caplog: pytest.LogCaptureFixture) -> None:
+    """TigerBeetle's exists_with_different_*: the id's own event stands, the other command
+    is rejected COMMAND_ID_CONFLICT (not stored, not applied) and an ERROR is logged."""
+    acc, other = await _account(ledger, 1_000), await _account(ledger, 1_000)
+    first = debit(acc, 200)
+    applied = await ledger.apply(first, T0)
+    forged = first.model_copy(update={
+        "amount": {"amount_minor": 900}, "account": {"account_id": other},
+        "type": {"type": AccountCommandType.CREDIT},
+        "transfer": {"transfer_id": _uid("tr")}}[change])
+    with caplog.at_level("ERROR", logger="app.account_center.ledger"):
+        refused = await ledger.apply(forged, T0 + timedelta(seconds=1))
+    assert (refused.type, refused.reason) == (AccountEventType.REJECTED, COMMAND_ID_CONFLICT)
+    assert (refused.command_id, refused.account_id, refused.amount_minor) == (
+        first.command_id, forged.account_id, forged.amount_minor)
+    assert any("COMMAND_ID_CONFLICT" in r.getMessage() and r.levelname == "ERROR"
+               for r in caplog.records)
+    assert (await ledger.balance(acc), await ledger.balance(other)) == (800, 1_000)
+    assert await ledger.processed_event(first.command_id) == applied  # the stored one stays
+    assert await ledger.apply(first, T0 + timedelta(seconds=2)) == applied
+    # In one batch with the original, too.
+    fresh = debit(acc, 100)
+    events = await ledger.apply_batch(
+        [fresh, fresh.model_copy(update={"amount_minor": 101})], T0)
+    assert events[0].type is AccountEventType.DEBITED
+    assert (events[1].type, events[1].reason) == (AccountEventType.REJECTED,
+                                                  COMMAND_ID_CONFLICT)
+    assert await ledger.balance(acc) == 700
     await _assert_books_balanced(ledger, "USD")
 
 

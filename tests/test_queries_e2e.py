@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from aiokafka.partitioner import murmur2
 from conftest import wait_for
-from system import System, free_port
+from system import PIN, System, free_port
 
 from app.web import (
     FORWARD_SIGNATURE_HEADER,
@@ -146,7 +146,8 @@ async def test_balance_after_transfers_and_a_top_up(system: System) -> None:
     assert (await system.transfer(payee, f"acc-{payer}", 345))["status"] == "ok"
     await system.add_funding_source(payee, f"card-{payee}")
     topup = await system.call("topUp", payee, {"fundingSourceId": f"card-{payee}",
-                                               "amountMinor": 5_000, "currency": "USD"},
+                                               "amountMinor": 5_000, "currency": "USD",
+                                               "pin": PIN},
                               idem=str(uuid.uuid4()))
     assert topup["status"] == "ok", topup
     expected = {f"acc-{payer}": 88_000, f"acc-{payee}": 17_000}

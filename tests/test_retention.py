@@ -6,6 +6,7 @@ import orjson
 from fakes import Harness
 
 from app.domain.transfer_saga import State
+from app.transfer_service import transfer_id_for
 from schemas.wire import ErrorCode
 
 DAY = 24 * 3600
@@ -40,11 +41,63 @@ async def test_finished_sagas_and_replies_are_purged_after_the_window() -> None:
     await h.tick(0)
     assert h.saga("alice", "k-old") is None
     assert not h.reply_cache.rows
-    # The same confirm after the window: no saga, no saved reply, and the transfer token
-    # has long expired: refused, and no money moves.
+    # The same confirm after the window: no saga, no saved reply, the transfer token has
+    # long expired; the kept idempotency record answers with the transfer's own outcome
+    # (before issue 11 point 4: TOKEN_EXPIRED), and no money moves.
+    commands = len(h.account_commands)
     again = await h.confirm("alice", token, "k-old")
-    assert again is not None and again["code"] == ErrorCode.TOKEN_EXPIRED
-    assert h.balance("alice") == balance
+    assert again is not None and again["status"] == "ok", again
+    assert again["data"] == {"transferId": transfer_id_for("alice", "k-old"),
+                             "state": "COMPLETED"}
+    assert h.balance("alice") == balance and len(h.account_commands) == commands
+
+
+async def test_a_key_reused_after_the_purge_is_refused_never_answered_with_the_old_outcome(
+) -> None:
+    h = Harness(purge_interval_seconds=60)
+    await _completed(h, "k-reuse")
+    events_before = {e["eventId"] for e in h.transfer_events}
+    await _purge(h)
+    assert h.saga("alice", "k-reuse") is None
+    # A new transfer token (another payee and amount) under the old key.
+    token = await h.transfer_token("alice", "acc-carol", 2_500)
+    commands = len(h.account_commands)
+    reply = await h.confirm("alice", token, "k-reuse")
+    assert reply is not None and reply["code"] == ErrorCode.IDEMPOTENCY_KEY_REUSED, reply
+    assert reply["status"] == "error" and "transferId" not in (reply.get("data") or {})
+    assert len(h.account_commands) == commands  # no command, so no old event answers it
+    assert {e["eventId"] for e in h.transfer_events} == events_before  # no eventId reused
+    assert h.balance("carol") == 0
+
+
+async def test_a_replay_after_the_purge_is_not_answered_differently() -> None:
+    """An operator replays business.commands after the purge: the access tokens have
+    expired and the saved replies are gone; a request is answered as before or not at all
+    (before issue 11 point 4: UNAUTHENTICATED where COMPLETED was answered)."""
+    h = Harness(purge_interval_seconds=60)
+    await _completed(h, "k-replay")
+    originals = list(h.history)
+    await _purge(h)
+    replies_before = len(h.replies)
+    for delivery in originals:
+        if delivery.topic == h.topics.commands:
+            await h.process(delivery)
+    for reply in h.replies[replies_before:]:
+        first = [r for r in h.replies[:replies_before]
+                 if r["requestId"] == reply["requestId"]]
+        assert first and reply == first[-1], (reply, first)
+    replayed = sum(1 for d in originals if d.topic == h.topics.commands)
+    assert replayed == 2  # the init and the confirm
+    assert h.service.counters["stale_requests_unanswered"] == replayed
+    assert len(h.replies) == replies_before  # not answered at all, rather than differently
+
+
+async def _purge(h: Harness) -> None:
+    h.clock.advance(DAY + 61)
+    await h.tick(0)  # schedules the first purge of partition 0
+    h.clock.advance(61)
+    await h.tick(0)
+    assert not h.reply_cache.rows
 
 
 async def test_purge_spares_open_sagas_and_other_partitions() -> None:

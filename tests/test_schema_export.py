@@ -92,7 +92,7 @@ EXAMPLES: dict[type[WireModel], dict[str, Any]] = {
         "occurredAt": "2025-01-15T10:00:31Z",
     },
     TopUpPayload: {"fundingSourceId": "card-alice-visa", "amountMinor": 20000,
-                   "currency": "USD"},
+                   "currency": "USD", "pin": "123456"},
     QueryBalancePayload: {},
     QueryTransactionDetailsPayload: {"transferId": TRANSFER_ID},
     QueryTransactionHistoryPayload: {"cursor": "1187", "limit": 20,

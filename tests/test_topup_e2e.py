@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from system import System
+from system import PIN, System
 
 from app.gateway_client import TopicTail
 
@@ -55,10 +55,12 @@ async def _user_with_source(system: System, source: str, *, balance: int = 10_00
 
 
 async def top_up(system: System, user: str, source: str, amount: int, *,
-                 idem: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+                 idem: str | None = None, timeout: float = 60.0, pin: str = PIN
+                 ) -> dict[str, Any]:
     idem = idem or str(uuid.uuid4())
     reply = await system.call("topUp", user, {"fundingSourceId": source, "amountMinor": amount,
-                                              "currency": "USD"}, idem=idem, timeout=timeout)
+                                              "currency": "USD", "pin": pin}, idem=idem,
+                              timeout=timeout)
     if reply.get("code") == "OTP_REQUIRED":
         otp = await system.otp_for(reply["data"]["transferId"])
         reply = await system.call("verifyOtp", user, {"otp": otp}, idem=idem, timeout=timeout)
@@ -89,7 +91,8 @@ async def test_top_up_over_the_threshold_needs_the_otp(system: System) -> None:
     user = await _user_with_source(system, "card-ok-2", threshold=1_000)
     idem = str(uuid.uuid4())
     pending = await system.call("topUp", user, {"fundingSourceId": "card-ok-2",
-                                                "amountMinor": 5_000, "currency": "USD"},
+                                                "amountMinor": 5_000, "currency": "USD",
+                                                "pin": PIN},
                                 idem=idem)
     assert pending["code"] == "OTP_REQUIRED"
     assert await system.balances(f"acc-{user}") == {f"acc-{user}": 10_000}
@@ -199,3 +202,27 @@ async def test_concurrent_top_ups_and_transfers_conserve_money(system: System) -
     assert await system.ledger.seeded_total("USD") + await system.ledger.funded_total(
         "USD") == total
     assert await system.ledger.clearing_balance("USD") == 0
+
+
+async def test_a_top_up_is_confirmed_with_the_pin(system: System) -> None:
+    """Issue 11 point 7: a stolen access token alone tops up nothing."""
+    user = await _user_with_source(system, "card-pin")
+    wrong = await top_up(system, user, "card-pin", 1_000, pin="00000000")
+    assert (wrong["status"], wrong["code"], wrong["data"]) == (
+        "error", "INVALID_PIN", {"attemptsLeft": 4})
+    assert await system.balances(f"acc-{user}") == {f"acc-{user}": 10_000}
+    right = await top_up(system, user, "card-pin", 1_000)
+    assert right["status"] == "ok", right
+    assert await system.balances(f"acc-{user}") == {f"acc-{user}": 11_000}
+
+
+async def test_top_ups_count_against_the_daily_top_up_limit(system: System) -> None:
+    limit = system.settings.topup_daily_limit_minor
+    user = await _user_with_source(system, "card-limit")
+    first = await top_up(system, user, "card-limit", limit - 1_000)
+    assert first["status"] == "ok", first
+    over = await top_up(system, user, "card-limit", 1_001)
+    assert (over["status"], over["code"]) == ("error", "LIMIT_EXCEEDED")
+    rest = await top_up(system, user, "card-limit", 1_000)
+    assert rest["status"] == "ok", rest
+    assert await system.balances(f"acc-{user}") == {f"acc-{user}": 10_000 + limit}

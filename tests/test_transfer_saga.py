@@ -564,14 +564,44 @@ def test_every_state_is_round_tripped() -> None:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transfer_id", ["tr-1", "a:b:c", "6f1c1d2e-58a4-4c8e-9a57-2b1f3f0c9a01"])
+@pytest.mark.parametrize("transfer_id", ["tr-1", "a-b-c", "6f1c1d2e-58a4-4c8e-9a57-2b1f3f0c9a01"])
 @pytest.mark.parametrize("step", ["debit", "credit", "refund"])
 @pytest.mark.parametrize("partition", [0, 7, 123])
 def test_command_id_round_trip(transfer_id: str, step: str, partition: int) -> None:
+    """Sagas started before attempts existed (attempt "") keep the old format."""
     transfer = replace(TRANSFER, transfer_id=transfer_id, home_partition=partition)
     cid = s.command_id(transfer, step)
     assert cid == f"{transfer_id}:{step}:{partition}"
     assert s.parse_command_id(cid) == (transfer_id, step, partition)
+
+
+@pytest.mark.parametrize("step", ["debit", "credit", "refund"])
+@pytest.mark.parametrize("partition", [0, 7, 123])
+def test_command_id_with_attempt_round_trip(step: str, partition: int) -> None:
+    transfer = replace(TRANSFER, transfer_id="6f1c1d2e-58a4-4c8e-9a57-2b1f3f0c9a01",
+                       home_partition=partition, attempt="0123456789abcdef")
+    cid = s.command_id(transfer, step)
+    assert cid == f"6f1c1d2e-58a4-4c8e-9a57-2b1f3f0c9a01:0123456789abcdef:{step}:{partition}"
+    assert s.parse_command_id(cid) == (transfer.transfer_id, step, partition)
+
+
+def test_two_attempts_of_one_key_never_share_a_command_id() -> None:
+    first = replace(TRANSFER, attempt="0123456789abcdef")
+    second = replace(TRANSFER, attempt="fedcba9876543210")
+    for step in ("debit", "credit", "refund"):
+        assert s.command_id(first, step) != s.command_id(second, step)
+
+
+@pytest.mark.parametrize("value", [
+    "a:b:c:debit:0",  # a colon in the transfer id: neither format
+    "tr-1:0123456789ABCDEF:debit:3",  # upper-case attempt
+    "tr-1:0123456789abcde:debit:3",  # 15 digits
+    "tr-1:0123456789abcdefa:debit:3",  # 17 digits
+    ":0123456789abcdef:debit:3",
+    "tr-1::debit:3",
+])
+def test_malformed_attempts_are_not_ours(value: str) -> None:
+    assert s.parse_command_id(value) is None
 
 
 @pytest.mark.parametrize(

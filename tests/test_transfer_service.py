@@ -24,6 +24,14 @@ from app.transfer_service import iso, transfer_id_for
 WRONG_PIN = "00000000"
 
 
+def _attempt(h: Harness, operator: str, idem: str) -> str:
+    """The attempt id in the command ids of the operation under this key (its idempotency
+    record)."""
+    saga = h.saga(operator, idem)
+    assert saga is not None and len(saga.transfer.attempt) == 16
+    return saga.transfer.attempt
+
+
 def tid(operator: str, idem: str) -> str:
     return transfer_id_for(operator, idem)
 
@@ -60,9 +68,10 @@ async def test_happy_path_under_the_threshold() -> None:
                      "status": "ok", "data": {"transferId": t, "state": "COMPLETED"}}
     assert h.replies_for("r-c") == [reply]  # the outcome is the only reply
     assert (h.balance("alice"), h.balance("bob")) == (95_000, 55_000)
+    a = _attempt(h, "alice", "k1")
     assert [(c["commandId"], c["type"], c["accountId"], c["amountMinor"])
-            for c in h.account_commands] == [(f"{t}:debit:0", "debit", "acc-alice", 5_000),
-                                             (f"{t}:credit:0", "credit", "acc-bob", 5_000)]
+            for c in h.account_commands] == [(f"{t}:{a}:debit:0", "debit", "acc-alice", 5_000),
+                                             (f"{t}:{a}:credit:0", "credit", "acc-bob", 5_000)]
     assert states(h, t) == ["DEBITING", "CREDITING", "COMPLETED"]
     assert [e["eventId"] for e in h.transfer_events] == [f"{t}:1", f"{t}:2", f"{t}:3"]
     assert h.otp_messages == []
@@ -410,7 +419,7 @@ async def test_a_wrong_pin_redelivered_after_its_reply_was_lost_counts_once() ->
                     idem="k1", request_id="r-wrong")
     await h.send(raw)
     h.reply_cache.rows.clear()  # the replies table lost the entry (a crash before its write)
-    await h.send(raw)
+    await h.process(h.history[-1])  # Kafka delivers the same record again (same offset)
     assert [r["code"] for r in h.replies_for("r-wrong")] == ["INVALID_PIN", "INVALID_PIN"]
     assert h.store.pin_failures("alice") == 1
     assert h.reply("r-wrong")["data"] == {"attemptsLeft": 4}  # type: ignore[index]
@@ -424,7 +433,8 @@ async def test_redelivered_confirm_after_a_crash_resends_the_debit() -> None:
     dropped = await h.send(raw, deliver=False)  # the state was written, nothing was sent
     t = tid("alice", "k1")
     lost = [o.value for o in dropped if o.topic == "account.commands"]
-    assert len(lost) == 1 and orjson.loads(lost[0])["commandId"] == f"{t}:debit:0"
+    a = _attempt(h, "alice", "k1")
+    assert len(lost) == 1 and orjson.loads(lost[0])["commandId"] == f"{t}:{a}:debit:0"
     saga = h.saga("alice", "k1")
     assert saga is not None and saga.state is State.DEBITING
     assert await h.run_until_quiet() == 0 and h.balance("alice") == 100_000
@@ -466,7 +476,8 @@ async def _crash_after_debited(h: Harness, idem: str) -> bytes:
     assert saga is not None and saga.state is State.CREDITING
     assert not h.outbox
     [credit] = [o.value for o in dropped if o.topic == "account.commands"]
-    assert orjson.loads(credit)["commandId"] == f"{tid('alice', idem)}:credit:0"
+    assert orjson.loads(credit)["commandId"] == (
+        f"{tid('alice', idem)}:{_attempt(h, 'alice', idem)}:credit:0")
     assert (h.balance("alice"), h.balance("bob")) == (95_000, 50_000)
     return credit
 

@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 #: Reason of a command whose currency differs from the account's (not an ErrorCode of the
 #: business center's API: only the account center emits it).
 CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
+#: Reason of a command whose commandId is known with another account, type, amount or
+#: transfer (TigerBeetle's ``exists_with_different_*``): never applied, never stored, and
+#: logged at ERROR: a bug or a forgery upstream. The id's own event stands.
+COMMAND_ID_CONFLICT = "COMMAND_ID_CONFLICT"
 
 BIGINT_MAX = 2**63 - 1
 
@@ -471,14 +475,20 @@ class Ledger:
         stored = (
             await conn.execute(
                 text(
-                    "SELECT command_id, result::text FROM processed_commands "
-                    "WHERE command_id = ANY(:ids)"
+                    "SELECT command_id, result::text, transfer_id, type, account_id "
+                    "FROM processed_commands WHERE command_id = ANY(:ids)"
                 ),
                 {"ids": command_ids},
             )
         ).all()
         decided: dict[str, AccountEvent] = {
             str(r[0]): AccountEvent.model_validate(orjson.loads(r[1])) for r in stored
+        }
+        #: What each known id was decided for: a command reusing it with other content is
+        #: refused, not answered with another command's event.
+        content: dict[str, tuple[str, str, str, int]] = {
+            str(r[0]): (str(r[2]), str(r[3]), str(r[4]), decided[str(r[0])].amount_minor)
+            for r in stored
         }
         if decided:
             log.debug("%d duplicate command(s): stored events returned", len(decided))
@@ -489,9 +499,23 @@ class Ledger:
         processed: list[dict[str, Any]] = []
         for cmd in commands:
             event = decided.get(cmd.command_id)
-            if event is None:
+            mine = (cmd.transfer_id, cmd.type.value, cmd.account_id, cmd.amount_minor)
+            if event is not None and content[cmd.command_id] != mine:
+                log.error(
+                    "command %s refused: the id is known with other content (%s); "
+                    "COMMAND_ID_CONFLICT", cmd.command_id, ", ".join(
+                        name for name, a, b in zip(("transfer", "type", "account", "amount"),
+                                                   content[cmd.command_id], mine, strict=True)
+                        if a != b))
+                event = AccountEvent(
+                    command_id=cmd.command_id, type=AccountEventType.REJECTED,
+                    account_id=cmd.account_id, amount_minor=cmd.amount_minor,
+                    reason=COMMAND_ID_CONFLICT, occurred_at=now,
+                )
+            elif event is None:
                 event, new_lines = _decide(cmd, accounts.get(cmd.account_id), now)
                 decided[cmd.command_id] = event
+                content[cmd.command_id] = mine
                 lines.extend(new_lines)
                 processed.append(
                     {

@@ -9,7 +9,7 @@ of ``transfer_token_uses`` for token claims.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import text
@@ -19,8 +19,11 @@ from app.adapters.db import ensure_schema, make_engine
 from app.domain.ports import (
     ConfirmChecks,
     ConfirmOutcome,
+    ConfirmRequest,
     FundingSource,
+    GuessBudgets,
     InitFacts,
+    KeptOutcome,
     PinCheck,
     PinOutcome,
     TokenClaim,
@@ -92,8 +95,51 @@ CREATE TABLE IF NOT EXISTS funding_sources (
     kind text NOT NULL CHECK (kind IN ('bank_account', 'card')),
     label text NOT NULL,
     status text NOT NULL CHECK (status IN ('active', 'blocked'))
+);
+CREATE INDEX IF NOT EXISTS transfer_token_uses_transfer_idx
+    ON transfer_token_uses (transfer_id);
+ALTER TABLE users ADD COLUMN IF NOT EXISTS pin_locked_until timestamptz NULL;
+CREATE TABLE IF NOT EXISTS pin_failures (
+    user_id text NOT NULL,
+    record text NOT NULL,
+    failed_at timestamptz NOT NULL,
+    PRIMARY KEY (user_id, record)
+);
+CREATE TABLE IF NOT EXISTS otp_failures (
+    key text PRIMARY KEY,
+    user_id text NOT NULL,
+    failed_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS otp_failures_user_idx ON otp_failures (user_id, failed_at);
+CREATE TABLE IF NOT EXISTS otp_sends (
+    transfer_id text PRIMARY KEY,
+    user_id text NOT NULL,
+    sent_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS otp_sends_user_idx ON otp_sends (user_id, sent_at);
+CREATE TABLE IF NOT EXISTS topup_usage (
+    user_id text NOT NULL,
+    day date NOT NULL,
+    reserved_minor bigint NOT NULL DEFAULT 0 CHECK (reserved_minor >= 0),
+    PRIMARY KEY (user_id, day)
+);
+ALTER TABLE limit_reservations ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'transfer';
+CREATE TABLE IF NOT EXISTS idempotency_records (
+    operator_id text NOT NULL,
+    idempotency_key text NOT NULL,
+    fingerprint text NOT NULL,
+    transfer_id text NOT NULL,
+    attempt text NOT NULL,
+    state text NULL,
+    code text NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    ended_at timestamptz NULL,
+    PRIMARY KEY (operator_id, idempotency_key)
 )
 """
+
+#: The usage table of each kind of daily limit (constants: never built from input).
+_USAGE_TABLES = {"transfer": "daily_usage", "topup": "topup_usage"}
 
 _USER_COLUMNS = (
     "user_id, account_id, currency, phone, pin_verifier, "
@@ -102,7 +148,7 @@ _USER_COLUMNS = (
 
 # One statement: the payer (or a row of NULLs), the payee's existence, today's reservations.
 _INIT_FACTS = text(
-    "SELECT EXISTS (SELECT 1 FROM users WHERE account_id = :a) AS payee_exists,"  # noqa: S608 (a constant)
+    "SELECT (SELECT currency FROM users WHERE account_id = :a) AS payee_currency,"  # noqa: S608 (a constant)
     " COALESCE((SELECT reserved_minor FROM daily_usage"
     " WHERE user_id = :u AND day = :d), 0) AS reserved,"
     " u.* FROM (SELECT 1) AS one LEFT JOIN (SELECT " + _USER_COLUMNS + " FROM users"
@@ -188,7 +234,8 @@ class PostgresBusinessStore:
                     " otp_threshold_minor = EXCLUDED.otp_threshold_minor,"
                     " daily_limit_minor = EXCLUDED.daily_limit_minor,"
                     " status = EXCLUDED.status,"
-                    " pin_failed_attempts = 0, pin_last_failed_request = NULL"
+                    " pin_failed_attempts = 0, pin_last_failed_request = NULL,"
+                    " pin_locked_until = NULL"
                 ),
                 {
                     "user_id": user.user_id,
@@ -203,27 +250,80 @@ class PostgresBusinessStore:
             )
 
     async def unlock_pin(self, user_id: str) -> None:
-        """Admin: clear the consecutive-failure counter (unlocks a locked PIN)."""
+        """Admin: clear the PIN failure counter and lock (see :meth:`unlock_user`)."""
+        await self.unlock_user(user_id)
+
+    async def unlock_user(self, user_id: str) -> bool:
+        """Operator (``bizcenter users unlock``): end the PIN lock, reset the PIN failure
+        counter and forget the user's wrong OTPs (the OTP lock). False: no such user."""
         async with self._engine.begin() as conn:
-            await conn.execute(
-                text("UPDATE users SET pin_failed_attempts = 0 WHERE user_id = :u"),
-                {"u": user_id},
-            )
+            found = await conn.scalar(text(
+                "UPDATE users SET pin_failed_attempts = 0, pin_locked_until = NULL"
+                " WHERE user_id = :u RETURNING user_id"), {"u": user_id})
+            await conn.execute(text("DELETE FROM otp_failures WHERE user_id = :u"),
+                               {"u": user_id})
+        return found is not None
+
+    # --- OTP budgets -------------------------------------------------------------------
+
+    async def otp_failures_since(self, user_id: str, since: datetime) -> int:
+        async with self._engine.connect() as conn:
+            count = await conn.scalar(text(
+                "SELECT count(*) FROM otp_failures WHERE user_id = :u AND failed_at > :s"),
+                {"u": user_id, "s": since})
+        return int(count or 0)
+
+    async def record_otp_failure(self, user_id: str, key: str, at: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO otp_failures (key, user_id, failed_at) VALUES (:k, :u, :a)"
+                " ON CONFLICT (key) DO NOTHING"), {"k": key, "u": user_id, "a": at})
+
+    # --- idempotency records -----------------------------------------------------------
+
+    async def kept_outcome(self, operator_id: str, idempotency_key: str) -> KeptOutcome | None:
+        async with self._engine.connect() as conn:
+            return await self._kept(conn, operator_id, idempotency_key)
+
+    @staticmethod
+    async def _kept(conn: AsyncConnection, operator_id: str, idempotency_key: str
+                    ) -> KeptOutcome | None:
+        # Written only under the user's row lock (confirm_checks), so a reader holding that
+        # lock sees every record of the user's keys.
+        row = (await conn.execute(text(
+            "SELECT transfer_id, fingerprint, attempt, state, code FROM idempotency_records"
+            " WHERE operator_id = :o AND idempotency_key = :k"),
+            {"o": operator_id, "k": idempotency_key})).one_or_none()
+        if row is None:
+            return None
+        return KeptOutcome(row.transfer_id, row.fingerprint, row.attempt, row.state, row.code)
+
+    async def save_outcome(self, operator_id: str, idempotency_key: str, state: str,
+                           code: str | None) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(text(
+                "UPDATE idempotency_records SET state = :s, code = :c, ended_at = now()"
+                " WHERE operator_id = :o AND idempotency_key = :k"
+                " AND (state IS DISTINCT FROM :s OR code IS DISTINCT FROM :c)"),
+                {"o": operator_id, "k": idempotency_key, "s": state, "c": code})
 
     # --- PIN ---------------------------------------------------------------------------
 
     async def check_pin(
         self,
         user_id: str,
-        request_id: str,
+        record: str | None,
         matches: Callable[[str], bool],
         max_attempts: int,
+        *,
+        now: datetime | None = None,
+        lock_seconds: float = 86_400.0,
     ) -> PinCheck:
         async with self._engine.begin() as conn:
             row = (
                 await conn.execute(
                     text(
-                        "SELECT pin_verifier, pin_failed_attempts, pin_last_failed_request"
+                        "SELECT pin_verifier, pin_failed_attempts, pin_locked_until"
                         " FROM users WHERE user_id = :u FOR UPDATE"
                     ),
                     {"u": user_id},
@@ -231,17 +331,29 @@ class PostgresBusinessStore:
             ).one_or_none()
             if row is None:
                 return PinCheck(PinOutcome.INVALID, 0)
-            return await self._check_pin(conn, row, user_id, request_id, matches,
-                                         max_attempts)
+            return await self._check_pin(conn, row, user_id, record, matches, max_attempts,
+                                         now or datetime.now(UTC), lock_seconds)
 
     async def _check_pin(
-        self, conn: AsyncConnection, row: Any, user_id: str, request_id: str,
-        matches: Callable[[str], bool], max_attempts: int,
+        self, conn: AsyncConnection, row: Any, user_id: str, record: str | None,
+        matches: Callable[[str], bool], max_attempts: int, now: datetime,
+        lock_seconds: float,
     ) -> PinCheck:
-        """On the user's locked ``row``: the PIN decision and its counter update."""
+        """On the user's locked ``row``: the PIN decision and its counter update. A wrong
+        PIN counts once per Kafka record (``pin_failures``, in this transaction): a
+        redelivery of the same record counts once, whatever its requestId, key or
+        partition; every other record counts."""
         failed: int = row.pin_failed_attempts
-        if failed >= max_attempts:
+        locked_until: datetime | None = row.pin_locked_until
+        if locked_until is not None and locked_until > now:
             return PinCheck(PinOutcome.LOCKED, 0)
+        if locked_until is None and failed >= max_attempts:
+            return PinCheck(PinOutcome.LOCKED, 0)  # locked before locks expired: operators
+        if locked_until is not None:  # the lock has ended: a fresh budget
+            failed = 0
+            await conn.execute(text(
+                "UPDATE users SET pin_failed_attempts = 0, pin_locked_until = NULL"
+                " WHERE user_id = :u"), {"u": user_id})
         if matches(row.pin_verifier):
             if failed:
                 await conn.execute(
@@ -249,14 +361,19 @@ class PostgresBusinessStore:
                     {"u": user_id},
                 )
             return PinCheck(PinOutcome.OK, max_attempts)
-        if row.pin_last_failed_request != request_id:
+        counted = True
+        if record is not None:
+            counted = await conn.scalar(text(
+                "INSERT INTO pin_failures (record, user_id, failed_at) VALUES (:r, :u, :a)"
+                " ON CONFLICT (user_id, record) DO NOTHING RETURNING true"),
+                {"r": record, "u": user_id, "a": now}) is not None
+        if counted:
             failed += 1
+            lock = now + timedelta(seconds=lock_seconds) if failed >= max_attempts else None
             await conn.execute(
-                text(
-                    "UPDATE users SET pin_failed_attempts = :f,"
-                    " pin_last_failed_request = :r WHERE user_id = :u"
-                ),
-                {"f": failed, "r": request_id, "u": user_id},
+                text("UPDATE users SET pin_failed_attempts = :f, pin_locked_until = :l"
+                     " WHERE user_id = :u"),
+                {"f": failed, "l": lock, "u": user_id},
             )
         if failed >= max_attempts:
             return PinCheck(PinOutcome.LOCKED, 0)
@@ -284,22 +401,24 @@ class PostgresBusinessStore:
     # --- daily limits ------------------------------------------------------------------
 
     async def reserve_daily_limit(
-        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int
+        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int,
+        kind: str = "transfer",
     ) -> bool:
         async with self._engine.begin() as conn:
             return await self._reserve(conn, user_id, transfer_id, day, amount_minor,
-                                       limit_minor)
+                                       limit_minor, kind)
 
     async def _reserve(
         self, conn: AsyncConnection, user_id: str, transfer_id: str, day: date,
-        amount_minor: int, limit_minor: int,
+        amount_minor: int, limit_minor: int, kind: str = "transfer",
     ) -> bool:
         if amount_minor <= 0:
             raise ValueError(f"amount_minor must be positive, got {amount_minor}")
+        usage = _USAGE_TABLES[kind]
         key = {"u": user_id, "d": day}
         await conn.execute(
             text(
-                "INSERT INTO daily_usage (user_id, day) VALUES (:u, :d)"
+                f"INSERT INTO {usage} (user_id, day) VALUES (:u, :d)"  # noqa: S608 (a constant)
                 " ON CONFLICT (user_id, day) DO NOTHING"
             ),
             key,
@@ -308,7 +427,7 @@ class PostgresBusinessStore:
         # statements below see everything committed before the lock was granted.
         reserved: int = await conn.scalar(
             text(
-                "SELECT reserved_minor FROM daily_usage"
+                f"SELECT reserved_minor FROM {usage}"  # noqa: S608 (a constant)
                 " WHERE user_id = :u AND day = :d FOR UPDATE"
             ),
             key,
@@ -323,14 +442,14 @@ class PostgresBusinessStore:
             return False
         await conn.execute(
             text(
-                "INSERT INTO limit_reservations (transfer_id, user_id, day, amount_minor)"
-                " VALUES (:t, :u, :d, :a)"
+                "INSERT INTO limit_reservations (transfer_id, user_id, day, amount_minor, kind)"
+                " VALUES (:t, :u, :d, :a, :k)"
             ),
-            {**key, "t": transfer_id, "a": amount_minor},
+            {**key, "t": transfer_id, "a": amount_minor, "k": kind},
         )
         await conn.execute(
             text(
-                "UPDATE daily_usage SET reserved_minor = reserved_minor + :a"
+                f"UPDATE {usage} SET reserved_minor = reserved_minor + :a"  # noqa: S608
                 " WHERE user_id = :u AND day = :d"
             ),
             {**key, "a": amount_minor},
@@ -342,55 +461,103 @@ class PostgresBusinessStore:
             row = (await conn.execute(_INIT_FACTS, {"u": user_id, "a": to_account_id,
                                                     "d": day})).one()
         user = None if row.user_id is None else _user_of(row)
-        return InitFacts(user, bool(row.payee_exists), int(row.reserved))
+        return InitFacts(user, row.payee_currency is not None, int(row.reserved),
+                         row.payee_currency)
 
     async def confirm_checks(
-        self,
-        *,
-        user_id: str,
-        from_account_id: str,
-        request_id: str,
-        matches: Callable[[str], bool],
-        max_attempts: int,
-        jti: str,
-        transfer_id: str,
-        day: date,
-        amount_minor: int,
+        self, request: ConfirmRequest, budgets: GuessBudgets
     ) -> ConfirmChecks:
-        # One checkout, one transaction. Lock order: the user row, then the token row, then
-        # the day's usage row (the single methods take them in the same order).
+        r = request
+        # One checkout, one transaction. Lock order: the user row, then the idempotency
+        # record, the token row, the day's usage row (the single methods keep this order).
         async with self._engine.begin() as conn:
             row = (await conn.execute(
-                text(f"SELECT {_USER_COLUMNS}, pin_failed_attempts, pin_last_failed_request"  # noqa: S608
+                text(f"SELECT {_USER_COLUMNS}, pin_failed_attempts, pin_locked_until"  # noqa: S608
                      " FROM users WHERE user_id = :u FOR UPDATE"),
-                {"u": user_id},
+                {"u": r.user_id},
             )).one_or_none()
             if row is None or row.status != UserStatus.ACTIVE.value:
                 return ConfirmChecks(ConfirmOutcome.FORBIDDEN)
             user = _user_of(row)
-            if user.account_id != from_account_id:
+            if r.from_account_id is not None and user.account_id != r.from_account_id:
                 return ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
-            pin = await self._check_pin(conn, row, user_id, request_id, matches, max_attempts)
+            kept = await self._kept(conn, r.user_id, r.idempotency_key)
+            if kept is not None and kept.fingerprint != r.fingerprint:
+                return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
+            if kept is not None and kept.state is not None:
+                return ConfirmChecks(ConfirmOutcome.ANSWERED, user, kept=kept)
+            if kept is None and r.jti is not None and await conn.scalar(text(
+                    "SELECT 1 FROM transfer_token_uses WHERE transfer_id = :t AND jti <> :j"
+                    " LIMIT 1"), {"t": r.transfer_id, "j": r.jti}) is not None:
+                # A transfer from before idempotency records were kept: its key stays used.
+                return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
+            pin = await self._check_pin(conn, row, r.user_id, r.record, r.matches,
+                                        budgets.pin_max_attempts, r.now,
+                                        budgets.pin_lock_seconds)
             if pin.outcome is PinOutcome.LOCKED:
                 return ConfirmChecks(ConfirmOutcome.PIN_LOCKED, user)
             if pin.outcome is PinOutcome.INVALID:
                 return ConfirmChecks(ConfirmOutcome.INVALID_PIN, user, pin.attempts_left)
-            if await self._claim(conn, jti, transfer_id) is not TokenClaim.CLAIMED:
+            needs_otp = r.amount_minor > user.otp_threshold_minor
+            if needs_otp and await conn.scalar(text(
+                    "SELECT 1 FROM otp_sends WHERE transfer_id = :t"),
+                    {"t": r.transfer_id}) is None:
+                refusal = await self._otp_budget(conn, r, budgets)
+                if refusal is not None:
+                    return ConfirmChecks(refusal, user)
+            if r.jti is not None and await self._claim(conn, r.jti, r.transfer_id) \
+                    is not TokenClaim.CLAIMED:
                 return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
-            if not await self._reserve(conn, user_id, transfer_id, day, amount_minor,
-                                       user.daily_limit_minor):
+            limit = user.daily_limit_minor if r.limit_minor is None else r.limit_minor
+            if not await self._reserve(conn, r.user_id, r.transfer_id, r.day, r.amount_minor,
+                                       limit, r.kind):
                 return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
-            return ConfirmChecks(ConfirmOutcome.OK, user)
+            if needs_otp:
+                await conn.execute(text(
+                    "INSERT INTO otp_sends (transfer_id, user_id, sent_at) VALUES (:t, :u, :a)"
+                    " ON CONFLICT (transfer_id) DO NOTHING"),
+                    {"t": r.transfer_id, "u": r.user_id, "a": r.now})
+            attempt = await conn.scalar(text(
+                "INSERT INTO idempotency_records (operator_id, idempotency_key, fingerprint,"
+                " transfer_id, attempt) VALUES (:o, :k, :f, :t, :a)"
+                " ON CONFLICT (operator_id, idempotency_key)"
+                " DO UPDATE SET attempt = idempotency_records.attempt RETURNING attempt"),
+                {"o": r.user_id, "k": r.idempotency_key, "f": r.fingerprint,
+                 "t": r.transfer_id, "a": r.attempt})
+            return ConfirmChecks(ConfirmOutcome.OK, user, attempt=str(attempt))
+
+    @staticmethod
+    async def _otp_budget(conn: AsyncConnection, r: ConfirmRequest,
+                          budgets: GuessBudgets) -> ConfirmOutcome | None:
+        """OTP_LOCKED when the user's wrong OTPs in the window reached the budget,
+        RATE_LIMITED when the OTP sends did; None when a new OTP may be sent."""
+        row = (await conn.execute(text(
+            "SELECT (SELECT count(*) FROM otp_failures WHERE user_id = :u"
+            " AND failed_at > :f) AS failures,"
+            " (SELECT count(*) FROM otp_sends WHERE user_id = :u AND sent_at > :s) AS sends"),
+            {"u": r.user_id,
+             "f": r.now - timedelta(seconds=budgets.otp_failure_window_seconds),
+             "s": r.now - timedelta(seconds=budgets.otp_send_window_seconds)})).one()
+        if row.failures >= budgets.otp_max_failures:
+            return ConfirmOutcome.OTP_LOCKED
+        if row.sends >= budgets.otp_max_sends:
+            return ConfirmOutcome.RATE_LIMITED
+        return None
 
     async def release_daily_limit(self, transfer_id: str) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(
                 text(
                     "WITH r AS (DELETE FROM limit_reservations WHERE transfer_id = :t"
-                    " RETURNING user_id, day, amount_minor)"
+                    " RETURNING user_id, day, amount_minor, kind),"
+                    " t AS (UPDATE topup_usage AS u"
+                    " SET reserved_minor = u.reserved_minor - r.amount_minor"
+                    " FROM r WHERE r.kind = 'topup' AND u.user_id = r.user_id"
+                    " AND u.day = r.day)"
                     " UPDATE daily_usage AS u"
                     " SET reserved_minor = u.reserved_minor - r.amount_minor"
-                    " FROM r WHERE u.user_id = r.user_id AND u.day = r.day"
+                    " FROM r WHERE r.kind = 'transfer' AND u.user_id = r.user_id"
+                    " AND u.day = r.day"
                 ),
                 {"t": transfer_id},
             )

@@ -95,6 +95,9 @@ class Transfer:
     note: str | None
     home_partition: int
     kind: str = "transfer"  # or "topup": from_account_id is then the funding source
+    #: Unique to this attempt of the key (16 hex digits, kept in the idempotency record):
+    #: part of every command id. "" in sagas started before it existed (old-format ids).
+    attempt: str = ""
 
 
 # --------------------------------------------------------------------------------------
@@ -207,13 +210,21 @@ class Saga:
 
     def final_reply(self, request_id: str, command_type: str) -> SendReply:
         """The saved final outcome, addressed to ``request_id``."""
-        data = {"transferId": self.transfer.transfer_id, "state": self.state.value}
-        if self.state is State.COMPLETED:
-            return SendReply(request_id, "ok", None, None, data, command_type)
-        code = self.code or "INTERNAL"
-        message = (MANUAL_REVIEW_MESSAGE if self.state is State.MANUAL_REVIEW
-                   else MESSAGES.get(code))
-        return SendReply(request_id, "error", code, message, data, command_type)
+        return final_reply(self.transfer.transfer_id, self.state.value, self.code,
+                           request_id, command_type)
+
+
+def final_reply(transfer_id: str, state: str, code: str | None, request_id: str,
+                command_type: str) -> SendReply:
+    """The final outcome of a transfer, addressed to ``request_id``: from its saga, or from
+    its kept idempotency record once the saga was purged."""
+    data = {"transferId": transfer_id, "state": state}
+    if state == State.COMPLETED.value:
+        return SendReply(request_id, "ok", None, None, data, command_type)
+    code = code or "INTERNAL"
+    message = (MANUAL_REVIEW_MESSAGE if state == State.MANUAL_REVIEW.value
+               else MESSAGES.get(code))
+    return SendReply(request_id, "error", code, message, data, command_type)
 
 
 MESSAGES = {
@@ -230,7 +241,19 @@ MANUAL_REVIEW_MESSAGE = (
 
 
 def command_id(transfer: Transfer, step: str) -> str:
+    """``<transferId>:<attempt>:<step>:<homePartition>``; sagas started before attempts
+    existed keep ``<transferId>:<step>:<homePartition>``."""
+    if transfer.attempt:
+        return f"{transfer.transfer_id}:{transfer.attempt}:{step}:{transfer.home_partition}"
     return f"{transfer.transfer_id}:{step}:{transfer.home_partition}"
+
+
+_HEX = frozenset("0123456789abcdef")
+ATTEMPT_CHARS = 16
+
+
+def is_attempt(value: str) -> bool:
+    return len(value) == ATTEMPT_CHARS and set(value) <= _HEX
 
 
 def step_base(step: str) -> str:
@@ -250,12 +273,18 @@ def _resolution_step(saga: Saga, step: str) -> str:
 
 
 def parse_command_id(value: str) -> tuple[str, str, int] | None:
-    """``(transfer_id, step, home_partition)`` of a command id this saga emitted."""
+    """``(transfer_id, step, home_partition)`` of a command id this saga emitted, in
+    either format (with or without the attempt)."""
     parts = value.rsplit(":", 2)
     if (len(parts) != 3 or not parts[0] or step_base(parts[1]) not in ANSWER_OF_STEP
             or not (parts[2].isascii() and parts[2].isdigit())):
         return None  # isascii: "²".isdigit() is True but int("²") raises
-    return parts[0], step_base(parts[1]), int(parts[2])
+    head = parts[0]
+    if ":" in head:
+        head, attempt = head.split(":", 1)
+        if not head or not is_attempt(attempt):
+            return None
+    return head, step_base(parts[1]), int(parts[2])
 
 
 def _step_command(transfer: Transfer, step: str, id_step: str | None = None
@@ -436,8 +465,11 @@ def _dedupe_replies(outputs: list[Output]) -> tuple[Output, ...]:
 
 
 def on_otp(
-    saga: Saga, request_id: str, otp: str, now: float, policy: Policy
+    saga: Saga, request_id: str, otp: str, now: float, policy: Policy, *,
+    budget_spent: bool = False,
 ) -> tuple[Saga, tuple[Output, ...]]:
+    """``budget_spent``: the user's wrong OTPs across transfers reached their budget in the
+    window: the step-up is refused (OTP_LOCKED), whatever the OTP."""
     trigger = f"otp:{request_id}"
     if saga.last_trigger == trigger:
         return saga, saga.last_outputs  # redelivery of the verifyOtp that moved the saga
@@ -449,6 +481,11 @@ def on_otp(
     if now > saga.otp_expires_at:
         return _move(
             saga, State.FAILED, now, trigger, [], code="OTP_EXPIRED",
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+        )
+    if budget_spent:
+        return _move(
+            saga, State.FAILED, now, trigger, [], code="OTP_LOCKED",
             reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
         )
     t = saga.transfer
@@ -477,6 +514,9 @@ def on_otp(
 
 
 REJECTION_CODES = {"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"}
+#: The account center's refusal of a known commandId sent with other content: not an
+#: answer to the command that owns the id (that one's event stands), so never a decision.
+COMMAND_ID_CONFLICT = "COMMAND_ID_CONFLICT"
 
 
 def on_account_event(
@@ -495,8 +535,8 @@ def on_account_event(
         if saga.state is State.CREDITING:
             return _move(saga, State.COMPLETED, now, trigger, [], next_retry_at=None)
         return _move(saga, State.FAILED, now, trigger, [], next_retry_at=None)
-    if event_type != "rejected":
-        return saga, ()  # an answer of another kind to our command id: ignore
+    if event_type != "rejected" or reason == COMMAND_ID_CONFLICT:
+        return saga, ()  # an answer of another kind, or to another command with our id
     code = reason if reason in REJECTION_CODES else "INTERNAL"
     if saga.state is State.DEBITING:
         return _move(saga, State.FAILED, now, trigger, [], code=code, next_retry_at=None)
