@@ -495,6 +495,14 @@ class RecordGuard:
     def _now(self) -> datetime | None:
         return None if self.clock is None else datetime.fromtimestamp(self.clock(), UTC)
 
+    @staticmethod
+    def _ids(record: SourceRecord) -> dict[str, str]:
+        """The request's ids for a log line's ``extra`` (app/log_format.py), when the record
+        holds readable ones: read only on the rare lines (poison, outage), never per record."""
+        fields = readable_fields(record.value, ("requestId", "operatorId", "transferId"))
+        return {name: value for name in ("requestId", "operatorId", "transferId")
+                if (value := readable_id(fields, name)) is not None}
+
     def check_outputs(self, outs: Iterable[Outbound]) -> None:
         """Raise :class:`Poison` when an output could never be sent: over the size limit,
         or to a partition the topic does not have."""
@@ -512,7 +520,7 @@ class RecordGuard:
         self.counters["outage_retries"] += 1
         log.warning("%s[%s]@%s: %s failed on the infrastructure (%s), retried in %.1fs",
                     record.topic, record.partition, record.offset, what, describe(exc), delay,
-                    exc_info=delay == self.backoff_initial)
+                    exc_info=delay == self.backoff_initial, extra=self._ids(record))
         await self.pause(delay)
         return min(delay * 2, self.backoff_max)
 
@@ -523,11 +531,11 @@ class RecordGuard:
         self.counters["poison"] += 1
         if isinstance(exc, Refused):
             log.info("%s[%s]@%s refused: %s", record.topic, record.partition, record.offset,
-                     exc.reason)
+                     exc.reason, extra=self._ids(record))
         else:
             log.error("%s[%s]@%s failed for its own sake (%s): answered and dead-lettered",
                       record.topic, record.partition, record.offset, describe(exc),
-                      exc_info=not isinstance(exc, Poison))
+                      exc_info=not isinstance(exc, Poison), extra=self._ids(record))
         try:
             outs = handler.poison(record, exc)
             self.check_outputs(outs)

@@ -841,7 +841,7 @@ class TransferService:
                 index[transfer_id] = now + delay
                 log.warning("saga %s: its timer step failed (%s); it is unchanged and tried "
                             "again in %.0fs", transfer_id, describe(exc), delay,
-                            exc_info=not is_outage(exc))
+                            exc_info=not is_outage(exc), extra={"transferId": transfer_id})
         return sends
 
     def _purge_if_due(self, partition: int, now: float) -> None:

@@ -230,3 +230,28 @@ def test_version_and_config_json_from_the_command_line() -> None:
         text=True, timeout=60, check=True,
         env={**env, "BIZ_ENVIRONMENT": "production", "BIZ_PIN_PEPPER": ""})
     assert json.loads(production.stdout)["BIZ_PIN_PEPPER"] == "(unset)"
+
+
+def test_a_refused_or_failed_record_is_logged_with_the_ids_it_holds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from app.record_failures import Handler, Outbound, RecordGuard, Refused, SourceRecord
+
+    guard = RecordGuard(dlq_topic="dlq", partitions=3)
+    handler = Handler(decide_with=None, poison_with=lambda r, e: [  # type: ignore[arg-type]
+        Outbound("dlq", None, b"{}")])
+    caplog.set_level(logging.INFO, logger="app.record_failures")
+    command = json.dumps({"requestId": "r-77", "operatorId": "alice", "type": "transferInit",
+                          "payload": "bad"}).encode()
+    guard.poisoned(SourceRecord("business.commands", 1, 5, b"k", command), handler,
+                   Refused("invalid envelope: payload: Input should be a valid dictionary"))
+    guard.poisoned(SourceRecord("business.commands", 1, 6, b"k", command), handler,
+                   ZeroDivisionError())
+    guard.poisoned(SourceRecord("business.commands", 1, 7, b"k", b"not json"), handler,
+                   Refused("undecodable"))
+    refused, failed, unreadable = [json.loads(JsonFormatter().format(r))
+                                   for r in caplog.records[-3:]]
+    assert (refused["level"], refused["requestId"], refused["operatorId"]) == (
+        "INFO", "r-77", "alice")
+    assert (failed["level"], failed["requestId"], failed["operatorId"]) == (
+        "ERROR", "r-77", "alice")
+    assert "requestId" not in unreadable and "operatorId" not in unreadable
