@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT / "docs" / "asyncapi.yaml"
 #: The payload schemas, relative to the document (docs/ → schemas/json/).
 SCHEMA_REF = "../schemas/json/{model}.json"
-#: The contract's version (docs/contract.md "Wire contract (v1)"); CHANGELOG.md.
-CONTRACT_VERSION = "1.0.0"
+#: The contract's version (docs/contract.md "Wire contract (v2)"); CHANGELOG.md.
+CONTRACT_VERSION = "2.0.0"
 KAFKA_BINDING_VERSION = "0.5.0"
 
 
