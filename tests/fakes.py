@@ -130,12 +130,15 @@ class InMemoryBusinessStore:
             if sum(1 for u, at in self.otp_sends.values()
                    if u == r.user_id and at > sends_since) >= budgets.otp_max_sends:
                 return ConfirmChecks(ConfirmOutcome.RATE_LIMITED, user)
+        claimed_before = r.jti in self.token_uses
         if r.jti is not None and await self.claim_transfer_token(r.jti, r.transfer_id) \
                 is not TokenClaim.CLAIMED:
             return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
         limit = user.daily_limit_minor if r.limit_minor is None else r.limit_minor
         if not await self.reserve_daily_limit(r.user_id, r.transfer_id, r.day, r.amount_minor,
                                               limit, r.kind):
+            if r.jti is not None and not claimed_before:  # the savepoint rolled back
+                del self.token_uses[r.jti]
             return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
         if needs_otp:
             self.otp_sends.setdefault(r.transfer_id, (r.user_id, r.now))

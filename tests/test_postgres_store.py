@@ -439,3 +439,17 @@ async def test_a_key_of_a_transfer_from_before_the_records_stays_used(
     assert reuse.outcome is ConfirmOutcome.KEY_REUSED
     same = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-old-" + key)
     assert same.outcome is ConfirmOutcome.OK  # the same token under its own key
+
+
+async def test_a_confirm_refused_by_the_limit_claims_no_token(
+        store: PostgresBusinessStore) -> None:
+    user = await _new_user(store)
+    key = _uid("k")
+    big = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-big-" + key,
+                         amount=user.daily_limit_minor + 1)
+    assert big.outcome is ConfirmOutcome.LIMIT_EXCEEDED
+    async with store.engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM transfer_token_uses"
+                                      " WHERE transfer_id = :t"), {"t": "t-" + key}) == 0
+    small = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-small-" + key)
+    assert small.outcome is ConfirmOutcome.OK  # the key was free for another token

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jwt
 import orjson
 from fakes import DEFAULT_USERS, PIN, Harness, SeedUser
 
@@ -305,3 +306,27 @@ async def test_every_attempt_has_its_own_command_ids() -> None:
     assert len(ids) == len(set(ids)) == 4
     attempts = {cid.split(":")[1] for cid in ids}
     assert len(attempts) == 2 and all(len(a) == 16 for a in attempts)
+
+
+async def test_a_confirm_refused_by_the_limit_leaves_its_key_and_token_free() -> None:
+    """The claim and the reservation stand or fall together: with idempotency records a
+    key bound to a token by a refused confirm would be refused for any other token."""
+    alice = SeedUser("alice", "acc-alice", 100_000, daily_limit_minor=10_000)
+    h = Harness((alice, *DEFAULT_USERS[1:]))
+    assert (await h.transfer("alice", "acc-bob", 8_000))["status"] == "ok"
+    big = await h.transfer_token("alice", "acc-bob", 2_000)
+    small = await h.transfer_token("alice", "acc-bob", 1_000)
+    assert (await h.transfer("alice", "acc-bob", 1_500))["status"] == "ok"  # 9,500 used
+    refused = await h.confirm("alice", big, "k-limit")
+    assert refused is not None and refused["code"] == ErrorCode.LIMIT_EXCEEDED
+    assert h.store.token_uses.get(_jti(big)) is None
+    retried = await h.confirm("alice", small, "k-limit")  # the same key, another token
+    assert retried is not None and retried["code"] == ErrorCode.LIMIT_EXCEEDED  # 500 left
+    assert h.store.token_uses.get(_jti(small)) is None
+    tiny = await h.transfer_token("alice", "acc-bob", 500)
+    done = await h.confirm("alice", tiny, "k-limit")  # the key was never consumed
+    assert done is not None and done["status"] == "ok", done
+
+
+def _jti(token: str) -> str:
+    return str(jwt.decode(token, options={"verify_signature": False})["jti"])

@@ -505,13 +505,19 @@ class PostgresBusinessStore:
                 refusal = await self._otp_budget(conn, r, budgets)
                 if refusal is not None:
                     return ConfirmChecks(refusal, user)
+            # The claim and the reservation stand or fall together (a savepoint): a confirm
+            # refused by the limit leaves its token and key free for another try.
+            claim_and_reserve = await conn.begin_nested()
             if r.jti is not None and await self._claim(conn, r.jti, r.transfer_id) \
                     is not TokenClaim.CLAIMED:
+                await claim_and_reserve.rollback()
                 return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
             limit = user.daily_limit_minor if r.limit_minor is None else r.limit_minor
             if not await self._reserve(conn, r.user_id, r.transfer_id, r.day, r.amount_minor,
                                        limit, r.kind):
+                await claim_and_reserve.rollback()
                 return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
+            await claim_and_reserve.commit()
             if needs_otp:
                 await conn.execute(text(
                     "INSERT INTO otp_sends (transfer_id, user_id, sent_at) VALUES (:t, :u, :a)"
