@@ -235,4 +235,41 @@ def register(worker: Worker) -> QueryRuntime:
         from app.web import register_views
 
         register_views(app, runtime)
+    if worker.settings.reconcile_interval_seconds > 0:
+        register_balance_check(worker, runtime)
     return runtime
+
+
+def register_balance_check(worker: Worker, runtime: QueryRuntime) -> None:
+    """Every ``BIZ_RECONCILE_INTERVAL_SECONDS``: the balances this worker's query tables
+    serve against the ledger (app/query_reconciliation.py), for the accounts it owns."""
+    from app.adapters.db import make_engine
+    from app.query_reconciliation import QueryBalanceCheck, ledger_reader
+
+    app, settings, topics = worker.app, worker.settings, worker.topics
+    engine = make_engine(settings.database_url, settings.account_center_db_schema,
+                         pool_size=1)
+    check = QueryBalanceCheck(ledger_reader(engine))
+    balances = runtime.tables["balances"]
+
+    @app.timer(interval=settings.reconcile_interval_seconds, name="check_query_balances")  # type: ignore[untyped-decorator]
+    async def check_query_balances() -> None:
+        if app.rebalancing or getattr(app, "in_recovery", True):
+            return
+        mine = {tp.partition for tp in app.consumer.assignment()
+                if tp.topic == topics.account_events}
+        entries: dict[str, tuple[int, str]] = {}
+        for key, raw in list(balances.items()):
+            if runtime.partition_of(bytes(key)) not in mine:
+                continue
+            doc = orjson.loads(raw)
+            if isinstance(doc, dict) and isinstance(doc.get("balanceMinor"), int):
+                entries[bytes(key).decode()] = (doc["balanceMinor"],
+                                                str(doc.get("commandId", "")))
+        if entries:
+            await check.run(entries)
+
+    async def close_engine(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await engine.dispose()
+
+    app.on_before_shutdown.connect(close_engine)

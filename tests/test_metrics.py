@@ -247,3 +247,61 @@ async def test_the_live_reconciliation_alarms_once_per_drift_and_says_when_it_is
     assert any("balanced again" in r.getMessage() for r in caplog.records)
     assert value("bizcenter_reconciliation_drift_minor", currency="USD") == 0
     assert value("bizcenter_reconciliation_check_ok", check="balances = journal") == 1
+
+
+async def test_a_query_table_balance_off_the_ledger_is_a_mismatch_once_it_persists(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from app.query_reconciliation import QueryBalanceCheck
+
+    ledger = {"acc-a": 100, "acc-b": 50, "acc-c": 10}
+    applied = {"c1": 100, "c2": 50, "c3": 10}
+    reads: list[tuple[list[str], list[str]]] = []
+
+    async def read(accounts: list[str], commands: list[str]
+                   ) -> tuple[dict[str, int], dict[str, int]]:
+        reads.append((accounts, commands))
+        return dict(ledger), dict(applied)
+
+    check = QueryBalanceCheck(read)
+    caplog.set_level(logging.INFO, logger="app.query_reconciliation")
+    entries = {"acc-a": (100, "c1"), "acc-b": (50, "c2"), "acc-c": (10, "c3")}
+    assert await check.run(entries) == []
+    assert reads[-1] == (["acc-a", "acc-b", "acc-c"], ["c1", "c2", "c3"])
+    ledger["acc-b"] = 57  # a movement on its way, or a drift: not yet a mismatch
+    assert await check.run(entries) == []
+    (mismatch,) = await check.run(entries) or []  # the same difference an interval later
+    assert (mismatch.account_id, mismatch.table_balance, mismatch.ledger_balance) == (
+        "acc-b", 50, 57)
+    assert value("bizcenter_query_balance_mismatches") == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "acc-b" in errors[0].getMessage()
+    assert "(+7)" in errors[0].getMessage()
+    # a table entry that is not what its own command left: at once
+    entries["acc-c"] = (11, "c3")
+    found = await check.run(entries) or []
+    assert {m.account_id for m in found} == {"acc-b", "acc-c"}
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2
+    # moving on (a new command each time) is never a mismatch
+    ledger["acc-b"], entries["acc-b"], entries["acc-c"] = 57, (57, "c9"), (10, "c3")
+    assert await check.run(entries) == []
+    assert value("bizcenter_query_balance_mismatches") == 0
+    assert any("match the ledger again" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_query_balance_check_turns_off_where_the_ledger_is_not_readable() -> None:
+    from app.query_reconciliation import QueryBalanceCheck
+
+    class UndefinedTable(Exception):
+        sqlstate = "42P01"
+
+    calls: list[int] = []
+
+    async def read(accounts: list[str], commands: list[str]
+                   ) -> tuple[dict[str, int], dict[str, int]]:
+        calls.append(1)
+        raise UndefinedTable()
+
+    check = QueryBalanceCheck(read)
+    assert await check.run({"acc-a": (1, "c")}) is None
+    assert await check.run({"acc-a": (1, "c")}) is None
+    assert calls == [1]  # off after the first

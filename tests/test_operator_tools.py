@@ -342,6 +342,21 @@ async def test_the_live_reconciliation_alarms_on_a_drift(system: System) -> None
         line = await wait_for(alarm, timeout=30, what="the drift alarm")
         assert line["level"] == "ERROR", line
         assert account in line["message"] and "+7" in line["message"], line
+
+        # the worker owning acc-bob: its query table serves another balance than the ledger
+        async def mismatched() -> bool:
+            samples = await scrape(system, system.settings.web_port)
+            return sample(samples, "bizcenter_query_balance_mismatches") == 1
+
+        await wait_for(mismatched, timeout=30, what="the query balance mismatch gauge")
+
+        def worker_alarm() -> dict[str, Any] | None:
+            return next((line for line in json_lines(system.logdir / "worker.log")
+                         if "QUERY BALANCE MISMATCH" in line["message"]), None)
+
+        line = await wait_for(worker_alarm, timeout=30, what="the worker's mismatch alarm")
+        assert line["level"] == "ERROR" and account in line["message"], line
+        assert "(+7)" in line["message"], line
     finally:
         async with system.ledger.engine.begin() as conn:
             await conn.execute(text("UPDATE accounts SET balance_minor = balance_minor - 7 "
@@ -354,3 +369,9 @@ async def test_the_live_reconciliation_alarms_on_a_drift(system: System) -> None
     await wait_for(balanced_again, timeout=30, what="the all-clear")
     samples = await scrape(system, port)
     assert sample(samples, "bizcenter_reconciliation_drift_minor", currency="USD") == 0
+
+    async def matched() -> bool:
+        samples = await scrape(system, system.settings.web_port)
+        return sample(samples, "bizcenter_query_balance_mismatches") == 0
+
+    await wait_for(matched, timeout=30, what="the query tables to match again")
