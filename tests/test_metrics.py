@@ -305,3 +305,22 @@ async def test_the_query_balance_check_turns_off_where_the_ledger_is_not_readabl
     assert await check.run({"acc-a": (1, "c")}) is None
     assert await check.run({"acc-a": (1, "c")}) is None
     assert calls == [1]  # off after the first
+
+
+def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
+    import re
+    from pathlib import Path
+
+    import app.query_reconciliation  # noqa: F401  (its metrics)
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana"
+                            / "bizcenter-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", name)
+            for e in exprs for name in re.findall(r"\bbizcenter_\w+", e)}
+    defined = {name for collector in list(REGISTRY._collector_to_names)
+               for name in REGISTRY._collector_to_names[collector]}
+    defined |= {"bizcenter_open_sagas", "bizcenter_consumer_lag"}  # scrape-time, per app
+    assert used, exprs
+    assert used <= {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in defined}, (
+        used - defined)
