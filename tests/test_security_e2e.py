@@ -176,3 +176,19 @@ async def test_an_account_command_replayed_with_another_amount_is_rejected(
     assert "COMMAND_ID_CONFLICT" in system.log_tail("account-center", 400)
     details = await system.call("queryTransactionDetails", payer, {"transferId": transfer_id})
     assert details["data"]["state"] == "COMPLETED"  # the worker took no decision on it
+
+
+async def test_ids_with_the_separator_or_control_characters_are_refused(
+        system: System) -> None:
+    """Point 10: ``alice`` + ``\\x1fk`` and ``alice\\x1f`` + ``k`` would derive one
+    transferId; such ids never reach a derived id."""
+    payer, payee = await _pair(system)
+    init = await system.init(payer, f"acc-{payee}", 1_000)
+    token = init["data"]["transferToken"]
+    for idem in ("k\x1fsplit", "k\x00nul", "k\x85next-line"):
+        reply = await system.confirm(payer, token, idem=idem)
+        assert (reply["status"], reply["code"]) == ("error", "INVALID_REQUEST"), reply
+        assert "idempotencyKey" in reply["message"]
+    assert await system.balances(f"acc-{payer}") == {f"acc-{payer}": 1_000_000}
+    good = await system.confirm(payer, token)  # the token was never claimed
+    assert good["status"] == "ok", good
