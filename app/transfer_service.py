@@ -347,6 +347,8 @@ class TransferService:
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             f"{env.type.value} needs an idempotencyKey")
         now = self.clock()
+        if env.type not in QUERY_COMMANDS and self._stale(env, now):
+            return []
         try:
             identity = self.access.verify(env.access_token, env.operator_id,
                                           datetime.fromtimestamp(now, UTC), check_expiry=False)
@@ -361,9 +363,6 @@ class TransferService:
             key_, value = query_record(env, payload, user.account_id, user.currency)
             return [Outbound(self.topics.queries, key_, value)]  # answered by answer_queries
         if isinstance(payload, TransferInitPayload):
-            stale = self._stale(env, now, expired)
-            if stale is not None:
-                return stale
             _refuse_if(expired)
             return await self._transfer_init(env, payload, cache_key)
         if isinstance(payload, TransferConfirmPayload):
@@ -438,9 +437,6 @@ class TransferService:
         transfer_id, answered = await self._duplicate_of(env, fingerprint, now)
         if answered is not None:
             return answered
-        stale = self._stale(env, now, access_expired)
-        if stale is not None:
-            return stale
         _refuse_if(access_expired)
 
         leeway = self.settings.jwt_leeway_seconds
@@ -507,17 +503,15 @@ class TransferService:
                            reply.status, reply.code, reply.message, reply.data,
                            cache_key=f"{env.operator_id}\x1f{env.request_id}")
 
-    def _stale(self, env: CommandEnvelope, now: float, access_expired: bool
-               ) -> list[Outbound] | None:
-        """A request sent before the retention window, with an expired access token and
-        nothing kept to answer it with (its saved reply and saga were purged): an operator
-        replay. It is not answered at all (``[]``) rather than answered differently from
-        the first time; counted and logged."""
-        horizon = now - self.settings.idempotency_retention_hours * 3600
-        if not access_expired or env.sent_at.timestamp() >= horizon:
-            return None
+    def _stale(self, env: CommandEnvelope, now: float) -> bool:
+        """A request sent before the retention window with no saved reply (purged): an
+        operator replay, or a request held back so long that its duplicates can no longer
+        be recognised. It is neither acted on nor answered, rather than answered
+        differently from the first time; counted and logged."""
+        if env.sent_at.timestamp() >= now - self.settings.idempotency_retention_hours * 3600:
+            return False
         self._count("stale_requests_unanswered")
-        return []
+        return True
 
     async def _duplicate_of(
         self, env: CommandEnvelope, fingerprint: str, now: float
@@ -549,9 +543,6 @@ class TransferService:
         topup_id, answered = await self._duplicate_of(env, fingerprint, now)
         if answered is not None:
             return answered
-        stale = self._stale(env, now, access_expired)
-        if stale is not None:
-            return stale
         _refuse_if(access_expired)
         user = await self._active_user(env.operator_id)
         source = await self.store.get_funding_source(payload.funding_source_id)
@@ -596,9 +587,6 @@ class TransferService:
         assert env.idempotency_key is not None
         saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
         if saga is None:
-            stale = self._stale(env, self.clock(), access_expired)
-            if stale is not None:
-                return stale
             _refuse_if(access_expired)
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             "no transfer under this idempotencyKey awaits a one-time password")

@@ -330,3 +330,23 @@ async def test_a_confirm_refused_by_the_limit_leaves_its_key_and_token_free() ->
 
 def _jti(token: str) -> str:
     return str(jwt.decode(token, options={"verify_signature": False})["jti"])
+
+
+async def test_a_request_older_than_the_retention_window_is_neither_acted_on_nor_answered(
+) -> None:
+    """Point 4: past the window its duplicates can no longer be recognised (replies and
+    sagas are purged), so it could only be answered differently: it is not answered."""
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 1_000)
+    doc = orjson.loads(h.command("transferConfirm", "alice",
+                                 {"transferToken": token, "pin": PIN}, idem="k-old",
+                                 request_id="r-old"))
+    doc["sentAt"] = "2029-12-31T23:59:00Z"  # 24 h + 1 min before the harness's clock
+    calls = len(h.store.calls)
+    assert await h.send(orjson.dumps(doc)) == []
+    assert h.reply("r-old") is None and h.store.calls[calls:] == []
+    assert h.service.counters["stale_requests_unanswered"] == 1
+    doc["sentAt"] = "2030-01-01T00:01:00Z"  # inside the window: handled
+    await h.send(orjson.dumps(doc))
+    await h.run_until_quiet()
+    assert h.reply("r-old") is not None and h.reply("r-old")["status"] == "ok"  # type: ignore[index]
