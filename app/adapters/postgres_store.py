@@ -138,6 +138,16 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
 )
 """
 
+#: The key's idempotency record (a row of NULLs when none), and whether a transfer from
+#: before the records used this transferId with another token (its key stays used).
+_KEY_FACTS = text(
+    "SELECT r.transfer_id, r.fingerprint, r.attempt, r.state, r.code,"
+    " EXISTS (SELECT 1 FROM transfer_token_uses WHERE transfer_id = :t AND jti <> :j)"
+    " AS used_before_records"
+    " FROM (SELECT 1) AS one LEFT JOIN idempotency_records AS r"
+    " ON r.operator_id = :o AND r.idempotency_key = :k"
+)
+
 #: The usage table of each kind of daily limit (constants: never built from input).
 _USAGE_TABLES = {"transfer": "daily_usage", "topup": "topup_usage"}
 
@@ -481,15 +491,19 @@ class PostgresBusinessStore:
             user = _user_of(row)
             if r.from_account_id is not None and user.account_id != r.from_account_id:
                 return ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
-            kept = await self._kept(conn, r.user_id, r.idempotency_key)
+            # The key's record, and whether a transfer from before the records used it
+            # (a token use under this transferId with another token): one round trip.
+            key_row = (await conn.execute(_KEY_FACTS, {
+                "o": r.user_id, "k": r.idempotency_key, "t": r.transfer_id,
+                "j": r.jti or ""})).one()
+            kept = None if key_row.fingerprint is None else KeptOutcome(
+                key_row.transfer_id, key_row.fingerprint, key_row.attempt, key_row.state,
+                key_row.code)
             if kept is not None and kept.fingerprint != r.fingerprint:
                 return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
             if kept is not None and kept.state is not None:
                 return ConfirmChecks(ConfirmOutcome.ANSWERED, user, kept=kept)
-            if kept is None and r.jti is not None and await conn.scalar(text(
-                    "SELECT 1 FROM transfer_token_uses WHERE transfer_id = :t AND jti <> :j"
-                    " LIMIT 1"), {"t": r.transfer_id, "j": r.jti}) is not None:
-                # A transfer from before idempotency records were kept: its key stays used.
+            if kept is None and r.jti is not None and key_row.used_before_records:
                 return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
             pin = await self._check_pin(conn, row, r.user_id, r.record, r.matches,
                                         budgets.pin_max_attempts, r.now,
@@ -499,9 +513,7 @@ class PostgresBusinessStore:
             if pin.outcome is PinOutcome.INVALID:
                 return ConfirmChecks(ConfirmOutcome.INVALID_PIN, user, pin.attempts_left)
             needs_otp = r.amount_minor > user.otp_threshold_minor
-            if needs_otp and await conn.scalar(text(
-                    "SELECT 1 FROM otp_sends WHERE transfer_id = :t"),
-                    {"t": r.transfer_id}) is None:
+            if needs_otp:
                 refusal = await self._otp_budget(conn, r, budgets)
                 if refusal is not None:
                     return ConfirmChecks(refusal, user)
@@ -536,14 +548,18 @@ class PostgresBusinessStore:
     async def _otp_budget(conn: AsyncConnection, r: ConfirmRequest,
                           budgets: GuessBudgets) -> ConfirmOutcome | None:
         """OTP_LOCKED when the user's wrong OTPs in the window reached the budget,
-        RATE_LIMITED when the OTP sends did; None when a new OTP may be sent."""
+        RATE_LIMITED when the OTP sends did; None when a new OTP may be sent (or this
+        transfer's was already counted: a re-decision of the same transfer)."""
         row = (await conn.execute(text(
-            "SELECT (SELECT count(*) FROM otp_failures WHERE user_id = :u"
+            "SELECT EXISTS (SELECT 1 FROM otp_sends WHERE transfer_id = :t) AS counted,"
+            " (SELECT count(*) FROM otp_failures WHERE user_id = :u"
             " AND failed_at > :f) AS failures,"
             " (SELECT count(*) FROM otp_sends WHERE user_id = :u AND sent_at > :s) AS sends"),
-            {"u": r.user_id,
+            {"u": r.user_id, "t": r.transfer_id,
              "f": r.now - timedelta(seconds=budgets.otp_failure_window_seconds),
              "s": r.now - timedelta(seconds=budgets.otp_send_window_seconds)})).one()
+        if row.counted:
+            return None
         if row.failures >= budgets.otp_max_failures:
             return ConfirmOutcome.OTP_LOCKED
         if row.sends >= budgets.otp_max_sends:
