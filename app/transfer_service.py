@@ -15,6 +15,7 @@ transfer and every output id is deterministic).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import uuid
 from collections import Counter
@@ -261,7 +262,7 @@ class TransferService:
 
     async def _decide_command(self, record: SourceRecord) -> list[Outbound]:
         _handled_partition.set(record.partition)
-        _handled_record.set(_record_identity(record))
+        _handled_record.set(_record_identity(record, self._pin_pepper))
         doc = decode_json_object(record.value)  # size, JSON, object, depth: else Refused
         try:
             envelope = CommandEnvelope.model_validate(doc)
@@ -1023,13 +1024,14 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
-def _record_identity(record: SourceRecord) -> str | None:
-    """What a redelivery of a record keeps and nothing else has: its coordinates and the
-    hash of its value (a topic recreated later reuses offsets, never with the same bytes).
-    None for a record that was not consumed."""
+def _record_identity(record: SourceRecord, key: bytes) -> str | None:
+    """What a redelivery of a record keeps and nothing else has: its coordinates and a
+    keyed hash of its value (a topic recreated later reuses offsets, never with the same
+    bytes; keyed, so the stored form says nothing about the PIN the value holds). None for
+    a record that was not consumed."""
     if record.offset < 0:
         return None
-    digest = hashlib.sha256(record.value or b"").hexdigest()[:32]
+    digest = hmac.new(key, record.value or b"", hashlib.sha256).hexdigest()[:32]
     return f"{record.topic}/{record.partition}/{record.offset}/{digest}"
 
 
