@@ -351,11 +351,9 @@ async def run_transfer(
     try:
         key = str(uuid.uuid4())
         if source is not None:
-            reply = await client.request(client.envelope(
-                "topUp", user, token, {"fundingSourceId": source, "amountMinor": amount,
-                                       "pin": pin,
-                                       "currency": currency},
-                idempotency_key=key), timeout)
+            reply = await client.request(client.top_up_envelope(
+                user, token, funding_source_id=source, amount_minor=amount,
+                currency=currency, pin=pin, idempotency_key=key), timeout)
             show("topUp", reply)
         else:
             init = await client.request(client.envelope(

@@ -139,6 +139,16 @@ class GatewayClient(TopicTail):
             env["idempotencyKey"] = idempotency_key
         return env
 
+    @classmethod
+    def top_up_envelope(
+        cls, operator_id: str, access_token: str, *, funding_source_id: str,
+        amount_minor: int, currency: str, pin: str, idempotency_key: str,
+    ) -> dict[str, Any]:
+        """A ``topUp``: confirmed with the user's PIN like a transfer (contract v2)."""
+        return cls.envelope("topUp", operator_id, access_token, {
+            "fundingSourceId": funding_source_id, "amountMinor": amount_minor,
+            "currency": currency, "pin": pin}, idempotency_key=idempotency_key)
+
     async def send(self, envelope: dict[str, Any] | bytes, *, key: bytes | None = None) -> None:
         assert self._producer is not None, "start() first"
         if isinstance(envelope, dict):
