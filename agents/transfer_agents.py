@@ -57,7 +57,14 @@ def register(worker: Worker) -> None:
                     await lanes.submit(event.message.partition,
                                        functools.partial(run_saga_record, event))
                 except LaneFailed:
-                    return  # the worker is crashing; the record stays unacked
+                    # A job raised past the guard (a bug in the guard itself): nothing after
+                    # it may run out of order, so the worker crashes; every record not
+                    # acknowledged is delivered again after the restart. Returning quietly
+                    # would leave a "ready" worker with its saga partitions unprocessed.
+                    log.critical("a saga lane failed: crashing the worker",
+                                 exc_info=lanes.failure)
+                    await app.crash(lanes.failure or RuntimeError("a saga lane failed"))
+                    return  # the record stays unacked
         finally:
             # Stopping: let the records in flight finish briefly; the rest are not acked
             # and come again to whoever owns their partition next.

@@ -80,13 +80,21 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
     _next_expected: dict[TP, int]
     #: Partition -> the offset processing (re)started from, when Faust knows no commit.
     _floor: dict[TP, int]
-    #: Jumps seen (each was sought back, or accepted when retention had deleted the records).
+    #: Partition -> the expected offset it was last sought back to after a jump.
+    _sought_back_to: dict[TP, int]
+    #: Partition -> accepted holes [start, end): offsets that hold no record to process
+    #: (deleted by retention, or transaction markers and aborted records the broker never
+    #: returns); the committed offset may pass them.
+    _holes: dict[TP, list[tuple[int, int]]]
+    #: Jumps seen (each was sought back, or accepted as a hole).
     jumps_detected: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._next_expected = {}
         self._floor = {}
+        self._sought_back_to = {}
+        self._holes = {}
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return FetchTunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -139,6 +147,7 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
                 await self._seek(tp, start)
             self._next_expected[tp] = start
             self._floor[tp] = start
+            self._sought_back_to.pop(tp, None)
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)
@@ -149,6 +158,8 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
         for tp in revoked:
             self._next_expected.pop(tp, None)
             self._floor.pop(tp, None)
+            self._sought_back_to.pop(tp, None)
+            self._holes.pop(tp, None)
         await super().on_partitions_revoked(revoked)
 
     # -- delivery ---------------------------------------------------------------------------
@@ -211,8 +222,7 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
                                  expected)
                     continue
                 if expected is not None and offset > expected:
-                    if await self._records_still_exist(tp, expected):
-                        self._on_jump(tp, expected, offset)
+                    if not await self._jump_is_a_hole(tp, expected, offset):
                         sought_back.add(tp)
                         await self.seek(tp, expected)
                         continue
@@ -233,29 +243,58 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
                 self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key,
                              message.value)
 
-    def _on_jump(self, tp: TP, expected: int, offset: int) -> None:
+    async def _jump_is_a_hole(self, tp: TP, expected: int, offset: int) -> bool:
+        """A record past the expected offset: either records were dropped before any agent
+        saw them (seek back: False), or the offsets in between hold nothing to process
+        (accept the hole: True). The first time, the partition is sought back; if the fetch
+        from there again starts past ``expected``, the broker has no record for those
+        offsets (transaction markers, aborted transactions of another team's producer)."""
         self.jumps_detected += 1
+        try:
+            earliest = (await self.earliest_offsets(tp)).get(tp)
+        except Exception:  # cannot tell: keep the records safe, seek back once more
+            earliest = None
+        if earliest is not None and earliest > expected:
+            log.error(
+                "%s[%s]: records %d..%d were deleted by retention before this group "
+                "processed them; going on from %d", tp.topic, tp.partition, expected,
+                earliest - 1, offset,
+            )
+            self._accept_hole(tp, expected, offset)
+            return True
+        if self._sought_back_to.get(tp) == expected:
+            log.warning(
+                "%s[%s]: offsets %d..%d hold no record even when fetched again "
+                "(transaction markers or aborted records): going on from %d",
+                tp.topic, tp.partition, expected, offset - 1, offset,
+            )
+            self._accept_hole(tp, expected, offset)
+            return True
+        self._sought_back_to[tp] = expected
         log.error(
             "offset jump on %s[%s]: expected offset %d, fetched %d; the %d records between "
             "were never delivered (a fetch during a rebalance?). Seeking back to %d; no "
             "offset is committed past them.", tp.topic, tp.partition, expected, offset,
             offset - expected, expected,
         )
+        return False
 
-    async def _records_still_exist(self, tp: TP, expected: int) -> bool:
-        try:
-            earliest = (await self.earliest_offsets(tp)).get(tp)
-        except Exception:  # cannot tell: keep the records safe, seek back
-            return True
-        if earliest is not None and earliest > expected:
-            self.jumps_detected += 1
-            log.error(
-                "%s[%s]: records %d..%d were deleted by retention before this group "
-                "processed them; going on from %d", tp.topic, tp.partition, expected,
-                earliest - 1, earliest,
-            )
-            return False
-        return True
+    def _accept_hole(self, tp: TP, start: int, end: int) -> None:
+        self._holes.setdefault(tp, []).append((start, end))
+
+    def _past_holes(self, tp: TP, committed: int) -> int:
+        """``committed`` moved past the accepted holes that start at it."""
+        holes = self._holes.get(tp)
+        if not holes:
+            return committed
+        moved = True
+        while moved:
+            moved = False
+            for start, end in holes:
+                if start <= committed < end:
+                    committed, moved = end, True
+        self._holes[tp] = [(start, end) for start, end in holes if end > committed]
+        return committed
 
     # -- commits -------------------------------------------------------------------------
 
@@ -266,18 +305,21 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
         if not self._is_input_tp(tp):
             return super()._new_offset(tp)
         acked = self._acked[tp]
-        if not acked:
-            return None
         acked.sort()
         committed = self._committed_offset.get(tp)
         if committed is None:
             committed = self._floor.get(tp)
         if committed is not None:
+            past = self._past_holes(tp, committed)
             # Already committed (a redelivered record acknowledged twice): not again.
-            while acked and acked[0] < committed:
+            while acked and acked[0] < past:
                 self._acked_index[tp].discard(acked.pop(0))
-            if not acked or acked[0] != committed:
-                return None  # the record at the committed offset is not done yet
+            if not acked or acked[0] != past:
+                # The record at the committed offset is not done yet (or nothing is acked
+                # beyond a hole that starts there: commit past the hole alone).
+                return past if past > committed else None
+        elif not acked:
+            return None
         run = 1
         while run < len(acked) and acked[run] == acked[run - 1] + 1:
             run += 1

@@ -44,6 +44,8 @@ class BareConsumer(BatchDeliveringConsumer):
         self._acked = defaultdict(list)
         self._acked_index = defaultdict(set)
         self._gap = defaultdict(IntervalTree)
+        self._sought_back_to = {}
+        self._holes = {}
 
         async def getmany(active: set[TP] | None, timeout: float) -> dict[TP, list[Any]]:
             self.fetched_for.append(None if active is None else set(active))
@@ -116,13 +118,49 @@ async def test_a_jump_on_an_input_topic_is_never_delivered_and_the_partition_is_
     assert c._next_expected[A] == 102
 
 
-async def test_a_jump_over_records_deleted_by_retention_is_accepted() -> None:
+async def test_a_jump_over_records_deleted_by_retention_is_accepted_and_committed_past(
+) -> None:
     c = BareConsumer(earliest={A: 500})
+    c._committed_offset[A] = 100
     c._next_expected[A] = 100
     await c._deliver([msg(A, 500), msg(A, 501)])
     assert c.delivered == [(A, 500), (A, 501)]
     assert c.sought == []
     assert c.jumps_detected == 1
+    c.ack(A, 500, 501)
+    assert c._new_offset(A) == 502  # commits go on past the deleted records
+    assert c._acked[A] == []
+
+
+async def test_a_hole_the_broker_never_fills_is_accepted_after_one_seek_back() -> None:
+    """Another team's transactional producer leaves commit markers (and aborted records)
+    that take offsets but are never returned: the first jump is sought back; when the fetch
+    from there starts past the same offset again, the hole is accepted and committed past,
+    so the partition does not stall."""
+    c = BareConsumer()
+    c._committed_offset[A] = 0
+    c._next_expected[A] = 0
+    await c._deliver([msg(A, 0), msg(A, 1), msg(A, 3)])
+    assert c.delivered == [(A, 0), (A, 1)] and c.sought == [(A, 2)]
+    await c._deliver([msg(A, 3), msg(A, 4)])  # fetched again from 2: still no record 2
+    assert c.delivered[-2:] == [(A, 3), (A, 4)]
+    assert c.sought == [(A, 2)]  # sought back once only
+    c.ack(A, 0, 1, 3, 4)
+    assert c._new_offset(A) == 2
+    c._committed_offset[A] = 2
+    assert c._new_offset(A) == 5
+    # A later jump at another offset is sought back again first.
+    await c._deliver([msg(A, 7)])
+    assert c.sought == [(A, 2), (A, 5)]
+
+
+def test_a_hole_at_the_committed_offset_is_committed_past_alone() -> None:
+    c = BareConsumer()
+    c._committed_offset[A] = 9
+    c._accept_hole(A, 9, 11)
+    assert c._new_offset(A) == 11
+    c._committed_offset[A] = 11
+    assert c._new_offset(A) is None
 
 
 async def test_changelog_partitions_keep_faust_gaps() -> None:
