@@ -42,9 +42,20 @@ log = logging.getLogger("bizcenter")
 #: Commands that stand in for other systems with development data (the user center's
 #: tokens, demo users with a known PIN): refused in production whatever the secrets.
 DEVELOPMENT_ONLY = frozenset({"token", "transfer", "topup", "seed-demo", "run"})
-#: Read-only operator commands that use no secret: they run whatever the secrets
-#: (``config`` is how an operator sees which secret is unset).
-SECRET_FREE = frozenset({"config", "reconcile"})
+#: Operator commands that use no secret: they run whatever the secrets (``config`` is how
+#: an operator sees which secret is unset; ``sagas list|show`` and ``dlq`` read topics;
+#: ``users unlock`` updates PostgreSQL rows).
+SECRET_FREE = frozenset({"config", "reconcile", "sagas list", "sagas show", "dlq list",
+                         "dlq show", "users unlock"})
+#: Commands that use only some secrets: only those are checked. Every other command (the
+#: worker, the account center, the funding provider, ...) needs them all.
+SECRETS_OF = {"sagas resolve": frozenset({"BIZ_OPERATOR_SECRET"})}
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """``sagas resolve``, ``dlq list``, ``worker``: the command and its subcommand."""
+    sub = getattr(args, f"{args.command.replace('-', '_')}_command", None)
+    return f"{args.command} {sub}" if isinstance(sub, str) else str(args.command)
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -60,7 +71,7 @@ def environment_refusal(settings: Settings, command: str) -> str | None:
     if command in DEVELOPMENT_ONLY:
         return (f"bizcenter {command}: refused with BIZ_ENVIRONMENT=production (a "
                 f"development tool; set BIZ_ENVIRONMENT=development on a local system)")
-    problems = settings.production_problems()
+    problems = settings.production_problems(SECRETS_OF.get(command))
     if not problems:
         return None
     return (f"bizcenter {command}: refusing to start with BIZ_ENVIRONMENT=production: "
@@ -564,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             for e in exc.errors(include_url=False, include_input=False))
         print(f"bizcenter {args.command}: invalid settings: {reasons}", file=sys.stderr)
         return EXIT_CONFIG
-    refusal = environment_refusal(settings, args.command)
+    refusal = environment_refusal(settings, command_name(args))
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return EXIT_CONFIG

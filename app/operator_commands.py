@@ -12,12 +12,16 @@ running (or none):
   the pure saga (``transfer_saga.on_resolution``) like any input: the refund or the credit
   goes to the account center under a new command id, once. Its ``resolutionId`` is derived
   from the transfer, the resolution's number and the action, so the same command run twice
-  is the same input twice (the second re-sends what the first decided).
+  is the same input twice (the second re-sends what the first decided); the number is in
+  the input, and the saga acts only on the one after those it started. The input is
+  signed (HMAC-SHA256 under ``BIZ_OPERATOR_SECRET``, app/domain/resolution_signing.py):
+  the workers dead-letter any other.
 - **dlq** reads ``business.dlq`` (docs/contract.md, "business.dlq": coordinates, sizes,
   digest and reason; never the original value).
 
-Exit statuses: 0 done (found, listed, resolved), 1 not found / not resolvable / refused
-again, 2 Kafka could not be read, 3 a resolution was sent but its outcome not seen in time.
+Exit statuses: 0 done (found, listed, resolved as asked), 1 not found / not resolvable /
+refused again / ended otherwise than asked (a ``--complete`` that ended FAILED), 2 Kafka
+could not be read, 3 a resolution was sent but its outcome not seen in time.
 What is printed holds no secret: a saga's OTP digest is never shown.
 """
 
@@ -149,17 +153,24 @@ async def latest_sagas(settings: Settings) -> dict[str, dict[str, Any]]:
     return latest
 
 
+def saga_versions(records: list[Record], transfer_id: str) -> list[dict[str, Any]]:
+    """The stored versions of one saga, oldest first, in the changelog's order: by offset
+    within its partition (a saga is written from its home partition only, so into one
+    changelog partition). Never by record timestamp: those are the writers' clocks, and a
+    worker whose clock is behind would make an older version look like the latest."""
+    return [saga_view(orjson.loads(r.value)) if r.value is not None else
+            {"transferId": transfer_id, "state": "(purged)"}
+            for r in sorted(records, key=lambda r: (r.partition, r.offset))]
+
+
 async def saga_history(settings: Settings, transfer_id: str
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(every stored version of the saga, oldest first; its transfer events)."""
     from aiokafka.partitioner import murmur2
 
     key = transfer_id.encode()
-    versions = [saga_view(orjson.loads(r.value)) if r.value is not None else
-                {"transferId": transfer_id, "state": "(purged)"}
-                for r in sorted(await read_topic(settings, sagas_changelog(settings),
-                                                 keep=lambda k: k == key),
-                                key=lambda r: (r.timestamp, r.offset))]
+    versions = saga_versions(await read_topic(settings, sagas_changelog(settings),
+                                              keep=lambda k: k == key), transfer_id)
     partition = (murmur2(key) & 0x7FFFFFFF) % settings.topic_partitions
     events = [orjson.loads(r.value) for r in await read_topic(
         settings, settings.topic("business.transfer-events"), partitions=[partition],
@@ -276,30 +287,73 @@ def resolution_id(transfer_id: str, number: int, action: str) -> str:
     return str(uuid.uuid5(RESOLUTION_NS, f"{transfer_id}\x1f{number}\x1f{action}"))
 
 
+#: The final state each action ends in when it succeeds.
+RESOLVED_STATE = {"refund": "FAILED", "complete": "COMPLETED"}
+
+
+def outcome_status(action: str, state: str) -> int:
+    """The exit status of a resolution that ended in ``state``: 0 only when it is what the
+    action asked (a ``complete`` whose credit was refused ends FAILED, the payer refunded:
+    the payee was never credited)."""
+    return EXIT_OK if RESOLVED_STATE[action] == state else EXIT_NOT_FOUND
+
+
+def not_to_send(saga: dict[str, Any] | None, action: str, transfer_id: str
+                ) -> tuple[int, dict[str, Any]] | None:
+    """The answer when no resolution is to be sent (unknown saga, not in MANUAL_REVIEW,
+    already resolved), or None when one is."""
+    if saga is None or "kind" not in saga:
+        return EXIT_NOT_FOUND, {"outcome": "not found", "transferId": transfer_id}
+    state = saga["state"]
+    if state != "MANUAL_REVIEW":
+        if saga["resolutionCount"] and saga["resolutionAction"] == action:
+            if state not in FINAL:
+                return EXIT_OK, {"outcome": "being resolved", "saga": _public(saga)}
+            if state == RESOLVED_STATE[action]:
+                return EXIT_OK, {"outcome": "already resolved", "saga": _public(saga)}
+            return EXIT_NOT_FOUND, {
+                "outcome": f"resolved otherwise: the {action} ended {state}"
+                + (" (the payee's credit was refused and the payer refunded: the payee was "
+                   "never credited)" if action == "complete" else ""),
+                "saga": _public(saga)}
+        return EXIT_NOT_FOUND, {"outcome": f"not in MANUAL_REVIEW (state {state})",
+                                "saga": _public(saga)}
+    if saga["kind"] != "transfer":
+        return EXIT_NOT_FOUND, {"outcome": "only transfers can be resolved",
+                                "saga": _public(saga)}
+    return None
+
+
+def resolution_input(secret: bytes, transfer_id: str, number: int, action: str,
+                     operator: str, reason: str) -> Any:
+    """The signed ``operatorResolution`` saga input (schemas.wire.SagaInput); a
+    ValidationError when the operator or the reason is not acceptable."""
+    from app.domain.resolution_signing import sign_resolution
+    from schemas.wire import OperatorResolution, SagaInput
+
+    rid = resolution_id(transfer_id, number, action)
+    return SagaInput(kind="operatorResolution", resolution=OperatorResolution(
+        transfer_id=transfer_id, resolution_id=rid, number=number, action=action,
+        operator=operator, reason=reason,
+        signature=sign_resolution(secret, transfer_id=transfer_id, resolution_id=rid,
+                                  number=number, action=action, operator=operator,
+                                  reason=reason)))
+
+
 async def resolve(settings: Settings, transfer_id: str, action: str, operator: str,
                   reason: str, wait: float) -> tuple[int, dict[str, Any]]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.partitioner import murmur2
 
-    from schemas.wire import OperatorResolution, SagaInput
-
     versions, _events = await saga_history(settings, transfer_id)
     saga = versions[-1] if versions else None
-    if saga is None or "kind" not in saga:
-        return EXIT_NOT_FOUND, {"outcome": "not found", "transferId": transfer_id}
-    if saga["state"] != "MANUAL_REVIEW":
-        if saga["resolutionCount"] and saga["resolutionAction"] == action:
-            return EXIT_OK, {"outcome": "already resolved" if saga["state"] in FINAL
-                             else "being resolved", "saga": _public(saga)}
-        return EXIT_NOT_FOUND, {"outcome": f"not in MANUAL_REVIEW (state {saga['state']})",
-                                "saga": _public(saga)}
-    if saga["kind"] != "transfer":
-        return EXIT_NOT_FOUND, {"outcome": "only transfers can be resolved",
-                                "saga": _public(saga)}
+    answer = not_to_send(saga, action, transfer_id)
+    if answer is not None:
+        return answer
+    assert saga is not None
     number = saga["resolutionCount"] + 1
-    item = SagaInput(kind="operatorResolution", resolution=OperatorResolution(
-        transfer_id=transfer_id, resolution_id=resolution_id(transfer_id, number, action),
-        action=action, operator=operator, reason=reason))
+    item = resolution_input(settings.operator_secret.get_secret_value().encode(),
+                            transfer_id, number, action, operator, reason)
 
     events_topic = settings.topic("business.transfer-events")
     tp = TopicPartition(events_topic,
@@ -319,7 +373,7 @@ async def resolve(settings: Settings, transfer_id: str, action: str, operator: s
                                      partition=saga["homePartition"])
         sent = {"transferId": transfer_id, "action": action, "operator": operator,
                 "resolutionId": item.resolution.resolution_id if item.resolution else None,
-                "homePartition": saga["homePartition"]}
+                "resolution": number, "homePartition": saga["homePartition"]}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         started = False
@@ -334,7 +388,7 @@ async def resolve(settings: Settings, transfer_id: str, action: str, operator: s
                         started = True
                     elif started and event.get("state") in FINAL:
                         outcome = event["state"]
-                        return (EXIT_OK if outcome != "MANUAL_REVIEW" else EXIT_NOT_FOUND,
+                        return (outcome_status(action, outcome),
                                 {**sent, "outcome": outcome, "event": event})
         return EXIT_PENDING, {**sent, "outcome": "sent; started" if started else "sent"}
     finally:
@@ -343,7 +397,17 @@ async def resolve(settings: Settings, transfer_id: str, action: str, operator: s
 
 
 def cmd_sagas_resolve(settings: Settings, args: Any) -> int:
+    from pydantic import ValidationError
+
     action = "refund" if args.refund else "complete"
+    try:  # the operator and the reason checked before anything is read or sent
+        resolution_input(b"", args.transfer_id, 1, action, args.operator, args.reason)
+    except ValidationError as exc:
+        fields = sorted({str(e["loc"][-1]) for e in exc.errors(include_input=False)})
+        print(f"bizcenter sagas resolve: refused: {', '.join(fields)}: an identifier of 1 "
+              "to 128 characters (operator, transferId) and a reason of 1 to 512, without "
+              "control characters", file=_stderr())
+        return EXIT_NOT_FOUND
     try:
         status, result = asyncio.run(asyncio.wait_for(
             resolve(settings, args.transfer_id, action, args.operator, args.reason,
@@ -358,7 +422,9 @@ def cmd_sagas_resolve(settings: Settings, args: Any) -> int:
         outcome = result.get("outcome")
         messages = {
             "COMPLETED": "resolved: the payee was credited (COMPLETED)",
-            "FAILED": "resolved: the payer was refunded (FAILED)",
+            "FAILED": "resolved: the payer was refunded (FAILED)" if action == "refund"
+            else "NOT completed: the payee's credit was refused and the payer refunded "
+                 "(FAILED); the payee was never credited",
             "MANUAL_REVIEW": "refused again by the account center: still MANUAL_REVIEW "
                              "(see bizcenter sagas show)",
         }

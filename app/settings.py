@@ -19,9 +19,10 @@ DEV_TRANSFER_SECRET = "dev-only-transfer-token-secret-change-me-0123456789"  # n
 DEV_PIN_PEPPER = "dev-only-pin-pepper-change-me-0123456789"
 DEV_OTP_PEPPER = "dev-only-otp-pepper-change-me-0123456789"
 DEV_WEB_FORWARD_SECRET = "dev-only-web-forward-secret-change-me-0123456789"  # noqa: S105
+DEV_OPERATOR_SECRET = "dev-only-operator-secret-change-me-0123456789"  # noqa: S105
 #: Every development value: in production a secret equal to any of them is refused.
 DEV_SECRETS = frozenset({DEV_ACCESS_SECRET, DEV_TRANSFER_SECRET, DEV_PIN_PEPPER,
-                         DEV_OTP_PEPPER, DEV_WEB_FORWARD_SECRET})
+                         DEV_OTP_PEPPER, DEV_WEB_FORWARD_SECRET, DEV_OPERATOR_SECRET})
 #: Bytes an HMAC key needs for each algorithm (RFC 7518 §3.2: at least the hash size).
 #: The PIN and OTP peppers and the forward secret are HMAC-SHA256 keys.
 HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -106,6 +107,12 @@ class Settings(BaseSettings):
         SecretStr(DEV_WEB_FORWARD_SECRET),
         description="Shared HMAC-SHA256 key of the workers of one group (at least 32 "
         "bytes): signs the HTTP queries one worker forwards to another.",
+    )
+    operator_secret: SecretStr = Field(
+        SecretStr(DEV_OPERATOR_SECRET),
+        description="HMAC-SHA256 key (at least 32 bytes) of operators' resolutions: "
+        "bizcenter sagas resolve signs them, the workers refuse (dead-letter) any without a "
+        "valid signature. The same on the workers and where operators run the command.",
     )
     account_center_web_port: int = Field(
         6067, ge=0, le=65535, description="Port of the account center's web server "
@@ -297,12 +304,15 @@ class Settings(BaseSettings):
         return ("access_token_key" in self.model_fields_set
                 and bool(self.access_token_key.get_secret_value()))
 
-    def production_problems(self) -> list[str]:
+    def production_problems(self, variables: frozenset[str] | None = None) -> list[str]:
         """Why these secrets must not run in production, one phrase per variable (no
-        value is ever named); empty when they may."""
+        value is ever named); empty when they may. ``variables``: only those (a command
+        that uses only some secrets, app/cli.py); all of them by default."""
         problems: list[str] = []
 
         def check(variable: str, field: str | None, value: str, min_bytes: int) -> None:
+            if variables is not None and variable.split(" ")[0] not in variables:
+                return
             if field is not None and (field not in self.model_fields_set or not value):
                 problems.append(f"{variable} is unset")
             elif value in DEV_SECRETS:
@@ -327,6 +337,7 @@ class Settings(BaseSettings):
             ("BIZ_PIN_PEPPER", "pin_pepper", 32),
             ("BIZ_OTP_PEPPER", "otp_pepper", 32),
             ("BIZ_WEB_FORWARD_SECRET", "web_forward_secret", 32),
+            ("BIZ_OPERATOR_SECRET", "operator_secret", 32),
         ):
             check(variable, field, getattr(self, field).get_secret_value(), min_bytes)
         return problems

@@ -40,6 +40,7 @@ from app.domain.ports import (
     GuessBudgets,
     UserStatus,
 )
+from app.domain.resolution_signing import resolution_signed
 from app.query_service import query_record
 from app.record_failures import (
     MAX_ID_CHARS,
@@ -70,6 +71,7 @@ from schemas.wire import (
     CommandEnvelope,
     ErrorCode,
     FundingEvent,
+    OperatorResolution,
     SagaInput,
     TopUpPayload,
     TransferConfirmPayload,
@@ -181,6 +183,16 @@ def _wire_data(data: dict[str, Any] | None) -> dict[str, Any] | None:
             for k, v in data.items()}
 
 
+#: How far ahead of the worker's clock a command's ``sentAt`` may be (clock skew): beyond,
+#: ``INVALID_REQUEST``. Unbounded, a future ``sentAt`` would keep a command inside the
+#: retention window for ever (a replay after the purge would then be decided again).
+MAX_SENT_AT_AHEAD_SECONDS = 300.0
+
+
+class _NothingKept(Exception):
+    """A stale request (older than the retention window) with nothing kept to answer it."""
+
+
 class Rejection(Exception):
     """A request refused before any saga exists: becomes an error reply."""
 
@@ -223,6 +235,7 @@ class TransferService:
             funding_timeout_seconds=settings.funding_timeout_seconds,
         )
         self._pin_pepper = settings.pin_pepper.get_secret_value().encode()
+        self._operator_secret = settings.operator_secret.get_secret_value().encode()
         self.budgets = GuessBudgets(
             pin_max_attempts=settings.pin_max_attempts,
             pin_lock_seconds=settings.pin_lock_seconds,
@@ -348,8 +361,40 @@ class TransferService:
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             f"{env.type.value} needs an idempotencyKey")
         now = self.clock()
-        if env.type not in QUERY_COMMANDS and self._stale(env, now):
+        if env.type not in QUERY_COMMANDS:
+            if env.sent_at.timestamp() > now + MAX_SENT_AT_AHEAD_SECONDS:
+                # Its sender's clock is wrong, and such a command would stay inside the
+                # retention window forever: answered, not saved (the same request sent
+                # again with a right sentAt is handled).
+                self._count("requests_sent_in_the_future")
+                return self._reply_error(
+                    env.request_id, env.idempotency_key, env.type.value,
+                    ErrorCode.INVALID_REQUEST, f"sentAt is more than "
+                    f"{MAX_SENT_AT_AHEAD_SECONDS:.0f} s ahead of the business center's clock",
+                    cache_key=None)
+            if self._stale(env, now):
+                return await self._answer_stale(env, payload, partition, cache_key)
+        return await self._dispatch_current(env, payload, partition, cache_key, now)
+
+    async def _answer_stale(self, env: CommandEnvelope, payload: Any, partition: int,
+                            cache_key: str) -> list[Outbound]:
+        """A command sent before the retention window with no saved reply (an operator
+        replay after the purge, a request held back, a gateway whose clock is behind): it
+        is answered only from what is kept under its key, its saga (a MANUAL_REVIEW one is
+        never purged) or its idempotency record, never by a new decision or a refusal
+        checked now, which could differ from the answer it got the first time. With
+        nothing kept it is neither acted on nor answered (counted)."""
+        try:
+            return await self._dispatch_current(env, payload, partition, cache_key,
+                                                self.clock(), stale=True)
+        except (Rejection, _NothingKept):
+            self._count("stale_requests_unanswered")
             return []
+
+    async def _dispatch_current(
+        self, env: CommandEnvelope, payload: Any, partition: int, cache_key: str,
+        now: float, *, stale: bool = False,
+    ) -> list[Outbound]:
         try:
             identity = self.access.verify(env.access_token, env.operator_id,
                                           datetime.fromtimestamp(now, UTC), check_expiry=False)
@@ -364,14 +409,16 @@ class TransferService:
             key_, value = query_record(env, payload, user.account_id, user.currency)
             return [Outbound(self.topics.queries, key_, value)]  # answered by answer_queries
         if isinstance(payload, TransferInitPayload):
+            if stale:
+                raise _NothingKept  # an init leaves nothing but its saved reply
             _refuse_if(expired)
             return await self._transfer_init(env, payload, cache_key)
         if isinstance(payload, TransferConfirmPayload):
-            return await self._transfer_confirm(env, payload, partition, expired)
+            return await self._transfer_confirm(env, payload, partition, expired, stale)
         if isinstance(payload, TopUpPayload):
-            return await self._top_up(env, payload, partition, expired)
+            return await self._top_up(env, payload, partition, expired, stale)
         assert isinstance(payload, VerifyOtpPayload)
-        return await self._verify_otp(env, payload, expired)
+        return await self._verify_otp(env, payload, expired, stale)
 
     async def _transfer_init(
         self, env: CommandEnvelope, payload: TransferInitPayload, cache_key: str
@@ -419,7 +466,7 @@ class TransferService:
 
     async def _transfer_confirm(
         self, env: CommandEnvelope, payload: TransferConfirmPayload, partition: int,
-        access_expired: bool = False,
+        access_expired: bool = False, stale: bool = False,
     ) -> list[Outbound]:
         assert env.idempotency_key is not None
         now = self.clock()
@@ -438,6 +485,8 @@ class TransferService:
         transfer_id, answered = await self._duplicate_of(env, fingerprint, now)
         if answered is not None:
             return answered
+        if stale:
+            return await self._kept_only(env, fingerprint)
         _refuse_if(access_expired)
 
         leeway = self.settings.jwt_leeway_seconds
@@ -505,14 +554,18 @@ class TransferService:
                            cache_key=f"{env.operator_id}\x1f{env.request_id}")
 
     def _stale(self, env: CommandEnvelope, now: float) -> bool:
-        """A request sent before the retention window with no saved reply (purged): an
-        operator replay, or a request held back so long that its duplicates can no longer
-        be recognised. It is neither acted on nor answered, rather than answered
-        differently from the first time; counted and logged."""
-        if env.sent_at.timestamp() >= now - self.settings.idempotency_retention_hours * 3600:
-            return False
-        self._count("stale_requests_unanswered")
-        return True
+        """Sent before the retention window (and not answered from a saved reply): its
+        duplicates may no longer be recognised by the purged tables (``_answer_stale``)."""
+        return env.sent_at.timestamp() < now - self.settings.idempotency_retention_hours * 3600
+
+    async def _kept_only(self, env: CommandEnvelope, fingerprint: str) -> list[Outbound]:
+        """The answer of a stale request whose key has no saga: its idempotency record's
+        final outcome, else nothing (:class:`_NothingKept`)."""
+        assert env.idempotency_key is not None
+        kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
+        if kept is None or kept.state is None:
+            raise _NothingKept
+        return self._kept_answer(env, fingerprint, kept)
 
     async def _duplicate_of(
         self, env: CommandEnvelope, fingerprint: str, now: float
@@ -533,7 +586,7 @@ class TransferService:
 
     async def _top_up(
         self, env: CommandEnvelope, payload: TopUpPayload, partition: int,
-        access_expired: bool,
+        access_expired: bool, stale: bool = False,
     ) -> list[Outbound]:
         """Pull money from the user's linked bank account or card: the same saga and the
         same idempotency rules as a transfer, with the funding source as the payer."""
@@ -544,6 +597,8 @@ class TransferService:
         topup_id, answered = await self._duplicate_of(env, fingerprint, now)
         if answered is not None:
             return answered
+        if stale:
+            return await self._kept_only(env, fingerprint)
         _refuse_if(access_expired)
         user = await self._active_user(env.operator_id)
         source = await self.store.get_funding_source(payload.funding_source_id)
@@ -583,11 +638,17 @@ class TransferService:
         return await self._apply(saga, outputs, phone=user.phone)
 
     async def _verify_otp(
-        self, env: CommandEnvelope, payload: VerifyOtpPayload, access_expired: bool = False
+        self, env: CommandEnvelope, payload: VerifyOtpPayload, access_expired: bool = False,
+        stale: bool = False,
     ) -> list[Outbound]:
         assert env.idempotency_key is not None
         saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
         if saga is None:
+            if stale:  # the transfer's final outcome, if its record kept one
+                kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
+                if kept is None or kept.state is None:
+                    raise _NothingKept
+                return self._kept_answer(env, kept.fingerprint, kept)
             _refuse_if(access_expired)
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             "no transfer under this idempotencyKey awaits a one-time password")
@@ -710,6 +771,8 @@ class TransferService:
         try:
             item = SagaInput.model_validate(doc)
         except ValidationError as exc:
+            if doc.get("kind") == "operatorResolution":
+                self._count("refused_resolutions")  # unsigned, or an operator/reason refused
             raise Refused("invalid saga input: "
                           + _validation_message(exc, name_unknown=True)) from None
         if item.kind == "tick":
@@ -726,9 +789,24 @@ class TransferService:
             raise Refused("invalid saga input: accountEvent missing")
         return await self._on_account_event(item.account_event, record)
 
-    async def _on_resolution(self, resolution: Any, record: SourceRecord) -> list[Outbound]:
+    async def _on_resolution(self, resolution: OperatorResolution, record: SourceRecord
+                             ) -> list[Outbound]:
         """An operator's resolution of a MANUAL_REVIEW saga (``bizcenter sagas resolve``,
-        app/operator_commands.py), on the saga's home partition: the pure saga decides."""
+        app/operator_commands.py), on the saga's home partition. Its signature (HMAC-SHA256
+        under BIZ_OPERATOR_SECRET over every field that decides anything) is checked in
+        constant time before the saga sees it: without it anyone able to produce to the
+        topic could move money out of clearing. A forged one is counted and dead-lettered,
+        nothing moves; then the pure saga decides."""
+        if not resolution_signed(
+                self._operator_secret, resolution.signature,
+                transfer_id=resolution.transfer_id, resolution_id=resolution.resolution_id,
+                number=resolution.number, action=resolution.action,
+                operator=resolution.operator, reason=resolution.reason):
+            self._count("refused_resolutions")
+            log.error("an operator resolution of %r without a valid signature: refused, "
+                      "dead-lettered", resolution.transfer_id,
+                      extra={"transferId": resolution.transfer_id})
+            raise Refused("operator resolution: invalid signature")
         ids = {"transferId": resolution.transfer_id, "operatorId": resolution.operator}
         saga = self.sagas.get(resolution.transfer_id)
         if saga is None or saga.transfer.home_partition != record.partition:
@@ -736,8 +814,8 @@ class TransferService:
                         resolution.transfer_id, record.partition, extra=ids)
             return []
         new, outputs = saga_core.on_resolution(
-            saga, resolution.resolution_id, resolution.action, resolution.operator,
-            resolution.reason, self.clock(), self.policy)
+            saga, resolution.resolution_id, resolution.number, resolution.action,
+            resolution.operator, resolution.reason, self.clock(), self.policy)
         if new is saga and not outputs:
             log.warning("resolution %s of %s ignored: the saga is %s", resolution.action,
                         resolution.transfer_id, saga.state.value, extra=ids)

@@ -320,12 +320,21 @@ class OperatorResolution(WireModel):
     transfer_id: Identifier
     resolution_id: Identifier = Field(description="The same for the same resolution asked "
                                       "again: a repeat re-sends what it decided.")
+    number: int = Field(strict=True, ge=1, le=1_000_000, description="Which resolution of "
+                        "the saga this is (1 for the first): the saga acts only on the one "
+                        "after those it started.")
     action: Literal["refund", "complete"] = Field(
         description="`refund`: the amount held in clearing back to the payer; `complete`: "
         "credited to the payee.")
-    operator: Identifier = Field(description="Who resolved it (recorded in the saga).")
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=512)] = Field(
-        description="Why (recorded in the saga).")
+    operator: KeyIdentifier = Field(description="Who resolved it (recorded in the saga).")
+    reason: Annotated[str, StringConstraints(
+        min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")] = Field(
+        description="Why (recorded in the saga); no control character.")
+    signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="HMAC-SHA256 (hex) under BIZ_OPERATOR_SECRET of the transferId, "
+        "resolutionId, number, action, operator and reason "
+        "(app/domain/resolution_signing.py): a resolution without a valid one is "
+        "dead-lettered.")
 
 
 class SagaInput(WireModel):

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from app.settings import (
     DEV_ACCESS_SECRET,
+    DEV_OPERATOR_SECRET,
     DEV_OTP_PEPPER,
     DEV_PIN_PEPPER,
     DEV_TRANSFER_SECRET,
@@ -34,6 +35,7 @@ DEV = {
     "BIZ_PIN_PEPPER": DEV_PIN_PEPPER,
     "BIZ_OTP_PEPPER": DEV_OTP_PEPPER,
     "BIZ_WEB_FORWARD_SECRET": DEV_WEB_FORWARD_SECRET,
+    "BIZ_OPERATOR_SECRET": DEV_OPERATOR_SECRET,
 }
 SECRET_VARIABLES = tuple(DEV)
 PROCESSES = ("worker", "account-center", "funding-provider")
@@ -152,6 +154,39 @@ def test_invalid_settings_are_refused_without_showing_their_value(tmp_path: Path
     line = refusal(bizcenter(tmp_path, "worker", env={**strong(),
                                                       "BIZ_ACCESS_TOKEN_KEYS": keys}))
     assert "kid 'k1' appears twice" in line and secret not in line
+
+
+@pytest.mark.parametrize("args", [("sagas", "list"), ("sagas", "show", "t-1"),
+                                  ("dlq", "list"), ("dlq", "show", "0:1"),
+                                  ("users", "unlock", "alice")])
+def test_operator_commands_that_use_no_secret_need_none(tmp_path: Path,
+                                                        args: tuple[str, ...]) -> None:
+    """Finding F6: reading topics (sagas list|show, dlq) or unlocking a user uses no
+    secret, so production with none set does not refuse them: they go on and fail only at
+    the unreachable broker or database (exit 2, or an error that is not 78)."""
+    result = bizcenter(tmp_path, *args, env={}, timeout=120)
+    assert result.returncode not in (0, EXIT_CONFIG), (result.returncode, result.stderr)
+    assert "refusing to start" not in result.stderr, result.stderr
+
+
+def test_sagas_resolve_needs_the_operator_secret_and_only_it(tmp_path: Path) -> None:
+    """Finding F6: ``sagas resolve`` signs with BIZ_OPERATOR_SECRET: refused while it is
+    unset, a development value or short, whatever the other secrets; with it alone it
+    goes on (to the unreachable broker, exit 2)."""
+    args = ("sagas", "resolve", "t-1", "--refund", "--operator", "ops-anna", "--reason",
+            "why", "--wait", "1")
+    for value in (None, DEV_OPERATOR_SECRET, DEV_PIN_PEPPER, "s" * 31):
+        env = {**strong()}
+        if value is None:
+            del env["BIZ_OPERATOR_SECRET"]
+        else:
+            env["BIZ_OPERATOR_SECRET"] = value
+        line = refusal(bizcenter(tmp_path, *args, env=env))
+        assert line.startswith("bizcenter sagas resolve: refusing to start"), line
+        assert re.findall(r"(BIZ_[A-Z_]+) is ", line) == ["BIZ_OPERATOR_SECRET"], line
+    alone = bizcenter(tmp_path, *args, env={"BIZ_OPERATOR_SECRET": secrets.token_urlsafe(48)},
+                      timeout=120)
+    assert alone.returncode == 2, (alone.returncode, alone.stderr)
 
 
 @pytest.mark.integration

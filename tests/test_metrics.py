@@ -157,7 +157,7 @@ def test_each_state_change_is_counted_and_the_first_final_state_is_a_transfer(
     assert as_json["level"] == "WARNING" and as_json["logger"] == "app.saga"
 
     # an operator's resolution: counted as such, not as a second transfer
-    saga = step(*s.on_resolution(saga, "res-1", "refund", "ops-anna", "why", T0 + 10,
+    saga = step(*s.on_resolution(saga, "res-1", 1, "refund", "ops-anna", "why", T0 + 10,
                                  POLICY))
     assert "operator resolution 1: refund by ops-anna" in caplog.records[-1].getMessage()
     saga = step(*s.on_account_event(saga, s.command_id(t, "refund.r1"), "refunded", None,

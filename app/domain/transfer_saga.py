@@ -39,6 +39,7 @@ re-sends those outputs instead of deciding again. Any other stale input is ignor
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from enum import StrEnum
 from typing import Any
 
@@ -600,8 +601,8 @@ RESOLUTION_ACTIONS = frozenset({"refund", "complete"})
 
 
 def on_resolution(
-    saga: Saga, resolution_id: str, action: str, operator: str, reason: str, now: float,
-    policy: Policy,
+    saga: Saga, resolution_id: str, number: int, action: str, operator: str, reason: str,
+    now: float, policy: Policy,
 ) -> tuple[Saga, tuple[Output, ...]]:
     """An operator settles a MANUAL_REVIEW transfer (``bizcenter sagas resolve``):
     ``refund`` gives the amount held in clearing back to the payer (REFUNDING, then FAILED),
@@ -611,12 +612,18 @@ def on_resolution(
     redelivery, the command run twice) re-sends what it decided; a resolution of a saga not
     in MANUAL_REVIEW (already resolved, or a top-up) changes nothing. A refused resolution
     ends in MANUAL_REVIEW again. No reply is sent: the request had its final answer; the
-    outcome is on business.transfer-events."""
+    outcome is on business.transfer-events.
+
+    ``number`` is the resolution's place (1 for the first, as the operator's command read
+    it from the saga): only ``resolution_count + 1`` is decided. An older one (a replay of
+    business.saga-inputs, a redelivery after the saga moved on, even after a refused
+    resolution brought it back to MANUAL_REVIEW) re-sends what it decided while it is the
+    saga's last input, else nothing: it never decides again."""
     trigger = f"resolve:{resolution_id}"
     if saga.last_trigger == trigger:
         return saga, saga.last_outputs
-    if (saga.state is not State.MANUAL_REVIEW or saga.transfer.kind == TOPUP
-            or action not in RESOLUTION_ACTIONS):
+    if (number != saga.resolution_count + 1 or saga.state is not State.MANUAL_REVIEW
+            or saga.transfer.kind == TOPUP or action not in RESOLUTION_ACTIONS):
         return saga, ()
     moved = replace(saga, resolution_count=saga.resolution_count + 1, resolution_action=action,
                     resolved_by=operator, resolution_reason=reason,
@@ -643,13 +650,24 @@ def saga_to_dict(saga: Saga) -> dict[str, Any]:
     return data
 
 
+def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys ``cls`` does not have: a saga written by a newer version
+    (a field added since) still reads, its new fields ignored."""
+    names = {f.name for f in dataclass_fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 def saga_from_dict(data: dict[str, Any]) -> Saga:
-    fields = dict(data)
-    fields["transfer"] = Transfer(**fields["transfer"])
+    """The stored form back. Unknown keys are ignored (of the saga, its transfer and its
+    outputs), so a version reading a saga stored by a later one does not fail on a field
+    added since (docs/operations.md, "Upgrade")."""
+    fields = _known(Saga, data)
+    fields["transfer"] = Transfer(**_known(Transfer, dict(data["transfer"])))
     fields["state"] = State(fields["state"])
     outputs = []
-    for raw in fields.get("last_outputs", []):
+    for raw in data.get("last_outputs", []):
         item = dict(raw)
-        outputs.append(_OUTPUT_TYPES[item.pop("t")](**item))
+        cls = _OUTPUT_TYPES[item.pop("t")]
+        outputs.append(cls(**_known(cls, item)))
     fields["last_outputs"] = tuple(outputs)
     return Saga(**fields)
