@@ -174,7 +174,10 @@ def commands(draw: Any, users: list[str], tokens: dict[str, str]) -> Spec:
         "requestId": RID, "type": ctype, "operatorId": user,
         "accessToken": tokens[user] if valid_token else draw(st.sampled_from(
             ["x.y.z", "", "garbage", "eyJhbGciOiJub25lIn0.e30."])),
-        "sentAt": "2030-01-02T00:00:00Z", "payload": payloads.get(ctype, {"a": 1}),
+        # now: a sentAt beyond the clock-skew bound is refused before anything else is
+        # looked at (docs/contract.md, "Requests older than the window")
+        "sentAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "payload": payloads.get(ctype, {"a": 1}),
     }
     if ctype in ("transferConfirm", "verifyOtp", "topUp") or draw(st.booleans()):
         env["idempotencyKey"] = "fz-" + draw(st.text(_chars, min_size=1, max_size=20))

@@ -344,9 +344,64 @@ async def test_a_request_older_than_the_retention_window_is_neither_acted_on_nor
     doc["sentAt"] = "2029-12-31T23:59:00Z"  # 24 h + 1 min before the harness's clock
     calls = len(h.store.calls)
     assert await h.send(orjson.dumps(doc)) == []
-    assert h.reply("r-old") is None and h.store.calls[calls:] == []
+    # Nothing kept under the key (no saga, no idempotency record): nothing decided, nothing
+    # answered; the only store call is the read of the key's idempotency record.
+    assert h.reply("r-old") is None and h.store.calls[calls:] == ["kept_outcome"]
     assert h.service.counters["stale_requests_unanswered"] == 1
     doc["sentAt"] = "2030-01-01T00:01:00Z"  # inside the window: handled
     await h.send(orjson.dumps(doc))
     await h.run_until_quiet()
     assert h.reply("r-old") is not None and h.reply("r-old")["status"] == "ok"  # type: ignore[index]
+
+
+DAY = 24 * 3600
+
+
+async def test_a_stale_retry_of_a_manual_review_transfer_gets_its_outcome() -> None:
+    """Finding F8: a MANUAL_REVIEW saga is never purged; a retry whose sentAt is older than
+    the window (a gateway whose clock is a day behind) is answered from it, not ignored."""
+    h = Harness()
+    h.sim.close("acc-bob")
+    token = await h.transfer_token("alice", "acc-bob", 1_000)
+    await h.confirm("alice", token, "k-review", run=False)
+    await h.step()  # the debit
+    h.sim.close("acc-alice")  # the refund refused too
+    await h.run_until_quiet()
+    saga = h.saga("alice", "k-review")
+    assert saga is not None and saga.state is State.MANUAL_REVIEW
+    h.clock.advance(DAY + 3600)
+    doc = orjson.loads(h.command("transferConfirm", "alice",
+                                 {"transferToken": token, "pin": PIN}, idem="k-review",
+                                 request_id="r-late"))
+    doc["sentAt"] = "2030-01-01T00:00:00Z"  # a day and more behind the harness's clock
+    await h.send(orjson.dumps(doc))
+    reply = h.reply("r-late")
+    assert reply is not None, "a stale retry of a kept saga got no answer"
+    assert (reply["status"], reply["code"]) == ("error", "INTERNAL")
+    assert reply["data"] == {"transferId": saga.transfer.transfer_id,
+                             "state": "MANUAL_REVIEW"}
+    assert h.saga("alice", "k-review") == saga  # nothing decided
+    assert h.service.counters["stale_requests_unanswered"] == 0
+
+
+async def test_a_command_sent_in_the_future_is_refused_not_ignored() -> None:
+    """Finding F8: a sentAt beyond the clock-skew bound (5 minutes) would keep the command
+    inside the retention window for ever: INVALID_REQUEST, not saved, nothing decided;
+    the same request with a right sentAt is then handled."""
+    h = Harness()
+    token = await h.transfer_token("alice", "acc-bob", 1_000)
+    doc = orjson.loads(h.command("transferConfirm", "alice",
+                                 {"transferToken": token, "pin": PIN}, idem="k-future",
+                                 request_id="r-future"))
+    doc["sentAt"] = "2030-01-02T00:05:01Z"  # 301 s ahead of the harness's clock
+    calls = len(h.store.calls)
+    await h.send(orjson.dumps(doc))
+    reply = h.reply("r-future")
+    assert reply is not None and reply["code"] == ErrorCode.INVALID_REQUEST, reply
+    assert "sentAt" in reply["message"]
+    assert h.store.calls[calls:] == [] and h.saga("alice", "k-future") is None
+    doc["sentAt"] = "2030-01-02T00:04:59Z"  # within the bound: handled
+    await h.send(orjson.dumps(doc))
+    await h.run_until_quiet()
+    done = h.reply("r-future")
+    assert done is not None and done["status"] == "ok", done
