@@ -453,3 +453,19 @@ async def test_a_confirm_refused_by_the_limit_claims_no_token(
                                       " WHERE transfer_id = :t"), {"t": "t-" + key}) == 0
     small = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-small-" + key)
     assert small.outcome is ConfirmOutcome.OK  # the key was free for another token
+
+
+async def test_a_start_beside_busy_transactions_takes_no_table_lock(
+        store: PostgresBusinessStore) -> None:
+    """Every process migrates at start, also while other processes are busy (a worker
+    joining a loaded group). Once the schema is at this version, migrating runs no DDL: an
+    ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` would queue for an exclusive lock behind
+    the live transactions and deadlock with them (a second worker crashed at start)."""
+    async with store.engine.connect() as busy:
+        transaction = await busy.begin()
+        # A live transaction holding a lock on the users table, as a confirm's does.
+        await busy.execute(text("LOCK TABLE users IN ROW SHARE MODE"))
+        try:
+            await asyncio.wait_for(store.migrate(), timeout=15)
+        finally:
+            await transaction.rollback()

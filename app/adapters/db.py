@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
 import re
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -31,17 +37,80 @@ def make_engine(url: str, schema: str, pool_size: int = 10) -> AsyncEngine:
     )
 
 
-async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
-    """Create ``schema`` and run idempotent ``ddl`` (CREATE ... IF NOT EXISTS statements).
+#: SQLSTATEs after which the migration is tried again: deadlock, lock timeout.
+_MIGRATION_RETRY_SQLSTATES = frozenset({"40P01", "55P03"})
+_MIGRATION_ATTEMPTS = 8
 
-    Serialised with an advisory lock so that several processes starting together do not
-    race on CREATE TABLE.
+
+async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
+    """Create ``schema`` and run idempotent ``ddl`` (CREATE ... IF NOT EXISTS statements),
+    once per version of ``ddl``.
+
+    Every process runs this at start, also while other processes of the same schema are
+    busy: a worker joining a loaded group. ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` takes
+    an exclusive lock on its table even when the column exists, and queued behind live
+    transactions it deadlocks with them (seen: a second worker crashing at start). So the
+    SHA-256 of ``ddl`` is recorded in ``schema_version`` and a process that finds it there
+    runs no DDL at all; otherwise the DDL runs under an advisory lock (processes starting
+    together do not race), with a lock timeout, and is tried again after a deadlock or a
+    lock timeout.
     """
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"invalid schema name {schema!r}")
-    async with engine.begin() as conn:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": schema})
-        await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-        for statement in (s.strip() for s in ddl.split(";")):
-            if statement:
-                await conn.execute(text(statement))
+    version = hashlib.sha256(ddl.encode()).hexdigest()
+    if await _applied(engine, schema) == version:
+        return
+    for attempt in range(1, _MIGRATION_ATTEMPTS + 1):
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
+                                   {"s": schema})
+                if await _applied_in(conn, schema) == version:
+                    return
+                await conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                for statement in (s.strip() for s in ddl.split(";")):
+                    if statement:
+                        await conn.execute(text(statement))
+                await conn.execute(text(
+                    f'CREATE TABLE IF NOT EXISTS "{schema}".schema_version ('
+                    " id int PRIMARY KEY CHECK (id = 1), ddl_sha256 text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"))
+                record = (  # the schema name is validated by _SCHEMA_NAME
+                    f'INSERT INTO "{schema}".schema_version (id, ddl_sha256) '  # noqa: S608
+                    "VALUES (1, :v) ON CONFLICT (id) DO UPDATE SET "
+                    "ddl_sha256 = EXCLUDED.ddl_sha256, applied_at = now()")
+                await conn.execute(text(record), {"v": version})
+            return
+        except DBAPIError as exc:
+            if _sqlstate(exc) not in _MIGRATION_RETRY_SQLSTATES or attempt == _MIGRATION_ATTEMPTS:
+                raise
+            log.warning("schema %s: migration met live transactions (%s), attempt %d of %d",
+                        schema, _sqlstate(exc), attempt, _MIGRATION_ATTEMPTS)
+            await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+
+
+async def _applied(engine: AsyncEngine, schema: str) -> str | None:
+    async with engine.connect() as conn:
+        return await _applied_in(conn, schema)
+
+
+async def _applied_in(conn: AsyncConnection, schema: str) -> str | None:
+    """The DDL version recorded in ``schema`` (None when nothing is recorded yet)."""
+    exists = (await conn.execute(text("SELECT to_regclass(:t)"),
+                                 {"t": f'"{schema}".schema_version'})).scalar_one()
+    if exists is None:
+        return None
+    row = (await conn.execute(text(
+        f'SELECT ddl_sha256 FROM "{schema}".schema_version WHERE id = 1'  # noqa: S608
+    ))).first()  # the schema name is validated by _SCHEMA_NAME
+    return None if row is None else str(row[0])
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
