@@ -380,8 +380,10 @@ class TransferService:
                             cache_key: str) -> list[Outbound]:
         """A command sent before the retention window with no saved reply (an operator
         replay after the purge, a request held back, a gateway whose clock is behind): it
-        is answered only from what is kept under its key, its saga (a MANUAL_REVIEW one is
-        never purged) or its idempotency record, never by a new decision or a refusal
+        is answered only from what is kept under its key: its saga (a MANUAL_REVIEW one is
+        never purged), handled as a duplicate within the window is (only a verifyOtp for a
+        saga still waiting for its OTP, with an access token still valid, is checked), or
+        its idempotency record's final outcome. Never a new operation, nor a refusal
         checked now, which could differ from the answer it got the first time. With
         nothing kept it is neither acted on nor answered (counted)."""
         try:
