@@ -347,7 +347,9 @@ class TransferService:
                                                           f"otp:{env.request_id}"):
                 # This request made the saga's last decision: re-send all of it (the
                 # transfer event too, not only the reply) in case the crash came between.
-                return await self._apply(saga, saga.last_outputs, changed=False)
+                return await self._apply(
+                    saga, saga_core.redelivered_outputs(saga, self.clock(), self.policy),
+                    changed=False)
         return [Outbound(self.topics.replies, env.request_id.encode(), cached)]
 
     async def _dispatch(
@@ -583,7 +585,8 @@ class TransferService:
                             "this idempotencyKey was used for another operation")
         if existing is None:
             return saga_id, None
-        saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now)
+        saga, outputs = saga_core.on_duplicate_confirm(existing, env.request_id, now,
+                                                       self.policy)
         return saga_id, await self._apply(saga, outputs, changed=False)
 
     async def _top_up(
@@ -966,6 +969,10 @@ class TransferService:
         idempotent effects, so deciding again (a retry, a redelivery, the next tick) is
         safe; after them nothing can fail."""
         outputs = tuple(outputs)
+        if phone is None and any(isinstance(o, saga_core.SendOtp) for o in outputs):
+            # An OTP sent again (saga_core.redelivered_outputs): the phone is not stored.
+            user = await self.store.get_user(saga.transfer.operator_id)
+            phone = user.phone if user is not None else None
         saves: list[tuple[str, bytes]] = []
         encoded = list(self._encode(saga, outputs, phone, saves))
         self.guard.check_outputs(encoded)  # an output that could never be sent: poison

@@ -612,3 +612,20 @@ def test_malformed_attempts_are_not_ours(value: str) -> None:
 )
 def test_parse_command_id_rejects_foreign_ids(value: str) -> None:
     assert s.parse_command_id(value) is None
+
+
+def test_a_sealed_otp_opens_only_with_the_pepper_and_its_digest() -> None:
+    from app.domain import otp as otp_codes
+
+    pepper, binding = b"pepper-0123456789", otp_codes.otp_binding("t1", 500, "acc-b", "k")
+    digest = otp_codes.otp_digest(pepper, binding, "042917")
+    sealed = otp_codes.seal_otp(pepper, binding, "042917", digest)
+    assert "042917" not in sealed and sealed != b"042917".hex()
+    assert otp_codes.unseal_otp(pepper, binding, sealed, digest) == "042917"
+    assert otp_codes.unseal_otp(b"another-pepper-0123", binding, sealed, digest) is None
+    other = otp_codes.otp_binding("t2", 500, "acc-b", "k")
+    assert otp_codes.unseal_otp(pepper, other, sealed, digest) is None
+    assert otp_codes.unseal_otp(pepper, binding, "zz", digest) is None
+    # A new OTP of the same transfer gets another pad.
+    digest2 = otp_codes.otp_digest(pepper, binding, "042918")
+    assert otp_codes.seal_otp(pepper, binding, "042918", digest2)[:10] != sealed[:10]

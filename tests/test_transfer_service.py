@@ -1118,3 +1118,38 @@ async def test_money_is_conserved_under_a_random_mix_with_duplicates() -> None:
         if h.saga(payer_of[idem], idem) is None:
             last = [h.reply(rid) for rid in rids][-1]
             assert last is not None and last["status"] == "error", (idem, last)
+
+
+async def test_a_confirm_delivered_again_after_a_crash_sends_the_same_otp_again() -> None:
+    """The worker died after writing the saga and before the OTP notification reached the
+    broker (its sends dropped); the confirm, never committed, is delivered again. The saga
+    is found and its decision re-sent, and the OTP with it: the same code, unsealed from the
+    saga (no plain OTP is stored), so the user is not stranded until OTP_EXPIRED."""
+    h = Harness()
+    init = await h.init("alice", "acc-bob", 20_000)
+    await h.confirm("alice", init["data"]["transferToken"], "k1", request_id="r-c",
+                    deliver=False)
+    assert h.otp_messages == [] and h.replies_for("r-c") == []  # everything was lost
+    confirm = h.history[-1]
+    await h.process(confirm)  # delivered again
+    [note] = h.otp_messages
+    assert note["otp"] == h.new_otp.issued[-1] and note["phone"] == "+15550101"
+    assert h.reply("r-c")["code"] == "OTP_REQUIRED"  # type: ignore[index]
+    assert len(h.new_otp.issued) == 1  # the same code, not a new one
+    done = await h.verify_otp("alice", note["otp"], "k1", request_id="r-otp")
+    assert done is not None and done["data"]["state"] == "COMPLETED"
+    assert (h.balance("alice"), h.balance("bob")) == (80_000, 70_000)
+
+
+async def test_no_otp_is_sent_again_once_the_user_has_tried_one() -> None:
+    h = Harness()
+    init = await h.init("alice", "acc-bob", 20_000)
+    await h.confirm("alice", init["data"]["transferToken"], "k1", request_id="r-c")
+    confirm = next(d for d in h.history if d.topic == "business.commands"
+                   and d.value is not None and b'"transferConfirm"' in d.value)
+    wrong = await h.verify_otp("alice", "000000" if h.new_otp.issued[-1] != "000000"
+                               else "111111", "k1", request_id="r-bad")
+    assert wrong is not None and wrong["code"] == "INVALID_OTP"
+    before = len(h.otp_messages)
+    await h.process(confirm)
+    assert len(h.otp_messages) == before

@@ -28,3 +28,34 @@ def otp_digest(pepper: bytes, binding: str, otp: str) -> str:
 
 def otp_matches(pepper: bytes, binding: str, otp: str, digest: str) -> bool:
     return hmac.compare_digest(otp_digest(pepper, binding, otp), digest)
+
+
+def seal_otp(pepper: bytes, binding: str, otp: str, digest: str) -> str:
+    """The OTP encrypted for the saga's state, so that a crash between writing the state
+    and sending the notification can be recovered by sending the same OTP again: a one-time
+    pad from HMAC-SHA256 under the pepper, bound to the transfer and to this OTP's digest
+    (a new OTP gets a new pad). Without the pepper the sealed value reveals nothing."""
+    data = otp.encode()
+    pad = _seal_pad(pepper, binding, digest)
+    if len(data) > len(pad):
+        raise ValueError("OTP too long to seal")
+    return bytes(a ^ b for a, b in zip(data, pad, strict=False)).hex()
+
+
+def unseal_otp(pepper: bytes, binding: str, sealed: str, digest: str) -> str | None:
+    """The OTP sealed by :func:`seal_otp`, or None when it does not match ``digest``."""
+    try:
+        data = bytes.fromhex(sealed)
+    except ValueError:
+        return None
+    pad = _seal_pad(pepper, binding, digest)
+    try:
+        otp = bytes(a ^ b for a, b in zip(data, pad, strict=False)).decode()
+    except UnicodeDecodeError:
+        return None
+    return otp if otp_matches(pepper, binding, otp, digest) else None
+
+
+def _seal_pad(pepper: bytes, binding: str, digest: str) -> bytes:
+    return hmac.new(pepper, f"otp-seal\x1f{binding}\x1f{digest}".encode(),
+                    hashlib.sha256).digest()

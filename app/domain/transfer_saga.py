@@ -182,6 +182,9 @@ class Saga:
     reply_type: str  # transferConfirm or verifyOtp
     code: str | None = None
     otp_digest: str | None = field(default=None, repr=False)
+    #: The pending OTP, sealed (app/domain/otp.py): re-sent when the confirm that started
+    #: the saga is delivered again (the first notification may have died with the worker).
+    otp_sealed: str | None = field(default=None, repr=False)
     otp_expires_at: float | None = None
     otp_attempts: int = 0
     command_attempts: int = 0
@@ -391,10 +394,12 @@ def start(
         request_id, "pending", "OTP_REQUIRED", "enter the one-time password sent to your phone",
         {"transferId": transfer.transfer_id, "otpExpiresAt": expires}, command_type,
     )
+    digest = otp_codes.otp_digest(policy.otp_pepper, binding, otp)
     return _move(
         blank, State.AWAITING_OTP, now, trigger,
         [SendOtp(user_id, otp, expires, transfer.transfer_id), pending],
-        otp_digest=otp_codes.otp_digest(policy.otp_pepper, binding, otp),
+        otp_digest=digest,
+        otp_sealed=otp_codes.seal_otp(policy.otp_pepper, binding, otp, digest),
         otp_expires_at=expires,
     )
 
@@ -417,13 +422,13 @@ def classify(saga: Saga | None, fingerprint: str) -> Duplicate:
 
 
 def on_duplicate_confirm(
-    saga: Saga, request_id: str, now: float
+    saga: Saga, request_id: str, now: float, policy: Policy | None = None,
 ) -> tuple[Saga, tuple[Output, ...]]:
     """The same confirm again: a redelivery, a double click or a retry."""
     if saga.last_trigger == f"confirm:{request_id}":
         # A redelivery of the confirm that started the saga (a crash between the state
         # write and the sends): re-send what was decided, decide nothing new.
-        return saga, saga.last_outputs
+        return saga, redelivered_outputs(saga, now, policy)
     outputs: list[Output] = []
     command_type = origin_type(saga.transfer)
     if saga.is_final:
@@ -438,6 +443,25 @@ def on_duplicate_confirm(
     else:
         outputs.append(_in_progress(saga, request_id, command_type))
     return saga, _dedupe_replies(outputs)
+
+
+def redelivered_outputs(saga: Saga, now: float, policy: Policy | None) -> tuple[Output, ...]:
+    """What the saga's last decision sent, to send again when the record that made it is
+    delivered again. The OTP notification is not among the stored outputs (no plain OTP is
+    stored); while the saga still waits for that OTP it is unsealed and sent again, the same
+    OTP, so a crash between the state write and the notification strands no user."""
+    outputs = saga.last_outputs
+    if (policy is None or saga.state is not State.AWAITING_OTP or saga.otp_sealed is None
+            or saga.otp_digest is None or saga.otp_expires_at is None
+            or now > saga.otp_expires_at or saga.otp_attempts > 0):
+        return outputs
+    t = saga.transfer
+    binding = otp_codes.otp_binding(t.transfer_id, t.amount_minor, t.to_account_id,
+                                    t.idempotency_key)
+    otp = otp_codes.unseal_otp(policy.otp_pepper, binding, saga.otp_sealed, saga.otp_digest)
+    if otp is None:
+        return outputs
+    return (SendOtp(t.operator_id, otp, saga.otp_expires_at, t.transfer_id), *outputs)
 
 
 def _in_progress(saga: Saga, request_id: str, command_type: str) -> SendReply:
@@ -482,12 +506,12 @@ def on_otp(
     if now > saga.otp_expires_at:
         return _move(
             saga, State.FAILED, now, trigger, [], code="OTP_EXPIRED",
-            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None, otp_sealed=None,
         )
     if budget_spent:
         return _move(
             saga, State.FAILED, now, trigger, [], code="OTP_LOCKED",
-            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None, otp_sealed=None,
         )
     t = saga.transfer
     binding = otp_codes.otp_binding(t.transfer_id, t.amount_minor, t.to_account_id,
@@ -495,13 +519,13 @@ def on_otp(
     if otp_codes.otp_matches(policy.otp_pepper, binding, otp, saga.otp_digest):
         return _start_step(
             saga, first_step(saga.transfer), now, policy, trigger,
-            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None, otp_sealed=None,
         )
     attempts = saga.otp_attempts + 1
     if attempts >= policy.otp_max_attempts:
         return _move(
             saga, State.FAILED, now, trigger, [], code="OTP_LOCKED", otp_attempts=attempts,
-            reply_to=request_id, reply_type="verifyOtp", otp_digest=None,
+            reply_to=request_id, reply_type="verifyOtp", otp_digest=None, otp_sealed=None,
         )
     reply = SendReply(
         request_id, "error", "INVALID_OTP", "the one-time password is wrong",
@@ -578,7 +602,7 @@ def on_tick(saga: Saga, now: float, policy: Policy) -> tuple[Saga, tuple[Output,
     if saga.state is State.AWAITING_OTP:
         if saga.otp_expires_at is not None and now > saga.otp_expires_at:
             return _move(saga, State.FAILED, now, f"tick:{saga.seq}", [], code="OTP_EXPIRED",
-                         otp_digest=None)
+                         otp_digest=None, otp_sealed=None)
         return saga, ()
     if (saga.state is State.CHARGING and saga.give_up_at is not None
             and now >= saga.give_up_at):
