@@ -26,8 +26,8 @@ from aiokafka.partitioner import murmur2
 from faust.types import TP
 from pydantic import ValidationError
 
+from agents.faust_app import Worker
 from app import metrics
-from app.faust_app import Worker
 from app.query_service import (
     AccountProjection,
     Answer,
@@ -232,7 +232,7 @@ def register(worker: Worker) -> QueryRuntime:
         runtime.progress.forget()
 
     if worker.settings.web_enabled:
-        from app.web import register_views
+        from agents.web import register_views
 
         register_views(app, runtime)
     if worker.settings.reconcile_interval_seconds > 0:

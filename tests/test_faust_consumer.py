@@ -12,7 +12,7 @@ from typing import Any
 from faust.types import TP
 from intervaltree import IntervalTree
 
-from app.faust_consumer import YIELD_EVERY, BatchDeliveringConsumer
+from agents.faust_consumer import YIELD_EVERY, BatchDeliveringConsumer
 
 A = TP("business.commands", 0)
 B = TP("business.saga-inputs", 0)

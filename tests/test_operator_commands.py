@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from app.domain import transfer_saga as s
-from app.operator_commands import (
+from cli.operator_commands import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     Record,

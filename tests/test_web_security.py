@@ -13,9 +13,9 @@ import orjson
 from conftest import wait_for
 from pydantic import SecretStr
 
+from agents.web import QueryViews, _query, forward_headers, forward_signature, served_by_tag
 from app.domain.ports import UserRecord, UserStatus
 from app.query_service import Answer, DictKeyValue, QueryService
-from app.web import QueryViews, _query, forward_headers, forward_signature, served_by_tag
 from schemas.wire import CommandType, ErrorCode, QueryRequest
 
 SECRET = "forward-secret-for-tests-" + "f" * 40

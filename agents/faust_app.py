@@ -17,8 +17,8 @@ import faust
 import orjson
 from mode.utils.times import want_seconds
 
+from agents.faust_consumer import BatchDeliveringConsumer
 from app.domain import transfer_saga as saga_core
-from app.faust_consumer import BatchDeliveringConsumer
 from app.settings import Settings
 from app.transfer_service import Outbound, Topics, TransferService
 
