@@ -101,31 +101,12 @@ async def prepare(settings: Settings, *, ledger: bool = False) -> None:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from faust.worker import Worker as FaustWorker
-
-    from agents.faust_app import create_app
-
-    class RedactingWorker(FaustWorker):
-        """Faust's worker replaces the root logger's handlers when it starts: the
-        redaction filter goes onto the new ones before any record reaches them."""
-
-        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-            super().on_setup_root_logger(logger, level)
-            log_redaction.install()
-            log_format.install(settings.log_format)
+    from agents.worker import run_worker
 
     if settings.environment == "development":
         log.warning("BIZ_ENVIRONMENT=development: the development secrets are accepted")
     asyncio.run(prepare(settings))
-    worker = create_app(settings)
-    if settings.web_enabled:
-        from agents.health import register_health_views
-
-        register_health_views(worker.app, settings.database_url, settings.db_schema)
-    faust_worker = RedactingWorker(worker.app, loglevel=settings.log_level.lower(),
-                                   quiet=True)
-    faust_worker.execute_from_commandline()
-    return 0
+    return run_worker(settings)
 
 
 def cmd_account_center(settings: Settings, args: argparse.Namespace) -> int:
@@ -335,7 +316,7 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    from app.tokens import issue_access_token
+    from reference.user_center import issue_access_token
 
     print(issue_access_token(settings, args.user, ttl_seconds=args.ttl))
     return 0
@@ -347,8 +328,8 @@ async def run_transfer(
 ) -> dict[str, Any]:
     """As a gateway would: transferInit → transferConfirm → (verifyOtp), or, with
     ``source``, topUp → (verifyOtp). Returns the outcome."""
-    from app.tokens import issue_access_token
     from reference.gateway_client import GatewayClient, TopicTail
+    from reference.user_center import issue_access_token
 
     token = issue_access_token(settings, user)
     client = GatewayClient(settings)

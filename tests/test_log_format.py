@@ -22,8 +22,8 @@ from app import log_format
 from app.log_format import JsonFormatter, RebalanceCancellations, RetriedCoordinatorLookups
 from app.log_redaction import REDACTED, RedactSecrets
 from app.settings import DEV_PIN_PEPPER, Settings
-from app.tokens import issue_access_token
 from cli.main import effective_configuration
+from reference.user_center import issue_access_token
 
 TOKEN = issue_access_token(Settings(), "alice")
 

@@ -1,5 +1,5 @@
 """Unit tests of the metrics and the saga's telemetry (app/metrics.py, app/saga_telemetry.py)
-and of the account center's live reconciliation alarm (app/account_center/service.py): no
+and of the account center's live reconciliation alarm (reference/account_center/service.py): no
 broker, no database."""
 
 from __future__ import annotations

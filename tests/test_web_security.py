@@ -1,4 +1,4 @@
-"""The HTTP views' own rules, without a broker (app/web.py): a transfer's details are
+"""The HTTP views' own rules, without a broker (agents/web.py): a transfer's details are
 authorized on what the table holds before anything waits, and a waiting query does not
 hold up the others; the forward signature binds the group, the request, the operator and
 the time. The same views between two real workers: tests/test_queries_e2e.py."""

@@ -444,9 +444,8 @@ async def start_web(settings: Settings, center: AccountCenter, consumer: Any) ->
     account center runs without it. Returns the aiohttp runner (None when not started)."""
     from aiohttp import web
 
-    from agents.health import PostgresProbe
     from app import metrics
-    from app.adapters.db import make_engine
+    from app.adapters.db import PostgresProbe, make_engine
 
     probe = PostgresProbe(make_engine(settings.database_url,
                                       settings.account_center_db_schema, pool_size=1))
