@@ -12,6 +12,8 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY app ./app
 COPY agents ./agents
+COPY cli ./cli
+COPY reference ./reference
 COPY events ./events
 COPY schemas ./schemas
 RUN pip install -c constraints.txt . \

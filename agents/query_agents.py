@@ -26,8 +26,9 @@ from aiokafka.partitioner import murmur2
 from faust.types import TP
 from pydantic import ValidationError
 
+from agents.faust_app import Worker
+from agents.transfer_agents import consume
 from app import metrics
-from app.faust_app import Worker
 from app.query_service import (
     AccountProjection,
     Answer,
@@ -207,14 +208,8 @@ def register(worker: Worker) -> QueryRuntime:
     """Create the query tables and agents (and the HTTP views when the web server is on)."""
     app, topics = worker.app, worker.topics
     runtime = QueryRuntime(worker)
-    worker.queries = runtime
-    # The relay of account.events (agents/transfer_agents.py) applies each valid event to
-    # the account tables before relaying it.
-    worker.service.account_event_listeners.append(runtime.accounts.apply)
     queries = Handler(runtime.decide_query, runtime.query_poison)
     transfer_events = Handler(runtime.decide_transfer_event, runtime.transfer_event_poison)
-
-    from agents.transfer_agents import consume
 
     @app.agent(worker.channels[topics.queries], name="answer_queries", concurrency=1)
     async def answer_queries(stream: Any) -> None:
@@ -232,7 +227,7 @@ def register(worker: Worker) -> QueryRuntime:
         runtime.progress.forget()
 
     if worker.settings.web_enabled:
-        from app.web import register_views
+        from agents.web import register_views
 
         register_views(app, runtime)
     if worker.settings.reconcile_interval_seconds > 0:

@@ -16,8 +16,8 @@ import functools
 import logging
 from typing import Any
 
+from agents.faust_app import Worker
 from agents.lanes import LaneFailed, Lanes
-from app.faust_app import Worker
 from app.record_failures import RecordHandler, SourceRecord, describe
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ Likewise :class:`RetriedCoordinatorLookups`: aiokafka's ERROR for a group-coordi
 that failed with a retriable error (and is retried) becomes a WARNING.
 
 :func:`install` applies both to every handler that exists; call it again after anything
-that replaces handlers (Faust's worker does, see app/cli.py), like ``log_redaction.install``.
+that replaces handlers (Faust's worker does, see agents/worker.py), like ``log_redaction.install``.
 """
 
 from __future__ import annotations

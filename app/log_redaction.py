@@ -14,7 +14,7 @@ call site, every record is redacted on its way to any handler:
 
 :func:`install` puts :class:`RedactSecrets` on every handler that exists when it is
 called (the root logger's and every named logger's); call it again after anything that
-replaces handlers (Faust's worker does, see app/cli.py).
+replaces handlers (Faust's worker does, see agents/worker.py).
 """
 
 from __future__ import annotations

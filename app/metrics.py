@@ -1,7 +1,7 @@
 """Prometheus metrics of the worker and the account center (prometheus-client).
 
-Served at ``/metrics`` by the worker's web server (:func:`register_metrics_view`) and by
-the account center's small web server (app/account_center/service.py). Each process has
+Served at ``/metrics`` by the worker's web server (agents/health.py) and by
+the account center's small web server (reference/account_center/service.py). Each process has
 its own registry (the library's default one); docs/operations.md says what each metric
 means and what to do when it alarms.
 
@@ -191,16 +191,3 @@ def saga_state_and_home(raw: bytes) -> tuple[str, int] | None:
     if end < 0 or k == j:
         return None
     return raw[i:end].decode(), int(raw[j:k])
-
-
-def register_metrics_view(app: Any) -> None:
-    """``GET /metrics`` on a Faust app's web server (no token: the metrics hold counts,
-    never ids or amounts of a user)."""
-    from faust import web
-
-    @app.page("/metrics", name="metrics")
-    class Metrics(web.View):
-        async def get(self, request: web.Request) -> web.Response:
-            body, content_type = exposition()
-            # aiohttp refuses a charset in content_type=: the header is set as is.
-            return self.bytes(body, headers={"Content-Type": content_type})

@@ -11,8 +11,6 @@ unit tests use dicts):
 * :class:`QueryService` answers a :class:`~schemas.wire.QueryRequest` from the tables:
   an :class:`Answer` that the Kafka agent turns into a reply and the HTTP views into a
   response.
-* :func:`query_record`: what ``TransferService`` forwards to ``business.queries`` once the
-  caller is authenticated and known.
 
 A history page reads ``limit`` entries by key, newest first, from a cursor (a seq):
 its cost is the page, never the length of the history. ``from``/``to`` bound the seq range
@@ -36,14 +34,12 @@ from app.domain import transfer_saga as saga_core
 from schemas.wire import (
     AccountEvent,
     AccountEventType,
-    CommandEnvelope,
     CommandType,
     ErrorCode,
     QueryRequest,
     QueryTransactionDetailsPayload,
     QueryTransactionHistoryPayload,
     TransferEvent,
-    WireModel,
 )
 
 log = logging.getLogger(__name__)
@@ -317,21 +313,6 @@ class QueryService:
 # --------------------------------------------------------------------------------------
 # wire
 # --------------------------------------------------------------------------------------
-
-
-def query_record(env: CommandEnvelope, payload: WireModel, account_id: str,
-                 currency: str) -> tuple[bytes, bytes]:
-    """Key and value of the ``business.queries`` record of an authenticated query: keyed
-    by the caller's account, or by the transfer for details, so that it reaches the
-    partition of the tables that answer it."""
-    request = QueryRequest(
-        request_id=env.request_id, idempotency_key=env.idempotency_key,
-        operator_id=env.operator_id, account_id=account_id, currency=currency,
-        type=env.type.value, params=payload.to_wire(),
-    )
-    key = (payload.transfer_id if isinstance(payload, QueryTransactionDetailsPayload)
-           else account_id)
-    return key.encode(), orjson.dumps(request.to_wire())
 
 
 def reply_value(request: QueryRequest, answer: Answer) -> bytes:

@@ -2,7 +2,7 @@
 
 Run once by ``bizcenter reconcile`` (exit 0 balanced, 1 drift) and by the benchmark after
 its load (bench/money_check.py). Read-only: four checks, per currency where it applies,
-straight from the ledger's tables (``accounts``, ``journal``; app/account_center/ledger.py):
+straight from the ledger's tables (``accounts``, ``journal``; reference/account_center/ledger.py):
 
 ``money conserved``
     the sum of the user balances equals the money that entered, minus what is held in

@@ -307,7 +307,7 @@ class Settings(BaseSettings):
     def production_problems(self, variables: frozenset[str] | None = None) -> list[str]:
         """Why these secrets must not run in production, one phrase per variable (no
         value is ever named); empty when they may. ``variables``: only those (a command
-        that uses only some secrets, app/cli.py); all of them by default."""
+        that uses only some secrets, cli/main.py); all of them by default."""
         problems: list[str] = []
 
         def check(variable: str, field: str | None, value: str, min_bytes: int) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +33,7 @@ from pydantic import SecretStr
 from schemas.wire import ErrorCode
 
 __all__ = [
+    "ACCESS_ALGORITHMS",
     "ACCESS_TOKEN_TYP",
     "MAX_TOKEN_LENGTH",
     "TRANSFER_TOKEN_TYP",
@@ -43,7 +43,6 @@ __all__ = [
     "TokenSettings",
     "TransferClaims",
     "TransferTokens",
-    "issue_access_token",
 ]
 
 #: Header ``typ`` of transfer tokens (explicit typing, RFC 8725 §3.11).
@@ -54,7 +53,7 @@ ACCESS_TOKEN_TYP: Final = "at+jwt"  # noqa: S105 - a media type, not a secret
 MAX_TOKEN_LENGTH: Final = 8192
 
 #: Algorithms an access-token verifier may be pinned to. ``none`` is never one of them.
-_ACCESS_ALGORITHMS: Final = frozenset(
+ACCESS_ALGORITHMS: Final = frozenset(
     {
         "HS256",
         "HS384",
@@ -293,7 +292,7 @@ class AccessTokenVerifier:
         algs = tuple(dict.fromkeys(algorithms))
         if not algs:
             raise ValueError("at least one access token algorithm must be pinned")
-        unsupported = [a for a in algs if a not in _ACCESS_ALGORITHMS]
+        unsupported = [a for a in algs if a not in ACCESS_ALGORITHMS]
         if unsupported:
             raise ValueError(f"unsupported access token algorithms: {unsupported}")
         if len({a.startswith("HS") for a in algs}) > 1:
@@ -577,54 +576,3 @@ class TransferTokens:
         except (_Invalid, *_DECODE_ERRORS):
             raise TokenError(ErrorCode.UNAUTHENTICATED, _TRANSFER_INVALID) from None
         return claims
-
-
-# --------------------------------------------------------------------------------------
-# stand-in user center
-# --------------------------------------------------------------------------------------
-
-
-def issue_access_token(
-    settings: TokenSettings,
-    user_id: str,
-    *,
-    ttl_seconds: int = 900,
-    now: datetime | None = None,
-    private_key: str | None = None,
-    algorithm: str | None = None,
-    kid: str | None = None,
-) -> str:
-    """An access token as the user center would issue it (demos, CLI and tests only).
-
-    The header names a ``kid``: ``kid`` if given, else the first kid of the settings' key
-    set. HS* tokens are signed with that kid's key unless ``private_key`` is given;
-    RS*/PS*/ES*/EdDSA need ``private_key`` (PEM). ``algorithm`` defaults to the first
-    pinned algorithm of the settings.
-    """
-    alg = algorithm or settings.access_token_algorithms[0]
-    if alg not in _ACCESS_ALGORITHMS:
-        raise ValueError(f"unsupported access token algorithm: {alg}")
-    key_set = settings.access_token_key_set()
-    if kid is None:
-        kid = next((k for k in key_set if k is not None), None)
-    if private_key is not None:
-        key: str = private_key
-    elif alg.startswith("HS"):
-        if kid not in key_set:
-            raise ValueError("kid is not in the key set")
-        key = key_set[kid]
-    else:
-        raise ValueError(f"{alg} access tokens need private_key (settings hold the public key)")
-    issued_at = _aware_utc(now).replace(microsecond=0)
-    payload: dict[str, Any] = {
-        "iss": settings.access_token_issuer,
-        "aud": settings.access_token_audience,
-        "sub": user_id,
-        "iat": int(issued_at.timestamp()),
-        "exp": int((issued_at + timedelta(seconds=ttl_seconds)).timestamp()),
-        "jti": uuid.uuid4().hex,
-    }
-    headers: dict[str, Any] = {"typ": ACCESS_TOKEN_TYP}
-    if kid is not None:
-        headers["kid"] = kid
-    return jwt.encode(payload, key, algorithm=alg, headers=headers)

@@ -41,7 +41,6 @@ from app.domain.ports import (
     UserStatus,
 )
 from app.domain.resolution_signing import resolution_signed
-from app.query_service import query_record
 from app.record_failures import (
     MAX_ID_CHARS,
     MAX_REASON_CHARS,
@@ -63,6 +62,7 @@ from app.record_failures import (
 )
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TokenError, TransferTokens
+from events.queries import query_record
 from schemas.wire import (
     NEEDS_IDEMPOTENCY_KEY,
     PAYLOAD_MODELS,
@@ -797,7 +797,7 @@ class TransferService:
     async def _on_resolution(self, resolution: OperatorResolution, record: SourceRecord
                              ) -> list[Outbound]:
         """An operator's resolution of a MANUAL_REVIEW saga (``bizcenter sagas resolve``,
-        app/operator_commands.py), on the saga's home partition. Its signature (HMAC-SHA256
+        cli/operator_commands.py), on the saga's home partition. Its signature (HMAC-SHA256
         under BIZ_OPERATOR_SECRET over every field that decides anything) is checked in
         constant time before the saga sees it: without it anyone able to produce to the
         topic could move money out of clearing. A forged one is counted and dead-lettered,

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from app.event_loop import install_event_loop
 from bench.gateway import PRODUCER_OPTIONS, Tail
 
-#: The worker's Faust producer: acks=-1, linger 2 ms (app/faust_app.py).
+#: The worker's Faust producer: acks=-1, linger 2 ms (agents/faust_app.py).
 SERVER_PRODUCER_OPTIONS: dict[str, Any] = {"acks": "all", "enable_idempotence": True,
                                            "linger_ms": 2}
 _ID = struct.Struct(">Q")

@@ -1,7 +1,7 @@
 """The load generator's side of Kafka: what a gateway does, lean enough for thousands of
 requests a second.
 
-``app.gateway_client.GatewayClient`` keeps every message it ever read (and finds OTPs by
+``reference.gateway_client.GatewayClient`` keeps every message it ever read (and finds OTPs by
 scanning them), which is right for tests and demos but quadratic under load. This client
 keeps one future per request in flight and forgets it once answered. Like the gateway
 client it reads ``business.replies`` without a consumer group from positions fixed before
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-#: Settings of the gateway's producer (the same as ``app.gateway_client.GatewayClient``).
+#: Settings of the gateway's producer (the same as ``reference.gateway_client.GatewayClient``).
 PRODUCER_OPTIONS: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 1}
 
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "MANUAL_REVIEW"})

@@ -1,7 +1,7 @@
 """An isolated copy of the system for one run: its own topic prefix, Faust app id, consumer
 groups, PostgreSQL schemas and worker data directory, so that a run never meets another
 run's (or a test's) data. The worker(s) and the account center are child processes started
-exactly as an operator starts them (``python -m app.cli worker``), configured only through
+exactly as an operator starts them (``python -m cli worker``), configured only through
 the environment.
 """
 
@@ -23,7 +23,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from sqlalchemy import text
 
-from app.account_center.ledger import Ledger
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_verifier
 from app.domain.ports import UserRecord, UserStatus
@@ -38,6 +37,7 @@ from bench.config import (
     BenchConfig,
 )
 from events.topics import ensure_topics
+from reference.account_center.ledger import Ledger
 
 log = logging.getLogger("bench")
 
@@ -183,12 +183,12 @@ class IsolatedSystem:
 
     def start_process(self, name: str, command: str | list[str], *,
                       extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """``python -m app.cli <command>`` (or the given argv), logging to
+        """``python -m cli <command>`` (or the given argv), logging to
         ``logs/<name>.log``."""
         self.logdir.mkdir(parents=True, exist_ok=True)
         env = child_env(self.settings)
         env.update(extra_env or {})
-        argv = [sys.executable, "-m", "app.cli", command] if isinstance(command, str) \
+        argv = [sys.executable, "-m", "cli", command] if isinstance(command, str) \
             else command
         with open(self.logdir / f"{name}.log", "ab") as out:
             proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out,

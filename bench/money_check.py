@@ -12,13 +12,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
-from app.account_center.ledger import Ledger
 from app.reconciliation import reconcile
 from app.settings import Settings
 from bench.config import CURRENCY, INITIAL_BALANCE_MINOR
 from bench.gateway import FINAL_STATES, BenchGateway
 from bench.isolated_system import SeededUser
 from bench.virtual_users import COMPLETED, TransferSample
+from reference.account_center.ledger import Ledger
 
 
 @dataclass

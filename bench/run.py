@@ -29,7 +29,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
-from app.tokens import issue_access_token
 from bench import hops, machine, profiling, report, traced_worker
 from bench.config import BenchConfig
 from bench.echo import EchoClient, EchoResult, server_command
@@ -38,6 +37,7 @@ from bench.isolated_system import IsolatedSystem, base_settings, run_settings
 from bench.money_check import Checks, check_money, wait_quiet
 from bench.stats import latency_summary, per_second
 from bench.virtual_users import COMPLETED, TransferSample, VirtualUsers
+from reference.user_center import issue_access_token
 
 log = logging.getLogger("bench")
 

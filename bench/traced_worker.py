@@ -141,7 +141,7 @@ class _Gaps:
 
 
 def install() -> None:
-    import app.faust_app as faust_app
+    import agents.faust_app as faust_app
     from app.adapters.postgres_store import PostgresBusinessStore
     from app.tokens import AccessTokenVerifier, TransferTokens
     from app.transfer_service import TransferService
@@ -291,7 +291,7 @@ def main() -> int:
     install()
     threading.Thread(target=_dump_forever, args=(path,), name="bench-trace",
                      daemon=True).start()
-    from app.cli import main as cli_main
+    from cli.main import main as cli_main
 
     return cli_main(sys.argv[1:])
 

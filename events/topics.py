@@ -11,13 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.settings import Settings
-
 log = logging.getLogger(__name__)
+
+
+class TopicSettings(Protocol):
+    """The fields of ``app.settings.Settings`` the topology reads (events/ imports no app)."""
+
+    @property
+    def kafka_bootstrap_servers(self) -> str: ...
+    @property
+    def app_id(self) -> str: ...
+    @property
+    def topic_partitions(self) -> int: ...
+    @property
+    def topic_replication_factor(self) -> int: ...
+    def topic(self, name: str) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +65,7 @@ TABLES: tuple[str, ...] = (
 )
 
 
-def changelog_topic(settings: Settings, table: str) -> str:
+def changelog_topic(settings: TopicSettings, table: str) -> str:
     return f"{settings.app_id}-{table}-changelog"
 
 
@@ -60,7 +73,7 @@ class TopicMismatch(RuntimeError):
     pass
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
+async def ensure_topics(settings: TopicSettings) -> list[str]:
     """Create the missing topics; return the names created. Idempotent."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 request_timeout_ms=30000)

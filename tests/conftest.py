@@ -25,7 +25,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # The tests run on the development secrets: every Settings built in this process, and
 # every child process whose environment derives from this one or from such settings, is a
-# development one (a production environment refuses them, app/cli.py). The tests of the
+# development one (a production environment refuses them, cli/main.py). The tests of the
 # production refusal build their children's environment from scratch.
 os.environ["BIZ_ENVIRONMENT"] = "development"
 

@@ -10,7 +10,7 @@ loop (business worker + reference account center) without Kafka or PostgreSQL.
 * :class:`DictSagas` keeps each saga as the JSON of ``saga_to_dict`` (what the Faust table
   stores) and decodes it on every ``get``: each test exercises the storage round trip.
 * :class:`AccountCenterSim` behaves like the reference account center
-  (app/account_center/ledger.py): a command id applies once and its event is returned
+  (reference/account_center/ledger.py): a command id applies once and its event is returned
   again unchanged; a debit never makes a balance negative.
 * :class:`Harness` wires a ``TransferService`` to the fakes and moves the outbound
   messages between the service and the simulator, so a test can deliver, drop, duplicate
@@ -46,8 +46,8 @@ from app.domain.ports import (
     UserStatus,
 )
 from app.settings import Settings
-from app.tokens import issue_access_token
 from app.transfer_service import Outbound, TransferService, transfer_id_for
+from reference.user_center import issue_access_token
 from schemas.wire import AccountCommand, AccountCommandType, AccountEvent, AccountEventType
 
 #: 2030-01-02T00:00:00Z: early in a UTC day, so a test never crosses a daily-limit day.

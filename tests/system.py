@@ -22,15 +22,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
-from app.account_center.ledger import Ledger
-from app.account_center.service import announce_openings
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_verifier
 from app.domain.ports import FundingSource, UserRecord, UserStatus
-from app.gateway_client import GatewayClient, TopicTail
 from app.settings import Settings
-from app.tokens import issue_access_token
 from events.topics import ensure_topics
+from reference.account_center.ledger import Ledger
+from reference.account_center.service import announce_openings
+from reference.gateway_client import GatewayClient, TopicTail
+from reference.user_center import issue_access_token
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "97531864"
@@ -78,7 +78,7 @@ class System:
             "web_port": free_port(),
             "account_center_web_port": free_port(),  # its /metrics, /healthz, /readyz
             # The children run the development secrets: a production environment would
-            # refuse to start (app/cli.py).
+            # refuse to start (cli/main.py).
             "environment": "development",
         }
         values.update(overrides)
@@ -130,7 +130,7 @@ class System:
         assert name not in self.processes or self.processes[name].poll() is not None
         log = open(self.logdir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", command or name], env={**self.env(), **(env or {})},
+            [sys.executable, "-m", "cli", command or name], env={**self.env(), **(env or {})},
             cwd=self.logdir, stdout=log, stderr=subprocess.STDOUT,
         )
 

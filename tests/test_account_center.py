@@ -23,14 +23,14 @@ from conftest import wait_for
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from app.account_center.ledger import (
+from app.settings import Settings
+from reference.account_center.ledger import (
     COMMAND_ID_CONFLICT,
     CURRENCY_MISMATCH,
     Ledger,
     clearing_account,
 )
-from app.account_center.service import run_account_center
-from app.settings import Settings
+from reference.account_center.service import run_account_center
 from schemas.wire import (
     AccountCommand,
     AccountCommandType,
@@ -231,7 +231,7 @@ async def test_a_known_command_id_with_other_content_is_refused(
         "amount": {"amount_minor": 900}, "account": {"account_id": other},
         "type": {"type": AccountCommandType.CREDIT},
         "transfer": {"transfer_id": _uid("tr")}}[change])
-    with caplog.at_level("ERROR", logger="app.account_center.ledger"):
+    with caplog.at_level("ERROR", logger="reference.account_center.ledger"):
         refused = await ledger.apply(forged, T0 + timedelta(seconds=1))
     assert (refused.type, refused.reason) == (AccountEventType.REJECTED, COMMAND_ID_CONFLICT)
     assert (refused.command_id, refused.account_id, refused.amount_minor) == (
@@ -690,7 +690,7 @@ async def test_an_event_that_cannot_be_produced_is_dead_lettered_not_retried() -
 
     from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-    from app.account_center.service import AccountCenter, _Out
+    from reference.account_center.service import AccountCenter, _Out
 
     settings = Settings(topic_prefix="p.", _env_file=None)  # type: ignore[call-arg]
     outages = 2

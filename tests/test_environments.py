@@ -56,7 +56,7 @@ def bizcenter(tmp_path: Path, *args: str, env: dict[str, str],
              "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
              "DATABASE_URL": "postgresql+asyncpg://nobody:nothing@127.0.0.1:9/none"}
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env={**clean, **env}, cwd=tmp_path,
+        [sys.executable, "-m", "cli", *args], env={**clean, **env}, cwd=tmp_path,
         capture_output=True, text=True, timeout=timeout, check=False)
 
 

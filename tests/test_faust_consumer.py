@@ -1,4 +1,4 @@
-"""app/faust_consumer.py without a broker: a fetched batch is delivered in one task with
+"""agents/faust_consumer.py without a broker: a fetched batch is delivered in one task with
 Faust's per-record rules, and the bookkeeping that keeps records from being lost or
 committed past at a rebalance (offset jumps sought back, no stream fetch while rebalancing,
 the committable offset never past an unacknowledged record)."""
@@ -12,7 +12,7 @@ from typing import Any
 from faust.types import TP
 from intervaltree import IntervalTree
 
-from app.faust_consumer import YIELD_EVERY, BatchDeliveringConsumer
+from agents.faust_consumer import YIELD_EVERY, BatchDeliveringConsumer
 
 A = TP("business.commands", 0)
 B = TP("business.saga-inputs", 0)

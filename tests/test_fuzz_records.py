@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from system import PIN, System
 
-from app.gateway_client import TopicTail
+from reference.gateway_client import TopicTail
 from schemas.wire import AccountCommand, FundingCommand, WireModel
 
 pytestmark = pytest.mark.integration

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
+from agents.health import readiness_checks
 from app import log_format
-from app.cli import effective_configuration
-from app.health import readiness_checks
 from app.log_format import JsonFormatter, RebalanceCancellations, RetriedCoordinatorLookups
 from app.log_redaction import REDACTED, RedactSecrets
 from app.settings import DEV_PIN_PEPPER, Settings
-from app.tokens import issue_access_token
+from cli.main import effective_configuration
+from reference.user_center import issue_access_token
 
 TOKEN = issue_access_token(Settings(), "alice")
 
@@ -142,7 +142,7 @@ def test_install_is_idempotent_and_text_stays_the_default() -> None:
 
 def test_the_worker_logs_json_lines_by_setting() -> None:
     """The whole process: ``bizcenter`` with BIZ_LOG_FORMAT=json writes JSON lines."""
-    code = ("import logging, sys; from app import cli; from app.settings import load_settings;"
+    code = ("import logging, sys; import cli.main as cli; from app.settings import load_settings;"
             "cli._setup_logging(load_settings());"
             "logging.getLogger('app.x').warning('hello', extra={'requestId': 'r-9'})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -217,16 +217,16 @@ def test_config_masks_every_secret() -> None:
 def test_version_and_config_json_from_the_command_line() -> None:
     env = {"BIZ_ENV_FILE": "/nonexistent", "BIZ_ENVIRONMENT": "development",
            "PATH": "/usr/bin:/bin"}
-    version = subprocess.run([sys.executable, "-m", "app.cli", "--version"], env=env,
+    version = subprocess.run([sys.executable, "-m", "cli", "--version"], env=env,
                              capture_output=True, text=True, timeout=60, check=True)
     assert version.stdout.startswith("bizcenter ") and version.stdout.strip() != "bizcenter"
-    config = subprocess.run([sys.executable, "-m", "app.cli", "config", "--json"], env=env,
+    config = subprocess.run([sys.executable, "-m", "cli", "config", "--json"], env=env,
                             capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(config.stdout)["BIZ_ENVIRONMENT"] == "development"
     # In production with every secret unset (where every process refuses to start),
     # config still shows what is set: it is how an operator finds the missing one.
     production = subprocess.run(
-        [sys.executable, "-m", "app.cli", "config", "--json"], capture_output=True,
+        [sys.executable, "-m", "cli", "config", "--json"], capture_output=True,
         text=True, timeout=60, check=True,
         env={**env, "BIZ_ENVIRONMENT": "production", "BIZ_PIN_PEPPER": ""})
     assert json.loads(production.stdout)["BIZ_PIN_PEPPER"] == "(unset)"

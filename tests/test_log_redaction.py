@@ -19,7 +19,7 @@ from system import PIN, System, free_port
 from app import log_redaction
 from app.log_redaction import REDACTED, RedactSecrets, redact
 from app.settings import Settings
-from app.tokens import issue_access_token
+from reference.user_center import issue_access_token
 
 TOKEN = issue_access_token(Settings(), "alice")
 

@@ -1,5 +1,5 @@
 """Unit tests of the metrics and the saga's telemetry (app/metrics.py, app/saga_telemetry.py)
-and of the account center's live reconciliation alarm (app/account_center/service.py): no
+and of the account center's live reconciliation alarm (reference/account_center/service.py): no
 broker, no database."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app import metrics, saga_telemetry
-from app.account_center import service as ac_service
 from app.domain import transfer_saga as s
 from app.log_format import JsonFormatter
 from app.reconciliation import Check, Drift, Report
 from app.record_failures import SourceRecord, dead_letter
+from reference.account_center import service as ac_service
 
 POLICY = s.Policy(otp_ttl_seconds=300.0, otp_max_attempts=5, otp_pepper=b"p" * 32,
                   command_timeout_seconds=5.0, command_max_backoff_seconds=40.0)

@@ -24,7 +24,7 @@ from conftest import wait_for
 from sqlalchemy import text
 from system import ROOT, System
 
-from app.account_center.ledger import Ledger
+from reference.account_center.ledger import Ledger
 
 #: The line ``bizcenter run`` prints once the demo is over and the processes keep running.
 RUNNING = "are running"
@@ -43,7 +43,7 @@ class Run:
     async def start(self) -> None:
         env = {**self.system.env(), "PYTHONPATH": str(ROOT)}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "app.cli", "run", cwd=self.cwd, env=env,
+            sys.executable, "-m", "cli", "run", cwd=self.cwd, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)
         self._reader = asyncio.create_task(self._read())
@@ -78,7 +78,7 @@ async def _get(port: int, path: str) -> tuple[int, Any]:
 
 
 def _reconcile(system: System, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", "reconcile", *args],
+    return subprocess.run([sys.executable, "-m", "cli", "reconcile", *args],
                           env={**system.env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
 

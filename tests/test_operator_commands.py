@@ -1,4 +1,4 @@
-"""Unit tests of the operator commands' decisions (app/operator_commands.py), without
+"""Unit tests of the operator commands' decisions (cli/operator_commands.py), without
 Kafka: what ``sagas resolve`` answers without sending, its exit status by outcome, and the
 order of a saga's stored versions."""
 
@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from app.domain import transfer_saga as s
-from app.operator_commands import (
+from cli.operator_commands import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     Record,

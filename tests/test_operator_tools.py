@@ -82,7 +82,7 @@ def sample(samples: dict[str, float], name: str, **labels: str) -> float:
 
 
 def bizcenter(system: System, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args],
+    return subprocess.run([sys.executable, "-m", "cli", *args],
                           env={**system.env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -20,7 +20,7 @@ from conftest import wait_for
 from sqlalchemy import text
 from system import PIN, System
 
-from app.gateway_client import TopicTail
+from reference.gateway_client import TopicTail
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import pytest_asyncio
 from sqlalchemy import text
 
 from app.adapters.db import make_engine
-from app.adapters.demo_seed import DEMO_USERS, seed_directory
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain.pin import pin_matches, pin_verifier
 from app.domain.ports import (
@@ -26,6 +25,7 @@ from app.domain.ports import (
     UserRecord,
     UserStatus,
 )
+from reference.demo_seed import DEMO_USERS, seed_directory
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from aiokafka.partitioner import murmur2
 from conftest import wait_for
 from system import PIN, System, free_port
 
-from app.web import (
+from agents.web import (
     FORWARD_SIGNATURE_HEADER,
     FORWARDED_AT_HEADER,
     FORWARDED_OPERATOR_HEADER,

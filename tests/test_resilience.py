@@ -226,7 +226,7 @@ async def test_workers_joining_leaving_and_crashing_under_load_answer_everything
     the group, leaves it (SIGTERM), and then the first worker is killed (SIGKILL) and
     restarted at once; transfers keep starting until all three moves are done. The saga
     agent keeps several records in flight (a lane per partition, agents/lanes.py) and the
-    consumer hands whole fetched batches to the streams (app/faust_consumer.py): a record
+    consumer hands whole fetched batches to the streams (agents/faust_consumer.py): a record
     handed over but not finished must come again to the partition's next owner, and no
     record may be dropped at the hand-over (tests/test_rebalance_records.py proves the
     mechanism with the window widened). Every request is answered without being asked

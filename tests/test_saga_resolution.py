@@ -20,7 +20,7 @@ from app.domain.transfer_saga import (
     SendReply,
     State,
 )
-from app.operator_commands import resolution_input
+from cli.operator_commands import resolution_input
 
 POLICY = s.Policy(otp_ttl_seconds=300.0, otp_max_attempts=5, otp_pepper=b"p" * 32,
                   command_timeout_seconds=5.0, command_max_backoff_seconds=40.0)

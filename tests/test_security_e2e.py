@@ -18,7 +18,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy import text
 from system import PIN, System
 
-from app.gateway_client import TopicTail
+from reference.gateway_client import TopicTail
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def _keys_over_partitions(n: int, partitions: int) -> list[str]:
 
 
 def _unlock(system: System, user: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", "users", "unlock", user],
+    return subprocess.run([sys.executable, "-m", "cli", "users", "unlock", user],
                           env=system.env(), cwd=system.logdir, capture_output=True,
                           text=True, timeout=60, check=False)
 

@@ -26,8 +26,8 @@ from app.tokens import (
     TokenError,
     TransferClaims,
     TransferTokens,
-    issue_access_token,
 )
+from reference.user_center import issue_access_token
 from schemas.wire import ErrorCode
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

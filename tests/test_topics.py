@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.faust_app import create_app
+from agents.worker import create_app
 from app.settings import Settings
 from events.topics import TABLES, changelog_topic
 

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from system import PIN, System
 
-from app.gateway_client import TopicTail
+from reference.gateway_client import TopicTail
 
 pytestmark = pytest.mark.integration
 

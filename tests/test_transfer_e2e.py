@@ -254,7 +254,7 @@ async def test_credit_to_a_missing_account_is_refunded(system: System) -> None:
 
 
 async def test_undecodable_command_goes_to_the_dead_letter_topic(system: System) -> None:
-    from app.gateway_client import TopicTail
+    from reference.gateway_client import TopicTail
 
     dlq = TopicTail(system.settings, system.settings.topic("business.dlq"))
     await dlq.start()

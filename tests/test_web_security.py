@@ -1,4 +1,4 @@
-"""The HTTP views' own rules, without a broker (app/web.py): a transfer's details are
+"""The HTTP views' own rules, without a broker (agents/web.py): a transfer's details are
 authorized on what the table holds before anything waits, and a waiting query does not
 hold up the others; the forward signature binds the group, the request, the operator and
 the time. The same views between two real workers: tests/test_queries_e2e.py."""
@@ -13,9 +13,9 @@ import orjson
 from conftest import wait_for
 from pydantic import SecretStr
 
+from agents.web import QueryViews, _query, forward_headers, forward_signature, served_by_tag
 from app.domain.ports import UserRecord, UserStatus
 from app.query_service import Answer, DictKeyValue, QueryService
-from app.web import QueryViews, _query, forward_headers, forward_signature, served_by_tag
 from schemas.wire import CommandType, ErrorCode, QueryRequest
 
 SECRET = "forward-secret-for-tests-" + "f" * 40

@@ -6,12 +6,17 @@ import asyncio
 import hashlib
 import logging
 import re
+import time
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 log = logging.getLogger(__name__)
+
+POSTGRES_TIMEOUT_SECONDS = 2.0
+POSTGRES_CACHE_SECONDS = 1.0
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -114,3 +119,34 @@ def _sqlstate(exc: DBAPIError) -> str | None:
         if isinstance(code, str):
             return code
     return None
+
+
+class PostgresProbe:
+    """``SELECT 1`` with a deadline, cached for a second; its own one-connection engine."""
+
+    def __init__(self, engine: AsyncEngine, *, clock: Any = time.monotonic) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._last: tuple[float, bool] | None = None
+        self._lock = asyncio.Lock()
+
+    async def ok(self) -> bool:
+        async with self._lock:
+            now = self._clock()
+            if self._last is not None and now - self._last[0] < POSTGRES_CACHE_SECONDS:
+                return self._last[1]
+            try:
+                await asyncio.wait_for(self._select_one(), POSTGRES_TIMEOUT_SECONDS)
+                result = True
+            except Exception as exc:  # any failure is "not ready", said in one line
+                log.warning("readiness: PostgreSQL does not answer: %s", type(exc).__name__)
+                result = False
+            self._last = (self._clock(), result)
+            return result
+
+    async def _select_one(self) -> None:
+        async with self._engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self._engine.dispose()

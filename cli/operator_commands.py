@@ -507,7 +507,7 @@ def _stderr() -> Any:
 
 
 def add_parsers(sub: Any) -> None:
-    """The ``sagas`` and ``dlq`` subcommands (app/cli.py)."""
+    """The ``sagas`` and ``dlq`` subcommands (cli/main.py)."""
     import argparse
 
     sagas = sub.add_parser("sagas", help="list, show and resolve transfer sagas",

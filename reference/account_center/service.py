@@ -30,7 +30,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from app.account_center.ledger import Ledger
 from app.record_failures import (
     MAX_OUTPUT_BYTES,
     Poison,
@@ -44,6 +43,7 @@ from app.record_failures import (
     validation_reason,
 )
 from app.settings import Settings
+from reference.account_center.ledger import Ledger
 from schemas.wire import AccountCommand, AccountEvent, AccountEventType, DeadLetter
 
 log = logging.getLogger(__name__)
@@ -445,8 +445,7 @@ async def start_web(settings: Settings, center: AccountCenter, consumer: Any) ->
     from aiohttp import web
 
     from app import metrics
-    from app.adapters.db import make_engine
-    from app.health import PostgresProbe
+    from app.adapters.db import PostgresProbe, make_engine
 
     probe = PostgresProbe(make_engine(settings.database_url,
                                       settings.account_center_db_schema, pool_size=1))

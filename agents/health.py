@@ -1,4 +1,4 @@
-"""Health endpoints of the worker's web server: ``/healthz`` and ``/readyz``.
+"""Operator endpoints of the worker's web server: ``/healthz``, ``/readyz``, ``/metrics``.
 
     GET /healthz   200 {"status": "alive"} while the process's event loop answers.
     GET /readyz    200 {"ready": true, "checks": {...}} once the worker can do its work,
@@ -16,9 +16,9 @@ Ready means all of:
 ``consuming``
     the consumer's flow is on and its fetcher runs (records are being fetched);
 ``postgres``
-    PostgreSQL answers ``SELECT 1`` within :data:`POSTGRES_TIMEOUT_SECONDS` (the result is
-    kept for :data:`POSTGRES_CACHE_SECONDS`, so that a probe every second costs one query
-    per second at most).
+    PostgreSQL answers ``SELECT 1`` within :data:`app.adapters.db.POSTGRES_TIMEOUT_SECONDS`
+    (the result is kept for :data:`app.adapters.db.POSTGRES_CACHE_SECONDS`, so that a probe
+    every second costs one query per second at most).
 
 Neither endpoint needs a token and neither says anything about the data: only
 ``true``/``false`` per check. The checks read Faust's own state
@@ -27,18 +27,10 @@ Neither endpoint needs a token and neither says anything about the data: only
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-log = logging.getLogger(__name__)
-
-POSTGRES_TIMEOUT_SECONDS = 2.0
-POSTGRES_CACHE_SECONDS = 1.0
+from app import metrics
+from app.adapters.db import PostgresProbe, make_engine
 
 
 def readiness_checks(app: Any) -> dict[str, bool]:
@@ -59,42 +51,9 @@ def readiness_checks(app: Any) -> dict[str, bool]:
             "consuming": bool(consuming)}
 
 
-class PostgresProbe:
-    """``SELECT 1`` with a deadline, cached for a second; its own one-connection engine."""
-
-    def __init__(self, engine: AsyncEngine, *, clock: Any = time.monotonic) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._last: tuple[float, bool] | None = None
-        self._lock = asyncio.Lock()
-
-    async def ok(self) -> bool:
-        async with self._lock:
-            now = self._clock()
-            if self._last is not None and now - self._last[0] < POSTGRES_CACHE_SECONDS:
-                return self._last[1]
-            try:
-                await asyncio.wait_for(self._select_one(), POSTGRES_TIMEOUT_SECONDS)
-                result = True
-            except Exception as exc:  # any failure is "not ready", said in one line
-                log.warning("readiness: PostgreSQL does not answer: %s", type(exc).__name__)
-                result = False
-            self._last = (self._clock(), result)
-            return result
-
-    async def _select_one(self) -> None:
-        async with self._engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-
-    async def close(self) -> None:
-        await self._engine.dispose()
-
-
 def register_health_views(app: Any, database_url: str, schema: str) -> None:
     """Add ``/healthz`` and ``/readyz`` to the Faust app's web server."""
     from faust import web
-
-    from app.adapters.db import make_engine
 
     probe = PostgresProbe(make_engine(database_url, schema, pool_size=1))
 
@@ -116,3 +75,16 @@ def register_health_views(app: Any, database_url: str, schema: str) -> None:
         await probe.close()
 
     app.on_before_shutdown.connect(close_probe)
+
+
+def register_metrics_view(app: Any) -> None:
+    """``GET /metrics`` on a Faust app's web server (no token: the metrics hold counts,
+    never ids or amounts of a user)."""
+    from faust import web
+
+    @app.page("/metrics", name="metrics")
+    class Metrics(web.View):
+        async def get(self, request: web.Request) -> web.Response:
+            body, content_type = metrics.exposition()
+            # aiohttp refuses a charset in content_type=: the header is set as is.
+            return self.bytes(body, headers={"Content-Type": content_type})

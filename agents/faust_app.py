@@ -1,13 +1,14 @@
-"""The Faust application of the business worker: topics, tables and the service wiring.
+"""The one ``faust.App`` module of the business worker: the app built from Settings, the
+Faust table adapters of the service's ports, and :class:`Worker`, what the agents are given.
 
-One app per process, built from Settings (so tests can run isolated copies with their own
-topic prefix and app id). The agents live in ``agents/`` and are registered here.
+One app per process (so tests can run isolated copies with their own topic prefix and app
+id). The bootstrap that builds the collaborators and registers the agents is
+agents/worker.py.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,8 @@ import faust
 import orjson
 from mode.utils.times import want_seconds
 
+from agents.faust_consumer import BatchDeliveringConsumer
 from app.domain import transfer_saga as saga_core
-from app.faust_consumer import BatchDeliveringConsumer
 from app.settings import Settings
 from app.transfer_service import Outbound, Topics, TransferService
 
@@ -78,7 +79,7 @@ class TableReplies:
 
 class BusinessApp(faust.App):
     """faust.App whose Kafka consumer delivers each fetched batch in one task
-    (app/faust_consumer.py)."""
+    (agents/faust_consumer.py)."""
 
     #: (fetch_min_bytes, fetch_max_wait_ms) of the worker's consumer, or None for Faust's.
     fetch_tuning: tuple[int, int] | None = None
@@ -98,7 +99,6 @@ class Worker:
     topics: Topics
     channels: dict[str, Any]
     service: TransferService
-    queries: Any = None  # agents.query_agents.QueryRuntime: query tables and projections
 
     async def send_all(self, outbounds: Iterator[Outbound] | list[Outbound]) -> None:
         for out in outbounds:
@@ -106,10 +106,8 @@ class Worker:
                                                 partition=out.partition)
 
 
-def create_app(settings: Settings, *, store: Any = None) -> Worker:
-    """Build the Faust app, its topics and tables, and register the agents."""
-    from app.adapters.postgres_store import PostgresBusinessStore
-
+def build_app(settings: Settings) -> BusinessApp:
+    """The worker's faust.App, configured from Settings: no agent, no table yet."""
     datadir = Path(settings.data_dir) / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = BusinessApp(
@@ -138,7 +136,7 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         web_bind=settings.web_bind,
         web_host=settings.web_host,  # canonical URL http://web_host:web_port, advertised
         # Faust's raw /table and /router endpoints stay off (they would show any table's
-        # data and the cluster layout); our own views are explicit (app/web.py).
+        # data and the cluster layout); our own views are explicit (agents/web.py).
         web_router_enabled=False,
         web_tables_enabled=False,
         web_stats_enabled=False,
@@ -149,93 +147,4 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         logging_config=None,
     )
     app.fetch_tuning = (settings.consumer_fetch_min_bytes, settings.consumer_fetch_max_wait_ms)
-    topics = Topics.from_settings(settings)
-
-    def raw_topic(name: str) -> Any:
-        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw", partitions=settings.topic_partitions,
-                         replicas=settings.topic_replication_factor)
-
-    channels = {
-        getattr(topics, f): raw_topic(getattr(topics, f)) for f in topics.__slots__
-    }
-    raw: Any = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw")
-    # key_type/value_type pick the store's serializer, the schema the changelog's.
-    sagas_table = app.Table("sagas", schema=raw, key_type=bytes, value_type=bytes,
-                            partitions=settings.topic_partitions)
-    replies_table = app.Table("replies", schema=raw, key_type=bytes, value_type=bytes,
-                              partitions=settings.topic_partitions)
-    service = TransferService(
-        settings,
-        store if store is not None else PostgresBusinessStore.from_settings(settings),
-        TableSagas(sagas_table),
-        TableReplies(replies_table),
-        clock=time.time,
-    )
-    worker = Worker(app, settings, topics, channels, service)
-
-    from agents import query_agents, transfer_agents
-
-    query_agents.register(worker)  # query tables first: the relay writes them
-    transfer_agents.register(worker)
-    register_worker_metrics(worker, sagas_table)
-    return worker
-
-
-#: States counted by ``bizcenter_open_sagas``: every non-final one, and MANUAL_REVIEW (final
-#: for the saga, open for operators).
-OPEN_STATES = (*(s.value for s in saga_core.State if s not in saga_core.FINAL_STATES),
-               saga_core.State.MANUAL_REVIEW.value)
-
-
-def register_worker_metrics(worker: Worker, sagas_table: Any) -> None:
-    """The worker's scrape-time gauges (open sagas by state, consumer lag) and, with the
-    web server on, ``/metrics``. Both gauges are computed only when scraped (at most every
-    5 s): nothing on the path of a record."""
-    from app import metrics
-
-    app, topics = worker.app, worker.topics
-    inputs = {topics.commands, topics.saga_inputs, topics.account_events,
-              topics.funding_events, topics.transfer_events, topics.queries}
-
-    def assigned() -> set[Any]:
-        try:
-            return set(app.consumer.assignment())
-        except Exception:  # not started yet
-            return set()
-
-    def open_sagas() -> list[tuple[tuple[str, ...], float]]:
-        mine = {tp.partition for tp in assigned() if tp.topic == topics.saga_inputs}
-        counts = dict.fromkeys(OPEN_STATES, 0)
-        if mine:
-            for _key, raw in list(sagas_table.items()):
-                found = metrics.saga_state_and_home(bytes(raw))
-                if found is not None and found[0] in counts and found[1] in mine:
-                    counts[found[0]] += 1
-        return [((state,), float(n)) for state, n in counts.items()]
-
-    def consumer_lag() -> list[tuple[tuple[str, ...], float]]:
-        consumer = app.consumer
-        committed = getattr(consumer, "_committed_offset", {})
-        rows: list[tuple[tuple[str, ...], float]] = []
-        for tp in sorted(assigned()):
-            if tp.topic not in inputs:
-                continue
-            end = consumer.highwater(tp)
-            done = committed.get(tp)
-            if end is None or end < 0:
-                continue
-            rows.append(((tp.topic, str(tp.partition)),
-                         float(max(0, end - (done if done is not None else 0)))))
-        return rows
-
-    metrics.register_collector(metrics.CallbackCollector(
-        "bizcenter_open_sagas", "Sagas of this worker's partitions by state (non-final, and "
-        "MANUAL_REVIEW)", ["state"], open_sagas))
-    metrics.register_collector(metrics.CallbackCollector(
-        "bizcenter_consumer_lag", "Records of each assigned input partition not yet "
-        "committed (log end offset - committed offset)", ["topic", "partition"],
-        consumer_lag, ttl=0.0))
-    if worker.settings.web_enabled:
-        metrics.register_metrics_view(app)
+    return app

@@ -91,7 +91,7 @@ async def prepare(settings: Settings, *, ledger: bool = False) -> None:
     finally:
         await store.close()
     if ledger:
-        from app.account_center.ledger import Ledger
+        from reference.account_center.ledger import Ledger
 
         led = Ledger.from_settings(settings)
         try:
@@ -101,35 +101,16 @@ async def prepare(settings: Settings, *, ledger: bool = False) -> None:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from faust.worker import Worker as FaustWorker
-
-    from app.faust_app import create_app
-
-    class RedactingWorker(FaustWorker):
-        """Faust's worker replaces the root logger's handlers when it starts: the
-        redaction filter goes onto the new ones before any record reaches them."""
-
-        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-            super().on_setup_root_logger(logger, level)
-            log_redaction.install()
-            log_format.install(settings.log_format)
+    from agents.worker import run_worker
 
     if settings.environment == "development":
         log.warning("BIZ_ENVIRONMENT=development: the development secrets are accepted")
     asyncio.run(prepare(settings))
-    worker = create_app(settings)
-    if settings.web_enabled:
-        from app.health import register_health_views
-
-        register_health_views(worker.app, settings.database_url, settings.db_schema)
-    faust_worker = RedactingWorker(worker.app, loglevel=settings.log_level.lower(),
-                                   quiet=True)
-    faust_worker.execute_from_commandline()
-    return 0
+    return run_worker(settings)
 
 
 def cmd_account_center(settings: Settings, args: argparse.Namespace) -> int:
-    from app.account_center.service import run_account_center
+    from reference.account_center.service import run_account_center
 
     async def main() -> None:
         await prepare(settings, ledger=True)
@@ -180,8 +161,8 @@ RECONCILE_BALANCED, RECONCILE_DRIFT, RECONCILE_UNCHECKED = 0, 1, 2
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     """The ledger's money checks, once: 0 balanced, 1 drift (with a table of what differs),
     2 when the ledger cannot be read."""
-    from app.account_center.ledger import Ledger
     from app.reconciliation import Report, reconcile
+    from reference.account_center.ledger import Ledger
 
     async def check() -> Report:
         ledger = Ledger.from_settings(settings, pool_size=1)
@@ -274,8 +255,8 @@ def package_version() -> str:
 
 
 def cmd_funding_provider(settings: Settings, args: argparse.Namespace) -> int:
-    from app.funding_provider import run_funding_provider
     from events.topics import ensure_topics
+    from reference.funding_provider import run_funding_provider
 
     async def main() -> None:
         await ensure_topics(settings)
@@ -303,11 +284,11 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def seed_demo(settings: Settings) -> None:
-    from app.account_center.ledger import Ledger
-    from app.account_center.service import announce_openings
-    from app.adapters.demo_seed import DEMO_USERS, seed_directory
     from app.adapters.postgres_store import PostgresBusinessStore
     from events.topics import ensure_topics
+    from reference.account_center.ledger import Ledger
+    from reference.account_center.service import announce_openings
+    from reference.demo_seed import DEMO_USERS, seed_directory
 
     store = PostgresBusinessStore.from_settings(settings)
     ledger = Ledger.from_settings(settings)
@@ -325,7 +306,7 @@ async def seed_demo(settings: Settings) -> None:
 
 
 def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from app.adapters.demo_seed import DEMO_USERS
+    from reference.demo_seed import DEMO_USERS
 
     asyncio.run(seed_demo(settings))
     for user in DEMO_USERS:
@@ -335,7 +316,7 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    from app.tokens import issue_access_token
+    from reference.user_center import issue_access_token
 
     print(issue_access_token(settings, args.user, ttl_seconds=args.ttl))
     return 0
@@ -347,8 +328,8 @@ async def run_transfer(
 ) -> dict[str, Any]:
     """As a gateway would: transferInit → transferConfirm → (verifyOtp), or, with
     ``source``, topUp → (verifyOtp). Returns the outcome."""
-    from app.gateway_client import GatewayClient, TopicTail
-    from app.tokens import issue_access_token
+    from reference.gateway_client import GatewayClient, TopicTail
+    from reference.user_center import issue_access_token
 
     token = issue_access_token(settings, user)
     client = GatewayClient(settings)
@@ -421,8 +402,8 @@ RUN_CHILDREN = ("account-center", "funding-provider", "worker")
 
 
 async def demo_balances(settings: Settings) -> dict[str, int | None]:
-    from app.account_center.ledger import Ledger
-    from app.adapters.demo_seed import DEMO_USERS
+    from reference.account_center.ledger import Ledger
+    from reference.demo_seed import DEMO_USERS
 
     ledger = Ledger.from_settings(settings, pool_size=1)
     try:
@@ -454,7 +435,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     asyncio.run(prepare(settings, ledger=True))
     asyncio.run(seed_demo(settings))
-    exe = [sys.executable, "-m", "app.cli"]
+    exe = [sys.executable, "-m", "cli"]
     children = [_start_child(exe, name) for name in RUN_CHILDREN]
     print(f"\nstarted {', '.join(RUN_CHILDREN)}; their logs: "
           + ", ".join(os.path.join(RUN_LOG_DIR, f"{n}.log") for n in RUN_CHILDREN))
@@ -532,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         "BIZ_PIN_LOCK_SECONDS and BIZ_OTP_FAILURE_WINDOW_SECONDS).")
     unlock_cmd.add_argument("user")
     unlock_cmd.set_defaults(fn=cmd_users_unlock)
-    from app.operator_commands import add_parsers as add_operator_parsers
+    from cli.operator_commands import add_parsers as add_operator_parsers
 
     add_operator_parsers(sub)  # sagas list|show|resolve, dlq list|show
     sub.add_parser("migrate", help="create the database tables").set_defaults(fn=cmd_migrate)
