@@ -129,7 +129,7 @@ class QueryRuntime:
         answer = self.service.answer(request)
         if request.type == CommandType.QUERY_TRANSACTION_DETAILS.value:
             transfer_id = str(request.params.get("transferId", ""))
-            if transfer_id and not self.service.transfer_settled(transfer_id):
+            if transfer_id and self.service.worth_waiting_for(request.account_id, transfer_id):
                 await self._catch_up_transfer_events(self.partition_of(transfer_id.encode()))
                 answer = self.service.answer(request)
         return answer

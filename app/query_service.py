@@ -258,6 +258,18 @@ class QueryService:
             data["asOf"] = state["asOf"]
         return Answer(data)
 
+    def worth_waiting_for(self, account_id: str, transfer_id: str) -> bool:
+        """Whether a details query may wait for transfer events still on their way: only
+        when the transfer is not stored yet or is stored, unfinished, with ``account_id`` a
+        party to it. Another user's transfer is refused at once: no wait before the
+        authorization (and no agent time spent on it)."""
+        stored = _load(self.transfers.get(transfer_id))
+        if stored is None:
+            return True
+        if account_id not in (stored["fromAccountId"], stored["toAccountId"]):
+            return False
+        return stored["state"] not in FINAL_STATES
+
     def transfer_settled(self, transfer_id: str) -> bool:
         """True when the stored details of this transfer are final (no need to wait for
         transfer events still on their way)."""

@@ -336,6 +336,21 @@ def test_a_running_transfer_is_not_settled() -> None:
     assert not t.service.transfer_settled("t-1")
 
 
+
+def test_a_details_query_waits_only_for_its_own_unfinished_or_unknown_transfer() -> None:
+    """Authorization before any wait: another user's transfer is refused at once, with no
+    catch-up wait holding the query agent."""
+    t = Tables()
+    assert t.service.worth_waiting_for("acc-carol", "t-1")  # unknown: may still arrive
+    t.transfer_events.apply(transfer_event(1, "DEBITING"))
+    assert t.service.worth_waiting_for("acc-alice", "t-1")
+    assert t.service.worth_waiting_for("acc-bob", "t-1")
+    assert not t.service.worth_waiting_for("acc-carol", "t-1")
+    t.transfer_events.apply(transfer_event(2, "CREDITING"))
+    t.transfer_events.apply(transfer_event(3, "COMPLETED"))
+    assert not t.service.worth_waiting_for("acc-alice", "t-1")  # final: nothing to wait for
+
+
 # --------------------------------------------------------------------------------------
 # waiting for the transfer-events agent
 # --------------------------------------------------------------------------------------
