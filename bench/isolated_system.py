@@ -8,11 +8,8 @@ the environment.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,11 +18,9 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from sqlalchemy import text
 
 from app.adapters.postgres_store import PostgresBusinessStore
-from app.domain.pin import pin_verifier
-from app.domain.ports import UserRecord, UserStatus
+from app.child_env import child_env
 from app.settings import Settings
 from bench.config import (
     CURRENCY,
@@ -36,8 +31,18 @@ from bench.config import (
     ROOT,
     BenchConfig,
 )
+from events.consumer_groups import group_state
 from events.topics import ensure_topics
 from reference.account_center.ledger import Ledger
+from reference.system_harness import (
+    drop_run,
+    free_port,
+    local_env_file,
+    log_tail,
+    seed_user,
+    start_child,
+    stop_children,
+)
 
 log = logging.getLogger("bench")
 
@@ -45,19 +50,9 @@ log = logging.getLogger("bench")
 SEED_CONCURRENCY = 8
 
 
-def _free_port() -> int:
-    """A TCP port nobody listens on right now (a worker's web server)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def base_settings() -> Settings:
     """Kafka and PostgreSQL as ``make up`` wrote them (``.local/env``), or the environment."""
-    env_file = os.environ.get("BIZ_ENV_FILE", str(ROOT / ".local" / "env"))
-    return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    return Settings(_env_file=local_env_file(ROOT))
 
 
 def run_settings(base: Settings, run_id: str, cfg: BenchConfig, data_dir: Path) -> Settings:
@@ -80,28 +75,6 @@ def run_settings(base: Settings, run_id: str, cfg: BenchConfig, data_dir: Path) 
         otp_max_sends=1_000_000_000,
     )
     return Settings(**values)
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """The environment of a child process: every setting explicit, no env file."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("BIZ_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if name == "kafka_bootstrap_servers":
-            key = "KAFKA_BOOTSTRAP_SERVERS"
-        elif name == "database_url":
-            key = "DATABASE_URL"
-        else:
-            key = f"BIZ_{name.upper()}"
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        if isinstance(value, list):
-            value = json.dumps(value)
-        env[key] = str(value)
-    env["BIZ_ENV_FILE"] = "/nonexistent"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,15 +141,12 @@ class IsolatedSystem:
         users = [f"u{i:06d}" for i in range(self.cfg.accounts)]
 
         async def one(i: int, user_id: str) -> SeededUser:
-            record = UserRecord(
-                user_id=user_id, account_id=f"acc-{user_id}", currency=CURRENCY,
-                phone=f"+1555{i:07d}", pin_verifier=pin_verifier(pepper, user_id, PIN),
-                otp_threshold_minor=OTP_THRESHOLD_MINOR, daily_limit_minor=DAILY_LIMIT_MINOR,
-                status=UserStatus.ACTIVE,
-            )
             async with gate:
-                await store.upsert_user(record)
-                await ledger.open_account(record.account_id, CURRENCY, INITIAL_BALANCE_MINOR)
+                record = await seed_user(
+                    store, ledger, pepper, user_id=user_id, pin=PIN, phone=f"+1555{i:07d}",
+                    currency=CURRENCY, balance_minor=INITIAL_BALANCE_MINOR,
+                    otp_threshold_minor=OTP_THRESHOLD_MINOR,
+                    daily_limit_minor=DAILY_LIMIT_MINOR)
             return SeededUser(user_id, record.account_id, tokens[user_id])
 
         return list(await asyncio.gather(*(one(i, u) for i, u in enumerate(users))))
@@ -185,14 +155,11 @@ class IsolatedSystem:
                       extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """``python -m cli <command>`` (or the given argv), logging to
         ``logs/<name>.log``."""
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        env = child_env(self.settings)
-        env.update(extra_env or {})
+        env = {**child_env(self.settings, pythonpath=ROOT), **(extra_env or {})}
         argv = [sys.executable, "-m", "cli", command] if isinstance(command, str) \
             else command
-        with open(self.logdir / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_child(argv, env=env, log=self.logdir / f"{name}.log", cwd=ROOT,
+                           new_session=True)
         self.processes[name] = proc
         return proc
 
@@ -202,7 +169,7 @@ class IsolatedSystem:
             # One data directory per worker process: RocksDB locks its files.
             # Its own web port too: the web server is on by default (/readyz, queries).
             env = {"BIZ_DATA_DIR": str(Path(self.settings.data_dir) / f"w{i}"),
-                   "BIZ_WEB_PORT": str(_free_port())}
+                   "BIZ_WEB_PORT": str(free_port())}
             command: str | list[str] = "worker"
             if self.cfg.trace or self.cfg.experiments:
                 env["BENCH_TRACE_FILE"] = str(self.trace_file(f"worker-{i}"))
@@ -225,33 +192,13 @@ class IsolatedSystem:
 
     async def group_state(self, group: str) -> tuple[str, int]:
         """(state, number of members) of a consumer group, e.g. ("Stable", 2)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            (response,) = await admin.describe_consumer_groups([group])
-            groups = response.to_object()["groups"]
-        finally:
-            await admin.close()
-        if not groups:
-            return "Unknown", 0
-        found = groups[0]
-        return str(found.get("state")), len(found.get("members") or [])
+        return await group_state(self.settings.kafka_bootstrap_servers, group)
 
     # ---------------------------------------------------------------- tear-down
 
     async def stop_all(self, timeout: float = 45.0) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for name, proc in self.processes.items():
-            try:
-                await asyncio.to_thread(proc.wait, max(0.1, deadline - loop.time()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs: killed", name, timeout)
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
+        for name in await stop_children(self.processes, timeout=timeout):
+            log.warning("%s did not stop in %.0fs: killed", name, timeout)
 
     async def close(self, *, drop: bool) -> None:
         if drop and self.ledger is not None:
@@ -263,25 +210,10 @@ class IsolatedSystem:
 
     async def drop_everything(self) -> None:
         assert self.ledger is not None
-        async with self.ledger.engine.begin() as conn:
-            for schema in (self.settings.db_schema, self.settings.account_center_db_schema):
-                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            prefix, app_id = self.settings.topic_prefix, self.settings.app_id
-            mine = [t for t in await admin.list_topics()
-                    if t.startswith(prefix) or t.startswith(app_id)]
-            if mine:
-                await admin.delete_topics(mine)
-        finally:
-            await admin.close()
+        await drop_run(self.settings, self.ledger)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
-        path = self.logdir / f"{name}.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.logdir / f"{name}.log", lines)
 
     def describe(self) -> dict[str, Any]:
         s = self.settings

@@ -97,7 +97,7 @@ def git_commit() -> str:
 
 
 def describe(postgres_version: str | None) -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -4,13 +4,8 @@ was conserved and moved exactly once, and that every transfer reached a final st
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from sqlalchemy import text
 
 from app.reconciliation import reconcile
 from app.settings import Settings
@@ -18,7 +13,9 @@ from bench.config import CURRENCY, INITIAL_BALANCE_MINOR
 from bench.gateway import FINAL_STATES, BenchGateway
 from bench.isolated_system import SeededUser
 from bench.virtual_users import COMPLETED, TransferSample
+from events.consumer_groups import group_lag
 from reference.account_center.ledger import Ledger
+from reference.system_harness import balances_off
 
 
 @dataclass
@@ -36,26 +33,6 @@ class Checks:
         return {"passed": self.passed, "items": self.items}
 
 
-async def group_lag(settings: Settings, group: str, topics: list[str]) -> int:
-    """Records of ``topics`` not yet committed by consumer group ``group``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        tps = [TopicPartition(t, p) for t in topics for p in range(settings.topic_partitions)]
-        ends = await consumer.end_offsets(tps)
-        lag = 0
-        for tp in tps:
-            meta = committed.get(tp)
-            lag += ends[tp] - (meta.offset if meta is not None and meta.offset >= 0 else 0)
-        return lag
-    finally:
-        await consumer.stop()
-        await admin.close()
-
-
 def open_sagas(gateway: BenchGateway) -> list[str]:
     return [tid for tid, (_seq, state) in gateway.transfer_states.items()
             if state not in FINAL_STATES]
@@ -67,12 +44,14 @@ async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
     have committed everything; or until ``timeout``. Returns what was last seen."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    t = settings.topic
+    t, bootstrap, partitions = (settings.topic, settings.kafka_bootstrap_servers,
+                                settings.topic_partitions)
     while True:
-        worker_lag = await group_lag(settings, settings.app_id, [
-            t("business.commands"), t("business.saga-inputs"), t("account.events")])
-        ac_lag = await group_lag(settings, settings.account_center_group,
-                                 [t("account.commands")])
+        worker_lag = await group_lag(bootstrap, settings.app_id, [
+            t("business.commands"), t("business.saga-inputs"), t("account.events")],
+            partitions)
+        ac_lag = await group_lag(bootstrap, settings.account_center_group,
+                                 [t("account.commands")], partitions)
         clearing = await ledger.clearing_balance(CURRENCY)
         still_open = open_sagas(gateway)
         seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag, "clearingMinor": clearing,
@@ -129,16 +108,10 @@ async def check_money(ledger: Ledger, gateway: BenchGateway, users: list[SeededU
         checks.add("every account moved exactly once", False,
                    "cannot be checked: some outcomes are unknown")
     else:
-        expected: dict[str, int] = defaultdict(lambda: INITIAL_BALANCE_MINOR)
-        for s in completed:
-            expected[users[s.payer].account_id] -= s.amount_minor
-            expected[users[s.payee].account_id] += s.amount_minor
-        async with ledger.engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT account_id, balance_minor FROM accounts"))).all()
-        actual = {str(r[0]): int(r[1]) for r in rows}
-        wrong = [u.account_id for u in users if actual.get(u.account_id)
-                 != expected[u.account_id]]
+        wrong = list(await balances_off(
+            ledger, {u.account_id: INITIAL_BALANCE_MINOR for u in users},
+            [(users[s.payer].account_id, users[s.payee].account_id, s.amount_minor)
+             for s in completed]))
         checks.add("every account moved exactly once", not wrong,
                    f"{len(users)} balances = opening - sent + received" if not wrong else
                    f"{len(wrong)} accounts differ from the completed transfers, e.g. "

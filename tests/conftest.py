@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from reference.system_harness import env_file_values, local_env_file
+
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -31,14 +33,7 @@ os.environ["BIZ_ENVIRONMENT"] = "development"
 
 
 def _env_file() -> dict[str, str]:
-    path = Path(os.environ.get("BIZ_ENV_FILE", ROOT / ".local" / "env"))
-    values: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if "=" in line and not line.lstrip().startswith("#"):
-                key, _, value = line.partition("=")
-                values[key.strip()] = value.strip()
-    return values
+    return env_file_values(local_env_file(ROOT))
 
 
 def _tcp_open(hostport: str) -> bool:

@@ -7,10 +7,7 @@ group), account-center group and PostgreSQL schemas.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -18,18 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
 from app.adapters.postgres_store import PostgresBusinessStore
-from app.domain.pin import pin_verifier
+from app.child_env import child_env
 from app.domain.ports import FundingSource, UserRecord, UserStatus
 from app.settings import Settings
+from events.consumer_groups import group_lag, group_state
 from events.topics import ensure_topics
 from reference.account_center.ledger import Ledger
 from reference.account_center.service import announce_openings
 from reference.gateway_client import GatewayClient, TopicTail
+from reference.system_harness import (
+    balances_off,
+    drop_run,
+    free_port,
+    log_tail,
+    seed_user,
+    start_child,
+    stop_children,
+)
 from reference.user_center import issue_access_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,25 +90,8 @@ class System:
         return cls(Settings(**values), tmp)
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("BIZ_") and k not in ("KAFKA_BOOTSTRAP_SERVERS",
-                                                         "DATABASE_URL")}
-        s = self.settings
-        for name in Settings.model_fields:
-            value = getattr(s, name)
-            if name == "kafka_bootstrap_servers":
-                key = "KAFKA_BOOTSTRAP_SERVERS"
-            elif name == "database_url":
-                key = "DATABASE_URL"
-            else:
-                key = f"BIZ_{name.upper()}"
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            if isinstance(value, list):
-                value = json.dumps(value)
-            env[key] = str(value)
-        env["BIZ_ENV_FILE"] = "/nonexistent"
-        return env
+        """The children's environment: every setting explicit, no env file."""
+        return child_env(self.settings)
 
     async def start(self, *, worker_env: dict[str, str] | None = None) -> None:
         await ensure_topics(self.settings)
@@ -128,11 +116,9 @@ class System:
         """Run ``bizcenter <command or name>`` as the process ``name``, with the settings'
         environment plus ``env``."""
         assert name not in self.processes or self.processes[name].poll() is not None
-        log = open(self.logdir / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(
+        self.processes[name] = start_child(
             [sys.executable, "-m", "cli", command or name], env={**self.env(), **(env or {})},
-            cwd=self.logdir, stdout=log, stderr=subprocess.STDOUT,
-        )
+            log=self.logdir / f"{name}.log", cwd=self.logdir)
 
     def start_worker(self, name: str, *, web_port: int) -> None:
         """Another worker process in the same group, with its own web port and data dir."""
@@ -143,30 +129,12 @@ class System:
 
     async def group_state(self) -> tuple[str, int]:
         """(state, number of members) of the workers' consumer group, e.g. ("Stable", 2)."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            (response,) = await admin.describe_consumer_groups([self.settings.app_id])
-            groups = response.to_object()["groups"]
-        finally:
-            await admin.close()
-        if not groups:
-            return "Unknown", 0
-        return str(groups[0].get("state")), len(groups[0].get("members") or [])
+        return await group_state(self.settings.kafka_bootstrap_servers, self.settings.app_id)
 
     async def stop_process(self, name: str, *, kill: bool = False, timeout: float = 60) -> None:
         proc = self.processes.get(name)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while proc.poll() is None:
-            if loop.time() > deadline:
-                proc.kill()
-            await asyncio.sleep(0.05)
+        if proc is not None:
+            await stop_children({name: proc}, timeout=timeout, kill=kill)
 
     async def close(self) -> None:
         for name in list(self.processes):
@@ -182,19 +150,7 @@ class System:
 
     async def drop_everything(self) -> None:
         assert self.ledger is not None
-        async with self.ledger.engine.begin() as conn:
-            for schema in (self.settings.db_schema, self.settings.account_center_db_schema):
-                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
-        await admin.start()
-        try:
-            prefix = self.settings.topic_prefix
-            mine = [t for t in await admin.list_topics()
-                    if t.startswith(prefix) or t.startswith(self.settings.app_id)]
-            if mine:
-                await admin.delete_topics(mine)
-        finally:
-            await admin.close()
+        await drop_run(self.settings, self.ledger)
 
     async def produce(self, topic: str, key: bytes, value: dict[str, Any]) -> None:
         """Publish a record as another component would (e.g. account events)."""
@@ -220,9 +176,7 @@ class System:
             return response.status, body, dict(response.headers)
 
     def log_tail(self, name: str, lines: int = 60) -> str:
-        path = self.logdir / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
-            if path.exists() else ""
+        return log_tail(self.logdir / f"{name}.log", lines)
 
     # ---------------------------------------------------------------- data
 
@@ -230,16 +184,12 @@ class System:
                        daily_limit: int = 10_000_000, open_account: bool = True,
                        currency: str = "USD") -> UserRecord:
         assert self.store is not None and self.ledger is not None
-        pepper = self.settings.pin_pepper.get_secret_value().encode()
-        user = UserRecord(
-            user_id=user_id, account_id=f"acc-{user_id}", currency=currency,
-            phone=f"+1555{abs(hash(user_id)) % 10**7:07d}",
-            pin_verifier=pin_verifier(pepper, user_id, PIN), otp_threshold_minor=threshold,
-            daily_limit_minor=daily_limit, status=UserStatus.ACTIVE,
-        )
-        await self.store.upsert_user(user)
+        user = await seed_user(
+            self.store, self.ledger, self.settings.pin_pepper.get_secret_value().encode(),
+            user_id=user_id, pin=PIN, phone=f"+1555{abs(hash(user_id)) % 10**7:07d}",
+            currency=currency, balance_minor=balance, otp_threshold_minor=threshold,
+            daily_limit_minor=daily_limit, open_account=open_account)
         if open_account:
-            await self.ledger.open_account(user.account_id, currency, balance)
             assert self.client is not None
             await announce_openings(self.settings, self.ledger, [user.account_id],
                                     self.client._producer)
@@ -323,23 +273,8 @@ class System:
 
     async def group_lag(self, group: str, topics: list[str]) -> int:
         """Messages of ``topics`` not yet committed by consumer group ``group``."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers)
-        await admin.start()
-        await consumer.start()
-        try:
-            committed = await admin.list_consumer_group_offsets(group)
-            tps = [TopicPartition(t, p) for t in topics
-                   for p in range(self.settings.topic_partitions)]
-            ends = await consumer.end_offsets(tps)
-            lag = 0
-            for tp in tps:
-                meta = committed.get(tp)
-                lag += ends[tp] - (meta.offset if meta is not None and meta.offset >= 0 else 0)
-            return lag
-        finally:
-            await consumer.stop()
-            await admin.close()
+        return await group_lag(self.settings.kafka_bootstrap_servers, group, topics,
+                               self.settings.topic_partitions)
 
     def worker_input_topics(self) -> list[str]:
         """Every topic the workers' consumer group reads (tables' changelogs aside)."""
@@ -363,21 +298,8 @@ class System:
         """Accounts whose balance is not their opening balance minus what they sent plus
         what they received over the ``completed`` (payer, payee, amount) transfers:
         {account: (expected, actual)}; empty when every account moved exactly once."""
-        expected = dict(opening)
-        for payer, payee, amount in completed:
-            expected[payer] -= amount
-            expected[payee] += amount
-        actual = await self.balances(*expected)
-        return {a: (expected[a], actual[a]) for a in expected if actual[a] != expected[a]}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for a worker's web server)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        assert self.ledger is not None
+        return await balances_off(self.ledger, opening, completed)
 
 
 def kafka_tool(*args: str) -> subprocess.CompletedProcess[str]:
