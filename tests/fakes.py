@@ -19,6 +19,7 @@ loop (business worker + reference account center) without Kafka or PostgreSQL.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 from collections import deque
@@ -29,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from app.adapters.postgres_store import PinCheck, PinOutcome, TokenClaim
 from app.domain import transfer_saga as saga_core
 from app.domain.pin import pin_verifier
 from app.domain.ports import (
@@ -39,9 +41,6 @@ from app.domain.ports import (
     GuessBudgets,
     InitFacts,
     KeptOutcome,
-    PinCheck,
-    PinOutcome,
-    TokenClaim,
     UserRecord,
     UserStatus,
 )
@@ -72,7 +71,15 @@ class _UserRow:
 
 
 class InMemoryBusinessStore:
-    """``BusinessStore`` over dicts, with the PostgreSQL store's semantics."""
+    """``BusinessStore`` over dicts, with the PostgreSQL store's semantics (proven by
+    tests/test_store_contract.py).
+
+    Beside the port, what tests use: seeding (``put_user``, ``funding_sources``), the
+    operator's ``unlock_user``, ``pin_failures``, the state as attributes, ``calls`` (the
+    names of the methods called, in order), and the steps of ``confirm_checks``
+    (``check_pin``, ``claim_transfer_token``, ``reserve_daily_limit``) as methods that a test
+    can count or break.
+    """
 
     def __init__(self, users: Iterable[UserRecord] = ()) -> None:
         self.users: dict[str, _UserRow] = {}
@@ -82,26 +89,52 @@ class InMemoryBusinessStore:
         self.reservations: dict[str, tuple[str, date, int, str]] = {}  # transfer_id -> row
         self.calls: list[str] = []  # names of the methods called, in order
         self.funding_sources: dict[str, FundingSource] = {}
-        self.pin_failure_records: set[str] = set()
+        self.pin_failure_records: set[tuple[str, str]] = set()  # (user_id, record)
         self.otp_failures: dict[str, tuple[str, datetime]] = {}  # key -> (user, at)
         self.otp_sends: dict[str, tuple[str, datetime]] = {}  # transfer_id -> (user, at)
         self.kept: dict[tuple[str, str], KeptOutcome] = {}  # (operator, key) -> record
         for user in users:
             self.put_user(user)
 
+    # --- UserDirectory ---------------------------------------------------------------
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        self.calls.append("get_user")
+        return self._user(user_id)
+
+    async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
+        self.calls.append("get_funding_source")
+        return self.funding_sources.get(funding_source_id)
+
     async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
+        self.calls.append("init_facts")
         payee = next((row.record for row in self.users.values()
                       if row.record.account_id == to_account_id), None)
-        return InitFacts(await self.get_user(user_id), await self.account_exists(to_account_id),
-                         await self.reserved_today(user_id, day),
+        return InitFacts(self._user(user_id), payee is not None,
+                         self.daily_usage.get((user_id, day), 0),
                          None if payee is None else payee.currency)
+
+    def _user(self, user_id: str) -> UserRecord | None:
+        row = self.users.get(user_id)
+        return None if row is None else row.record
+
+    # --- TransferChecks --------------------------------------------------------------
 
     async def confirm_checks(self, request: ConfirmRequest, budgets: GuessBudgets
                              ) -> ConfirmChecks:
-        """The single methods in the PostgreSQL store's order (one transaction there)."""
-        r = request
+        """The steps in the PostgreSQL store's order; as its one transaction, an exception
+        leaves nothing behind."""
         self.calls.append("confirm_checks")
-        user = await self.get_user(r.user_id)
+        saved = self._state()
+        try:
+            return await self._confirm_checks(request, budgets)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    async def _confirm_checks(self, r: ConfirmRequest, budgets: GuessBudgets
+                              ) -> ConfirmChecks:
+        user = self._user(r.user_id)
         if user is None or user.status is not UserStatus.ACTIVE:
             return ConfirmChecks(ConfirmOutcome.FORBIDDEN)
         if r.from_account_id is not None and user.account_id != r.from_account_id:
@@ -146,6 +179,16 @@ class InMemoryBusinessStore:
             r.transfer_id, r.fingerprint, r.attempt))
         return ConfirmChecks(ConfirmOutcome.OK, user, attempt=kept.attempt)
 
+    async def release_daily_limit(self, transfer_id: str) -> None:
+        self.calls.append("release_daily_limit")
+        row = self.reservations.pop(transfer_id, None)
+        if row is not None:
+            user_id, day, amount, kind = row
+            usage = self.daily_usage if kind == "transfer" else self.topup_usage
+            usage[(user_id, day)] -= amount
+
+    # --- IdempotencyRecords ----------------------------------------------------------
+
     async def kept_outcome(self, operator_id: str, idempotency_key: str) -> KeptOutcome | None:
         self.calls.append("kept_outcome")
         return self.kept.get((operator_id, idempotency_key))
@@ -157,6 +200,8 @@ class InMemoryBusinessStore:
         if kept is not None:
             self.kept[(operator_id, idempotency_key)] = replace(kept, state=state, code=code)
 
+    # --- OtpFailures -----------------------------------------------------------------
+
     async def otp_failures_since(self, user_id: str, since: datetime) -> int:
         self.calls.append("otp_failures_since")
         return sum(1 for u, at in self.otp_failures.values() if u == user_id and at > since)
@@ -165,43 +210,7 @@ class InMemoryBusinessStore:
         self.calls.append("record_otp_failure")
         self.otp_failures.setdefault(key, (user_id, at))
 
-    async def unlock_user(self, user_id: str) -> bool:
-        row = self.users.get(user_id)
-        if row is None:
-            return False
-        row.pin_failed_attempts, row.pin_locked_until = 0, None
-        self.otp_failures = {k: v for k, v in self.otp_failures.items() if v[0] != user_id}
-        return True
-
-    async def get_funding_source(self, funding_source_id: str) -> FundingSource | None:
-        self.calls.append("get_funding_source")
-        return self.funding_sources.get(funding_source_id)
-
-    # --- administration (sync, for seeding) ------------------------------------------
-
-    def put_user(self, user: UserRecord) -> None:
-        """Insert or replace a user; clears the PIN failure counter (as ``upsert_user``)."""
-        self.users[user.user_id] = _UserRow(user)
-
-    async def upsert_user(self, user: UserRecord) -> None:
-        self.put_user(user)
-
-    async def unlock_pin(self, user_id: str) -> None:
-        await self.unlock_user(user_id)
-
-    def pin_failures(self, user_id: str) -> int:
-        return self.users[user_id].pin_failed_attempts
-
-    # --- BusinessStore ---------------------------------------------------------------
-
-    async def get_user(self, user_id: str) -> UserRecord | None:
-        self.calls.append("get_user")
-        row = self.users.get(user_id)
-        return None if row is None else row.record
-
-    async def account_exists(self, account_id: str) -> bool:
-        self.calls.append("account_exists")
-        return any(row.record.account_id == account_id for row in self.users.values())
+    # --- the steps of confirm_checks (a test counts them in ``calls`` or breaks them) --
 
     async def check_pin(
         self,
@@ -210,14 +219,13 @@ class InMemoryBusinessStore:
         matches: Callable[[str], bool],
         max_attempts: int,
         *,
-        now: datetime | None = None,
-        lock_seconds: float = 86_400.0,
+        now: datetime,
+        lock_seconds: float,
     ) -> PinCheck:
         self.calls.append("check_pin")
         row = self.users.get(user_id)
         if row is None:
             return PinCheck(PinOutcome.INVALID, 0)
-        now = now or datetime.now(UTC)
         if row.pin_locked_until is not None and row.pin_locked_until > now:
             return PinCheck(PinOutcome.LOCKED, 0)
         if row.pin_locked_until is None and row.pin_failed_attempts >= max_attempts:
@@ -228,9 +236,9 @@ class InMemoryBusinessStore:
         if matches(row.record.pin_verifier):
             row.pin_failed_attempts = 0
             return PinCheck(PinOutcome.OK, max_attempts)
-        if record is None or record not in self.pin_failure_records:
+        if record is None or (user_id, record) not in self.pin_failure_records:
             if record is not None:
-                self.pin_failure_records.add(record)
+                self.pin_failure_records.add((user_id, record))
             failed += 1
             row.pin_failed_attempts = failed
             if failed >= max_attempts:
@@ -246,7 +254,7 @@ class InMemoryBusinessStore:
 
     async def reserve_daily_limit(
         self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int,
-        kind: str = "transfer",
+        kind: str,
     ) -> bool:
         self.calls.append("reserve_daily_limit")
         if amount_minor <= 0:
@@ -261,17 +269,39 @@ class InMemoryBusinessStore:
         usage[(user_id, day)] = reserved + amount_minor
         return True
 
-    async def release_daily_limit(self, transfer_id: str) -> None:
-        self.calls.append("release_daily_limit")
-        row = self.reservations.pop(transfer_id, None)
-        if row is not None:
-            user_id, day, amount, kind = row
-            usage = self.daily_usage if kind == "transfer" else self.topup_usage
-            usage[(user_id, day)] -= amount
+    # --- the one transaction ---------------------------------------------------------
 
-    async def reserved_today(self, user_id: str, day: date) -> int:
-        self.calls.append("reserved_today")
-        return self.daily_usage.get((user_id, day), 0)
+    _STATE = ("users", "token_uses", "daily_usage", "topup_usage", "reservations",
+              "pin_failure_records", "otp_failures", "otp_sends", "kept")
+
+    def _state(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._STATE}
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Put the state back in place (a test may hold a reference to a dict)."""
+        for name, value in saved.items():
+            current = getattr(self, name)
+            current.clear()
+            current.update(value)
+
+    # --- administration, as the PostgreSQL store's plain methods ---------------------
+
+    def put_user(self, user: UserRecord) -> None:
+        """Insert or replace a user; clears the PIN failure counter (as ``upsert_user``)."""
+        self.users[user.user_id] = _UserRow(user)
+
+    async def unlock_user(self, user_id: str) -> bool:
+        """The operator's unlock: ends the PIN lock, forgets the wrong OTPs. False: no
+        such user."""
+        row = self.users.get(user_id)
+        if row is None:
+            return False
+        row.pin_failed_attempts, row.pin_locked_until = 0, None
+        self.otp_failures = {k: v for k, v in self.otp_failures.items() if v[0] != user_id}
+        return True
+
+    def pin_failures(self, user_id: str) -> int:
+        return self.users[user_id].pin_failed_attempts
 
 
 class DictSagas:

@@ -1,27 +1,27 @@
-"""PostgresBusinessStore against the real PostgreSQL (own schema per module)."""
+"""PostgresBusinessStore against the real PostgreSQL (own schema per module): what the
+in-memory fake cannot show. The port's behaviour, the same on both stores, is in
+tests/test_store_contract.py; here are the plain methods (seeding, the single steps of
+``confirm_checks``), concurrency and migration."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
 from app.adapters.db import make_engine
-from app.adapters.postgres_store import PostgresBusinessStore
+from app.adapters.postgres_store import PinCheck, PinOutcome, PostgresBusinessStore, TokenClaim
 from app.domain.pin import pin_matches, pin_verifier
 from app.domain.ports import (
     ConfirmChecks,
     ConfirmOutcome,
     ConfirmRequest,
     GuessBudgets,
-    PinCheck,
-    PinOutcome,
-    TokenClaim,
     UserRecord,
     UserStatus,
 )
@@ -152,7 +152,7 @@ async def test_five_wrong_pins_lock(store: PostgresBusinessStore) -> None:
     )
     assert called == []  # a locked PIN is not even compared
 
-    await store.unlock_pin(user.user_id)
+    assert await store.unlock_user(user.user_id)
     assert (await store.check_pin(user.user_id, "r10", right_pin, 5)).outcome is PinOutcome.OK
 
 
@@ -258,201 +258,25 @@ async def test_reserve_rejects_non_positive_amount(store: PostgresBusinessStore)
 # --- the confirm's checks in one transaction ------------------------------------------
 
 
-async def _confirm(store: PostgresBusinessStore, user: UserRecord, *, pin: str = "123456",
-                   jti: str | None = None, transfer_id: str | None = None,
-                   amount: int = 1_000, record: str | None = None,
-                   account: str | None = None, key: str | None = None,
-                   kind: str = "transfer", limit: int | None = None,
-                   now: datetime | None = None,
-                   budgets: GuessBudgets | None = None) -> ConfirmChecks:
-    transfer_id = transfer_id or _uid("t")
-    jti = jti or _uid("j")
+async def _confirm(store: PostgresBusinessStore, user: UserRecord, amount: int) -> ConfirmChecks:
+    transfer_id, jti = _uid("t"), _uid("j")
     return await store.confirm_checks(ConfirmRequest(
-        user_id=user.user_id, idempotency_key=key or transfer_id, fingerprint=jti,
-        transfer_id=transfer_id, attempt=uuid.uuid4().hex[:16], matches=_pin(user, pin),
-        record=record or _uid("rec"), day=date(2026, 1, 2), now=now or datetime.now(UTC),
-        amount_minor=amount, from_account_id=None if kind == "topup" else (
-            account or user.account_id), jti=None if kind == "topup" else jti,
-        kind=kind, limit_minor=limit), budgets or GuessBudgets())
-
-
-async def test_confirm_checks_in_order(store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    assert (await _confirm(store, user, account="acc-other")).outcome is ConfirmOutcome.FORBIDDEN
-    wrong = await _confirm(store, user, pin="000000")
-    assert (wrong.outcome, wrong.attempts_left) == (ConfirmOutcome.INVALID_PIN, 4)
-    ok = await _confirm(store, user, jti="j-1", transfer_id="t-1")
-    assert ok.outcome is ConfirmOutcome.OK and ok.user == user
-    assert (await _confirm(store, user, jti="j-1", transfer_id="t-1")).outcome \
-        is ConfirmOutcome.OK  # the same transfer again: idempotent
-    assert (await _confirm(store, user, jti="j-1")).outcome is ConfirmOutcome.TOKEN_USED
-    big = await _confirm(store, user, amount=user.daily_limit_minor)
-    assert big.outcome is ConfirmOutcome.LIMIT_EXCEEDED
-    assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 1_000
+        user_id=user.user_id, idempotency_key=transfer_id, fingerprint=jti,
+        transfer_id=transfer_id, attempt=uuid.uuid4().hex[:16], matches=_pin(user, "123456"),
+        record=_uid("rec"), day=date(2026, 1, 2), now=datetime.now(UTC), amount_minor=amount,
+        from_account_id=user.account_id, jti=jti), GuessBudgets())
 
 
 async def test_concurrent_confirms_of_one_user_respect_the_limit(
         store: PostgresBusinessStore) -> None:
     user = await _new_user(store)  # daily limit 1,000,000
-    results = await asyncio.gather(*(_confirm(store, user, amount=300_000)
-                                     for _ in range(10)))
+    results = await asyncio.gather(*(_confirm(store, user, 300_000) for _ in range(10)))
     assert sum(r.outcome is ConfirmOutcome.OK for r in results) == 3
     assert {r.outcome for r in results} == {ConfirmOutcome.OK, ConfirmOutcome.LIMIT_EXCEEDED}
     assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 900_000
 
 
-async def test_init_facts_reads_user_payee_and_reservations_together(
-        store: PostgresBusinessStore) -> None:
-    payer, payee = await _new_user(store), await _new_user(store)
-    day = date(2026, 3, 4)
-    assert await store.reserve_daily_limit(payer.user_id, _uid("t"), day, 2_500, 10_000)
-    facts = await store.init_facts(payer.user_id, payee.account_id, day)
-    assert (facts.user, facts.payee_exists, facts.reserved_today_minor) == (payer, True, 2_500)
-    assert facts.payee_currency == payee.currency
-    facts = await store.init_facts(payer.user_id, "acc-nobody", date(2026, 3, 5))
-    assert (facts.payee_exists, facts.reserved_today_minor) == (False, 0)
-    facts = await store.init_facts("nobody", payee.account_id, day)
-    assert facts.user is None and facts.payee_exists
-
-
-# --- issue 11: guess budgets, top-up limit, idempotency records ------------------------
-
-
-async def test_a_redelivered_record_counts_once_any_other_record_counts(
-        store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    first = await _confirm(store, user, pin="000000", record="cmds/3/17/abc")
-    again = await _confirm(store, user, pin="000000", record="cmds/3/17/abc")  # redelivery
-    other = await _confirm(store, user, pin="000000", record="cmds/5/2/def")
-    assert [c.attempts_left for c in (first, again, other)] == [4, 4, 3]
-
-
-async def test_the_pin_lock_expires_and_a_right_pin_resets_the_count(
-        store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    budgets = GuessBudgets(pin_lock_seconds=3_600)
-    t0 = datetime(2026, 1, 2, 8, tzinfo=UTC)
-    outcomes = [(await _confirm(store, user, pin="000000", now=t0, budgets=budgets)).outcome
-                for _ in range(5)]
-    assert outcomes == [ConfirmOutcome.INVALID_PIN] * 4 + [ConfirmOutcome.PIN_LOCKED]
-    right = await _confirm(store, user, now=t0 + timedelta(minutes=59), budgets=budgets)
-    assert right.outcome is ConfirmOutcome.PIN_LOCKED  # even the right PIN, while locked
-    later = await _confirm(store, user, pin="000000", now=t0 + timedelta(minutes=61),
-                           budgets=budgets)
-    assert (later.outcome, later.attempts_left) == (ConfirmOutcome.INVALID_PIN, 4)
-    ok = await _confirm(store, user, now=t0 + timedelta(minutes=62), budgets=budgets)
-    assert ok.outcome is ConfirmOutcome.OK
-    after = await _confirm(store, user, pin="000000", now=t0 + timedelta(minutes=63),
-                           budgets=budgets)
-    assert after.attempts_left == 4  # the right PIN reset the count
-
-
-async def test_unlock_user_ends_the_pin_lock_and_the_otp_lock(
-        store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    now = datetime.now(UTC)
-    for _ in range(5):
-        await _confirm(store, user, pin="000000")
-    for i in range(10):
-        await store.record_otp_failure(user.user_id, f"{user.user_id}:t:{i}", now)
-    assert (await _confirm(store, user)).outcome is ConfirmOutcome.PIN_LOCKED
-    big = 60_000  # above the user's OTP threshold (50,000)
-    assert await store.unlock_user(user.user_id) is True
-    assert await store.otp_failures_since(user.user_id, now - timedelta(hours=1)) == 0
-    assert (await _confirm(store, user, amount=big)).outcome is ConfirmOutcome.OK
-    assert await store.unlock_user("nobody") is False
-
-
-async def test_otp_budgets_per_user_in_rolling_windows(store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    budgets = GuessBudgets(otp_max_failures=3, otp_max_sends=2, otp_send_window_seconds=900)
-    t0 = datetime(2026, 1, 2, 9, tzinfo=UTC)
-    big = 60_000
-    sent = [await _confirm(store, user, amount=big, now=t0, budgets=budgets) for _ in range(3)]
-    assert [c.outcome for c in sent] == [ConfirmOutcome.OK, ConfirmOutcome.OK,
-                                         ConfirmOutcome.RATE_LIMITED]
-    small = await _confirm(store, user, amount=1_000, now=t0, budgets=budgets)
-    assert small.outcome is ConfirmOutcome.OK  # no OTP needed: no OTP budget spent
-    later = await _confirm(store, user, amount=big, now=t0 + timedelta(seconds=901),
-                           budgets=budgets)
-    assert later.outcome is ConfirmOutcome.OK  # the send window rolled on
-    for i in range(3):
-        await store.record_otp_failure(user.user_id, f"x:{i}", t0 + timedelta(seconds=950))
-        await store.record_otp_failure(user.user_id, f"x:{i}", t0 + timedelta(seconds=950))
-    assert await store.otp_failures_since(user.user_id, t0) == 3  # once per key
-    locked = await _confirm(store, user, amount=big, now=t0 + timedelta(seconds=2_000),
-                            budgets=budgets)
-    assert locked.outcome is ConfirmOutcome.OTP_LOCKED
-    expired = await _confirm(store, user, amount=big, now=t0 + timedelta(days=1, seconds=960),
-                             budgets=budgets)
-    assert expired.outcome is ConfirmOutcome.OK  # the failure window rolled on
-
-
-async def test_top_ups_have_their_own_daily_limit(store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    first = await _confirm(store, user, kind="topup", limit=5_000, amount=3_000)
-    assert first.outcome is ConfirmOutcome.OK
-    over = await _confirm(store, user, kind="topup", limit=5_000, amount=3_000)
-    assert over.outcome is ConfirmOutcome.LIMIT_EXCEEDED
-    wrong = await _confirm(store, user, kind="topup", limit=5_000, amount=1_000, pin="000000")
-    assert wrong.outcome is ConfirmOutcome.INVALID_PIN  # confirmed with the PIN
-    assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 0  # transfers'
-    transfer = await _confirm(store, user, amount=3_000)
-    assert transfer.outcome is ConfirmOutcome.OK  # the transfers' limit is apart
-
-
-async def test_released_top_up_gives_back_the_top_up_limit(store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    first = await _confirm(store, user, kind="topup", limit=5_000, amount=5_000,
-                           transfer_id="tu-rel-" + user.user_id)
-    assert first.outcome is ConfirmOutcome.OK
-    await store.release_daily_limit("tu-rel-" + user.user_id)
-    again = await _confirm(store, user, kind="topup", limit=5_000, amount=5_000)
-    assert again.outcome is ConfirmOutcome.OK
-
-
-async def test_idempotency_records_keep_the_key_and_its_outcome(
-        store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    key = _uid("k")
-    ok = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-" + key)
-    assert ok.outcome is ConfirmOutcome.OK and len(ok.attempt) == 16
-    redo = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-" + key)
-    assert redo.outcome is ConfirmOutcome.OK and redo.attempt == ok.attempt  # first kept
-    other = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j2-" + key)
-    assert other.outcome is ConfirmOutcome.KEY_REUSED  # another payload under the key
-    await store.save_outcome(user.user_id, key, "COMPLETED", None)
-    kept = await store.kept_outcome(user.user_id, key)
-    assert kept is not None and (kept.transfer_id, kept.state) == ("t-" + key, "COMPLETED")
-    answered = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-" + key,
-                              pin="000000")
-    assert answered.outcome is ConfirmOutcome.ANSWERED and answered.kept == kept
-    assert await store.kept_outcome(user.user_id, "never-used") is None
-
-
-async def test_a_key_of_a_transfer_from_before_the_records_stays_used(
-        store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    key = _uid("k")
-    await store.claim_transfer_token("j-old-" + key, "t-" + key)  # no idempotency record
-    reuse = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-new-" + key)
-    assert reuse.outcome is ConfirmOutcome.KEY_REUSED
-    same = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-old-" + key)
-    assert same.outcome is ConfirmOutcome.OK  # the same token under its own key
-
-
-async def test_a_confirm_refused_by_the_limit_claims_no_token(
-        store: PostgresBusinessStore) -> None:
-    user = await _new_user(store)
-    key = _uid("k")
-    big = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-big-" + key,
-                         amount=user.daily_limit_minor + 1)
-    assert big.outcome is ConfirmOutcome.LIMIT_EXCEEDED
-    async with store.engine.connect() as conn:
-        assert await conn.scalar(text("SELECT count(*) FROM transfer_token_uses"
-                                      " WHERE transfer_id = :t"), {"t": "t-" + key}) == 0
-    small = await _confirm(store, user, key=key, transfer_id="t-" + key, jti="j-small-" + key)
-    assert small.outcome is ConfirmOutcome.OK  # the key was free for another token
+# --- migration -------------------------------------------------------------------------
 
 
 async def test_a_start_beside_busy_transactions_takes_no_table_lock(

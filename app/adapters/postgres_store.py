@@ -1,4 +1,15 @@
-"""PostgreSQL implementation of the ``BusinessStore`` port.
+"""PostgreSQL implementation of the ``BusinessStore`` port (app/domain/ports.py).
+
+Besides the port, plain methods that the application does not call: seeding
+(``upsert_user``, ``upsert_funding_source``: reference/demo_seed.py, tests), the operator's
+``unlock_user`` (``bizcenter users unlock``, cli/main.py), and the single steps that
+``confirm_checks`` runs in its transaction (``check_pin``, ``claim_transfer_token``,
+``reserve_daily_limit``), with ``account_exists`` and ``reserved_today``, which the tests of
+this store and ``bench/traced_worker.py`` call by name.
+
+Over 400 lines: the schema (DDL) and one class, whose transaction-sharing steps (``_check_pin``,
+``_claim``, ``_reserve``) ``confirm_checks`` composes on one connection; split, they would
+have to pass the connection across modules.
 
 Every method is one transaction on an engine whose search_path is the business center's
 schema, so table names are unqualified. Concurrency relies on row locks (READ COMMITTED):
@@ -9,7 +20,9 @@ of ``transfer_token_uses`` for token claims.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
 from typing import Any, Protocol
 
 from sqlalchemy import text
@@ -24,12 +37,30 @@ from app.domain.ports import (
     GuessBudgets,
     InitFacts,
     KeptOutcome,
-    PinCheck,
-    PinOutcome,
-    TokenClaim,
     UserRecord,
     UserStatus,
 )
+
+
+class PinOutcome(StrEnum):
+    OK = "ok"
+    INVALID = "invalid"
+    LOCKED = "locked"
+
+
+@dataclass(frozen=True, slots=True)
+class PinCheck:
+    """The PIN step of ``confirm_checks`` (``check_pin``)."""
+
+    outcome: PinOutcome
+    attempts_left: int
+
+
+class TokenClaim(StrEnum):
+    """The token step of ``confirm_checks`` (``claim_transfer_token``)."""
+
+    CLAIMED = "claimed"  # first use, or the same transfer asking again
+    USED_ELSEWHERE = "used_elsewhere"  # already funds another transfer
 
 
 def _user_of(row: Any) -> UserRecord:
@@ -167,7 +198,8 @@ _INIT_FACTS = text(
 
 
 class PostgresBusinessStore:
-    """The business center's shared state in PostgreSQL (implements ``BusinessStore``)."""
+    """The business center's shared state in PostgreSQL: implements ``BusinessStore``,
+    plus the plain methods of the module's docstring."""
 
     def __init__(self, engine: AsyncEngine, schema: str) -> None:
         self._engine = engine
@@ -222,6 +254,7 @@ class PostgresBusinessStore:
                  "l": source.label, "s": str(source.status)})
 
     async def account_exists(self, account_id: str) -> bool:
+        """True when some user of the directory owns this account (see ``init_facts``)."""
         async with self._engine.connect() as conn:
             found = await conn.scalar(
                 text("SELECT EXISTS (SELECT 1 FROM users WHERE account_id = :a)"),
@@ -258,10 +291,6 @@ class PostgresBusinessStore:
                     "status": str(user.status),
                 },
             )
-
-    async def unlock_pin(self, user_id: str) -> None:
-        """Admin: clear the PIN failure counter and lock (see :meth:`unlock_user`)."""
-        await self.unlock_user(user_id)
 
     async def unlock_user(self, user_id: str) -> bool:
         """Operator (``bizcenter users unlock``): end the PIN lock, reset the PIN failure
@@ -329,6 +358,11 @@ class PostgresBusinessStore:
         now: datetime | None = None,
         lock_seconds: float = 86_400.0,
     ) -> PinCheck:
+        """The PIN step of ``confirm_checks`` on its own, atomically (row lock): LOCKED
+        while locked; else ``matches(verifier)``; a failure increments the user's failure
+        counter once per ``record`` (the Kafka record's coordinates, which a redelivery
+        keeps; None counts every time), a success resets it. Reaching ``max_attempts``
+        failures locks the PIN for ``lock_seconds``. An unknown user is INVALID."""
         async with self._engine.begin() as conn:
             row = (
                 await conn.execute(
@@ -392,6 +426,8 @@ class PostgresBusinessStore:
     # --- transfer tokens ---------------------------------------------------------------
 
     async def claim_transfer_token(self, jti: str, transfer_id: str) -> TokenClaim:
+        """The token step of ``confirm_checks`` on its own: record that token ``jti`` funds
+        ``transfer_id`` (idempotent for the same pair)."""
         async with self._engine.begin() as conn:
             return await self._claim(conn, jti, transfer_id)
 
@@ -414,6 +450,10 @@ class PostgresBusinessStore:
         self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int,
         kind: str = "transfer",
     ) -> bool:
+        """The limit step of ``confirm_checks`` on its own: reserve ``amount_minor`` of the
+        user's ``day`` limit of ``kind`` for ``transfer_id``. Atomic under concurrency (two
+        reservations of one user never both slip under the limit) and idempotent (the same
+        transfer reserving again returns True, once)."""
         async with self._engine.begin() as conn:
             return await self._reserve(conn, user_id, transfer_id, day, amount_minor,
                                        limit_minor, kind)
@@ -585,6 +625,7 @@ class PostgresBusinessStore:
             )
 
     async def reserved_today(self, user_id: str, day: date) -> int:
+        """What the user's transfers reserved of their ``day`` limit (see ``init_facts``)."""
         async with self._engine.connect() as conn:
             reserved = await conn.scalar(
                 text("SELECT reserved_minor FROM daily_usage WHERE user_id = :u AND day = :d"),

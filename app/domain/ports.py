@@ -1,16 +1,20 @@
 """Ports of the business center's core: what the service layer needs from the outside.
 
-Standard library only. The PostgreSQL implementation lives in app/adapters/; unit tests use
-an in-memory fake (tests/fakes.py).
+The standard library and the domain only. The store's ports (``BusinessStore`` and the
+questions it is made of) have their PostgreSQL implementation in app/adapters/ and an
+in-memory fake in tests/fakes.py; the command side's two Faust tables (``SagaRepository``,
+``ReplyCache``) have their adapters in agents/faust_app.py and dicts in tests/fakes.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Protocol
+
+from app.domain import transfer_saga as saga_core
 
 
 class UserStatus(StrEnum):
@@ -41,18 +45,6 @@ class FundingSource:
     kind: str  # bank_account | card
     label: str  # what the user sees, e.g. "Visa •••• 4242"
     status: UserStatus
-
-
-class PinOutcome(StrEnum):
-    OK = "ok"
-    INVALID = "invalid"
-    LOCKED = "locked"
-
-
-@dataclass(frozen=True, slots=True)
-class PinCheck:
-    outcome: PinOutcome
-    attempts_left: int
 
 
 class ConfirmOutcome(StrEnum):
@@ -130,94 +122,136 @@ class InitFacts:
     payee_currency: str | None = None  # the payee account's currency, when it exists
 
 
-class TokenClaim(StrEnum):
-    CLAIMED = "claimed"  # first use, or the same transfer asking again
-    USED_ELSEWHERE = "used_elsewhere"  # already funds another transfer
+
+# --------------------------------------------------------------------------------------
+# The store's ports: one per question the application asks. ``BusinessStore`` is all of
+# them (what ``TransferService`` is given); a handler that needs one question may take one.
+# Only the methods the application calls are here: the operator's unlock, seeding and the
+# single steps of ``confirm_checks`` are plain methods of the PostgreSQL store
+# (app/adapters/postgres_store.py). tests/test_store_contract.py runs one suite over the
+# PostgreSQL store and the in-memory fake (tests/fakes.py).
+# --------------------------------------------------------------------------------------
 
 
-class BusinessStore(Protocol):
-    """Shared, strongly consistent state of the business center (PostgreSQL)."""
+class UserDirectory(Protocol):
+    """The user center's data: users, their funding sources, and an init's facts."""
 
-    async def get_user(self, user_id: str) -> UserRecord | None: ...
-
-    async def account_exists(self, account_id: str) -> bool:
-        """True when some user of the directory owns this account."""
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        """The user, whatever their status; None: no such user."""
         ...
 
     async def get_funding_source(self, funding_source_id: str) -> FundingSource | None: ...
 
-    async def check_pin(
-        self,
-        user_id: str,
-        record: str | None,
-        matches: Callable[[str], bool],
-        max_attempts: int,
-        *,
-        now: datetime | None = None,
-        lock_seconds: float = 86_400.0,
-    ) -> PinCheck:
-        """Atomically (row lock): LOCKED while locked; else ``matches(verifier)``; a failure
-        increments the user's failure counter once per ``record`` (the Kafka record's
-        coordinates, which a redelivery keeps; None counts every time), a success resets
-        it. Reaching ``max_attempts`` failures locks the PIN for ``lock_seconds``."""
-        ...
-
-    async def claim_transfer_token(self, jti: str, transfer_id: str) -> TokenClaim:
-        """Record that token ``jti`` funds ``transfer_id`` (idempotent for the same pair)."""
-        ...
-
-    async def reserve_daily_limit(
-        self, user_id: str, transfer_id: str, day: date, amount_minor: int, limit_minor: int,
-        kind: str = "transfer",
-    ) -> bool:
-        """Reserve ``amount_minor`` of the user's ``day`` limit of ``kind`` (transfers or
-        top-ups, two separate limits) for ``transfer_id``.
-
-        Atomic under concurrency (two reservations of one user never both slip under the
-        limit) and idempotent (the same transfer reserving again returns True, once)."""
-        ...
-
     async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
-        """``get_user``, ``account_exists`` and ``reserved_today`` in one read."""
+        """In one read: the payer (``get_user``), whether a user owns ``to_account_id`` and
+        its currency, and what the payer's transfers reserved of their ``day`` limit (the
+        transfers' limit only, not the top-ups')."""
         ...
+
+
+class TransferChecks(Protocol):
+    """The checks of a confirm (or a top-up) and what they hold: the PIN's budget, the
+    transfer token's single use, the daily limits."""
 
     async def confirm_checks(
         self, request: ConfirmRequest, budgets: GuessBudgets
     ) -> ConfirmChecks:
-        """Every check of a new transfer's confirm (or a new top-up), in this order: the
-        user (active, owner of ``from_account_id``); the idempotency record of the key
-        (another payload: KEY_REUSED; an ended operation: ANSWERED with its kept outcome);
-        the PIN (``check_pin``); when the amount is above the user's OTP threshold, the
-        user's OTP budgets (wrong OTPs: OTP_LOCKED, sends: RATE_LIMITED); the token's
-        single use (``claim_transfer_token``); the daily limit of its kind
-        (``reserve_daily_limit``); then the OTP send and the idempotency record are
-        written. The PostgreSQL store runs them in one transaction on the locked user row;
-        each part stays idempotent on its own key."""
+        """Every check of a new transfer's confirm (or a new top-up), atomically (the
+        PostgreSQL store: one transaction on the locked user row; an exception leaves
+        nothing behind), in this order:
+
+        1. the user: unknown or blocked is FORBIDDEN (no user); a token whose payer
+           account (``from_account_id``) is not the user's is FORBIDDEN (with the user).
+        2. the idempotency record of ``(user_id, idempotency_key)``: another
+           ``fingerprint`` is KEY_REUSED; an ended operation (``save_outcome``) is
+           ANSWERED with its kept outcome. A key without a record whose ``transfer_id``
+           another token already funds (a transfer from before the records) is KEY_REUSED.
+        3. the PIN, compared by ``matches(verifier)`` only when not locked: locked is
+           PIN_LOCKED; wrong is INVALID_PIN with the attempts left. A wrong PIN counts once
+           per (user, ``record``): a redelivery of the Kafka record counts once (None
+           counts every time). The ``pin_max_attempts``-th failure locks the PIN for
+           ``pin_lock_seconds``; once the lock ends the budget is whole again. A right PIN
+           resets the count.
+        4. only when ``amount_minor`` is strictly above the user's OTP threshold and this
+           ``transfer_id`` was not counted yet: the user's wrong OTPs in the failure
+           window (``record_otp_failure``) reaching the budget is OTP_LOCKED; the OTPs
+           sent in the send window reaching the budget is RATE_LIMITED.
+        5. the transfer token ``jti`` (transfers only) funds one ``transfer_id``: claimed
+           by another transfer is TOKEN_USED; the same transfer asking again passes.
+        6. the daily limit of ``kind`` (the user's limit for transfers, ``limit_minor``
+           for top-ups; two separate limits): the day's reservations plus ``amount_minor``
+           above it is LIMIT_EXCEEDED, and then the token stays unclaimed. A transfer
+           reserves once: asking again passes without reserving again.
+        7. OK: the OTP send is counted (when one is needed) and the idempotency record
+           is written, keeping the first ``attempt`` of the key, which is returned.
+
+        A non-positive ``amount_minor`` raises ``ValueError``."""
         ...
 
+    async def release_daily_limit(self, transfer_id: str) -> None:
+        """Give a failed transfer's (or top-up's) reservation back to its limit, once.
+        Idempotent; an unknown transfer is a no-op."""
+        ...
+
+
+class IdempotencyRecords(Protocol):
+    """What a scoped idempotency key was used for and how its operation ended."""
+
     async def kept_outcome(self, operator_id: str, idempotency_key: str) -> KeptOutcome | None:
-        """The idempotency record of a scoped key, if the key was ever used."""
+        """The idempotency record of a scoped key (written by ``confirm_checks``), if the
+        key was ever used."""
         ...
 
     async def save_outcome(self, operator_id: str, idempotency_key: str, state: str,
                            code: str | None) -> None:
-        """Keep how the operation under this key ended (idempotent)."""
+        """Keep how the operation under this key ended (idempotent; the last call wins).
+        A key without a record is left without one."""
         ...
 
+
+class OtpFailures(Protocol):
+    """The user's wrong OTPs, the budget that ``confirm_checks`` and verifyOtp spend."""
+
     async def otp_failures_since(self, user_id: str, since: datetime) -> int:
-        """Wrong OTPs of the user recorded after ``since``."""
+        """Wrong OTPs of the user recorded strictly after ``since``."""
         ...
 
     async def record_otp_failure(self, user_id: str, key: str, at: datetime) -> None:
         """Count one wrong OTP, once per ``key`` (``transferId:attempt``)."""
         ...
 
-    async def unlock_user(self, user_id: str) -> bool:
-        """Operator: end the PIN lock and forget the wrong OTPs. False: no such user."""
+
+class BusinessStore(UserDirectory, TransferChecks, IdempotencyRecords, OtpFailures, Protocol):
+    """Shared, strongly consistent state of the business center (PostgreSQL): every
+    question the application asks of it."""
+
+
+# --------------------------------------------------------------------------------------
+# The command side's Faust tables (adapters in agents/faust_app.py, dicts in unit tests).
+# --------------------------------------------------------------------------------------
+
+
+class SagaRepository(Protocol):
+    """Where sagas live: the Faust table keyed by transfer id (a dict in unit tests)."""
+
+    def get(self, transfer_id: str) -> saga_core.Saga | None: ...
+
+    def put(self, saga: saga_core.Saga) -> None: ...
+
+    def scan(self) -> Iterable[saga_core.Saga]: ...
+
+    def delete(self, transfer_id: str) -> None: ...
+
+
+class ReplyCache(Protocol):
+    """Replies already sent, by ``operatorId ␟ requestId`` (the Faust table ``replies``)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None: ...
+
+    def expired(self, partition: int, older_than: float) -> list[str]:
+        """Keys of the replies saved from ``partition`` before ``older_than``."""
         ...
 
-    async def release_daily_limit(self, transfer_id: str) -> None:
-        """Give a failed transfer's reservation back. Idempotent."""
-        ...
-
-    async def reserved_today(self, user_id: str, day: date) -> int: ...
+    def delete(self, key: str) -> None: ...
