@@ -20,8 +20,10 @@ from mode.utils.times import want_seconds
 
 from agents.faust_consumer import BatchDeliveringConsumer
 from app.domain import transfer_saga as saga_core
+from app.record_failures import Outbound
 from app.settings import Settings
-from app.transfer_service import Outbound, Topics, TransferService
+from app.transfers.service import TransferService
+from events.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from app import log_format, log_redaction, metrics
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain import transfer_saga as saga_core
 from app.settings import Settings
-from app.transfer_service import Topics, TransferService
+from app.transfers.service import TransferService
+from events.topics import Topics
 
 
 def create_app(settings: Settings, *, store: Any = None) -> Worker:

@@ -31,6 +31,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.domain import transfer_saga as saga_core
+from app.record_failures import validation_reason
 from schemas.wire import (
     AccountEvent,
     AccountEventType,
@@ -247,7 +248,7 @@ class QueryService:
                 return self.details(request.account_id, details.transfer_id)
             page = QueryTransactionHistoryPayload.model_validate(request.params)
         except ValidationError as exc:
-            return Answer.error(ErrorCode.INVALID_REQUEST, _validation_message(exc))
+            return Answer.error(ErrorCode.INVALID_REQUEST, validation_reason(exc))
         return self.history_page(request.account_id, page)
 
     def balance(self, account_id: str, currency: str) -> Answer:
@@ -390,10 +391,3 @@ def _load(raw: bytes | None) -> dict[str, Any] | None:
     value = orjson.loads(raw)
     return value if isinstance(value, dict) else None
 
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ())) or "message"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)

@@ -144,7 +144,7 @@ def install() -> None:
     import agents.faust_app as faust_app
     from app.adapters.postgres_store import PostgresBusinessStore
     from app.tokens import AccessTokenVerifier, TransferTokens
-    from app.transfer_service import TransferService
+    from app.transfers.service import TransferService
 
     _wrap_all(PostgresBusinessStore, "db", [
         "get_user", "account_exists", "reserved_today", "check_pin", "claim_transfer_token",

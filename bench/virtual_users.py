@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from app.transfer_service import transfer_id_for
+from app.transfers.ids import transfer_id_for
 from bench.config import CURRENCY, MIN_AMOUNT_MINOR, OTP_THRESHOLD_MINOR, PIN, BenchConfig
 from bench.gateway import BenchGateway
 from bench.isolated_system import SeededUser

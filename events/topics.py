@@ -1,5 +1,8 @@
 """The topics of the product, their keys, and their explicit creation.
 
+:data:`TOPIC_SPECS` is the one list of topics: :class:`Topics` (the full names a process
+uses, prefix included) is derived from it.
+
 The broker does not auto-create topics: the application creates every topic it uses with
 an explicit partition count. ``business.commands`` and ``business.saga-inputs`` must have
 the same count as the saga tables' changelogs (co-partitioning); `ensure_topics` refuses
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -37,23 +40,57 @@ class TopicSettings(Protocol):
 class TopicSpec:
     name: str
     key: str
+    #: Its attribute in :class:`Topics`.
+    field: str
     compacted: bool = False
     copartitioned: bool = False  # must have settings.topic_partitions partitions
 
 
 TOPIC_SPECS: tuple[TopicSpec, ...] = (
-    TopicSpec("business.commands", "idempotencyKey, else requestId", copartitioned=True),
-    TopicSpec("business.saga-inputs", "transferId (explicit partition)", copartitioned=True),
-    TopicSpec("business.replies", "requestId"),
-    TopicSpec("business.transfer-events", "transferId", copartitioned=True),  # transfers table
-    TopicSpec("business.dlq", "the original key"),
-    TopicSpec("account.commands", "accountId"),
-    TopicSpec("account.events", "accountId", copartitioned=True),  # balances, history tables
-    TopicSpec("business.queries", "accountId, or transferId (details)", copartitioned=True),
-    TopicSpec("notifications.otp", "userId"),
-    TopicSpec("funding.commands", "chargeId"),
-    TopicSpec("funding.events", "chargeId"),
+    TopicSpec("business.commands", "idempotencyKey, else requestId", "commands",
+              copartitioned=True),
+    TopicSpec("business.saga-inputs", "transferId (explicit partition)", "saga_inputs",
+              copartitioned=True),
+    TopicSpec("business.replies", "requestId", "replies"),
+    TopicSpec("business.transfer-events", "transferId", "transfer_events",
+              copartitioned=True),  # the transfers table
+    TopicSpec("business.dlq", "the original key", "dlq"),
+    TopicSpec("account.commands", "accountId", "account_commands"),
+    TopicSpec("account.events", "accountId", "account_events",
+              copartitioned=True),  # the balances and history tables
+    TopicSpec("business.queries", "accountId, or transferId (details)", "queries",
+              copartitioned=True),
+    TopicSpec("notifications.otp", "userId", "otp"),
+    TopicSpec("funding.commands", "chargeId", "funding_commands"),
+    TopicSpec("funding.events", "chargeId", "funding_events"),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The full name (prefix included) of every topic of :data:`TOPIC_SPECS`, by its
+    ``field``. The fields are spelled out for the type checker; the import-time check
+    below keeps them equal to the list."""
+
+    commands: str
+    replies: str
+    account_commands: str
+    account_events: str
+    otp: str
+    transfer_events: str
+    dlq: str
+    saga_inputs: str
+    funding_commands: str
+    funding_events: str
+    queries: str
+
+    @classmethod
+    def from_settings(cls, settings: TopicSettings) -> Topics:
+        return cls(**{spec.field: settings.topic(spec.name) for spec in TOPIC_SPECS})
+
+
+if {f.name for f in fields(Topics)} != {spec.field for spec in TOPIC_SPECS}:  # pragma: no cover
+    raise RuntimeError("events.topics: the fields of Topics differ from TOPIC_SPECS")
 
 
 #: The worker's Faust tables. Their changelog topics (``<app id>-<table>-changelog``) are
@@ -83,8 +120,8 @@ async def ensure_topics(settings: TopicSettings) -> list[str]:
         wanted = {settings.topic(s.name): s for s in TOPIC_SPECS}
         for table in TABLES:
             wanted[changelog_topic(settings, table)] = TopicSpec(
-                changelog_topic(settings, table), "the table's key", compacted=True,
-                copartitioned=True)
+                changelog_topic(settings, table), "the table's key", f"{table}_changelog",
+                compacted=True, copartitioned=True)
         missing = [
             NewTopic(name, settings.topic_partitions, settings.topic_replication_factor,
                      topic_configs={"cleanup.policy": "compact"} if spec.compacted else {})

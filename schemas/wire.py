@@ -175,10 +175,11 @@ class ReplyStatus(StrEnum):
 
 
 class Reply(WireModel):
+    # The fields in the order they travel (app/transfers/outbound.py serializes them so).
     request_id: Identifier
-    idempotency_key: Identifier | None = None
     type: str
     status: ReplyStatus
+    idempotency_key: Identifier | None = None
     code: str | None = None
     message: str | None = None
     data: dict[str, Any] | None = None
@@ -270,18 +271,19 @@ class OtpNotification(WireModel):
 class TransferEvent(WireModel):
     """Every state change of a transfer saga (audit trail and downstream feeds)."""
 
+    # The fields in the order they travel (app/transfers/outbound.py serializes them so).
     event_id: Identifier = Field(description="`<transferId>:<seq>`, unique per change.")
     transfer_id: Identifier
     seq: int
     state: str
-    previous_state: str | None = None
     operator_id: Identifier
     from_account_id: Identifier
     to_account_id: Identifier
     amount_minor: MinorUnits
     currency: Currency
-    code: str | None = None
     occurred_at: datetime
+    previous_state: str | None = None
+    code: str | None = None
 
 
 # --------------------------------------------------------------------------------------

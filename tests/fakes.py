@@ -44,8 +44,10 @@ from app.domain.ports import (
     UserRecord,
     UserStatus,
 )
+from app.record_failures import Outbound
 from app.settings import Settings
-from app.transfer_service import Outbound, TransferService, transfer_id_for
+from app.transfers.ids import transfer_id_for
+from app.transfers.service import TransferService
 from reference.user_center import issue_access_token
 from schemas.wire import AccountCommand, AccountCommandType, AccountEvent, AccountEventType
 

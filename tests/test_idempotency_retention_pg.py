@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from app.adapters.db import make_engine
 from app.adapters.postgres_store import PostgresBusinessStore
-from app.transfer_service import transfer_id_for
+from app.transfers.ids import transfer_id_for
 from schemas.wire import ErrorCode
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from fakes import PIN, Harness
 
-from app.transfer_service import Outbound
+from app.record_failures import Outbound
 from schemas.wire import ErrorCode
 
 

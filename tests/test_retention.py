@@ -6,7 +6,7 @@ import orjson
 from fakes import Harness
 
 from app.domain.transfer_saga import State
-from app.transfer_service import transfer_id_for
+from app.transfers.ids import transfer_id_for
 from schemas.wire import ErrorCode
 
 DAY = 24 * 3600

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from app.transfer_service import transfer_id_for
+from app.transfers.ids import transfer_id_for
 from schemas.export import SCHEMA_DIR, export, render
 from schemas.wire import (
     PAYLOAD_MODELS,

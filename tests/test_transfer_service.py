@@ -1,6 +1,6 @@
 """The service layer with fakes: the whole transfer loop without Kafka or PostgreSQL.
 
-Each test drives app.transfer_service.TransferService through tests/fakes.py: the
+Each test drives app.transfers.service.TransferService through tests/fakes.py: the
 commands the gateway would publish, the account center simulator answering the account
 commands, and the account events routed back to the saga. Crashes are simulated by
 dropping what one call produced; redeliveries by delivering a message again.
@@ -19,7 +19,8 @@ import pytest
 from fakes import DEFAULT_USERS, PIN, START, Harness, SeedUser
 
 from app.domain.transfer_saga import State
-from app.transfer_service import iso, transfer_id_for
+from app.transfers.ids import transfer_id_for
+from app.transfers.outbound import iso
 
 WRONG_PIN = "00000000"
 
