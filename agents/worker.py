@@ -19,6 +19,7 @@ from app import log_format, log_redaction, metrics
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain import transfer_saga as saga_core
 from app.settings import Settings
+from app.tokens import AccessTokenVerifier, TransferTokens
 from app.transfers.service import TransferService
 from events.topics import Topics
 
@@ -49,6 +50,8 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         TableSagas(sagas_table),
         TableReplies(replies_table),
         clock=time.time,
+        access=AccessTokenVerifier.from_settings(settings),
+        transfer_tokens=TransferTokens.from_settings(settings),
     )
     worker = Worker(app, settings, topics, channels, service)
     queries = query_agents.register(worker)  # query tables first: the relay writes them

@@ -13,5 +13,6 @@
 - ``timers``: deadlines, the tick, the purge.
 - ``steps``: one saga step applied, all or nothing.
 - ``outbound``: every record the command side sends, as a ``schemas/`` model.
+- ``ports``: the two tables it needs (sagas, saved replies).
 - ``service``: :class:`TransferService`, composing them.
 """
