@@ -60,7 +60,7 @@ DETAILS_CATCH_UP_SECONDS = 2.0
 
 
 class TableKeyValue:
-    """A Faust table as a :class:`app.query_service.KeyValue` (str keys, bytes values)."""
+    """A Faust table as a :class:`app.domain.ports.KeyValue` (str keys, bytes values)."""
 
     def __init__(self, table: Any) -> None:
         self.table = table

@@ -25,12 +25,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
 from app.domain import transfer_saga as saga_core
+from app.domain.ports import KeyValue
 from app.record_failures import validation_reason
 from schemas.wire import (
     AccountEvent,
@@ -58,14 +59,6 @@ _KINDS = {
     AccountEventType.CREDITED: ("credit", 1),
     AccountEventType.REFUNDED: ("refund", 1),
 }
-
-
-class KeyValue(Protocol):
-    """A table: a Faust table in the worker, a dict wrapper in unit tests."""
-
-    def get(self, key: str) -> bytes | None: ...
-
-    def put(self, key: str, value: bytes) -> None: ...
 
 
 class DictKeyValue:

@@ -145,6 +145,7 @@ def install() -> None:
     from app.adapters.postgres_store import PostgresBusinessStore
     from app.tokens import AccessTokenVerifier, TransferTokens
     from app.transfers.service import TransferService
+    from app.transfers.steps import SagaSteps
 
     _wrap_all(PostgresBusinessStore, "db", [
         "get_user", "account_exists", "reserved_today", "check_pin", "claim_transfer_token",
@@ -155,7 +156,7 @@ def install() -> None:
     _wrap_all(faust_app.TableSagas, "table.sagas", ["get", "put"])
     _wrap_all(faust_app.TableReplies, "table.replies", ["get", "put"])
     _wrap_all(faust_app.Worker, "send", ["send_all"])
-    _wrap_all(TransferService, "service", ["_apply"])
+    _wrap_all(SagaSteps, "service", ["apply"])
     gaps = _Gaps()
     TransferService.handle_command = gaps.wrap("sagas", _timed(  # type: ignore[method-assign]
         "handle.command", TransferService.handle_command, _command_type))

@@ -34,6 +34,7 @@ from app.adapters.postgres_store import PinCheck, PinOutcome, TokenClaim
 from app.domain import transfer_saga as saga_core
 from app.domain.pin import pin_verifier
 from app.domain.ports import (
+    BusinessStore,
     ConfirmChecks,
     ConfirmOutcome,
     ConfirmRequest,
@@ -566,10 +567,7 @@ class Harness:
         self.new_otp = OtpSequence(otp_seed, otps)
         #: The back-offs the guard waited out (an outage), instead of sleeping.
         self.pauses: list[float] = []
-        self.service = TransferService(
-            self.settings, self.store, self.sagas, self.reply_cache,
-            clock=self.clock, new_otp=self.new_otp, pause=self._pause,
-        )
+        self.service = self._service(self.store)
         self.topics = self.service.topics
         self._pumped = {self.topics.account_commands, self.topics.account_events,
                         self.topics.saga_inputs}
@@ -578,6 +576,18 @@ class Harness:
         self.history: list[Delivery] = []
         self._request_ids = itertools.count(1)
         self._offsets: dict[int, int] = {}  # business.commands partition -> last offset
+
+    def _service(self, store: BusinessStore) -> TransferService:
+        return TransferService(
+            self.settings, store, self.sagas, self.reply_cache,
+            clock=self.clock, new_otp=self.new_otp, pause=self._pause,
+        )
+
+    def use_store(self, store: BusinessStore) -> None:
+        """Run the service on another store (e.g. the PostgreSQL one), the rest unchanged:
+        the collaborators receive the store when they are built, so the service is built
+        again."""
+        self.service = self._service(store)
 
     async def _pause(self, seconds: float) -> None:
         self.pauses.append(seconds)

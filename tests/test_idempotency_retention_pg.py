@@ -47,7 +47,7 @@ async def _harness(store: PostgresBusinessStore) -> Harness:
     h = Harness(purge_interval_seconds=60)
     for row in h.store.users.values():
         await store.upsert_user(row.record)  # the harness's users: alice, bob, carol
-    h.service.store = store
+    h.use_store(store)
     return h
 
 

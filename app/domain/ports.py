@@ -255,3 +255,16 @@ class ReplyCache(Protocol):
         ...
 
     def delete(self, key: str) -> None: ...
+
+
+# --------------------------------------------------------------------------------------
+# The query side's tables (Faust tables in the worker, DictKeyValue in unit tests).
+# --------------------------------------------------------------------------------------
+
+
+class KeyValue(Protocol):
+    """A table: a Faust table in the worker, a dict wrapper in unit tests."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...

@@ -13,6 +13,6 @@
 - ``timers``: deadlines, the tick, the purge.
 - ``steps``: one saga step applied, all or nothing.
 - ``outbound``: every record the command side sends, as a ``schemas/`` model.
-- ``ports``: the two tables it needs (sagas, saved replies).
+- the two tables it needs (sagas, saved replies) are ports in ``app/domain/ports.py``.
 - ``service``: :class:`TransferService`, composing them.
 """

@@ -23,6 +23,7 @@ from app.domain.ports import (
     ConfirmOutcome,
     ConfirmRequest,
     GuessBudgets,
+    SagaRepository,
     UserStatus,
 )
 from app.record_failures import Outbound
@@ -32,7 +33,6 @@ from app.transfers.handling import handled_record
 from app.transfers.ids import attempt_for, token_jti_for, transfer_id_for
 from app.transfers.ids import fingerprint as fingerprint_of
 from app.transfers.outbound import Outbox
-from app.transfers.ports import SagaRepository
 from app.transfers.steps import SagaSteps
 from events.queries import query_record
 from schemas.wire import (

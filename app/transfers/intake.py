@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from app.domain import transfer_saga as saga_core
+from app.domain.ports import ReplyCache, SagaRepository
 from app.record_failures import (
     MAX_TYPE_CHARS,
     Outbound,
@@ -35,7 +36,6 @@ from app.transfers.commands import Handler, NothingKept, Rejection, Request
 from app.transfers.handling import Tally, handled_partition, handled_record, record_identity
 from app.transfers.ids import transfer_id_for
 from app.transfers.outbound import Outbox
-from app.transfers.ports import ReplyCache, SagaRepository
 from app.transfers.steps import SagaSteps
 from schemas.wire import (
     NEEDS_IDEMPOTENCY_KEY,

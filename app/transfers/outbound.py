@@ -22,6 +22,7 @@ import orjson
 
 from app import metrics
 from app.domain import transfer_saga as saga_core
+from app.domain.ports import ReplyCache
 from app.record_failures import (
     MAX_ID_CHARS,
     MAX_REASON_CHARS,
@@ -32,7 +33,6 @@ from app.record_failures import (
     dead_letter_out,
 )
 from app.transfers.handling import handled_partition
-from app.transfers.ports import ReplyCache
 from events.topics import Topics
 from schemas.wire import (
     AccountCommand,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from app.domain import transfer_saga as saga_core
+from app.domain.ports import SagaRepository
 from app.domain.resolution_signing import resolution_signed
 from app.record_failures import (
     Outbound,
@@ -25,7 +26,6 @@ from app.record_failures import (
 from app.settings import Settings
 from app.transfers.handling import Tally, handled_partition
 from app.transfers.outbound import Outbox
-from app.transfers.ports import SagaRepository
 from app.transfers.steps import SagaSteps
 from app.transfers.timers import Timers
 from schemas.wire import AccountEvent, FundingEvent, OperatorResolution, SagaInput

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from app.domain import otp as otp_codes
 from app.domain import transfer_saga as saga_core
-from app.domain.ports import BusinessStore, GuessBudgets
+from app.domain.ports import BusinessStore, GuessBudgets, ReplyCache, SagaRepository
 from app.record_failures import Handler, Outbound, Poison, RecordGuard, SourceRecord, describe
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TransferTokens
@@ -23,7 +23,6 @@ from app.transfers.commands import CommandHandlers
 from app.transfers.handling import Tally
 from app.transfers.intake import Intake
 from app.transfers.outbound import Outbox
-from app.transfers.ports import ReplyCache, SagaRepository
 from app.transfers.relay import Relay
 from app.transfers.saga_inputs import SagaInputs
 from app.transfers.steps import SagaSteps

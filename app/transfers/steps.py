@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterable
 
 from app import saga_telemetry
 from app.domain import transfer_saga as saga_core
-from app.domain.ports import BusinessStore
+from app.domain.ports import BusinessStore, ReplyCache, SagaRepository
 from app.record_failures import Outbound, RecordGuard
 from app.transfers.handling import handled_partition
 from app.transfers.outbound import Outbox, Saves
-from app.transfers.ports import ReplyCache, SagaRepository
 
 
 class SagaSteps:

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable
 
 from app.domain import transfer_saga as saga_core
+from app.domain.ports import ReplyCache, SagaRepository
 from app.record_failures import Outbound, describe, is_outage
 from app.settings import Settings
 from app.transfers.outbound import iso
-from app.transfers.ports import ReplyCache, SagaRepository
 from app.transfers.steps import SagaSteps
 
 log = logging.getLogger(__name__)
