@@ -35,7 +35,9 @@ from app.query_service import (
     PartitionProgress,
     QueryService,
     TransferProjection,
-    reply_value,
+)
+from app.query_service import (
+    reply_value as answer_value,
 )
 from app.record_failures import (
     MAX_TYPE_CHARS,
@@ -50,6 +52,7 @@ from app.record_failures import (
     readable_fields,
     readable_id,
 )
+from app.replies import reply_value
 from schemas.wire import CommandType, ErrorCode, QueryRequest
 
 log = logging.getLogger(__name__)
@@ -170,7 +173,7 @@ class QueryRuntime:
         metrics.replied(request.type, "ok" if answer.ok else "error",
                         None if answer.code is None else answer.code.value)
         return [Outbound(self.topics.replies, request.request_id.encode(),
-                         reply_value(request, answer))]
+                         answer_value(request, answer))]
 
     def query_poison(self, record: SourceRecord, exc: BaseException) -> list[Outbound]:
         """Dead-lettered; a query whose answering failed is also answered ``INTERNAL``."""
@@ -179,17 +182,12 @@ class QueryRuntime:
         fields = readable_fields(record.value, ("requestId", "type", "idempotencyKey"))
         request_id = readable_id(fields, "requestId")
         if request_id is not None and not isinstance(exc, Refused):
-            reply: dict[str, Any] = {
-                "requestId": request_id, "type": cut(fields.get("type", "unknown"),
-                                                     MAX_TYPE_CHARS),
-                "status": "error", "code": ErrorCode.INTERNAL.value,
-                "message": "internal error; retry"}
-            idem = readable_id(fields, "idempotencyKey")
-            if idem is not None:
-                reply["idempotencyKey"] = idem
-            outputs.append(Outbound(self.topics.replies, request_id.encode(),
-                                    orjson.dumps(reply)))
-            metrics.replied(reply["type"], "error", ErrorCode.INTERNAL.value)
+            command_type = cut(fields.get("type", "unknown"), MAX_TYPE_CHARS)
+            outputs.append(Outbound(self.topics.replies, request_id.encode(), reply_value(
+                request_id, command_type, "error",
+                idempotency_key=readable_id(fields, "idempotencyKey"),
+                code=ErrorCode.INTERNAL.value, message="internal error; retry")))
+            metrics.replied(command_type, "error", ErrorCode.INTERNAL.value)
         return outputs
 
     async def decide_transfer_event(self, record: SourceRecord) -> list[Outbound]:

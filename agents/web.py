@@ -55,6 +55,7 @@ from yarl import URL
 
 from app.domain.ports import UserRecord, UserStatus
 from app.query_service import Answer
+from app.record_failures import validation_reason
 from app.tokens import MAX_TOKEN_LENGTH, TokenError
 from schemas.wire import CommandType, ErrorCode, QueryRequest, QueryTransactionHistoryPayload
 
@@ -296,10 +297,7 @@ def _history_params(query: Any) -> dict[str, Any]:
     try:
         return QueryTransactionHistoryPayload.model_validate(params).to_wire()
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)[:5])
-        raise HttpError(400, ErrorCode.INVALID_REQUEST, reasons) from None
+        raise HttpError(400, ErrorCode.INVALID_REQUEST, validation_reason(exc)) from None
 
 
 def register_views(app: Any, runtime: Any) -> None:

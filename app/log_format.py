@@ -3,7 +3,7 @@ and rebalance cancellations told as what they are.
 
 **JSON lines.** One object per line::
 
-    {"ts": "2026-11-30T09:14:36.123Z", "level": "INFO", "logger": "app.transfer_service",
+    {"ts": "2026-11-30T09:14:36.123Z", "level": "INFO", "logger": "app.saga",
      "message": "...", "requestId": "...", "transferId": "...", "operatorId": "..."}
 
 ``requestId``, ``transferId`` and ``operatorId`` appear when the record carries them, i.e.

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from app import replies
 from app.domain import transfer_saga as saga_core
 from app.domain.ports import KeyValue
 from app.record_failures import validation_reason
@@ -322,17 +323,13 @@ class QueryService:
 
 
 def reply_value(request: QueryRequest, answer: Answer) -> bytes:
-    """The ``business.replies`` record of an answer (same envelope as every reply)."""
-    reply: dict[str, Any] = {"requestId": request.request_id, "type": request.type,
-                             "status": "ok" if answer.ok else "error"}
-    if request.idempotency_key is not None:
-        reply["idempotencyKey"] = request.idempotency_key
-    if answer.code is not None:
-        reply["code"] = answer.code.value
-        reply["message"] = answer.message
-    if answer.data is not None:
-        reply["data"] = answer.data
-    return orjson.dumps(reply)
+    """The ``business.replies`` record of an answer (the envelope of every reply,
+    app/replies.py)."""
+    return replies.reply_value(
+        request.request_id, request.type, "ok" if answer.ok else "error",
+        idempotency_key=request.idempotency_key,
+        code=None if answer.code is None else answer.code.value, message=answer.message,
+        data=answer.data)
 
 
 # --------------------------------------------------------------------------------------

@@ -455,3 +455,22 @@ async def test_the_whole_loop_balance_and_history_after_transfers() -> None:
     transfer_ids = {i["transferId"] for i in items}
     for transfer_id in transfer_ids:
         assert t.service.details("acc-alice", transfer_id).data["state"] == "COMPLETED"  # type: ignore[index]
+
+
+def test_a_query_whose_answering_failed_is_answered_in_the_reply_envelope() -> None:
+    """agents/query_agents.py answers it ``INTERNAL`` through app/replies.py, the envelope
+    of every reply (fields in the order of ``schemas.wire.Reply``), and dead-letters it."""
+    from types import SimpleNamespace
+
+    from agents.query_agents import QueryRuntime
+    from app.record_failures import SourceRecord
+
+    runtime: Any = SimpleNamespace(topics=SimpleNamespace(dlq="dlq", replies="replies"))
+    value = orjson.dumps({"requestId": "q-1", "type": "queryBalance",
+                          "idempotencyKey": "k-1"})
+    record = SourceRecord("queries", 0, 7, b"acc", value)
+    dead, reply = QueryRuntime.query_poison(runtime, record, RuntimeError("boom"))
+    assert (dead.topic, reply.topic, reply.key) == ("dlq", "replies", b"q-1")
+    assert reply.value == (b'{"requestId":"q-1","type":"queryBalance","status":"error",'
+                           b'"idempotencyKey":"k-1","code":"INTERNAL",'
+                           b'"message":"internal error; retry"}')
