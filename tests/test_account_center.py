@@ -384,6 +384,192 @@ async def test_crash_before_produce_redelivers_same_events(ledger: Ledger) -> No
 
 
 # --------------------------------------------------------------------------------------
+# the set-based batch (issue 13): per-command semantics inside one batch
+# --------------------------------------------------------------------------------------
+
+
+async def test_a_command_repeated_inside_a_batch_is_a_duplicate_of_the_first(
+        ledger: Ledger) -> None:
+    acc = await _account(ledger, 100)
+    d, poor = debit(acc, 30), debit(acc, 1_000)
+    events = await ledger.apply_batch([d, poor, d, credit(acc, 5), poor, d], T0)
+    assert [e.type for e in events] == ["debited", "rejected", "debited", "credited",
+                                        "rejected", "debited"]
+    assert events[0] == events[2] == events[5] and events[0].balance_after_minor == 70
+    assert events[1] == events[4] and events[1].reason == "INSUFFICIENT_FUNDS"
+    assert events[3].balance_after_minor == 75  # the repeated debit took nothing more
+    assert await ledger.balance(acc) == 75
+    assert len(await ledger.journal_lines(d.command_id)) == 2
+    assert await ledger.processed_event(poor.command_id) == events[1]  # rejections stored
+    await _assert_books_balanced(ledger, "USD")
+
+
+async def test_later_commands_of_a_batch_see_earlier_balance_effects(ledger: Ledger) -> None:
+    acc, other = await _account(ledger, 100), await _account(ledger, 50)
+    batch = [debit(acc, 60), debit(acc, 40), debit(acc, 1), credit(acc, 5), debit(acc, 6),
+             debit(acc, 5), refund(other, 7), debit(other, 57), debit(other, 1)]
+    events = await ledger.apply_batch(batch, T0)
+    assert [(e.type, e.balance_after_minor) for e in events] == [
+        ("debited", 40), ("debited", 0), ("rejected", 0), ("credited", 5), ("rejected", 5),
+        ("debited", 0), ("refunded", 57), ("debited", 0), ("rejected", 0)]
+    assert (await ledger.balance(acc), await ledger.balance(other)) == (0, 0)
+    assert await ledger.journal_balance(acc) == 0
+    await _assert_books_balanced(ledger, "USD")
+
+
+async def test_a_batch_of_mixed_currencies(ledger: Ledger) -> None:
+    cur_before = {c: (await ledger.total_balances(c), await ledger.clearing_balance(c))
+                  for c in ("USD", "EUR")}
+    usd, eur = await _account(ledger, 1_000), await _account(ledger, 1_000, "EUR")
+    batch = [debit(usd, 100), debit(eur, 200, currency="EUR"), debit(usd, 1, currency="EUR"),
+             credit(eur, 3, currency="USD"), credit(usd, 40), credit(eur, 50, currency="EUR"),
+             debit(_uid("missing"), 1, currency="EUR")]
+    events = await ledger.apply_batch(batch, T0)
+    assert [(e.type, e.reason) for e in events] == [
+        ("debited", None), ("debited", None), ("rejected", CURRENCY_MISMATCH),
+        ("rejected", CURRENCY_MISMATCH), ("credited", None), ("credited", None),
+        ("rejected", "ACCOUNT_NOT_FOUND")]
+    assert (await ledger.balance(usd), await ledger.balance(eur)) == (940, 850)
+    assert await ledger.journal_lines(batch[1].command_id) == [
+        (eur, -200), (clearing_account("EUR"), 200)]
+    for cur, moved in (("USD", 60), ("EUR", 150)):  # what each currency's clearing holds
+        assert await ledger.clearing_balance(cur) == cur_before[cur][1] + moved
+        assert await ledger.total_balances(cur) == cur_before[cur][0] + 1_000 - moved
+    await _assert_books_balanced(ledger, "USD", "EUR")
+
+
+async def test_a_conflicting_command_in_a_batch_leaves_the_others_applied(
+        ledger: Ledger) -> None:
+    acc = await _account(ledger, 500)
+    known = debit(acc, 100)
+    stored = await ledger.apply(known, T0)
+    forged = known.model_copy(update={"amount_minor": 400})
+    batch = [debit(acc, 10), forged, known, credit(acc, 1)]
+    events = await ledger.apply_batch(batch, T0 + timedelta(seconds=1))
+    assert [(e.type, e.reason) for e in events] == [
+        ("debited", None), ("rejected", COMMAND_ID_CONFLICT), ("debited", None),
+        ("credited", None)]
+    assert events[2] == stored  # the original's event, unchanged
+    assert events[3].balance_after_minor == 391
+    assert await ledger.balance(acc) == 391
+    assert await ledger.processed_event(known.command_id) == stored
+    await _assert_books_balanced(ledger, "USD")
+
+
+async def test_two_large_concurrent_batches_in_random_order(ledger: Ledger) -> None:
+    """Many accounts, each batch in its own random order, debits that may fail: no deadlock
+    (locks in one order), every command decided once, money conserved, balances equal to
+    their journals."""
+    accounts = [await _account(ledger, 1_000) for _ in range(40)]
+    rng = random.Random(13)
+    for _round in range(3):
+        batches: list[list[AccountCommand]] = []
+        for _ in range(2):
+            batch: list[AccountCommand] = []
+            for _ in range(150):
+                payer, payee = rng.sample(accounts, 2)
+                amount = rng.randint(1, 400)
+                tr = _uid("tr")
+                batch += [debit(payer, amount, transfer_id=tr),
+                          credit(payee, amount, transfer_id=tr)]
+            rng.shuffle(batch)
+            batches.append(batch)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(ledger.apply_batch(b, T0) for b in batches)), 60)
+        for batch, events in zip(batches, results, strict=True):
+            assert [e.command_id for e in events] == [c.command_id for c in batch]
+            assert all(e.reason in (None, "INSUFFICIENT_FUNDS") for e in events)
+    balances = [await ledger.balance(a) or 0 for a in accounts]
+    assert all(b >= 0 for b in balances)
+    # What is not in the accounts is in clearing: credits of rejected debits' transfers.
+    assert await ledger.mismatched_accounts() == []
+    await _assert_books_balanced(ledger, "USD")
+
+
+async def test_a_raced_duplicate_with_other_content_is_refused_once(ledger: Ledger) -> None:
+    """Two transactions decide the same new commandId for two accounts (no common lock):
+    the primary key of processed_commands lets one commit, the other rolls back, is run
+    again and then finds the id known: COMMAND_ID_CONFLICT."""
+    for _ in range(5):
+        a, b = await _account(ledger, 100), await _account(ledger, 100)
+        first = debit(a, 10)
+        other = first.model_copy(update={"account_id": b})
+        e1, e2 = await asyncio.gather(ledger.apply_batch([first, credit(a, 1)], T0),
+                                      ledger.apply_batch([other, credit(b, 1)], T0))
+        outcomes = sorted([(e1[0].type, e1[0].reason), (e2[0].type, e2[0].reason)])
+        assert outcomes == [("debited", None), ("rejected", COMMAND_ID_CONFLICT)]
+        assert [e1[1].type, e2[1].type] == ["credited", "credited"]
+        assert sorted([await ledger.balance(a), await ledger.balance(b)]) == [91, 101]
+    await _assert_books_balanced(ledger, "USD")
+
+
+async def test_the_check_backstop_fails_the_batch_whole_as_a_data_error(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a decision were ever wrong (here: a _decide that ignores the balance), the CHECK
+    (balance_minor >= 0) refuses the batch: nothing of it is written, the error is a data
+    error (the service isolates and dead-letters the command), and the pooled connection
+    is clean for the next batch."""
+    from app.record_failures import is_outage
+    from reference.account_center import ledger as ledger_module
+
+    acc = await _account(ledger, 10)
+    ok, over = credit(acc, 5), debit(acc, 100)
+    real = ledger_module._decide
+
+    def careless(cmd: AccountCommand, acct: Any, now: datetime) -> Any:
+        if acct is not None and cmd.type is AccountCommandType.DEBIT:
+            acct.balance += 10**6  # pretend there is money
+            event, lines = real(cmd, acct, now)
+            acct.balance -= 10**6
+            return event, lines
+        return real(cmd, acct, now)
+
+    monkeypatch.setattr(ledger_module, "_decide", careless)
+    with pytest.raises(Exception) as caught:
+        await ledger.apply_batch([ok, over], T0)
+    assert ledger_module.sqlstate(caught.value) == "23514"
+    assert is_outage(caught.value) is False
+    monkeypatch.setattr(ledger_module, "_decide", real)
+    assert await ledger.balance(acc) == 10
+    assert await ledger.processed_event(ok.command_id) is None
+    assert await ledger.journal_lines(ok.command_id) == []
+    events = await asyncio.gather(*(ledger.apply_batch([ok, over], T0) for _ in range(3)))
+    assert [(e.type, e.reason) for e in events[0]] == [("credited", None),
+                                                        ("rejected", "INSUFFICIENT_FUNDS")]
+    assert events[0] == events[1] == events[2]
+    await _assert_books_balanced(ledger, "USD")
+
+
+async def test_a_batch_is_a_fixed_number_of_statements(
+        ledger: Ledger, database_url: str) -> None:
+    """Set-based: the statements of apply_batch do not grow with the batch (one
+    connection, asyncpg's query logger)."""
+    from app.adapters.db import make_engine
+
+    counted = Ledger(make_engine(database_url, ledger.schema, pool_size=1), ledger.schema)
+    queries: list[str] = []
+    try:
+        async with counted.engine.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            raw.add_query_logger(lambda q: queries.append(q.query))
+        accounts = [await _account(ledger, 1_000) for _ in range(20)]
+        await counted.apply_batch([credit(accounts[0], 1)], T0)  # asyncpg's first prepares
+        per_batch = []
+        for size in (1, 10, 200):
+            queries.clear()
+            batch = [(debit if i % 2 else credit)(accounts[i % 20], 1) for i in range(size)]
+            await counted.apply_batch(batch, T0)
+            per_batch.append(len(queries))
+            queries.clear()
+            await counted.apply_batch(batch, T0)  # all duplicates: reads only
+            per_batch.append(len(queries))
+        # BEGIN, lock, read the known commands, (journal, balances, processed,) COMMIT
+        assert per_batch == [7, 4] * 3, queries
+    finally:
+        await counted.close()
+
+
+# --------------------------------------------------------------------------------------
 # service (Kafka)
 # --------------------------------------------------------------------------------------
 

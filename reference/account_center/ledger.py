@@ -15,16 +15,20 @@ tests and demos run against. Everything lives in the schema ``account_center_db_
     One row per command ever decided, accepted or rejected, with the exact AccountEvent
     (wire dict) that was emitted. A redelivered command returns that stored event unchanged.
 
-``apply_batch`` decides several commands in one transaction: it locks the user accounts it
-touches in sorted order (no deadlocks between batches), re-reads ``processed_commands``
-after the locks are held (so a duplicate that raced in is seen), and writes the journal,
-the balances and the processed rows before committing. The primary key of
-``processed_commands`` is the backstop against any remaining race: the loser's transaction
-rolls back whole and is retried, and then finds the stored event.
+``apply_batch`` decides several commands in one transaction of at most five statements
+whatever the batch's size (asyncpg, array parameters): it locks the user accounts it
+touches in sorted order (no deadlocks between batches), reads ``processed_commands`` after
+the locks are held (so a duplicate that raced in is seen), decides every command in memory
+in order, then writes the journal lines (one INSERT … unnest), each touched account's net
+change (one UPDATE … FROM unnest) and the processed rows (one INSERT … unnest) before
+committing. The primary key of ``processed_commands`` is the backstop against any
+remaining race: the loser's transaction rolls back whole and is retried, and then finds the
+stored event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +37,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.adapters.db import ensure_schema, make_engine
@@ -99,6 +102,34 @@ CREATE INDEX IF NOT EXISTS processed_commands_transfer_id_idx
 """
 
 
+#: The statements of :meth:`Ledger.apply_batch` (asyncpg, array parameters: a fixed number
+#: of statements and parameters whatever the batch's size).
+_LOCK_ACCOUNTS = (
+    "SELECT account_id, currency, balance_minor, status FROM accounts "
+    "WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE"
+)
+_STORED_COMMANDS = (
+    "SELECT command_id, result::text, transfer_id, type, account_id "
+    "FROM processed_commands WHERE command_id = ANY($1::text[])"
+)
+_INSERT_JOURNAL = (
+    "INSERT INTO journal (command_id, account_id, currency, amount_minor) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])"
+)
+#: Each touched account once, by its net change in the batch (the rows are locked).
+_UPDATE_BALANCES = (
+    "UPDATE accounts AS a SET balance_minor = a.balance_minor + u.delta, updated_at = now() "
+    "FROM unnest($1::text[], $2::bigint[]) AS u(account_id, delta) "
+    "WHERE a.account_id = u.account_id"
+)
+_INSERT_PROCESSED = (
+    "INSERT INTO processed_commands (command_id, transfer_id, type, account_id, result) "
+    "SELECT c, t, ty, a, r::jsonb "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) "
+    "AS u(c, t, ty, a, r)"
+)
+
+
 def clearing_account(currency: str) -> str:
     return f"{CLEARING_PREFIX}{currency}"
 
@@ -113,10 +144,13 @@ def funding_account(currency: str) -> str:
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    """The PostgreSQL SQLSTATE of a SQLAlchemy DBAPIError (asyncpg), else None."""
-    orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None)
-    return state if isinstance(state, str) else None
+    """The PostgreSQL SQLSTATE of a SQLAlchemy DBAPIError or of an asyncpg error, else
+    None."""
+    for candidate in (getattr(exc, "orig", None), exc):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
 
 
 @dataclass(slots=True)
@@ -433,6 +467,8 @@ class Ledger:
 
         Commands already processed (before, or earlier in the same batch) get their stored
         event back unchanged. New ones are decided against the locked accounts and recorded.
+        The transaction runs a fixed number of statements whatever the batch's size (see
+        :meth:`_apply_in_tx`), straight on the asyncpg connection under SQLAlchemy's pool.
         """
         if not commands:
             return []
@@ -441,9 +477,20 @@ class Ledger:
         while True:
             attempt += 1
             try:
-                async with self._engine.begin() as conn:
-                    return await self._apply_in_tx(conn, commands, at)
-            except DBAPIError as exc:
+                async with self._engine.connect() as conn:
+                    raw: Any = (await conn.get_raw_connection()).driver_connection
+                    try:
+                        async with raw.transaction():
+                            return await self._apply_in_tx(raw, commands, at)
+                    except BaseException:
+                        # SQLAlchemy did not open this transaction, so its reset-on-return
+                        # would not end it: a connection left broken or inside a transaction
+                        # must never go back to the pool.
+                        if raw.is_closed() or raw.is_in_transaction():
+                            with contextlib.suppress(Exception):
+                                await conn.invalidate()
+                        raise
+            except Exception as exc:
                 state = sqlstate(exc)
                 if state in _RETRY_SQLSTATES and attempt < _MAX_ATTEMPTS:
                     log.info("ledger transaction retried (sqlstate %s, attempt %d)",
@@ -451,36 +498,25 @@ class Ledger:
                     continue
                 raise
 
+    @staticmethod
     async def _apply_in_tx(
-        self, conn: AsyncConnection, commands: Sequence[AccountCommand], now: datetime
+        raw: Any, commands: Sequence[AccountCommand], now: datetime
     ) -> list[AccountEvent]:
+        """The batch on ``raw`` (an asyncpg connection inside a transaction): at most five
+        statements whatever ``len(commands)``: lock the accounts, read the known commands,
+        then one INSERT of the journal lines, one UPDATE of the balances (each account's
+        net change, once) and one INSERT of the processed commands."""
         # 1. Lock the user accounts, in a deterministic order (LockRows runs above the Sort).
-        account_ids = sorted({c.account_id for c in commands})
-        rows = (
-            await conn.execute(
-                text(
-                    "SELECT account_id, currency, balance_minor, status FROM accounts "
-                    "WHERE account_id = ANY(:ids) ORDER BY account_id FOR UPDATE"
-                ),
-                {"ids": account_ids},
-            )
-        ).all()
+        rows = await raw.fetch(_LOCK_ACCOUNTS, sorted({c.account_id for c in commands}))
         accounts = {
             str(r[0]): _Account(str(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows
         }
+        opening = {a.account_id: a.balance for a in accounts.values()}
 
         # 2. With the locks held, read what was already decided (READ COMMITTED: this
         #    statement sees every transaction that committed before we got the locks).
-        command_ids = list(dict.fromkeys(c.command_id for c in commands))
-        stored = (
-            await conn.execute(
-                text(
-                    "SELECT command_id, result::text, transfer_id, type, account_id "
-                    "FROM processed_commands WHERE command_id = ANY(:ids)"
-                ),
-                {"ids": command_ids},
-            )
-        ).all()
+        stored = await raw.fetch(
+            _STORED_COMMANDS, list(dict.fromkeys(c.command_id for c in commands)))
         decided: dict[str, AccountEvent] = {
             str(r[0]): AccountEvent.model_validate(orjson.loads(r[1])) for r in stored
         }
@@ -493,10 +529,11 @@ class Ledger:
         if decided:
             log.debug("%d duplicate command(s): stored events returned", len(decided))
 
-        # 3. Decide the new commands in order against the in-memory accounts.
+        # 3. Decide the new commands in order against the in-memory accounts: a later
+        #    command of the batch sees the balance effects of the earlier ones.
         events: list[AccountEvent] = []
         lines: list[_Line] = []
-        processed: list[dict[str, Any]] = []
+        processed: list[tuple[str, str, str, str, str]] = []
         for cmd in commands:
             event = decided.get(cmd.command_id)
             mine = (cmd.transfer_id, cmd.type.value, cmd.account_id, cmd.amount_minor)
@@ -517,42 +554,28 @@ class Ledger:
                 decided[cmd.command_id] = event
                 content[cmd.command_id] = mine
                 lines.extend(new_lines)
-                processed.append(
-                    {
-                        "cid": cmd.command_id,
-                        "tid": cmd.transfer_id,
-                        "type": cmd.type.value,
-                        "acc": cmd.account_id,
-                        "result": orjson.dumps(event.to_wire()).decode(),
-                    }
-                )
+                processed.append((cmd.command_id, cmd.transfer_id, cmd.type.value,
+                                  cmd.account_id, orjson.dumps(event.to_wire()).decode()))
             events.append(event)
 
-        # 4. Write: journal, balances, processed commands — all or nothing.
+        # 4. Write: journal, balances, processed commands — all or nothing. Each is one
+        #    statement over arrays; the CHECK (balance_minor >= 0) stays the backstop and
+        #    the primary key of processed_commands catches a duplicate that raced in (the
+        #    batch is then rolled back and run again, and finds the stored event).
         if lines:
-            await self._insert_lines(conn, lines)
-        dirty = [
-            {"id": a.account_id, "bal": a.balance}
-            for a in sorted(accounts.values(), key=lambda a: a.account_id)
-            if a.dirty
-        ]
+            await raw.execute(
+                _INSERT_JOURNAL,
+                [ln.command_id for ln in lines], [ln.account_id for ln in lines],
+                [ln.currency for ln in lines], [ln.amount for ln in lines],
+            )
+        dirty = sorted(a.account_id for a in accounts.values() if a.dirty)
         if dirty:
-            await conn.execute(
-                text(
-                    "UPDATE accounts SET balance_minor = :bal, updated_at = now() "
-                    "WHERE account_id = :id"
-                ),
-                dirty,
+            await raw.execute(
+                _UPDATE_BALANCES, dirty,
+                [accounts[a].balance - opening[a] for a in dirty],
             )
         if processed:
-            await conn.execute(
-                text(
-                    "INSERT INTO processed_commands "
-                    "(command_id, transfer_id, type, account_id, result) "
-                    "VALUES (:cid, :tid, :type, :acc, CAST(:result AS jsonb))"
-                ),
-                processed,
-            )
+            await raw.execute(_INSERT_PROCESSED, *map(list, zip(*processed, strict=True)))
         return events
 
     # ----------------------------------------------------------------------------------
