@@ -1,6 +1,16 @@
 """Poison or outage: the one rule every consumer of the worker, the account center and the
 funding provider follows (docs/architecture.md, "A record never stops a process").
 
+Why one module: it answers one question for every process (the worker, the account center,
+the funding provider), what becomes of a record that fails, and the answer has to be read
+whole: the limits, the poison/outage test, the bounded decoding (with the scan of a record
+too large to parse: a third of the lines), the dead letter and the guard that applies them
+all work with the same limits and exception types. The decoding half is the one seam, but it
+raises this module's ``Refused`` against this module's limits, and the consumers that decode
+(the command intake, the relay, the saga inputs, the query agent, the account center, the
+funding provider) import both halves together: a split would add an import to each and take
+nothing out of any.
+
 - A failure that belongs to **one record** (*poison*: too large, not JSON, nested too deep,
   invalid, an unknown type, a foreign id, an output that cannot be sent, a constraint the
   database refuses for its data, or a bug that only this record triggers) never stops,

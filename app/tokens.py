@@ -1,5 +1,11 @@
 """JSON Web Tokens of the business center (RFC 7519), handled per RFC 8725 (JWT BCP).
 
+Why one module: it answers one question, is this token acceptable (RFC 8725), for the two
+kinds the business center sees. They share the checks that matter (time claims against an
+explicit ``now``, ``typ``, the claim readers, the keys, the one error type that never holds
+a token), and what keeps them from being confused with each other (audience, ``typ``, keys
+never mixed) is reviewed by reading both side by side.
+
 Two kinds of token, kept apart by audience *and* by explicit typing (RFC 8725 §3.11):
 
 * **access tokens**, issued by the user center: verified by :class:`AccessTokenVerifier`

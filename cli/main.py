@@ -17,6 +17,15 @@
     bizcenter run              everything above for a local demo (what `make run` runs)
 """
 
+# Why one module: it is the ``bizcenter`` command, its parser and one short ``cmd_*``
+# function per subcommand, so a subcommand is found by name in :func:`build_parser` and its
+# handler in the same file; the environment rules (``DEVELOPMENT_ONLY``, ``SECRET_FREE``)
+# sit beside the commands they name. The operator commands, which read Kafka themselves, are
+# apart (cli/operator_commands.py). The demo tools (``seed-demo``, ``token``, ``transfer``,
+# ``topup``, ``run``: about 200 lines) are the one seam left; they use :func:`prepare`,
+# which the worker's command uses too, so splitting them off needs a third module for it. (A
+# comment, not in the docstring: the docstring is ``bizcenter --help``.)
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,11 @@
 """Operator commands: ``bizcenter sagas list|show|resolve`` and ``bizcenter dlq list|show``.
 
+Why one module: it answers the operator's one question, what happened to a transfer or a
+record and how to finish it, from Kafka alone. ``sagas`` and ``dlq`` share the topic reading
+(:func:`read_topic`, :class:`Record`), the exit statuses and the output conventions; split
+by command group, the ``dlq`` half would be about 60 lines importing its reading from the
+``sagas`` half.
+
 They read Kafka directly, never a worker's memory, so they work with any number of workers
 running (or none):
 

@@ -15,6 +15,9 @@ loop (business worker + reference account center) without Kafka or PostgreSQL.
 * :class:`Harness` wires a ``TransferService`` to the fakes and moves the outbound
   messages between the service and the simulator, so a test can deliver, drop, duplicate
   or replay any message.
+
+Over 400 lines: a fake per port, the account center simulator and the harness wiring them:
+what every service-level test imports, in one place.
 """
 
 from __future__ import annotations

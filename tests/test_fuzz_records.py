@@ -16,6 +16,8 @@ and out-of-range ids), they are produced in batches, and then:
 
 ``FUZZ_RECORDS`` sets the number of records (default 10,000; e.g. ``FUZZ_RECORDS=100000``
 for a longer run).
+
+Over 400 lines: one test; the strategies for every topic and the oracle are its parts.
 """
 
 from __future__ import annotations

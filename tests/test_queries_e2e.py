@@ -1,6 +1,9 @@
 """Queries end to end: two worker processes (each with its web server), the account
 center and the funding provider, the real broker and PostgreSQL. Over Kafka
-(business.commands → business.queries → business.replies) and over HTTP."""
+(business.commands → business.queries → business.replies) and over HTTP.
+
+Over 400 lines: every test shares one two-worker cluster (module fixture, slow to start).
+"""
 
 from __future__ import annotations
 

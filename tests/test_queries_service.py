@@ -1,5 +1,8 @@
 """Queries without Kafka: the projections and the QueryService over dict tables, and the
-TransferService hook that authenticates a query and forwards it to business.queries."""
+TransferService hook that authenticates a query and forwards it to business.queries.
+
+Over 400 lines: the query side's unit tests, in sections, over the same dict tables.
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ The tests call the ``BusinessStore`` port (app/domain/ports.py) and nothing else
 through ``Backend``: seeding users and funding sources, the operator's unlock, and a token
 claimed without an idempotency record (a transfer from before the records). Every
 ``ConfirmOutcome`` is produced here on both stores.
+
+Over 400 lines: one contract, read whole: the specification both stores must meet.
 """
 
 from __future__ import annotations

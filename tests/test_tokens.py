@@ -1,4 +1,8 @@
-"""Unit tests of app.tokens: access tokens (user center) and transfer tokens (ours). No broker."""
+"""Unit tests of app.tokens: access tokens (user center) and transfer tokens (ours). No broker.
+
+Over 400 lines: both kinds of token side by side, as in app/tokens.py: their confusions
+(audience, typ, keys) are tested against each other.
+"""
 
 from __future__ import annotations
 

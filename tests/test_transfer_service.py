@@ -4,6 +4,9 @@ Each test drives app.transfers.service.TransferService through tests/fakes.py: t
 commands the gateway would publish, the account center simulator answering the account
 commands, and the account events routed back to the saga. Crashes are simulated by
 dropping what one call produced; redeliveries by delivering a message again.
+
+Over 400 lines: the service's behaviour on one harness, in sections (happy paths, PIN, OTP,
+tokens, duplicates and crashes, money, bad input, secrets, a random mix).
 """
 
 from __future__ import annotations

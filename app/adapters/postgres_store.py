@@ -1,15 +1,18 @@
 """PostgreSQL implementation of the ``BusinessStore`` port (app/domain/ports.py).
 
+Why one module: it answers one question, what the business center keeps in PostgreSQL and
+how each change is made atomic: the schema (DDL) and the one class that uses it, whose
+transaction-sharing steps (``_check_pin``, ``_claim``, ``_reserve``, ``_otp_budget``)
+``confirm_checks`` composes on one connection and one transaction; split, the connection
+would travel across modules and the lock order (user row, then usage row) could no longer be
+checked in one place.
+
 Besides the port, plain methods that the application does not call: seeding
 (``upsert_user``, ``upsert_funding_source``: reference/demo_seed.py, tests), the operator's
 ``unlock_user`` (``bizcenter users unlock``, cli/main.py), and the single steps that
 ``confirm_checks`` runs in its transaction (``check_pin``, ``claim_transfer_token``,
 ``reserve_daily_limit``), with ``account_exists`` and ``reserved_today``, which the tests of
 this store and ``bench/traced_worker.py`` call by name.
-
-Over 400 lines: the schema (DDL) and one class, whose transaction-sharing steps (``_check_pin``,
-``_claim``, ``_reserve``) ``confirm_checks`` composes on one connection; split, they would
-have to pass the connection across modules.
 
 Every method is one transaction on an engine whose search_path is the business center's
 schema, so table names are unqualified. Concurrency relies on row locks (READ COMMITTED):

@@ -1,5 +1,11 @@
 """The reference account center process: account.commands in, account.events out.
 
+Why one module: it is one process, a stand-in for another team's system (not product code),
+and its correctness is one argument read top to bottom: the batch loop's order (ledger, then
+events, then offsets), how a failing command is isolated and dead-lettered, the start-up and
+shutdown, and what runs beside the loop in the same process and stops with it (the live
+reconciliation, the health and metrics probes, which read the loop's consumer and state).
+
 At-least-once with exactly-once effects: for each batch the ledger commits first, then the
 events are produced (acks=all, idempotent producer) and only then are the offsets committed.
 A crash anywhere before the offset commit means redelivery; the ledger then returns the
