@@ -1,5 +1,6 @@
-"""The one ``faust.App`` module of the business worker: the app built from Settings, the
-Faust table adapters of the service's ports, and :class:`Worker`, what the agents are given.
+"""The one ``faust.App`` module of the business worker: the app built from Settings and
+:class:`Worker`, what the agents are given (and how they send). The Faust table adapters
+of the service's ports are in agents/tables.py.
 
 One app per process (so tests can run isolated copies with their own topic prefix and app
 id). The bootstrap that builds the collaborators and registers the agents is
@@ -9,74 +10,21 @@ agents/worker.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
-import orjson
 from mode.utils.times import want_seconds
 
 from agents.faust_consumer import BatchDeliveringConsumer
-from app.domain import transfer_saga as saga_core
 from app.record_failures import Outbound
 from app.settings import Settings
 from app.transfers.service import TransferService
 from events.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-class TableSagas:
-    """The ``sagas`` table (key: transferId = the scoped idempotency key, hashed)."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-
-    def get(self, transfer_id: str) -> saga_core.Saga | None:
-        raw = self.table.get(transfer_id.encode())
-        return None if raw is None else saga_core.saga_from_dict(orjson.loads(raw))
-
-    def put(self, saga: saga_core.Saga) -> None:
-        self.table[saga.transfer.transfer_id.encode()] = orjson.dumps(
-            saga_core.saga_to_dict(saga)
-        )
-
-    def scan(self) -> Iterable[saga_core.Saga]:
-        for _key, raw in list(self.table.items()):
-            yield saga_core.saga_from_dict(orjson.loads(raw))
-
-    def delete(self, transfer_id: str) -> None:
-        del self.table[transfer_id.encode()]  # a tombstone in the changelog
-
-
-class TableReplies:
-    """The ``replies`` table: the reply sent to each request (``operatorId ␟ requestId``)."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-
-    # Stored as b"<partition>|<saved at>|<reply>" so that old replies can be purged from
-    # the partition they belong to.
-
-    def get(self, key: str) -> bytes | None:
-        raw = self.table.get(key.encode())
-        return None if raw is None else bytes(raw).split(b"|", 2)[2]
-
-    def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None:
-        self.table[key.encode()] = b"%d|%.3f|%s" % (partition, at, reply)
-
-    def expired(self, partition: int, older_than: float) -> list[str]:
-        keys = []
-        for key, raw in list(self.table.items()):
-            part, at, _reply = bytes(raw).split(b"|", 2)
-            if int(part) == partition and float(at) < older_than:
-                keys.append(bytes(key).decode())
-        return keys
-
-    def delete(self, key: str) -> None:
-        del self.table[key.encode()]
 
 
 class BusinessApp(faust.App):

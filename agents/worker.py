@@ -13,8 +13,9 @@ from typing import Any
 import faust
 
 from agents import query_agents, transfer_agents
-from agents.faust_app import TableReplies, TableSagas, Worker, build_app
+from agents.faust_app import Worker, build_app
 from agents.health import register_health_views, register_metrics_view
+from agents.tables import TableReplies, TableSagas
 from app import log_format, log_redaction, metrics
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.domain import transfer_saga as saga_core

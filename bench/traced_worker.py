@@ -142,6 +142,7 @@ class _Gaps:
 
 def install() -> None:
     import agents.faust_app as faust_app
+    import agents.tables as tables
     from app.adapters.postgres_store import PostgresBusinessStore
     from app.tokens import AccessTokenVerifier, TransferTokens
     from app.transfers.service import TransferService
@@ -153,8 +154,8 @@ def install() -> None:
         "confirm_checks"])
     _wrap_all(AccessTokenVerifier, "jwt.access", ["verify"])
     _wrap_all(TransferTokens, "jwt.transfer", ["issue", "verify"])
-    _wrap_all(faust_app.TableSagas, "table.sagas", ["get", "put"])
-    _wrap_all(faust_app.TableReplies, "table.replies", ["get", "put"])
+    _wrap_all(tables.TableSagas, "table.sagas", ["get", "put"])
+    _wrap_all(tables.TableReplies, "table.replies", ["get", "put"])
     _wrap_all(faust_app.Worker, "send", ["send_all"])
     _wrap_all(SagaSteps, "service", ["apply"])
     gaps = _Gaps()

@@ -29,7 +29,6 @@ from app.domain.ports import (
 from app.record_failures import Outbound
 from app.settings import Settings
 from app.tokens import TokenError, TransferTokens
-from app.transfers.handling import handled_record
 from app.transfers.ids import attempt_for, token_jti_for, transfer_id_for
 from app.transfers.ids import fingerprint as fingerprint_of
 from app.transfers.outbound import Outbox
@@ -93,6 +92,9 @@ class Request:
     expired: bool
     #: Sent before the retention window: answered only from what its key keeps.
     stale: bool
+    #: What a Kafka redelivery of the record keeps and a client cannot vary
+    #: (``handling.record_identity``): a wrong PIN counts once per record.
+    record_id: str | None = None
 
 
 Handler = Callable[[Request], Awaitable[list[Outbound]]]
@@ -192,7 +194,7 @@ class CommandHandlers:
             "otpRequired": payload.amount_minor > user.otp_threshold_minor,
         }
         return self.outbox.reply(env.request_id, None, env.type.value, "ok", None, None, data,
-                                 cache_key=req.cache_key)
+                                 cache_key=req.cache_key, partition=req.partition)
 
     # --- transferConfirm --------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class CommandHandlers:
         if answered is not None:
             return answered
         if req.stale:
-            return await self._kept_only(env, fingerprint)
+            return await self._kept_only(req, fingerprint)
         _refuse_if(req.expired)
 
         leeway = self.settings.jwt_leeway_seconds
@@ -226,7 +228,7 @@ class CommandHandlers:
             # expired token (and never another operation's outcome).
             kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
             if kept is not None and (kept.state is not None or kept.fingerprint != fingerprint):
-                return self._kept_answer(env, fingerprint, kept)
+                return self._kept_answer(req, fingerprint, kept)
             raise Rejection(ErrorCode.TOKEN_EXPIRED, "the transfer token has expired")
         checks = await self.store.confirm_checks(ConfirmRequest(
             user_id=env.operator_id, idempotency_key=env.idempotency_key,
@@ -234,11 +236,11 @@ class CommandHandlers:
             attempt=attempt_for(transfer_id, claims.jti),
             matches=lambda verifier: pin_codes.pin_matches(
                 self._pin_pepper, env.operator_id, payload.pin, verifier),
-            record=handled_record.get(), day=_day(now), now=now_dt,
+            record=req.record_id, day=_day(now), now=now_dt,
             amount_minor=claims.amount_minor, from_account_id=claims.from_account_id,
             jti=claims.jti,
         ), self.budgets)
-        user = self._checked(env, fingerprint, checks)
+        user = self._checked(req, fingerprint, checks)
         if isinstance(user, list):
             return user
         transfer = saga_core.Transfer(
@@ -270,7 +272,7 @@ class CommandHandlers:
         if answered is not None:
             return answered
         if req.stale:
-            return await self._kept_only(env, fingerprint)
+            return await self._kept_only(req, fingerprint)
         _refuse_if(req.expired)
         user = await self.active_user(env.operator_id)
         source = await self.store.get_funding_source(payload.funding_source_id)
@@ -287,11 +289,11 @@ class CommandHandlers:
             attempt=attempt_for(topup_id, env.request_id),
             matches=lambda verifier: pin_codes.pin_matches(
                 self._pin_pepper, env.operator_id, payload.pin, verifier),
-            record=handled_record.get(), day=_day(now),
+            record=req.record_id, day=_day(now),
             now=datetime.fromtimestamp(now, UTC), amount_minor=payload.amount_minor,
             kind=saga_core.TOPUP, limit_minor=self.settings.topup_daily_limit_minor,
         ), self.budgets)
-        checked = self._checked(env, fingerprint, checks)
+        checked = self._checked(req, fingerprint, checks)
         if isinstance(checked, list):
             return checked
         user = checked
@@ -321,7 +323,7 @@ class CommandHandlers:
                 kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
                 if kept is None or kept.state is None:
                     raise NothingKept
-                return self._kept_answer(env, kept.fingerprint, kept)
+                return self._kept_answer(req, kept.fingerprint, kept)
             _refuse_if(req.expired)
             raise Rejection(ErrorCode.INVALID_REQUEST,
                             "no transfer under this idempotencyKey awaits a one-time password")
@@ -344,12 +346,12 @@ class CommandHandlers:
 
     # --- what a key already holds -----------------------------------------------------
 
-    def _checked(self, env: CommandEnvelope, fingerprint: str, checks: ConfirmChecks) -> Any:
+    def _checked(self, req: Request, fingerprint: str, checks: ConfirmChecks) -> Any:
         """The user a new operation may start for, or the answer when the checks refused
         it (a :class:`Rejection`) or its key already ended (the kept outcome)."""
         if checks.outcome is ConfirmOutcome.ANSWERED:
             assert checks.kept is not None
-            return self._kept_answer(env, fingerprint, checks.kept)
+            return self._kept_answer(req, fingerprint, checks.kept)
         if checks.outcome is not ConfirmOutcome.OK:
             code, message = CONFIRM_REFUSALS[checks.outcome]
             raise Rejection(code, message, {"attemptsLeft": checks.attempts_left}
@@ -357,10 +359,11 @@ class CommandHandlers:
         assert checks.user is not None
         return checks.user
 
-    def _kept_answer(self, env: CommandEnvelope, fingerprint: str, kept: Any) -> list[Outbound]:
+    def _kept_answer(self, req: Request, fingerprint: str, kept: Any) -> list[Outbound]:
         """The answer of an idempotency record whose saga was purged: the same payload gets
         the operation's final outcome (saved for this request), another one
         IDEMPOTENCY_KEY_REUSED."""
+        env = req.env
         if kept.fingerprint != fingerprint:
             raise Rejection(*CONFIRM_REFUSALS[ConfirmOutcome.KEY_REUSED])
         assert kept.state is not None
@@ -368,16 +371,17 @@ class CommandHandlers:
                                       env.request_id, env.type.value)
         return self.outbox.reply(reply.request_id, env.idempotency_key, reply.command_type,
                                  reply.status, reply.code, reply.message, reply.data,
-                                 cache_key=f"{env.operator_id}\x1f{env.request_id}")
+                                 cache_key=req.cache_key, partition=req.partition)
 
-    async def _kept_only(self, env: CommandEnvelope, fingerprint: str) -> list[Outbound]:
+    async def _kept_only(self, req: Request, fingerprint: str) -> list[Outbound]:
         """The answer of a stale request whose key has no saga: its idempotency record's
         final outcome, else nothing (:class:`NothingKept`)."""
+        env = req.env
         assert env.idempotency_key is not None
         kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
         if kept is None or kept.state is None:
             raise NothingKept
-        return self._kept_answer(env, fingerprint, kept)
+        return self._kept_answer(req, fingerprint, kept)
 
     async def _duplicate_of(
         self, env: CommandEnvelope, fingerprint: str, now: float

@@ -1,10 +1,9 @@
 """What does the code below the intake know of the record being handled?
 
-Its partition (where the reply cache's writes land) and its identity (what a Kafka
-redelivery keeps: a wrong PIN counts once per record), as context variables, not
-attributes: the saga agent handles records of different partitions concurrently, each
-in its own task (agents/lanes.py). And :class:`Tally`, the count of records ignored or
-set aside for what they hold.
+Its identity (what a Kafka redelivery keeps: a wrong PIN counts once per record), carried
+in the request (``commands.Request.record_id``) like its partition: explicit arguments,
+never context variables, so that several records can be decided in one task. And
+:class:`Tally`, the count of records ignored or set aside for what they hold.
 """
 
 from __future__ import annotations
@@ -13,18 +12,10 @@ import hashlib
 import hmac
 import logging
 from collections import Counter
-from contextvars import ContextVar
 
 from app.record_failures import SourceRecord
 
 log = logging.getLogger(__name__)
-
-#: The partition of the record being handled (where its table writes land).
-handled_partition: ContextVar[int] = ContextVar("handled_partition", default=0)
-#: The coordinates (topic/partition/offset) of the ``business.commands`` record being
-#: handled: what a Kafka redelivery keeps and a client cannot vary (a wrong PIN counts once
-#: per record). None for a record that was not consumed (offset unknown).
-handled_record: ContextVar[str | None] = ContextVar("handled_record", default=None)
 
 
 def record_identity(record: SourceRecord, key: bytes) -> str | None:

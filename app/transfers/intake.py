@@ -33,7 +33,7 @@ from app.record_failures import (
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TokenError
 from app.transfers.commands import Handler, NothingKept, Rejection, Request
-from app.transfers.handling import Tally, handled_partition, handled_record, record_identity
+from app.transfers.handling import Tally, record_identity
 from app.transfers.ids import transfer_id_for
 from app.transfers.outbound import Outbox
 from app.transfers.steps import SagaSteps
@@ -76,8 +76,6 @@ class Intake:
         self._pin_pepper = settings.pin_pepper.get_secret_value().encode()
 
     async def decide(self, record: SourceRecord) -> list[Outbound]:
-        handled_partition.set(record.partition)
-        handled_record.set(record_identity(record, self._pin_pepper))
         doc = decode_json_object(record.value)  # size, JSON, object, depth: else Refused
         try:
             envelope = CommandEnvelope.model_validate(doc)
@@ -99,11 +97,12 @@ class Intake:
         if cached is not None:
             return await self._answered_before(envelope, cached)
         try:
-            return await self._dispatch(envelope, record.partition, cache_key)
+            return await self._dispatch(envelope, record, cache_key)
         except Rejection as rej:
             return self.outbox.reply_error(
                 envelope.request_id, envelope.idempotency_key, envelope.type.value,
                 rej.code, rej.message, data=rej.data, cache_key=cache_key if saved else None,
+                partition=record.partition,
             )
 
     def poison(self, record: SourceRecord, exc: BaseException) -> list[Outbound]:
@@ -153,7 +152,7 @@ class Intake:
         return [self.outbox.replied_before(env.request_id, cached)]
 
     async def _dispatch(
-        self, env: CommandEnvelope, partition: int, cache_key: str
+        self, env: CommandEnvelope, record: SourceRecord, cache_key: str
     ) -> list[Outbound]:
         try:
             payload = PAYLOAD_MODELS[env.type].model_validate(env.payload)
@@ -175,10 +174,11 @@ class Intake:
                     f"{MAX_SENT_AT_AHEAD_SECONDS:.0f} s ahead of the business center's clock",
                     cache_key=None)
             if self._stale(env, now):
-                return await self._answer_stale(env, payload, partition, cache_key)
-        return await self._dispatch_current(env, payload, partition, cache_key, now)
+                return await self._answer_stale(env, payload, record, cache_key)
+        return await self._dispatch_current(env, payload, record, cache_key, now)
 
-    async def _answer_stale(self, env: CommandEnvelope, payload: WireModel, partition: int,
+    async def _answer_stale(self, env: CommandEnvelope, payload: WireModel,
+                            record: SourceRecord,
                             cache_key: str) -> list[Outbound]:
         """A command sent before the retention window with no saved reply (an operator
         replay after the purge, a request held back, a gateway whose clock is behind): it
@@ -189,14 +189,14 @@ class Intake:
         checked now, which could differ from the answer it got the first time. With
         nothing kept it is neither acted on nor answered (counted)."""
         try:
-            return await self._dispatch_current(env, payload, partition, cache_key,
+            return await self._dispatch_current(env, payload, record, cache_key,
                                                 self.clock(), stale=True)
         except (Rejection, NothingKept):
             self.tally.count("stale_requests_unanswered")
             return []
 
     async def _dispatch_current(
-        self, env: CommandEnvelope, payload: WireModel, partition: int, cache_key: str,
+        self, env: CommandEnvelope, payload: WireModel, record: SourceRecord, cache_key: str,
         now: float, *, stale: bool = False,
     ) -> list[Outbound]:
         try:
@@ -208,7 +208,8 @@ class Intake:
         # taken (a redelivery, a replay); it can never take a new one.
         expired = identity.expires_at.timestamp() + self.settings.jwt_leeway_seconds <= now
         return await self.handlers[env.type](
-            Request(env, payload, partition, cache_key, expired=expired, stale=stale))
+            Request(env, payload, record.partition, cache_key, expired=expired, stale=stale,
+                    record_id=record_identity(record, self._pin_pepper)))
 
     def _stale(self, env: CommandEnvelope, now: float) -> bool:
         """Sent before the retention window (and not answered from a saved reply): its

@@ -3,9 +3,9 @@
 Every record it sends is built here, as a model of ``schemas/wire.py`` (replies, account
 commands, funding commands, OTP notifications, transfer events, saga inputs), or as a dead
 letter through the one builder of every process (app/record_failures.py), and serialized
-in one place (:func:`wire`): the contract is enforced on what goes out as on what comes
-in. The models declare their fields in the order they travel, so the bytes are those of
-the hand-built dicts this replaced.
+in one place (:func:`app.replies.wire`, shared with the query side): the contract is
+enforced on what goes out as on what comes in. The models declare their fields in the
+order they travel, so the bytes are those of the hand-built dicts this replaced.
 
 A model is built per output (a few µs; validation included, which is cheaper than
 ``model_construct``); a value that breaks the contract raises here, before any effect of
@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
-
-import orjson
 
 from app import metrics
 from app.domain import transfer_saga as saga_core
@@ -32,27 +30,20 @@ from app.record_failures import (
     cut,
     dead_letter_out,
 )
-from app.transfers.handling import handled_partition
+from app.replies import reply_value, wire
 from events.topics import Topics
 from schemas.wire import (
     AccountCommand,
     ErrorCode,
     FundingCommand,
     OtpNotification,
-    Reply,
     SagaInput,
     TransferEvent,
-    WireModel,
 )
 
 #: Replies to save (``(cache key, value)``), collected while a step is encoded and written
 #: by app/transfers/steps.py once nothing can fail any more.
 Saves = list[tuple[str, bytes]]
-
-
-def wire(model: WireModel) -> bytes:
-    """The one serialization of an outgoing message: camelCase, no null field."""
-    return orjson.dumps(model.to_wire())
 
 
 def iso(ts: float) -> str:
@@ -129,32 +120,34 @@ class Outbox:
     def reply(
         self, request_id: str, idempotency_key: str | None, command_type: str, status: str,
         code: str | None, message: str | None, data: dict[str, Any] | None, *,
-        cache_key: str | None, saves: Saves | None = None,
+        cache_key: str | None, partition: int | None = None, saves: Saves | None = None,
     ) -> list[Outbound]:
-        """A reply to ``request_id``, saved under ``cache_key`` (now, or by the caller when
-        ``saves`` collects it)."""
-        value = wire(Reply(request_id=request_id, type=command_type, status=status,
-                           idempotency_key=idempotency_key, code=code, message=message,
-                           data=data))
+        """A reply to ``request_id``, saved under ``cache_key``: now, in ``partition`` (the
+        handled record's: where the purge of that partition finds it), or by the caller
+        when ``saves`` collects it."""
+        value = reply_value(request_id, command_type, status,
+                            idempotency_key=idempotency_key, code=code, message=message,
+                            data=data)
         metrics.replied(command_type, status, code)
         if cache_key is not None:
             if saves is not None:
                 saves.append((cache_key, value))
             else:
-                self.replies.put(cache_key, value, at=self.clock(),
-                                 partition=handled_partition.get())
+                assert partition is not None, "a reply saved now needs its partition"
+                self.replies.put(cache_key, value, at=self.clock(), partition=partition)
         return [Outbound(self.topics.replies, request_id.encode(), value)]
 
     def reply_error(
         self, request_id: str, idempotency_key: Any, command_type: str, code: ErrorCode,
         message: str, *, data: dict[str, Any] | None = None, cache_key: str | None,
+        partition: int | None = None,
     ) -> list[Outbound]:
         """An error reply; what it echoes is bounded (docs/contract.md, "Limits")."""
         key = idempotency_key if isinstance(idempotency_key, str) and 0 < len(
             idempotency_key) <= MAX_ID_CHARS else None
         return self.reply(request_id, key, cut(command_type, MAX_TYPE_CHARS), "error",
                           code.value, cut(message, MAX_REASON_CHARS), data,
-                          cache_key=cache_key)
+                          cache_key=cache_key, partition=partition)
 
     def replied_before(self, request_id: str, saved: bytes) -> Outbound:
         """A saved reply, sent again as it was."""

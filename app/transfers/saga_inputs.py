@@ -24,7 +24,7 @@ from app.record_failures import (
     validation_reason,
 )
 from app.settings import Settings
-from app.transfers.handling import Tally, handled_partition
+from app.transfers.handling import Tally
 from app.transfers.outbound import Outbox
 from app.transfers.steps import SagaSteps
 from app.transfers.timers import Timers
@@ -51,7 +51,6 @@ class SagaInputs:
         self._operator_secret = settings.operator_secret.get_secret_value().encode()
 
     async def decide(self, record: SourceRecord) -> list[Outbound]:
-        handled_partition.set(record.partition)
         doc = decode_json_object(record.value)
         try:
             item = SagaInput.model_validate(doc)

@@ -16,7 +16,6 @@ from app import saga_telemetry
 from app.domain import transfer_saga as saga_core
 from app.domain.ports import BusinessStore, ReplyCache, SagaRepository
 from app.record_failures import Outbound, RecordGuard
-from app.transfers.handling import handled_partition
 from app.transfers.outbound import Outbox, Saves
 
 
@@ -61,9 +60,9 @@ class SagaSteps:
             await self.store.save_outcome(saga.transfer.operator_id,
                                           saga.transfer.idempotency_key, saga.state.value,
                                           saga.code)
-        for cache_key, value in saves:
+        for cache_key, value in saves:  # the saga's home partition is the handled record's
             self.replies.put(cache_key, value, at=self.clock(),
-                             partition=handled_partition.get())
+                             partition=saga.transfer.home_partition)
         if changed:
             self.sagas.put(saga)
             saga_telemetry.observe(saga, outputs)  # a log line and metrics per state change
