@@ -22,7 +22,6 @@ from typing import Any
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from pydantic import ValidationError
 
@@ -53,6 +52,7 @@ from app.record_failures import (
     readable_id,
 )
 from app.replies import reply_value
+from events.topics import partition_of
 from schemas.wire import CommandType, ErrorCode, QueryRequest
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class QueryRuntime:
     def partition_of(self, key: bytes) -> int:
         """The partition of ``key`` in every co-partitioned topic and table (Kafka's
         default partitioner: murmur2, as aiokafka and the Java client)."""
-        return int(murmur2(key) & 0x7FFFFFFF) % self.settings.topic_partitions
+        return partition_of(key, self.settings.topic_partitions)
 
     def owner_url(self, table: str, key: bytes) -> str | None:
         """The canonical URL of the worker that owns ``key`` of ``table``, from the

@@ -46,6 +46,7 @@ from typing import Any
 import orjson
 
 from app.settings import Settings
+from events.topics import partition_of
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_UNREADABLE, EXIT_PENDING = 0, 1, 2, 3
 RESOLUTION_NS = uuid.UUID("9d3b7c1e-4a2f-4e8b-b6d1-7f0a5c3e2b14")
@@ -172,12 +173,10 @@ def saga_versions(records: list[Record], transfer_id: str) -> list[dict[str, Any
 async def saga_history(settings: Settings, transfer_id: str
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(every stored version of the saga, oldest first; its transfer events)."""
-    from aiokafka.partitioner import murmur2
-
     key = transfer_id.encode()
     versions = saga_versions(await read_topic(settings, sagas_changelog(settings),
                                               keep=lambda k: k == key), transfer_id)
-    partition = (murmur2(key) & 0x7FFFFFFF) % settings.topic_partitions
+    partition = partition_of(key, settings.topic_partitions)
     events = [orjson.loads(r.value) for r in await read_topic(
         settings, settings.topic("business.transfer-events"), partitions=[partition],
         keep=lambda k: k == key) if r.value is not None]
@@ -349,8 +348,6 @@ def resolution_input(secret: bytes, transfer_id: str, number: int, action: str,
 async def resolve(settings: Settings, transfer_id: str, action: str, operator: str,
                   reason: str, wait: float) -> tuple[int, dict[str, Any]]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    from aiokafka.partitioner import murmur2
-
     versions, _events = await saga_history(settings, transfer_id)
     saga = versions[-1] if versions else None
     answer = not_to_send(saga, action, transfer_id)
@@ -363,7 +360,7 @@ async def resolve(settings: Settings, transfer_id: str, action: str, operator: s
 
     events_topic = settings.topic("business.transfer-events")
     tp = TopicPartition(events_topic,
-                        (murmur2(transfer_id.encode()) & 0x7FFFFFFF) % settings.topic_partitions)
+                        partition_of(transfer_id.encode(), settings.topic_partitions))
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 enable_auto_commit=False, client_id="bizcenter-operator")
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,12 @@ if {f.name for f in fields(Topics)} != {spec.field for spec in TOPIC_SPECS}:  # 
 TABLES: tuple[str, ...] = (
     "sagas", "replies", "balances", "history", "account_events_seen", "transfers",
 )
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of a keyed record (Kafka's default partitioner: murmur2, as aiokafka
+    and the Java client): where a producer that names no partition puts ``key``."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def changelog_topic(settings: TopicSettings, table: str) -> str:

@@ -16,3 +16,21 @@ def test_every_table_changelog_is_created_up_front(tmp_path: object) -> None:
     for name in declared:
         table = worker.app.tables[name]
         assert table.changelog_topic.get_topic_name() == changelog_topic(settings, name)
+
+
+def test_partition_of_is_the_producers_default_partitioner() -> None:
+    """The operator commands and the query agents compute where a key lands; a producer
+    that names no partition must put it there (aiokafka's default partitioner)."""
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from events.topics import partition_of
+
+    rng = random.Random(5)
+    partitioner = DefaultPartitioner()
+    for partitions in (1, 6, 7, 32):
+        every = list(range(partitions))
+        for _ in range(500):
+            key = rng.randbytes(rng.randint(1, 40))
+            assert partition_of(key, partitions) == partitioner(key, every, every)
