@@ -15,15 +15,15 @@ tests and demos run against. Everything lives in the schema ``account_center_db_
     One row per command ever decided, accepted or rejected, with the exact AccountEvent
     (wire dict) that was emitted. A redelivered command returns that stored event unchanged.
 
-``apply_batch`` decides several commands in one transaction of at most five statements
-whatever the batch's size (asyncpg, array parameters): it locks the user accounts it
-touches in sorted order (no deadlocks between batches), reads ``processed_commands`` after
-the locks are held (so a duplicate that raced in is seen), decides every command in memory
-in order, then writes the journal lines (one INSERT … unnest), each touched account's net
-change (one UPDATE … FROM unnest) and the processed rows (one INSERT … unnest) before
-committing. The primary key of ``processed_commands`` is the backstop against any
-remaining race: the loser's transaction rolls back whole and is retried, and then finds the
-stored event.
+``apply_batch`` decides several commands in one transaction of three statements whatever
+the batch's size (asyncpg, array parameters; five round trips with BEGIN and COMMIT): it
+locks the user accounts it touches in sorted order (no deadlocks between batches), reads
+``processed_commands`` after the locks are held (so a duplicate that raced in is seen),
+decides every command in memory in order, then writes in one statement the journal lines
+(INSERT … unnest), each touched account's net change, once (UPDATE … FROM unnest) and the
+processed rows (INSERT … unnest) before committing. The primary key of
+``processed_commands`` is the backstop against any remaining race: the loser's transaction
+rolls back whole and is retried, and then finds the stored event.
 """
 
 from __future__ import annotations
@@ -112,22 +112,21 @@ _STORED_COMMANDS = (
     "SELECT command_id, result::text, transfer_id, type, account_id "
     "FROM processed_commands WHERE command_id = ANY($1::text[])"
 )
-_INSERT_JOURNAL = (
-    "INSERT INTO journal (command_id, account_id, currency, amount_minor) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])"
+#: The batch's writes, one statement: its journal lines, each touched account's net change
+#: (the rows are locked), its processed commands. Empty arrays write nothing.
+_WRITE_BATCH = """
+WITH journal_lines AS (
+    INSERT INTO journal (command_id, account_id, currency, amount_minor)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+), balances AS (
+    UPDATE accounts AS a SET balance_minor = a.balance_minor + u.delta, updated_at = now()
+    FROM unnest($5::text[], $6::bigint[]) AS u(account_id, delta)
+    WHERE a.account_id = u.account_id
 )
-#: Each touched account once, by its net change in the batch (the rows are locked).
-_UPDATE_BALANCES = (
-    "UPDATE accounts AS a SET balance_minor = a.balance_minor + u.delta, updated_at = now() "
-    "FROM unnest($1::text[], $2::bigint[]) AS u(account_id, delta) "
-    "WHERE a.account_id = u.account_id"
-)
-_INSERT_PROCESSED = (
-    "INSERT INTO processed_commands (command_id, transfer_id, type, account_id, result) "
-    "SELECT c, t, ty, a, r::jsonb "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) "
-    "AS u(c, t, ty, a, r)"
-)
+INSERT INTO processed_commands (command_id, transfer_id, type, account_id, result)
+SELECT c, t, ty, a, r::jsonb
+FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) AS u(c, t, ty, a, r)
+"""
 
 
 def clearing_account(currency: str) -> str:
@@ -502,10 +501,9 @@ class Ledger:
     async def _apply_in_tx(
         raw: Any, commands: Sequence[AccountCommand], now: datetime
     ) -> list[AccountEvent]:
-        """The batch on ``raw`` (an asyncpg connection inside a transaction): at most five
+        """The batch on ``raw`` (an asyncpg connection inside a transaction), in three
         statements whatever ``len(commands)``: lock the accounts, read the known commands,
-        then one INSERT of the journal lines, one UPDATE of the balances (each account's
-        net change, once) and one INSERT of the processed commands."""
+        write (:data:`_WRITE_BATCH`; not run when every command was known already)."""
         # 1. Lock the user accounts, in a deterministic order (LockRows runs above the Sort).
         rows = await raw.fetch(_LOCK_ACCOUNTS, sorted({c.account_id for c in commands}))
         accounts = {
@@ -558,24 +556,20 @@ class Ledger:
                                   cmd.account_id, orjson.dumps(event.to_wire()).decode()))
             events.append(event)
 
-        # 4. Write: journal, balances, processed commands — all or nothing. Each is one
-        #    statement over arrays; the CHECK (balance_minor >= 0) stays the backstop and
-        #    the primary key of processed_commands catches a duplicate that raced in (the
-        #    batch is then rolled back and run again, and finds the stored event).
-        if lines:
+        # 4. Write: journal, balances, processed commands — all or nothing, one statement
+        #    over arrays (fewer round trips: each costs ~0.1 ms of client CPU here). The
+        #    CHECK (balance_minor >= 0) stays the backstop and the primary key of
+        #    processed_commands catches a duplicate that raced in (the batch is then rolled
+        #    back and run again, and finds the stored event).
+        if processed:
+            dirty = sorted(a.account_id for a in accounts.values() if a.dirty)
             await raw.execute(
-                _INSERT_JOURNAL,
+                _WRITE_BATCH,
                 [ln.command_id for ln in lines], [ln.account_id for ln in lines],
                 [ln.currency for ln in lines], [ln.amount for ln in lines],
+                dirty, [accounts[a].balance - opening[a] for a in dirty],
+                *map(list, zip(*processed, strict=True)),
             )
-        dirty = sorted(a.account_id for a in accounts.values() if a.dirty)
-        if dirty:
-            await raw.execute(
-                _UPDATE_BALANCES, dirty,
-                [accounts[a].balance - opening[a] for a in dirty],
-            )
-        if processed:
-            await raw.execute(_INSERT_PROCESSED, *map(list, zip(*processed, strict=True)))
         return events
 
     # ----------------------------------------------------------------------------------
