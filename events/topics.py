@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Protocol
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
@@ -139,24 +140,53 @@ async def ensure_topics(settings: TopicSettings) -> list[str]:
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 pass  # another process created them first
-        copartitioned = [name for name, spec in wanted.items() if spec.copartitioned]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while True:  # a new topic's partitions show up in the metadata a moment later
-            described = await admin.describe_topics(copartitioned)
+            described = await admin.describe_topics(list(wanted))
             if all(t.get("partitions") for t in described) or loop.time() > deadline:
                 break
             await asyncio.sleep(0.1)
         for topic in described:
+            if not topic.get("partitions"):
+                raise TopicMismatch(f"topic {topic['topic']} has no partitions in the "
+                                    f"metadata 30 s after its creation")
+            if not wanted[topic["topic"]].copartitioned:
+                continue
             count = len(topic.get("partitions", []))
             if count != settings.topic_partitions:
                 raise TopicMismatch(
                     f"topic {topic['topic']} has {count} partitions but "
                     f"BIZ_TOPIC_PARTITIONS is {settings.topic_partitions}: they must match"
                 )
+        await _wait_until_served([
+            TopicPartition(t["topic"], p["partition"])
+            for t in described for p in t.get("partitions", [])
+        ], settings.kafka_bootstrap_servers)
         created = [t.name for t in missing]
         if created:
             log.info("created topics: %s", ", ".join(created))
         return created
     finally:
         await admin.close()
+
+
+async def _wait_until_served(partitions: list[TopicPartition], bootstrap_servers: str) -> None:
+    """Return once the leader of every partition answers for it (a ListOffsets); raise
+    ``KafkaTimeoutError`` after 30 s.
+
+    The metadata is not enough. On KRaft the broker publishes a new topic's metadata
+    (a leader for every partition) *before* its replica manager has made those
+    partitions leaders: for a moment a describe shows the leader while the leader
+    answers NOT_LEADER_OR_FOLLOWER to ListOffsets, Fetch and Produce. Every client
+    started then has to retry (aiokafka logs "Failed fetch offsets ...
+    NotLeaderForPartitionError" and backs off), which a caller of ensure_topics should
+    never have to care about. ``end_offsets`` retries the retriable errors until its
+    request timeout: when it returns, every leader has answered for every partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, request_timeout_ms=30000)
+    await consumer.start()
+    try:
+        await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()

@@ -552,8 +552,14 @@ async def test_fuzzed_records_on_every_topic(system: System) -> None:
         readable = [r.readable for r in fuzzed if r.readable is not None]
         assert len(readable) == len(set(readable)) and len(readable) > len(fuzzed) / 3
         client = system.client
-        await wait_for(lambda: all(rid in client.replies for rid in readable), timeout=120,
-                       what="a reply to every readable fuzzed command")
+        try:
+            await wait_for(lambda: all(rid in client.replies for rid in readable),
+                           timeout=120, what="a reply to every readable fuzzed command")
+        except AssertionError as exc:  # which requests, so that a failure says whose
+            unanswered = [r for r in fuzzed if r.readable and r.readable not in client.replies]
+            raise AssertionError(f"{exc}: {len(unanswered)} unanswered, e.g. " + "; ".join(
+                f"{(r.key or b'')[:60]!r} {(r.value or b'')[:200]!r}" for r in unanswered[:5])
+            ) from None
         for rid in readable:
             replies = client.replies[rid]
             assert len(replies) == 1, replies
