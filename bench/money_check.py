@@ -53,10 +53,13 @@ async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
         ac_lag = await group_lag(bootstrap, settings.account_center_group,
                                  [t("account.commands")], partitions)
         clearing = await ledger.clearing_balance(CURRENCY)
+        # Read after the groups' lag, so what the worker wrote before is in what was read.
+        events_read = await gateway.events_caught_up()
         still_open = open_sagas(gateway)
         seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag, "clearingMinor": clearing,
-                "openSagas": len(still_open), "waitedSeconds": round(loop.time() - start, 1)}
-        if not (worker_lag or ac_lag or clearing or still_open):
+                "openSagas": len(still_open), "transferEventsRead": events_read,
+                "waitedSeconds": round(loop.time() - start, 1)}
+        if events_read and not (worker_lag or ac_lag or clearing or still_open):
             seen["quiet"] = True
             return seen
         if loop.time() - start > timeout:

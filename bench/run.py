@@ -370,6 +370,8 @@ def figures(cfg: BenchConfig, vus: VirtualUsers | None, load: dict[str, Any],
         "profiles": load.get("profiles") or None,
         "traces": load.get("traces") or None,
         "duplicateOrLateReplies": gateway.other_replies,
+        #: How the load generator batched (bench/gateway.py): fetches, produce requests.
+        "loadGenerator": gateway.stats(),
     }
     if rate and figs["cpu"]:
         figs["cpuMillisecondsPerTransfer"] = {

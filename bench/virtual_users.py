@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -30,7 +29,9 @@ class TransferSample:
     payee: int
     amount_minor: int
     otp_expected: bool
-    transfer_id: str
+    #: The payer's user id and the idempotency key: the transfer id derives from them.
+    operator_id: str
+    key: str
     started_at: float
     init_latency: float | None = None
     confirm_sent_at: float | None = None
@@ -48,6 +49,11 @@ class TransferSample:
     #: The command whose reply ended the transfer.
     step: str = ""
     otp_used: bool = False
+
+    @property
+    def transfer_id(self) -> str:
+        """Derived when asked (the checks), not on the load's path: a UUIDv5 (SHA-1)."""
+        return transfer_id_for(self.operator_id, self.key)
 
     @property
     def confirmed(self) -> bool:
@@ -116,10 +122,10 @@ class VirtualUsers:
         payee_i = (payer_i + 1 + rng.randrange(n - 1)) % n
         payer, payee = self.users[payer_i], self.users[payee_i]
         amount, otp_expected = self.plan.draw(rng)
-        key = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        key = f"{rng.getrandbits(128):032x}"  # 128 random bits, as a UUIDv4 has 122
         loop = asyncio.get_running_loop()
-        sample = TransferSample(vu, payer_i, payee_i, amount, otp_expected,
-                                transfer_id_for(payer.user_id, key), loop.time())
+        sample = TransferSample(vu, payer_i, payee_i, amount, otp_expected, payer.user_id,
+                                key, loop.time())
         self.samples.append(sample)
         gw, timeout = self.gateway, self.cfg.request_timeout
         step = "transferInit"

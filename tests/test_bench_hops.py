@@ -65,3 +65,19 @@ def test_only_complete_transfers_confirmed_in_the_window_count() -> None:
 
 def test_no_transfer_gives_an_empty_summary() -> None:
     assert summarise([]) == {"transfers": 0}
+
+
+def test_the_generator_partitions_requests_as_the_producer_would() -> None:
+    """bench/gateway.py batches its requests per partition itself: each must go where the
+    gateway's producer (the default partitioner, murmur2 of the key) would send it."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from bench.gateway import BenchGateway
+
+    gateway = BenchGateway("unused:9092", lambda name: name)
+    for n in (1, 6, 7):
+        gateway._partitions = list(range(n))
+        for i in range(200):
+            key = f"{i:032x}-{n}".encode()
+            assert gateway.partition_for(key) == DefaultPartitioner()(key, list(range(n)),
+                                                                       list(range(n)))
