@@ -12,7 +12,7 @@ in ``TOPIC_SPECS`` (which model, which direction, who is on the other side) are 
 :data:`CHANNELS` below; a topic missing there stops the generation.
 
 The YAML is written by a small emitter of our own (block style, every string
-double-quoted), so that the package needs no YAML library; ``tests/test_asyncapi.py``
+double-quoted), so that the package needs no YAML library; ``tests/unit/test_asyncapi.py``
 parses the file back with PyYAML and checks it.
 """
 

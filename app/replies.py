@@ -2,7 +2,7 @@
 
 Both sides of the worker answer there: the command side (app/transfers/outbound.py) and the
 query side (app/query_service.py; agents/query_agents.py for a query whose answering
-failed). The two sides never import each other (tests/test_layers.py), so what they share
+failed). The two sides never import each other (tests/unit/test_layers.py), so what they share
 lives here: :func:`reply_value` builds the model and :func:`wire` writes it (camelCase, no
 null field, the fields in the order the model declares them, which is the order they have
 always travelled in)."""

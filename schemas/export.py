@@ -7,7 +7,7 @@
 One file per model of :data:`schemas.wire.WIRE_MODELS`: ``model_json_schema(by_alias=True)``
 (camelCase, as on the wire), keys sorted, 2-space indent, a trailing newline, so the output
 is byte-for-byte reproducible and diffs stay readable. The files are generated: change
-``schemas/wire.py``, then run the export; ``tests/test_schema_export.py`` fails while the
+``schemas/wire.py``, then run the export; ``tests/unit/test_schema_export.py`` fails while the
 committed files are stale.
 """
 

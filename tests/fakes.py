@@ -78,7 +78,7 @@ class _UserRow:
 
 class InMemoryBusinessStore:
     """``BusinessStore`` over dicts, with the PostgreSQL store's semantics (proven by
-    tests/test_store_contract.py).
+    tests/integration/test_store_contract.py).
 
     Beside the port, what tests use: seeding (``put_user``, ``funding_sources``), the
     operator's ``unlock_user``, ``pin_failures``, the state as attributes, ``calls`` (the

@@ -128,7 +128,7 @@ class InitFacts:
 # them (what ``TransferService`` is given); a handler that needs one question may take one.
 # Only the methods the application calls are here: the operator's unlock, seeding and the
 # single steps of ``confirm_checks`` are plain methods of the PostgreSQL store
-# (app/adapters/postgres_store.py). tests/test_store_contract.py runs one suite over the
+# (app/adapters/postgres_store.py). tests/integration/test_store_contract.py runs one suite over the
 # PostgreSQL store and the in-memory fake (tests/fakes.py).
 # --------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ and a reader checks that against the diagrams below in one file. The transitions
 the duplicates, ``on_otp``, ``on_account_event``, ``on_funding_event``, ``on_tick``,
 ``on_resolution``) are built from the same private steps (``_move``, ``_start_step``,
 ``_step_command``, the command ids); split by input, each part would reach into the others'
-internals. Pure and table-tested (tests/test_transfer_saga.py): its length costs no setup.
+internals. Pure and table-tested (tests/unit/test_transfer_saga.py): its length costs no setup.
 
 Every step is a function ``(saga, input, now, policy) -> (saga', outputs)``. No I/O, no
 clock, no randomness: time, the OTP and the checks' results are passed in; the outputs are

@@ -28,7 +28,7 @@ from app.settings import (
     Settings,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEV = {
     "BIZ_ACCESS_TOKEN_KEY": DEV_ACCESS_SECRET,
     "BIZ_TRANSFER_TOKEN_SECRET": DEV_TRANSFER_SECRET,

@@ -9,7 +9,7 @@ from pydantic import AliasChoices
 
 from app.settings import Settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _env_name(field: str) -> str:

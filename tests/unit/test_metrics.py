@@ -313,7 +313,7 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
 
     import app.query_reconciliation  # noqa: F401  (its metrics)
 
-    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana"
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana"
                             / "bizcenter-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|count|sum|total)$", "", name)

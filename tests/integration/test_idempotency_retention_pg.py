@@ -4,7 +4,7 @@ The purge of finished sagas and saved replies needs 24 h to pass (the minimum of
 ``BIZ_IDEMPOTENCY_RETENTION_HOURS``): the service runs on a clock the test moves, with its
 PostgreSQL effects in the real ``PostgresBusinessStore`` (own schema) and the account center
 simulated with the reference ledger's rules (tests/fakes.py, checked against the real
-ledger in tests/test_account_center.py). A key reused after the purge must never be
+ledger in tests/integration/test_account_center.py). A key reused after the purge must never be
 answered with another transfer's outcome, nor reuse an eventId or a commandId; an operator
 replay after the purge never answers differently from before.
 """

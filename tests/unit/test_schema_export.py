@@ -43,7 +43,7 @@ from schemas.wire import (
 
 #: transfer_id_for("alice", "idem-7c1d"), the id used in docs/contract.md as well.
 TRANSFER_ID = "1851defb-98fc-5209-b7ad-ce8c9185319e"
-CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "contract.md"
+CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 #: An example in docs/contract.md: a ```json block right after `<!-- wire: ModelName -->`.
 DOC_EXAMPLE = re.compile(r"<!-- wire: (\w+) -->\s*```json\n(.*?)```", re.DOTALL)
 

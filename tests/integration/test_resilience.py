@@ -231,7 +231,7 @@ async def test_workers_joining_leaving_and_crashing_under_load_answer_everything
     agent keeps several records in flight (a lane per partition, agents/lanes.py) and the
     consumer hands whole fetched batches to the streams (agents/faust_consumer.py): a record
     handed over but not finished must come again to the partition's next owner, and no
-    record may be dropped at the hand-over (tests/test_rebalance_records.py proves the
+    record may be dropped at the hand-over (tests/integration/test_rebalance_records.py proves the
     mechanism with the window widened). Every request is answered without being asked
     again, money moves exactly once, and the group commits every input record."""
     rng = random.Random(1124)

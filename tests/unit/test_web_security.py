@@ -1,7 +1,7 @@
 """The HTTP views' own rules, without a broker (agents/web.py): a transfer's details are
 authorized on what the table holds before anything waits, and a waiting query does not
 hold up the others; the forward signature binds the group, the request, the operator and
-the time. The same views between two real workers: tests/test_queries_e2e.py."""
+the time. The same views between two real workers: tests/integration/test_queries_e2e.py."""
 
 from __future__ import annotations
 

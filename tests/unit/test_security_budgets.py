@@ -2,8 +2,8 @@
 OTP budgets that hold across requests, keys and partitions; the payee's currency at init;
 top-ups confirmed with the PIN under their own daily limit; identifiers that could forge a
 derived id refused; an account event refusing a command id sent with other content is
-never taken as the answer. The PostgreSQL side is in tests/test_postgres_store.py, the
-whole system in tests/test_security_e2e.py.
+never taken as the answer. The PostgreSQL side is in tests/integration/test_postgres_store.py, the
+whole system in tests/integration/test_security_e2e.py.
 
 Over 400 lines: one issue's points, a section each, on the same fakes.
 """

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("schemas", "events", "app", "agents", "reference", "cli", "bench")
 
 #: Layer of a module: the first prefix that matches (most specific first).

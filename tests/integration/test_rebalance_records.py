@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 SEEK_DELAY_SECONDS = 2.0
 
 SITECUSTOMIZE = '''
-"""Test-only fault injection (tests/test_rebalance_records.py).
+"""Test-only fault injection (tests/integration/test_rebalance_records.py).
 
 Every seek of the worker's consumer to its committed offsets returns
 FAULT_DELAY_AFTER_SEEK_SECONDS later, and until Faust resumes its flow control (which

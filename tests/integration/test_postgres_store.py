@@ -1,6 +1,6 @@
 """PostgresBusinessStore against the real PostgreSQL (own schema per module): what the
 in-memory fake cannot show. The port's behaviour, the same on both stores, is in
-tests/test_store_contract.py; here are the plain methods (seeding, the single steps of
+tests/integration/test_store_contract.py; here are the plain methods (seeding, the single steps of
 ``confirm_checks``), concurrency and migration."""
 
 from __future__ import annotations
