@@ -20,12 +20,53 @@ Two kinds of token, kept apart by audience *and* by explicit typing (RFC 8725 §
 Time claims (``exp``, ``iat``, ``nbf``) are checked here against an explicit ``now`` with
 the configured leeway, not by PyJWT against the wall clock, so that callers and tests can
 pin time. Nothing in this module ever puts a token into an exception, a log line or a repr.
+
+**The verified-access-token cache** (:class:`AccessTokenVerifier`). A gateway sends the
+same access token with every command of a user for its whole life (minutes), and a full
+verification (parsing, base64 and JSON checks, HMAC or signature, claims) costs
+~100-130 µs of CPU here, the largest piece of a transfer's business CPU. So each verifier
+keeps a bounded LRU of the tokens it verified: the full token string → what verification
+proved (the subject, the NumericDates, the kid and the key object used). Why it is safe:
+
+* **Keyed by the whole token, exactly.** A hit needs a string equal, character for
+  character, to one that passed the full verification (header, payload *and* signature:
+  the dict compares the strings after the hash, and ``str`` hashing is randomised per
+  process, so no crafted collision helps). Any change to any part (a tampered claim, a
+  forged or re-encoded signature, another ``kid`` or ``alg``) is another string: a miss,
+  verified in full. Only a token whose key, signature, ``typ``, ``iss``, ``aud``, ``sub``
+  and time claims' form all passed is stored; any other failure is never cached, so such
+  a token is refused again by the full path every time, and the cache cannot be filled by
+  an attacker without genuine tokens (the work per refused token is what it was).
+* **What depends on the moment or the caller is checked on every hit.** ``exp`` (with the
+  leeway, unless ``check_expiry=False`` as before), ``iat`` and ``nbf`` are checked against
+  the ``now`` of *this* call with the same function as the full path, from the numbers the
+  verification read, so a cached token past its ``exp`` is refused as ``access token
+  expired`` exactly when an uncached one would be; the subject is compared with *this*
+  call's ``operator_id``, so a token of another operator is ``FORBIDDEN`` from the cache
+  too.
+* **Key rotation and revocation.** A hit also requires that the token's ``kid`` still
+  selects, in the verifier's key set, the very key object that verified it (an identity
+  check). The key set is fixed for a verifier's life (a rotation is a new
+  ``BIZ_ACCESS_TOKEN_KEYS`` and so a new verifier, with an empty cache); should the key
+  set ever be replaced in place, entries verified under a removed or replaced key stop
+  hitting at once, and :meth:`AccessTokenVerifier.clear_cache` empties it. Access tokens
+  have no revocation list in this service (they are short-lived and self-contained);
+  withdrawing a key is the revocation, and it takes effect as above.
+* **Bounded.** At most ``cache_size`` entries (least recently used evicted first), and
+  only tokens of at most :data:`MAX_CACHED_TOKEN_LENGTH` characters are stored: memory is
+  bounded whatever the traffic. Entries hold what the process already held while
+  verifying (the token arrives in a Kafka record); nothing of the cache is ever logged,
+  put in an exception or in a repr.
+* **The same answers.** For any token, operator, ``now`` and ``check_expiry``, a hit
+  returns or raises exactly what the full verification would (tests/unit/test_tokens.py,
+  "cache").
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +82,7 @@ from schemas.wire import ErrorCode
 __all__ = [
     "ACCESS_ALGORITHMS",
     "ACCESS_TOKEN_TYP",
+    "MAX_CACHED_TOKEN_LENGTH",
     "MAX_TOKEN_LENGTH",
     "TRANSFER_TOKEN_TYP",
     "AccessIdentity",
@@ -57,6 +99,10 @@ TRANSFER_TOKEN_TYP: Final = "transfer+jwt"  # noqa: S105 - a media type, not a s
 ACCESS_TOKEN_TYP: Final = "at+jwt"  # noqa: S105 - a media type, not a secret
 #: Longer inputs are refused before any parsing.
 MAX_TOKEN_LENGTH: Final = 8192
+#: Longer access tokens are verified every time, never cached (bounds the cache's memory).
+MAX_CACHED_TOKEN_LENGTH: Final = 2048
+#: Verified access tokens a verifier remembers by default (least recently used evicted).
+ACCESS_CACHE_SIZE: Final = 4096
 
 #: Algorithms an access-token verifier may be pinned to. ``none`` is never one of them.
 ACCESS_ALGORITHMS: Final = frozenset(
@@ -199,12 +245,25 @@ def _check_times(
     payload: Mapping[str, Any], now: datetime, leeway: float, *, check_expiry: bool
 ) -> tuple[datetime, datetime]:
     """Validate ``iat``/``nbf``/``exp`` against ``now``; returns (issued_at, expires_at)."""
+    exp, iat, nbf = _time_claims(payload)
+    _check_instants(exp, iat, nbf, now.timestamp(), leeway, check_expiry=check_expiry)
+    return datetime.fromtimestamp(iat, UTC), datetime.fromtimestamp(exp, UTC)
+
+
+def _time_claims(payload: Mapping[str, Any]) -> tuple[float, float, float | None]:
+    """(exp, iat, nbf) as numbers; ``exp`` and ``iat`` are required."""
     exp = _numeric_date(payload, "exp")
     iat = _numeric_date(payload, "iat")
     nbf = _numeric_date(payload, "nbf")
     if exp is None or iat is None:
         raise _Invalid("exp/iat")
-    instant = now.timestamp()
+    return exp, iat, nbf
+
+
+def _check_instants(exp: float, iat: float, nbf: float | None, instant: float,
+                    leeway: float, *, check_expiry: bool) -> None:
+    """The time checks of a token against ``instant`` (POSIX seconds): the one rule of
+    the full verification and of a cache hit."""
     if iat > instant + leeway:
         raise _Invalid("iat in the future")
     if nbf is not None and nbf > instant + leeway:
@@ -213,7 +272,6 @@ def _check_times(
         raise _Invalid("exp before iat")
     if check_expiry and exp <= instant - leeway:
         raise _Expired
-    return datetime.fromtimestamp(iat, UTC), datetime.fromtimestamp(exp, UTC)
 
 
 def _str_claim(payload: Mapping[str, Any], name: str, max_length: int = 256) -> str:
@@ -281,9 +339,15 @@ class AccessTokenVerifier:
     a ``kid`` not in the set, or a token without one when the set has no ``None`` key, is
     refused. Every key must suit every pinned algorithm, so HMAC and public-key algorithms
     can never be mixed (RFC 8725 §3.1) and a misconfiguration fails at start-up.
+
+    Tokens that passed verification are remembered, at most ``cache_size`` of them (0: no
+    cache); a repeated token is answered from what its verification proved, with the time
+    claims, the operator and the key re-checked on each call (why that is safe: the module
+    docstring).
     """
 
-    __slots__ = ("_algorithms", "_audience", "_issuer", "_keys", "_leeway", "_options")
+    __slots__ = ("_algorithms", "_audience", "_cache", "_cache_size", "_issuer", "_keys",
+                 "_leeway", "_options")
 
     def __init__(
         self,
@@ -292,6 +356,8 @@ class AccessTokenVerifier:
         issuer: str,
         audience: str,
         leeway_seconds: int,
+        *,
+        cache_size: int = ACCESS_CACHE_SIZE,
     ) -> None:
         if isinstance(algorithms, str):
             raise TypeError("algorithms must be a sequence of algorithm names")
@@ -307,6 +373,8 @@ class AccessTokenVerifier:
             raise ValueError("issuer and audience are required")
         if leeway_seconds < 0:
             raise ValueError("leeway_seconds must not be negative")
+        if cache_size < 0:
+            raise ValueError("cache_size must not be negative")
 
         key_set: Mapping[str | None, str] = {None: key} if isinstance(key, str) else key
         if not key_set:
@@ -326,6 +394,9 @@ class AccessTokenVerifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = float(leeway_seconds)
+        self._cache_size = cache_size
+        #: token → what its verification proved; see the module docstring.
+        self._cache: OrderedDict[str, _VerifiedAccess] = OrderedDict()
         self._options: Options = {
             "require": ["exp", "iat", "sub", "iss", "aud"],
             "verify_signature": True,
@@ -364,6 +435,15 @@ class AccessTokenVerifier:
             f"audience={self._audience!r}, kids={list(self._keys)!r})"
         )
 
+    @property
+    def cached_tokens(self) -> int:
+        """How many verified tokens are remembered now (never which)."""
+        return len(self._cache)
+
+    def clear_cache(self) -> None:
+        """Forget every verified token (call it if the key set is ever changed in place)."""
+        self._cache.clear()
+
     def verify(
         self, token: str, operator_id: str, now: datetime | None = None, *,
         check_expiry: bool = True,
@@ -377,6 +457,27 @@ class AccessTokenVerifier:
         current = _aware_utc(now)
         if not _acceptable_input(token):
             raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_INVALID)
+        verified = self._cache.get(token)
+        # A hit only while the kid still selects the very key that verified the token.
+        if verified is None or self._keys.get(verified.kid, _NO_KEY) is not verified.key:
+            verified = self._verify_fully(token)
+        else:
+            self._cache.move_to_end(token)
+        try:
+            _check_instants(verified.exp, verified.iat, verified.nbf, current.timestamp(),
+                            self._leeway, check_expiry=check_expiry)
+        except _Expired:
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_EXPIRED) from None
+        except _Invalid:
+            raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_INVALID) from None
+        if verified.identity.user_id != operator_id:
+            raise TokenError(ErrorCode.FORBIDDEN, _ACCESS_FORBIDDEN)
+        return verified.identity
+
+    def _verify_fully(self, token: str) -> _VerifiedAccess:
+        """Everything about ``token`` that does not depend on the moment or the caller
+        (the key, signature, typ, iss, aud, sub, the time claims' presence and form);
+        remembered when it passes. Raises TokenError (UNAUTHENTICATED)."""
         try:
             # The key is chosen by kid from the configured set, never from the token's own
             # claims about itself (alg, jku, jwk, x5u are not read).
@@ -385,9 +486,10 @@ class AccessTokenVerifier:
                 raise _Invalid("kid")
             if kid not in self._keys:
                 raise _Invalid("unknown kid")
+            key = self._keys[kid]
             decoded = jwt.decode_complete(
                 token,
-                key=self._keys[kid],
+                key=key,
                 algorithms=self._algorithms,
                 options=self._options,
                 issuer=self._issuer,
@@ -399,15 +501,37 @@ class AccessTokenVerifier:
             if _normalise_typ(header.get("typ")) == TRANSFER_TOKEN_TYP:
                 raise _Invalid("typ")
             subject = _str_claim(payload, "sub")
-            _, expires_at = _check_times(payload, current, self._leeway,
-                                         check_expiry=check_expiry)
-        except _Expired:
-            raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_EXPIRED) from None
+            exp, iat, nbf = _time_claims(payload)
+            if exp <= iat:
+                raise _Invalid("exp before iat")
         except (_Invalid, *_DECODE_ERRORS):
             raise TokenError(ErrorCode.UNAUTHENTICATED, _ACCESS_INVALID) from None
-        if subject != operator_id:
-            raise TokenError(ErrorCode.FORBIDDEN, _ACCESS_FORBIDDEN)
-        return AccessIdentity(user_id=subject, expires_at=expires_at)
+        verified = _VerifiedAccess(
+            AccessIdentity(user_id=subject, expires_at=datetime.fromtimestamp(exp, UTC)),
+            exp, iat, nbf, kid, key)
+        if self._cache_size and len(token) <= MAX_CACHED_TOKEN_LENGTH:
+            self._cache[token] = verified
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)  # the least recently used
+        return verified
+
+
+#: No key (a kid the key set does not have): never the key of a cache entry.
+_NO_KEY: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _VerifiedAccess:
+    """What the full verification of an access token proved: the identity, the numbers
+    of its time claims (re-checked against each call's ``now``), and the kid and key
+    object that verified it (re-checked against the key set on each hit)."""
+
+    identity: AccessIdentity
+    exp: float
+    iat: float
+    nbf: float | None
+    kid: str | None
+    key: Any
 
 
 # --------------------------------------------------------------------------------------

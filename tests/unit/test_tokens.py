@@ -998,3 +998,220 @@ def test_a_malformed_key_set_is_refused_without_showing_a_key(text: str) -> None
         Settings(access_token_keys=SecretStr(text))
     shown = str(info.value.errors(include_input=False, include_url=False))
     assert K1 not in shown and K2 not in shown
+
+
+# --------------------------------------------------------------------------------------
+# the verified-access-token cache (app/tokens.py, module docstring: why it is safe)
+# --------------------------------------------------------------------------------------
+
+
+def _counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every full verification (``jwt.decode_complete`` in app.tokens) is recorded."""
+    import app.tokens as tokens_module
+
+    calls: list[str] = []
+    real = tokens_module.jwt.decode_complete
+
+    def counted(token: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(token)
+        return real(token, *args, **kwargs)
+
+    monkeypatch.setattr(tokens_module.jwt, "decode_complete", counted)
+    return calls
+
+
+def test_cache_a_repeated_token_is_verified_once(
+    verifier: AccessTokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = _counting_decodes(monkeypatch)
+    token = encode(access_claims())
+    first = verifier.verify(token, "alice", now=NOW)
+    for seconds in (1, 60, 600):
+        assert verifier.verify(token, "alice", now=NOW + timedelta(seconds=seconds)) == first
+    assert decodes == [token]
+    assert verifier.cached_tokens == 1
+
+
+def test_cache_a_cached_token_past_its_exp_is_refused(
+    verifier: AccessTokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = _counting_decodes(monkeypatch)
+    token = encode(access_claims(exp=ts(NOW + timedelta(seconds=60))))
+    verifier.verify(token, "alice", now=NOW)
+    # Within the leeway: still accepted; past exp + leeway: expired, from the cache.
+    verifier.verify(token, "alice", now=NOW + timedelta(seconds=60 + LEEWAY - 1))
+    for later in (60 + LEEWAY, 60 + LEEWAY + 1, 86_400):
+        err = raises_token_error(
+            lambda s=later: verifier.verify(token, "alice", now=NOW + timedelta(seconds=s)),
+            ErrorCode.UNAUTHENTICATED)
+        assert err.message == "access token expired"
+    assert decodes == [token]  # the refusals came from the cache, not from a re-decode
+    # As before, check_expiry=False (a reply re-sent to the same request) still passes.
+    assert verifier.verify(token, "alice", now=NOW + timedelta(days=1),
+                           check_expiry=False).user_id == "alice"
+
+
+def test_cache_time_claims_are_checked_against_each_calls_now(
+    verifier: AccessTokenVerifier
+) -> None:
+    token = encode(access_claims(nbf=ts(NOW)))
+    verifier.verify(token, "alice", now=NOW)
+    # An earlier `now` (pinned by a caller): iat and nbf in its future, refused as invalid.
+    err = raises_token_error(
+        lambda: verifier.verify(token, "alice", now=NOW - timedelta(seconds=LEEWAY + 1)),
+        ErrorCode.UNAUTHENTICATED)
+    assert err.message == "invalid access token"
+
+
+def test_cache_a_token_for_another_operator_is_refused_from_the_cache_too(
+    verifier: AccessTokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = _counting_decodes(monkeypatch)
+    token = encode(access_claims())
+    verifier.verify(token, "alice", now=NOW)
+    err = raises_token_error(lambda: verifier.verify(token, "mallory", now=NOW),
+                             ErrorCode.FORBIDDEN)
+    assert err.message == "the access token does not belong to the operator"
+    assert decodes == [token]
+    # Cached first for the wrong operator: refused, and the right one still accepted.
+    other = encode(access_claims(sub="bob"))
+    raises_token_error(lambda: verifier.verify(other, "alice", now=NOW), ErrorCode.FORBIDDEN)
+    raises_token_error(lambda: verifier.verify(other, "alice", now=NOW), ErrorCode.FORBIDDEN)
+    assert verifier.verify(other, "bob", now=NOW).user_id == "bob"
+
+
+def test_cache_a_tampered_token_never_hits_the_cache(
+    verifier: AccessTokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = encode(access_claims())
+    verifier.verify(token, "alice", now=NOW)
+    decodes = _counting_decodes(monkeypatch)
+    header, payload, signature = token.split(".")
+    tampered = {
+        "payload": f"{header}.{b64json(access_claims(sub='mallory'))}.{signature}",
+        "signature": f"{header}.{payload}.{('B' if signature[0] == 'A' else 'A')}"
+                     f"{signature[1:]}",
+        "a character appended": token + "A",
+        "the header": f"{b64json({'alg': 'HS256', 'typ': 'JWT', 'x': 1})}.{payload}."
+                      f"{signature}",
+    }
+    for what, forged in tampered.items():
+        for operator in ("alice", "mallory"):
+            err = raises_token_error(lambda f=forged, o=operator: verifier.verify(f, o, now=NOW),
+                                     ErrorCode.UNAUTHENTICATED)
+            assert err.message == "invalid access token", what
+    # Each forged token went through the full verification, every time, and none is kept.
+    assert len(decodes) == 2 * len(tampered)
+    assert verifier.cached_tokens == 1
+
+
+def test_cache_failures_are_never_cached(
+    verifier: AccessTokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = _counting_decodes(monkeypatch)
+    wrong_key = encode(access_claims(), key="another-secret-" + "x" * 40)
+    for _ in range(3):
+        raises_token_error(lambda: verifier.verify(wrong_key, "alice", now=NOW),
+                           ErrorCode.UNAUTHENTICATED)
+    assert decodes == [wrong_key] * 3 and verifier.cached_tokens == 0
+    # A genuine token whose iat is ahead of `now`: what the signature and claims proved is
+    # kept, the time checks refuse it on every call until its iat is reached.
+    future = encode(access_claims(iat=ts(NOW + timedelta(minutes=5))))
+    for _ in range(3):
+        err = raises_token_error(lambda: verifier.verify(future, "alice", now=NOW),
+                                 ErrorCode.UNAUTHENTICATED)
+        assert err.message == "invalid access token"
+    assert verifier.verify(future, "alice", now=NOW + timedelta(minutes=5)).user_id == "alice"
+    assert decodes.count(future) == 1
+
+
+def test_cache_is_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = AccessTokenVerifier(["HS256"], ACCESS_SECRET, ISSUER, AUDIENCE, LEEWAY,
+                                   cache_size=3)
+    tokens = [encode(access_claims(jti=str(i))) for i in range(5)]
+    for token in tokens[:3]:
+        verifier.verify(token, "alice", now=NOW)
+    verifier.verify(tokens[0], "alice", now=NOW)  # tokens[0] is now the most recent
+    verifier.verify(tokens[3], "alice", now=NOW)  # evicts tokens[1]
+    assert verifier.cached_tokens == 3
+    decodes = _counting_decodes(monkeypatch)
+    for token in (tokens[0], tokens[2], tokens[3]):
+        verifier.verify(token, "alice", now=NOW)
+    assert decodes == []
+    verifier.verify(tokens[1], "alice", now=NOW)
+    assert decodes == [tokens[1]]
+    for token in tokens:
+        verifier.verify(token, "alice", now=NOW)
+    assert verifier.cached_tokens == 3
+    # A long token is verified every time, never stored; cache_size=0 stores nothing.
+    from app.tokens import MAX_CACHED_TOKEN_LENGTH
+
+    long_token = encode(access_claims(pad="x" * MAX_CACHED_TOKEN_LENGTH))
+    verifier.verify(long_token, "alice", now=NOW)
+    verifier.verify(long_token, "alice", now=NOW)
+    assert decodes.count(long_token) == 2
+    none = AccessTokenVerifier(["HS256"], ACCESS_SECRET, ISSUER, AUDIENCE, LEEWAY,
+                               cache_size=0)
+    none.verify(tokens[0], "alice", now=NOW)
+    assert none.cached_tokens == 0
+    with pytest.raises(ValueError, match="cache_size"):
+        AccessTokenVerifier(["HS256"], ACCESS_SECRET, ISSUER, AUDIENCE, LEEWAY, cache_size=-1)
+
+
+def test_cache_follows_the_key_set() -> None:
+    """An entry hits only while its kid selects the very key that verified it: a key
+    withdrawn or replaced in place (or a new verifier after a rotation) verifies again."""
+    verifier = AccessTokenVerifier(["HS256"], {"k1": K1, "k2": K2}, ISSUER, AUDIENCE, LEEWAY)
+    token = encode(access_claims(), key=K1, headers={"kid": "k1"})
+    verifier.verify(token, "alice", now=NOW)
+    assert verifier.cached_tokens == 1
+    keys = verifier._keys  # the verifier's prepared key set (fixed for its life)
+    withdrawn = keys.pop("k1")
+    raises_token_error(lambda: verifier.verify(token, "alice", now=NOW),
+                       ErrorCode.UNAUTHENTICATED)
+    keys["k1"] = K2.encode()  # k1 now names another secret: the token is not its
+    raises_token_error(lambda: verifier.verify(token, "alice", now=NOW),
+                       ErrorCode.UNAUTHENTICATED)
+    keys["k1"] = withdrawn
+    assert verifier.verify(token, "alice", now=NOW).user_id == "alice"
+    verifier.clear_cache()
+    assert verifier.cached_tokens == 0
+    # A rotation is a new verifier: it knows nothing of the old one's tokens.
+    rotated = AccessTokenVerifier(["HS256"], {"k2": K2}, ISSUER, AUDIENCE, LEEWAY)
+    raises_token_error(lambda: rotated.verify(token, "alice", now=NOW),
+                       ErrorCode.UNAUTHENTICATED)
+
+
+def test_cache_never_shows_a_token(verifier: AccessTokenVerifier) -> None:
+    token = encode(access_claims())
+    verifier.verify(token, "alice", now=NOW)
+    assert token not in repr(verifier)
+    err = raises_token_error(lambda: verifier.verify(token, "mallory", now=NOW),
+                             ErrorCode.FORBIDDEN)
+    assert token not in repr(err) and token not in str(err)
+
+
+@pytest.mark.parametrize("operator", ["alice", "bob"])
+@pytest.mark.parametrize("check_expiry", [True, False])
+@pytest.mark.parametrize("offset", [-3600, -LEEWAY - 1, -LEEWAY, 0, 899, 900 + LEEWAY - 1,
+                                    900 + LEEWAY, 86_400])
+def test_cache_answers_as_the_full_verification(
+    operator: str, check_expiry: bool, offset: int
+) -> None:
+    """A cached and an uncached verifier answer every (token, operator, now,
+    check_expiry) alike."""
+    token = encode(access_claims(nbf=ts(NOW)))
+    cached = AccessTokenVerifier(["HS256"], ACCESS_SECRET, ISSUER, AUDIENCE, LEEWAY)
+    cached.verify(token, "alice", now=NOW)
+    fresh = AccessTokenVerifier(["HS256"], ACCESS_SECRET, ISSUER, AUDIENCE, LEEWAY,
+                                cache_size=0)
+    now = NOW + timedelta(seconds=offset)
+
+    def outcome(v: AccessTokenVerifier) -> object:
+        try:
+            return v.verify(token, operator, now=now, check_expiry=check_expiry)
+        except TokenError as err:
+            return (err.code, err.message)
+
+    assert outcome(cached) == outcome(fresh)
+    assert cached.cached_tokens == 1
