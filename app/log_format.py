@@ -44,13 +44,28 @@ ID_FIELDS: Final = ("requestId", "transferId", "operatorId")
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+#: ``json.dumps(line, ensure_ascii=False, default=str)``, its encoder built once.
+_ENCODE: Final = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record (see the module docstring)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: The second last formatted (``int(record.created)``) and its text.
+        self._second: tuple[int, str] = (-1, "")
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if self._second[0] != second:  # gmtime + strftime once per second, not per line
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                  time.gmtime(record.created)))
+        return f"{self._second[1]}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -65,7 +80,7 @@ class JsonFormatter(logging.Formatter):
             line["exc"] = record.exc_text
         if record.stack_info:
             line["stack"] = record.stack_info
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return _ENCODE(line)
 
 
 def _is_cancellation(record: logging.LogRecord) -> bool:

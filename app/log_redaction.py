@@ -53,11 +53,36 @@ def _field(match: re.Match[str]) -> str:
     return f"{match.group('name')}{match.group('sep')}{quote}{REDACTED}{quote}"
 
 
+#: Lower-case forms of what ``_FIELD`` needs (one of the names) and ``_BEARER`` needs.
+_NAMES_LOWER: Final = tuple(dict.fromkeys(name.lower() for name in SECRET_FIELDS))
+
+
 def redact(text: str) -> str:
     """``text`` with every secret field value, bearer credential and JWT replaced.
-    Idempotent: redacting twice gives the same text."""
+    Idempotent: redacting twice gives the same text.
+
+    Each pattern runs only where it could match: for ASCII text (in which case-insensitive
+    matching involves ASCII letters only), ``_FIELD`` needs ``:`` or ``=`` and one of the
+    names in the lower-cased text, ``_BEARER`` needs ``bearer`` in it, ``_JWT`` needs
+    ``eyJ``; a text lacking one is returned by that step unchanged, which is what the
+    pattern would have returned. Non-ASCII text (where Unicode case folding could make
+    other characters match) always goes through every pattern."""
     if not text:
         return text
+    if text.isascii():
+        low = text.lower()
+        if ("=" in text or ":" in text) and any(name in low for name in _NAMES_LOWER):
+            text = _FIELD.sub(_field, text)
+        if "bearer" in low:
+            text = _BEARER.sub(f"Bearer {REDACTED}", text)
+        if "eyJ" in text:
+            text = _JWT.sub(REDACTED, text)
+        return text
+    return _redact_fully(text)
+
+
+def _redact_fully(text: str) -> str:
+    """Every pattern over ``text`` (non-ASCII text; and the reference of the tests)."""
     text = _FIELD.sub(_field, text)
     text = _BEARER.sub(f"Bearer {REDACTED}", text)
     return _JWT.sub(REDACTED, text)

@@ -255,3 +255,63 @@ def test_a_refused_or_failed_record_is_logged_with_the_ids_it_holds(
     assert (failed["level"], failed["requestId"], failed["operatorId"]) == (
         "ERROR", "r-77", "alice")
     assert "requestId" not in unreadable and "operatorId" not in unreadable
+
+
+# --------------------------------------------------------------------------------------
+# the cheap paths of the redaction and of the JSON lines give what the full ones give
+# --------------------------------------------------------------------------------------
+
+_SAMPLES = [
+    "", "plain", "transfer 0b2d6a4e-1a1f-4f6e-9c1e-2f7d3c4b5a69: start -> DEBITING",
+    "transfer x: AWAITING_OTP -> FAILED (OTP_EXPIRED)", "pin=123456", "PIN: 99", "otp = 1",
+    "'pin': '1234'", '{"pin": "1234", "otp":"99"}', '{\\"accessToken\\": \\"abc\\"}',
+    "Authorization: Bearer abc.def", "bearer xyz", "BEARER  q", f"token {TOKEN} end",
+    "eyJhbGciOi.eyJzdWIi.sig", "eyJ", "pinned=1", "spin: 3", "password:hunter2",
+    "transfer_token=abc&x=1", "ACCESS_TOKEN : 'x'", "x=1 y=2", "a:b:c",
+    "\ufb01le pin=1", "Kelvin \u212a pin:1", "\u017fecret pa\u017fsword=1",
+    "pa\u017fsword=hunter2",
+    "\u0130pin=1", "bearer\u00a0x", "\u212aey=1", "caf\u00e9 pin=12 eyJa.b.c",
+]
+
+
+@pytest.mark.parametrize("text", _SAMPLES)
+def test_the_redaction_fast_path_equals_the_full_scan(text: str) -> None:
+    from app.log_redaction import _redact_fully, redact
+
+    assert redact(text) == _redact_fully(text)
+
+
+def test_the_redaction_fast_path_equals_the_full_scan_on_random_text() -> None:
+    import random
+
+    from app.log_redaction import _redact_fully, redact
+
+    rng = random.Random(14)
+    pieces = ["pin", "PIN", "otp", "Otp", "password", "accessToken", "access_token",
+              "transferToken", "authorization", "Bearer", "bearer ", "eyJ", "eyJab", ".",
+              ":", "=", " ", "'", '"', "\\", "x", "1", "-", "_", ",", "}",
+              "\u017f", "\u212a", "\u00e9", "abc", "Tok", "en"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        assert redact(text) == _redact_fully(text), text
+
+
+def test_a_json_line_is_what_json_dumps_wrote() -> None:
+    """The formatter's cached encoder and per-second timestamp write the bytes the plain
+    ``json.dumps`` and ``strftime`` did."""
+    import time as time_module
+
+    formatter = JsonFormatter()
+    for created in (1_900_000_000.0, 1_900_000_000.999, 1_900_000_001.5, 1_900_000_000.25):
+        record = logging.LogRecord("app.saga", logging.INFO, __file__, 1,
+                                   "caf\u00e9 %s", ("\u2603",), None)
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        record.transferId = "t-1"  # type: ignore[attr-defined]
+        line = formatter.format(record)
+        expected = json.dumps({
+            "ts": time_module.strftime("%Y-%m-%dT%H:%M:%S", time_module.gmtime(created))
+            + f".{int(record.msecs):03d}Z",
+            "level": "INFO", "logger": "app.saga", "message": "caf\u00e9 \u2603",
+            "transferId": "t-1"}, ensure_ascii=False, default=str)
+        assert line == expected
