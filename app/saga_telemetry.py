@@ -17,6 +17,11 @@ from app.domain import transfer_saga as saga_core
 
 log = logging.getLogger("app.saga")
 
+_MANUAL_REVIEW = saga_core.State.MANUAL_REVIEW.value
+_REVERSING = saga_core.State.REVERSING.value
+_WITH_CODE = frozenset({saga_core.State.FAILED.value, _MANUAL_REVIEW})
+_FINAL = frozenset(s.value for s in saga_core.FINAL_STATES)
+
 
 def observe(saga: saga_core.Saga, outputs: Iterable[saga_core.Output]) -> None:
     """Log and count every state change among ``outputs`` (the step that made ``saga``)."""
@@ -28,24 +33,23 @@ def observe(saga: saga_core.Saga, outputs: Iterable[saga_core.Output]) -> None:
 def _state_changed(saga: saga_core.Saga, event: saga_core.PublishTransferEvent) -> None:
     t = saga.transfer
     state = event.state
-    extra = {"transferId": t.transfer_id, "requestId": saga.reply_to,
-             "operatorId": t.operator_id}
-    level = logging.WARNING if state == saga_core.State.MANUAL_REVIEW.value else logging.INFO
-    if log.isEnabledFor(level):
+    level = logging.WARNING if state == _MANUAL_REVIEW else logging.INFO
+    if log.isEnabledFor(level):  # the line is built only when some handler may want it
         resolution = (f" (operator resolution {saga.resolution_count}: "
                       f"{saga.resolution_action} by {saga.resolved_by})"
                       if saga.resolution_count else "")
         log.log(level, "%s %s: %s -> %s%s%s", t.kind, t.transfer_id,
                 event.previous_state or "start", state,
-                f" ({event.code})" if event.code and state in ("FAILED", "MANUAL_REVIEW")
-                else "", resolution, extra=extra)
-    metrics.TRANSITIONS.labels(t.kind, state).inc()
-    if state not in saga_core.FINAL_STATES:
+                f" ({event.code})" if event.code and state in _WITH_CODE else "",
+                resolution, extra={"transferId": t.transfer_id, "requestId": saga.reply_to,
+                                   "operatorId": t.operator_id})
+    metrics.transitions_of(t.kind, state).inc()
+    if state not in _FINAL:
         return
     if saga.resolution_count:  # an operator's resolution ended: the transfer was counted
-        metrics.RESOLUTIONS.labels(saga.resolution_action or "unknown", state).inc()
+        metrics.resolutions_of(saga.resolution_action or "unknown", state).inc()
         return
-    if event.previous_state == saga_core.State.REVERSING.value:
+    if event.previous_state == _REVERSING:
         return  # a late capture given back: the top-up was counted when it failed
-    metrics.TRANSFERS.labels(t.kind, state).inc()
-    metrics.SAGA_DURATION.labels(t.kind, state).observe(max(0.0, event.at - saga.created_at))
+    metrics.transfers_of(t.kind, state).inc()
+    metrics.saga_duration_of(t.kind, state).observe(max(0.0, event.at - saga.created_at))

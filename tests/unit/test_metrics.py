@@ -324,3 +324,25 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     assert used, exprs
     assert used <= {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in defined}, (
         used - defined)
+
+
+def test_the_remembered_children_are_the_metrics_own() -> None:
+    """``LabelledChildren`` hands out what ``labels()`` does, the same object each time,
+    so a count through it is a count of the metric."""
+    pairs = [(metrics.requests_of, metrics.REQUESTS, ("transferInit", "ok", "")),
+             (metrics.transitions_of, metrics.TRANSITIONS, ("transfer", "DEBITING")),
+             (metrics.transfers_of, metrics.TRANSFERS, ("transfer", "COMPLETED")),
+             (metrics.saga_duration_of, metrics.SAGA_DURATION, ("transfer", "COMPLETED")),
+             (metrics.resolutions_of, metrics.RESOLUTIONS, ("refund", "FAILED")),
+             (metrics.dead_letters_of, metrics.DEAD_LETTERS, ("t", "invalid"))]
+    for children, metric, labels in pairs:
+        assert children(*labels) is metric.labels(*labels) is children(*labels)
+    before = value("bizcenter_requests_total", type="verifyOtp", status="error",
+                   code="INVALID_OTP")
+    metrics.replied("verifyOtp", "error", "INVALID_OTP")
+    metrics.replied("verifyOtp", "error", "INVALID_OTP")
+    assert value("bizcenter_requests_total", type="verifyOtp", status="error",
+                 code="INVALID_OTP") == before + 2
+    bounded = metrics.LabelledChildren(metrics.REQUESTS, limit=1)
+    assert bounded("a", "ok", "") is metrics.REQUESTS.labels("a", "ok", "")
+    assert bounded("b", "ok", "") is metrics.REQUESTS.labels("b", "ok", "")
