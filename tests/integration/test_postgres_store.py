@@ -276,6 +276,125 @@ async def test_concurrent_confirms_of_one_user_respect_the_limit(
     assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == 900_000
 
 
+async def test_concurrent_confirms_of_one_key_with_two_payloads(
+        store: PostgresBusinessStore) -> None:
+    """The key's record is read after the user's lock is granted: of two confirms of one
+    key with two tokens racing, one is OK and the other sees its record (KEY_REUSED)."""
+    user = await _new_user(store)
+    key = _uid("k")
+    jtis = [_uid("j") for _ in range(6)]
+    results = await asyncio.gather(*(store.confirm_checks(ConfirmRequest(
+        user_id=user.user_id, idempotency_key=key, fingerprint=jti, transfer_id="t-" + key,
+        attempt=jti, matches=_pin(user, "123456"), record=_uid("rec"), day=DAY,
+        now=datetime.now(UTC), amount_minor=1_000, from_account_id=user.account_id, jti=jti),
+        GuessBudgets()) for jti in jtis))
+    assert sorted(r.outcome for r in results) == sorted(
+        [ConfirmOutcome.OK] + [ConfirmOutcome.KEY_REUSED] * 5)
+    assert await store.reserved_today(user.user_id, DAY) == 1_000
+
+
+async def test_confirms_and_releases_of_one_user_race_without_deadlock(
+        store: PostgresBusinessStore) -> None:
+    """Confirms (token, reservation, usage row) and releases (reservation, usage row) of
+    one user and day in any interleaving: no deadlock, and the usage row ends equal to
+    the reservations kept."""
+    user = await _new_user(store)  # daily limit 1,000,000
+    first = [await _confirm(store, user, 50_000) for _ in range(16)]  # no OTP
+    assert all(c.outcome is ConfirmOutcome.OK for c in first)
+    async with store.engine.connect() as conn:
+        reserved = list((await conn.execute(text(
+            "SELECT transfer_id FROM limit_reservations WHERE user_id = :u"),
+            {"u": user.user_id})).scalars())
+    results = await asyncio.gather(
+        *(_confirm(store, user, 50_000) for _ in range(8)),
+        *(store.release_daily_limit(t) for t in reserved))
+    oks = sum(isinstance(r, ConfirmChecks) and r.outcome is ConfirmOutcome.OK
+              for r in results)
+    assert 4 <= oks <= 8, [getattr(r, "outcome", r) for r in results]
+    async with store.engine.connect() as conn:
+        kept = (await conn.execute(text(
+            "SELECT coalesce(sum(amount_minor), 0) FROM limit_reservations"
+            " WHERE user_id = :u AND day = :d"), {"u": user.user_id, "d": date(2026, 1, 2)}
+        )).scalar_one()
+    expected = (16 - len(reserved) + oks) * 50_000
+    assert await store.reserved_today(user.user_id, date(2026, 1, 2)) == kept == expected
+
+
+async def test_a_retry_over_the_limit_keeps_the_transfers_own_token(
+        store: PostgresBusinessStore) -> None:
+    """LIMIT_EXCEEDED undoes only what the refused confirm claimed: the same transfer
+    asking again after its reservation was released, now over the limit, leaves its token
+    claimed by itself (another transfer with it is TOKEN_USED)."""
+    user = await _new_user(store)  # daily limit 1,000,000
+    transfer_id, jti = _uid("t"), _uid("j")
+
+    def request(amount: int, transfer: str = transfer_id) -> ConfirmRequest:
+        return ConfirmRequest(
+            user_id=user.user_id, idempotency_key=transfer, fingerprint=jti,
+            transfer_id=transfer, attempt="a1", matches=_pin(user, "123456"),
+            record=_uid("rec"), day=DAY, now=datetime.now(UTC), amount_minor=amount,
+            from_account_id=user.account_id, jti=jti)
+
+    assert (await store.confirm_checks(request(600_000), GuessBudgets())).outcome \
+        is ConfirmOutcome.OK
+    await store.release_daily_limit(transfer_id)
+    assert await store.reserve_daily_limit(user.user_id, _uid("t"), DAY, 500_000, 1_000_000)
+    again = await store.confirm_checks(request(600_000), GuessBudgets())
+    assert again.outcome is ConfirmOutcome.LIMIT_EXCEEDED
+    assert await store.claim_transfer_token(jti, transfer_id) is TokenClaim.CLAIMED
+    other = await store.confirm_checks(request(1_000, _uid("t")), GuessBudgets())
+    assert other.outcome is ConfirmOutcome.TOKEN_USED
+    assert await store.reserved_today(user.user_id, DAY) == 500_000
+
+
+async def test_a_limit_refusal_of_reserve_daily_limit_leaves_nothing(
+        store: PostgresBusinessStore) -> None:
+    user_id = _uid("u")
+    assert not await store.reserve_daily_limit(user_id, "over-a", DAY, 2_000, 1_000)
+    assert await store.reserved_today(user_id, DAY) == 0
+    assert await store.reserve_daily_limit(user_id, "over-a", DAY, 1_000, 1_000)
+    assert not await store.reserve_daily_limit(user_id, "over-b", DAY, 1, 1_000)
+    assert await store.reserve_daily_limit(user_id, "over-a", DAY, 1_000, 1_000)  # once
+    assert await store.reserved_today(user_id, DAY) == 1_000
+
+
+# --- the asyncpg connection under SQLAlchemy's pool --------------------------------------
+
+
+async def test_errors_on_the_asyncpg_path_never_show_bound_values(
+        store: PostgresBusinessStore) -> None:
+    """The store's statements run on asyncpg directly, without SQLAlchemy's
+    ``hide_parameters``: a server error's text names the failure, never the values bound
+    (asyncpg sends them apart from the statement)."""
+    with pytest.raises(Exception) as info:
+        async with store._connection() as raw:
+            await raw.fetchval("SELECT length($1::text) / 0", "97531864")
+    assert getattr(info.value, "sqlstate", None) == "22012"
+    assert "97531864" not in str(info.value) and "97531864" not in repr(info.value)
+    assert await store.get_user("nobody") is None  # the pool still serves
+
+
+async def test_a_connection_left_in_a_transaction_never_returns_to_the_pool(
+        store: PostgresBusinessStore) -> None:
+    seen: list[object] = []
+    with pytest.raises(RuntimeError):
+        async with store._connection() as raw:
+            seen.append(raw)
+            await raw.execute("BEGIN")
+            raise RuntimeError("interrupted mid-transaction")
+    assert seen[0].is_closed()  # type: ignore[attr-defined]
+    with pytest.raises(asyncio.CancelledError):
+        async with store._connection() as raw:
+            seen.append(raw)
+            raise asyncio.CancelledError
+    assert seen[1].is_closed()  # type: ignore[attr-defined]
+    for _ in range(12):  # every pooled connection: none is left inside a transaction
+        async with store._connection() as raw:
+            assert not raw.is_in_transaction()
+    user = await _new_user(store)
+    assert (await _confirm(store, user, 1_000)).outcome is ConfirmOutcome.OK
+
+
 # --- migration -------------------------------------------------------------------------
 
 
