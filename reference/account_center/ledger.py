@@ -1,5 +1,11 @@
 """The reference account center's ledger: PostgreSQL, double entry, exactly-once effects.
 
+Why one module: it answers one question, how a command changes the ledger exactly once:
+the schema, the pure decision of one command (``_decide``) and the set-based batch that
+applies many under one set of locks are read together, since the batch's statements must
+reproduce, row for row, what the decisions say; the money checks the tests and the
+benchmark read (totals, journal balance per command) sit beside the schema they query.
+
 In production the account center is another team's service; this is the reference that the
 tests and demos run against. Everything lives in the schema ``account_center_db_schema``:
 
