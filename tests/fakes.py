@@ -23,6 +23,7 @@ what every service-level test imports, in one place.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import random
 from collections import deque
@@ -310,6 +311,15 @@ class InMemoryBusinessStore:
         return self.users[user_id].pin_failed_attempts
 
 
+def _asdict_form(saga: saga_core.Saga) -> dict[str, Any]:
+    """The storage form as ``dataclasses.asdict`` gives it (the reference)."""
+    data = dataclasses.asdict(saga)
+    data["state"] = saga.state.value
+    data["last_outputs"] = [{"t": type(o).__name__, **dataclasses.asdict(o)}
+                            for o in saga.last_outputs]
+    return data
+
+
 class DictSagas:
     """``SagaRepository`` over a dict of the JSON storage form (as the Faust table)."""
 
@@ -322,7 +332,11 @@ class DictSagas:
         return None if raw is None else saga_core.saga_from_dict(orjson.loads(raw))
 
     def put(self, saga: saga_core.Saga) -> None:
-        self.rows[saga.transfer.transfer_id] = orjson.dumps(saga_core.saga_to_dict(saga))
+        stored = orjson.dumps(saga_core.saga_to_dict(saga))
+        # saga_to_dict is hand-written for speed: every saga a unit test writes must store
+        # exactly what the generic dataclasses.asdict form stores.
+        assert stored == orjson.dumps(_asdict_form(saga)), "saga_to_dict differs from asdict"
+        self.rows[saga.transfer.transfer_id] = stored
         self.puts += 1
 
     def scan(self) -> Iterator[saga_core.Saga]:

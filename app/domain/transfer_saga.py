@@ -45,7 +45,7 @@ re-sends those outputs instead of deciding again. Any other stale input is ignor
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from enum import StrEnum
 from typing import Any
@@ -674,10 +674,28 @@ _OUTPUT_TYPES: dict[str, type[Any]] = {
 }
 
 
+def _names(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclass_fields(cls))
+
+
+_SAGA_NAMES = _names(Saga)
+_TRANSFER_NAMES = _names(Transfer)
+_OUTPUT_NAMES = {cls: _names(cls) for cls in _OUTPUT_TYPES.values()}
+
+
 def saga_to_dict(saga: Saga) -> dict[str, Any]:
-    data = asdict(saga)
+    """The storage form (JSON through orjson): field by field, not ``asdict``, whose deep
+    copy cost ~118 µs a call (3 calls per transfer); the values are immutable or go
+    straight to orjson. tests/fakes.py (DictSagas) checks every saga the unit tests write
+    against the ``asdict`` form, byte for byte."""
+    data = {n: getattr(saga, n) for n in _SAGA_NAMES}
+    t = saga.transfer
+    data["transfer"] = {n: getattr(t, n) for n in _TRANSFER_NAMES}
     data["state"] = saga.state.value
-    data["last_outputs"] = [{"t": type(o).__name__, **asdict(o)} for o in saga.last_outputs]
+    data["last_outputs"] = [
+        {"t": type(o).__name__, **{n: getattr(o, n) for n in _OUTPUT_NAMES[type(o)]}}
+        for o in saga.last_outputs
+    ]
     return data
 
 
