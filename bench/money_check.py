@@ -13,7 +13,7 @@ from bench.config import CURRENCY, INITIAL_BALANCE_MINOR
 from bench.gateway import FINAL_STATES, BenchGateway
 from bench.isolated_system import SeededUser
 from bench.virtual_users import COMPLETED, TransferSample
-from events.consumer_groups import group_lag
+from events.consumer_groups import GroupProgress, group_progress
 from reference.account_center.ledger import Ledger
 from reference.system_harness import balances_off
 
@@ -39,24 +39,45 @@ def open_sagas(gateway: BenchGateway) -> list[str]:
 
 
 async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
-                     timeout: float) -> dict[str, Any]:
+                     timeout: float, poll_seconds: float = 0.5) -> dict[str, Any]:
     """Until every saga is final, the clearing account is empty and both consumer groups
-    have committed everything; or until ``timeout``. Returns what was last seen."""
+    have committed everything written up to the previous look; or until ``timeout``.
+    Returns what was last seen.
+
+    "Committed everything" cannot mean "no record uncommitted at this instant": each worker
+    writes a tick to every ``business.saga-inputs`` partition it owns once a second
+    (``BIZ_TICK_INTERVAL_SECONDS``) for ever, and commits it up to
+    ``broker_commit_interval`` (0.5 s) later, so an idle, healthy group has up to one
+    uncommitted tick per partition for part of every second. A look every ~1 s then falls
+    at the same phase of the ticks look after look: it saw 6 (one tick per partition,
+    committed offsets moving on every second) for the whole 90 s deadline. So a group is
+    caught up when every record on the broker at the previous look (its end offsets, read
+    before the commits of this look) is committed now: a record never acknowledged, a
+    partition never committed or committed behind a record keeps counting at every look,
+    as before."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     t, bootstrap, partitions = (settings.topic, settings.kafka_bootstrap_servers,
                                 settings.topic_partitions)
+    worker_topics = [t("business.commands"), t("business.saga-inputs"), t("account.events")]
+    ac_topics = [t("account.commands")]
+    worker_before: GroupProgress | None = None
+    ac_before: GroupProgress | None = None
     while True:
-        worker_lag = await group_lag(bootstrap, settings.app_id, [
-            t("business.commands"), t("business.saga-inputs"), t("account.events")],
-            partitions)
-        ac_lag = await group_lag(bootstrap, settings.account_center_group,
-                                 [t("account.commands")], partitions)
+        worker = await group_progress(bootstrap, settings.app_id, worker_topics, partitions)
+        ac = await group_progress(bootstrap, settings.account_center_group, ac_topics,
+                                  partitions)
+        worker_lag = worker.behind(None if worker_before is None else worker_before.ends)
+        ac_lag = ac.behind(None if ac_before is None else ac_before.ends)
+        worker_before, ac_before = worker, ac
         clearing = await ledger.clearing_balance(CURRENCY)
         # Read after the groups' lag, so what the worker wrote before is in what was read.
         events_read = await gateway.events_caught_up()
         still_open = open_sagas(gateway)
-        seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag, "clearingMinor": clearing,
+        seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag,
+                # Uncommitted at this instant, the worker's ticks of the last second included.
+                "workerUncommittedNow": worker.behind(),
+                "clearingMinor": clearing,
                 "openSagas": len(still_open), "transferEventsRead": events_read,
                 "waitedSeconds": round(loop.time() - start, 1)}
         if events_read and not (worker_lag or ac_lag or clearing or still_open):
@@ -65,7 +86,7 @@ async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
         if loop.time() - start > timeout:
             seen["quiet"] = False
             return seen
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(poll_seconds)
 
 
 async def check_money(ledger: Ledger, gateway: BenchGateway, users: list[SeededUser],
