@@ -20,8 +20,18 @@ POSTGRES_CACHE_SECONDS = 1.0
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
+#: How long PostgreSQL lets a session sit idle inside a transaction before it ends it (and
+#: its locks). A process frozen or cut off mid-transaction (SIGSTOP, a stalled loop, a lost
+#: network) would otherwise hold, say, a user's row lock until TCP keepalive notices, about
+#: two hours on Linux defaults, and every confirm of that user, with the partition behind
+#: it, would wait. No path of ours leaves a transaction idle: each runs its statements
+#: back to back (the confirm's five round trips take milliseconds).
+IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60.0
 
-def make_engine(url: str, schema: str, pool_size: int = 10) -> AsyncEngine:
+
+def make_engine(url: str, schema: str, pool_size: int = 10, *,
+                idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+                ) -> AsyncEngine:
     """An engine whose connections use ``schema`` (search_path) and nothing else."""
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"invalid schema name {schema!r}")
@@ -38,7 +48,10 @@ def make_engine(url: str, schema: str, pool_size: int = 10) -> AsyncEngine:
         pool_recycle=1800,
         # Errors and SQL logs never show bound values (PIN verifiers, OTP digests, ...).
         hide_parameters=True,
-        connect_args={"server_settings": {"search_path": schema, "application_name": "bizcenter"}},
+        connect_args={"server_settings": {
+            "search_path": schema, "application_name": "bizcenter",
+            "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout * 1000)),
+        }},
     )
 
 

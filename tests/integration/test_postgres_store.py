@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 import pytest_asyncio
+from conftest import wait_for
 from sqlalchemy import text
 
 from app.adapters.db import make_engine
@@ -412,3 +413,35 @@ async def test_a_start_beside_busy_transactions_takes_no_table_lock(
             await asyncio.wait_for(store.migrate(), timeout=15)
         finally:
             await transaction.rollback()
+
+
+async def test_a_session_frozen_inside_a_transaction_loses_its_locks(
+        database_url: str) -> None:
+    """A process that stops mid-transaction (frozen, cut off) must not hold its row locks
+    until TCP keepalive notices: the server ends the idle transaction and frees them."""
+    key = int(uuid.uuid4().int % 2**62)
+    frozen = make_engine(database_url, "public", pool_size=1, idle_in_transaction_timeout=1.0)
+    other = make_engine(database_url, "public", pool_size=1)
+    try:
+        conn = await frozen.connect()
+        await conn.begin()
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+        async def lock_free() -> bool:
+            async with other.begin() as c:
+                return bool((await c.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})).scalar_one())
+
+        assert not await lock_free()  # held while the session is inside its transaction
+        await wait_for(lock_free, timeout=30.0, what="the idle transaction's lock to be freed")
+        async with other.connect() as c:
+            alive = (await c.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid})).scalar_one()
+        assert alive == 0
+        with pytest.raises(Exception):  # noqa: B017 - the session is gone, whatever the error type
+            await conn.execute(text("SELECT 1"))
+        await conn.invalidate()
+    finally:
+        await frozen.dispose()
+        await other.dispose()
