@@ -23,7 +23,7 @@ class TableSagas:
     def __init__(self, table: Any) -> None:
         self.table = table
 
-    def get(self, transfer_id: str) -> saga_core.Saga | None:
+    async def get(self, transfer_id: str) -> saga_core.Saga | None:
         raw = self.table.get(transfer_id.encode())
         return None if raw is None else saga_core.saga_from_dict(orjson.loads(raw))
 
@@ -36,8 +36,20 @@ class TableSagas:
         for _key, raw in list(self.table.items()):
             yield saga_core.saga_from_dict(orjson.loads(raw))
 
-    def delete(self, transfer_id: str) -> None:
-        del self.table[transfer_id.encode()]  # a tombstone in the changelog
+    async def due(self, partition: int, now: float, limit: int) -> list[str]:
+        found = sorted((deadline, saga.transfer.transfer_id) for saga in self.scan()
+                       if saga.transfer.home_partition == partition
+                       and (deadline := saga.deadline()) is not None and deadline <= now)
+        return [transfer_id for _deadline, transfer_id in found[:limit]]
+
+    async def purge(self, partition: int, older_than: float) -> int:
+        old = [saga.transfer.transfer_id for saga in self.scan()
+               if saga.transfer.home_partition == partition
+               and saga.state in (saga_core.State.COMPLETED, saga_core.State.FAILED)
+               and saga.updated_at < older_than]
+        for transfer_id in old:
+            del self.table[transfer_id.encode()]  # a tombstone in the changelog
+        return len(old)
 
 
 class TableReplies:
@@ -49,20 +61,19 @@ class TableReplies:
     # Stored as b"<partition>|<saved at>|<reply>" so that old replies can be purged from
     # the partition they belong to.
 
-    def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> bytes | None:
         raw = self.table.get(key.encode())
         return None if raw is None else bytes(raw).split(b"|", 2)[2]
 
     def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None:
         self.table[key.encode()] = b"%d|%.3f|%s" % (partition, at, reply)
 
-    def expired(self, partition: int, older_than: float) -> list[str]:
+    async def purge(self, partition: int, older_than: float) -> int:
         keys = []
         for key, raw in list(self.table.items()):
             part, at, _reply = bytes(raw).split(b"|", 2)
             if int(part) == partition and float(at) < older_than:
-                keys.append(bytes(key).decode())
-        return keys
-
-    def delete(self, key: str) -> None:
-        del self.table[key.encode()]
+                keys.append(key)
+        for key in keys:
+            del self.table[key]
+        return len(keys)

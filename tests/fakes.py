@@ -321,13 +321,17 @@ def _asdict_form(saga: saga_core.Saga) -> dict[str, Any]:
 
 
 class DictSagas:
-    """``SagaRepository`` over a dict of the JSON storage form (as the Faust table)."""
+    """``SagaRepository`` over a dict of the JSON storage form (as PostgreSQL keeps it)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, bytes] = {}
         self.puts = 0
 
-    def get(self, transfer_id: str) -> saga_core.Saga | None:
+    async def get(self, transfer_id: str) -> saga_core.Saga | None:
+        return self.get_now(transfer_id)
+
+    def get_now(self, transfer_id: str) -> saga_core.Saga | None:
+        """``get`` for a test's own assertions (no event loop needed)."""
         raw = self.rows.get(transfer_id)
         return None if raw is None else saga_core.saga_from_dict(orjson.loads(raw))
 
@@ -343,8 +347,20 @@ class DictSagas:
         for raw in list(self.rows.values()):
             yield saga_core.saga_from_dict(orjson.loads(raw))
 
-    def delete(self, transfer_id: str) -> None:
-        del self.rows[transfer_id]
+    async def due(self, partition: int, now: float, limit: int) -> list[str]:
+        found = sorted((deadline, saga.transfer.transfer_id) for saga in self.scan()
+                       if saga.transfer.home_partition == partition
+                       and (deadline := saga.deadline()) is not None and deadline <= now)
+        return [transfer_id for _deadline, transfer_id in found[:limit]]
+
+    async def purge(self, partition: int, older_than: float) -> int:
+        old = [saga.transfer.transfer_id for saga in self.scan()
+               if saga.transfer.home_partition == partition
+               and saga.state in (saga_core.State.COMPLETED, saga_core.State.FAILED)
+               and saga.updated_at < older_than]
+        for transfer_id in old:
+            del self.rows[transfer_id]
+        return len(old)
 
 
 class DictReplies:
@@ -354,19 +370,19 @@ class DictReplies:
         self.rows: dict[str, bytes] = {}
         self.saved: dict[str, tuple[int, float]] = {}  # key -> (partition, at)
 
-    def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> bytes | None:
         return self.rows.get(key)
 
     def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None:
         self.rows[key] = reply
         self.saved[key] = (partition, at)
 
-    def expired(self, partition: int, older_than: float) -> list[str]:
-        return [k for k, (p, at) in self.saved.items() if p == partition and at < older_than]
-
-    def delete(self, key: str) -> None:
-        del self.rows[key]
-        del self.saved[key]
+    async def purge(self, partition: int, older_than: float) -> int:
+        old = [k for k, (p, at) in self.saved.items() if p == partition and at < older_than]
+        for key in old:
+            del self.rows[key]
+            del self.saved[key]
+        return len(old)
 
 
 @dataclass(slots=True)
@@ -752,7 +768,7 @@ class Harness:
         return str(codes[-1])
 
     def saga(self, operator: str, idem: str) -> saga_core.Saga | None:
-        return self.sagas.get(transfer_id_for(operator, idem))
+        return self.sagas.get_now(transfer_id_for(operator, idem))
 
     def balance(self, user_id: str) -> int:
         return self.sim.balance(self.users[user_id].account_id)

@@ -2,13 +2,13 @@
 
 The standard library and the domain only. The store's ports (``BusinessStore`` and the
 questions it is made of) have their PostgreSQL implementation in app/adapters/ and an
-in-memory fake in tests/fakes.py; the command side's two Faust tables (``SagaRepository``,
-``ReplyCache``) have their adapters in agents/faust_app.py and dicts in tests/fakes.py.
+in-memory fake in tests/fakes.py; so do the command side's sagas and saved replies
+(``SagaRepository``, ``ReplyCache``: app/adapters/saga_state.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -227,34 +227,43 @@ class BusinessStore(UserDirectory, TransferChecks, IdempotencyRecords, OtpFailur
 
 
 # --------------------------------------------------------------------------------------
-# The command side's Faust tables (adapters in agents/faust_app.py, dicts in unit tests).
+# The command side's state: sagas and saved replies (PostgreSQL, app/adapters/saga_state.py;
+# dicts in unit tests, tests/fakes.py).
 # --------------------------------------------------------------------------------------
 
 
 class SagaRepository(Protocol):
-    """Where sagas live: the Faust table keyed by transfer id (a dict in unit tests)."""
+    """Where sagas live, keyed by transfer id. A ``put`` is seen by the next ``get`` at
+    once; the PostgreSQL adapter makes it durable when the saga engine flushes the batch
+    (agents/saga_engine.py): one transaction for every saga and reply of the batch, before
+    any of the batch's outputs is sent and its offsets committed."""
 
-    def get(self, transfer_id: str) -> saga_core.Saga | None: ...
+    async def get(self, transfer_id: str) -> saga_core.Saga | None: ...
 
     def put(self, saga: saga_core.Saga) -> None: ...
 
-    def scan(self) -> Iterable[saga_core.Saga]: ...
+    async def due(self, partition: int, now: float, limit: int) -> list[str]:
+        """Transfer ids of the sagas of home ``partition`` whose deadline
+        (``Saga.deadline()``) is at or before ``now``, earliest first, at most ``limit``."""
+        ...
 
-    def delete(self, transfer_id: str) -> None: ...
+    async def purge(self, partition: int, older_than: float) -> int:
+        """Forget the COMPLETED and FAILED sagas of home ``partition`` last updated before
+        ``older_than``; how many."""
+        ...
 
 
 class ReplyCache(Protocol):
-    """Replies already sent, by ``operatorId ␟ requestId`` (the Faust table ``replies``)."""
+    """Replies already sent, by ``operatorId ␟ requestId``, each saved with the partition
+    of the record it answered (which purges it)."""
 
-    def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str) -> bytes | None: ...
 
     def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None: ...
 
-    def expired(self, partition: int, older_than: float) -> list[str]:
-        """Keys of the replies saved from ``partition`` before ``older_than``."""
+    async def purge(self, partition: int, older_than: float) -> int:
+        """Forget the replies saved from ``partition`` before ``older_than``; how many."""
         ...
-
-    def delete(self, key: str) -> None: ...
 
 
 # --------------------------------------------------------------------------------------

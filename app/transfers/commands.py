@@ -317,7 +317,7 @@ class CommandHandlers:
         env, payload = req.env, req.payload
         assert isinstance(payload, VerifyOtpPayload)
         assert env.idempotency_key is not None
-        saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
+        saga = await self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
         if saga is None:
             if req.stale:  # the transfer's final outcome, if its record kept one
                 kept = await self.store.kept_outcome(env.operator_id, env.idempotency_key)
@@ -391,7 +391,7 @@ class CommandHandlers:
         IDEMPOTENCY_KEY_REUSED. ``None`` when the key is new."""
         assert env.idempotency_key is not None
         saga_id = transfer_id_for(env.operator_id, env.idempotency_key)
-        existing = self.sagas.get(saga_id)
+        existing = await self.sagas.get(saga_id)
         if saga_core.classify(existing, fingerprint) is saga_core.Duplicate.REUSED:
             raise Rejection(ErrorCode.IDEMPOTENCY_KEY_REUSED,
                             "this idempotencyKey was used for another operation")

@@ -93,7 +93,7 @@ class Intake:
 
         cache_key = f"{envelope.operator_id}\x1f{envelope.request_id}"
         saved = envelope.type not in QUERY_COMMANDS  # a query is answered afresh every time
-        cached = self.replies.get(cache_key) if saved else None
+        cached = await self.replies.get(cache_key) if saved else None
         if cached is not None:
             return await self._answered_before(envelope, cached)
         try:
@@ -141,7 +141,7 @@ class Intake:
                                            env.type.value, err.code, err.message,
                                            cache_key=None)
         if env.idempotency_key:
-            saga = self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
+            saga = await self.sagas.get(transfer_id_for(env.operator_id, env.idempotency_key))
             if saga is not None and saga.last_trigger in (f"confirm:{env.request_id}",
                                                           f"otp:{env.request_id}"):
                 # This request made the saga's last decision: re-send all of it (the

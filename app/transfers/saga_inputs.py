@@ -92,7 +92,7 @@ class SagaInputs:
                       extra={"transferId": resolution.transfer_id})
             raise Refused("operator resolution: invalid signature")
         ids = {"transferId": resolution.transfer_id, "operatorId": resolution.operator}
-        saga = self.sagas.get(resolution.transfer_id)
+        saga = await self.sagas.get(resolution.transfer_id)
         if saga is None or saga.transfer.home_partition != record.partition:
             log.warning("resolution of %s ignored: no such saga on partition %s",
                         resolution.transfer_id, record.partition, extra=ids)
@@ -115,7 +115,7 @@ class SagaInputs:
             log.error("account center refused a command sent with our id %s and other "
                       "content (COMMAND_ID_CONFLICT): ignored", event.command_id)
             return []
-        saga = None if transfer_id is None else self._saga(transfer_id)
+        saga = None if transfer_id is None else await self._saga(transfer_id)
         if saga is None:
             return []
         new, outputs = saga_core.on_account_event(
@@ -128,7 +128,7 @@ class SagaInputs:
         transfer_id = self._routed_here(event.charge_id, record)
         if transfer_id is None:
             return []
-        saga = self._saga(transfer_id)
+        saga = await self._saga(transfer_id)
         if saga is None:
             if event.status != "captured":
                 return []
@@ -151,8 +151,8 @@ class SagaInputs:
             return None
         return parsed[0]
 
-    def _saga(self, transfer_id: str) -> saga_core.Saga | None:
-        saga = self.sagas.get(transfer_id)
+    async def _saga(self, transfer_id: str) -> saga_core.Saga | None:
+        saga = await self.sagas.get(transfer_id)
         if saga is None:
             self.tally.count("unknown_transfer_events")
         return saga

@@ -26,7 +26,7 @@ from app.transfers.outbound import Outbox
 from app.transfers.relay import Relay
 from app.transfers.saga_inputs import SagaInputs
 from app.transfers.steps import SagaSteps
-from app.transfers.timers import Deadlines, Timers
+from app.transfers.timers import Timers
 from events.topics import Topics
 
 __all__ = ["TransferService"]
@@ -85,11 +85,8 @@ class TransferService:
         #: Records set aside or ignored for what they hold: foreign ids, misrouted inputs.
         self.counters = tally.counters
         self.outbox = Outbox(self.topics, replies, clock)
-        self.deadlines = Deadlines(sagas)
-        self.steps = SagaSteps(store, sagas, replies, self.outbox, self.guard, clock,
-                               on_saved=self.deadlines.saved)
-        self.timers = Timers(settings, sagas, replies, self.deadlines, self.steps,
-                             self.policy, clock)
+        self.steps = SagaSteps(store, sagas, replies, self.outbox, self.guard, clock)
+        self.timers = Timers(settings, sagas, replies, self.steps, self.policy, clock)
         handlers = CommandHandlers(settings, store, sagas, self.outbox, self.steps,
                                    self.transfer_tokens, self.policy, self.budgets, new_otp,
                                    clock)
@@ -142,8 +139,8 @@ class TransferService:
         return self.outbox.tick(partition)
 
     def forget_partitions(self) -> None:
-        """After a rebalance the deadline index is rebuilt from the table on the next tick."""
-        self.deadlines.forget()
+        """After a rebalance: the timers' retry times are forgotten."""
+        self.timers.forget()
 
     def _dead_letter_poison(self, record: SourceRecord, exc: BaseException) -> list[Outbound]:
         reason = exc.reason if isinstance(exc, Poison) else f"internal error ({describe(exc)})"

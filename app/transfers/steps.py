@@ -25,7 +25,6 @@ class SagaSteps:
     def __init__(
         self, store: BusinessStore, sagas: SagaRepository, replies: ReplyCache,
         outbox: Outbox, guard: RecordGuard, clock: Callable[[], float],
-        on_saved: Callable[[saga_core.Saga], None],
     ) -> None:
         self.store = store
         self.sagas = sagas
@@ -33,8 +32,6 @@ class SagaSteps:
         self.outbox = outbox
         self.guard = guard
         self.clock = clock
-        #: Called with every saga written (the timers' deadline index).
-        self.on_saved = on_saved
 
     async def apply(
         self, saga: saga_core.Saga, outputs: Iterable[saga_core.Output], *,
@@ -66,5 +63,4 @@ class SagaSteps:
         if changed:
             self.sagas.put(saga)
             saga_telemetry.observe(saga, outputs)  # a log line and metrics per state change
-            self.on_saved(saga)
         return encoded

@@ -1,9 +1,9 @@
 """When does a saga move without a message, and what is forgotten when?
 
-The deadlines of the open sagas (an index per home partition, derived, rebuilt from the
-table after a rebalance), the tick that moves the due ones (each on its own: one failing
-is retried after a back-off, the others go on), and the purge of what duplicates no
-longer need once it is older than the retention window.
+The tick of a home partition moves its sagas whose deadline has come (the repository's
+``due``: an index of PostgreSQL), each on its own: one failing is retried after a
+back-off, the others go on. It also purges what duplicates no longer need once it is
+older than the retention window.
 """
 
 from __future__ import annotations
@@ -23,36 +23,8 @@ log = logging.getLogger(__name__)
 #: The longest a saga whose tick failed waits before it is tried again.
 TICK_RETRY_MAX_SECONDS = 60.0
 
-
-class Deadlines:
-    """The deadlines of the open sagas, per home partition: derived, rebuilt by scanning."""
-
-    def __init__(self, sagas: SagaRepository) -> None:
-        self.sagas = sagas
-        self._index: dict[int, dict[str, float]] = {}
-
-    def of(self, partition: int) -> dict[str, float]:
-        index = self._index.get(partition)
-        if index is None:
-            index = self._index[partition] = {}
-            for saga in self.sagas.scan():
-                deadline = saga.deadline()
-                if saga.transfer.home_partition == partition and deadline is not None:
-                    index[saga.transfer.transfer_id] = deadline
-        return index
-
-    def saved(self, saga: saga_core.Saga) -> None:
-        """A saga was written: its deadline, if its partition's index is built."""
-        index = self._index.get(saga.transfer.home_partition)
-        if index is not None:
-            deadline = saga.deadline()
-            if deadline is None:
-                index.pop(saga.transfer.transfer_id, None)
-            else:
-                index[saga.transfer.transfer_id] = deadline
-
-    def forget(self) -> None:
-        self._index.clear()
+#: The most sagas one tick of a partition moves; the rest are due at the next tick.
+TICK_MAX_SAGAS = 500
 
 
 class Timers:
@@ -60,18 +32,18 @@ class Timers:
 
     def __init__(
         self, settings: Settings, sagas: SagaRepository, replies: ReplyCache,
-        deadlines: Deadlines, steps: SagaSteps, policy: saga_core.Policy,
-        clock: Callable[[], float],
+        steps: SagaSteps, policy: saga_core.Policy, clock: Callable[[], float],
     ) -> None:
         self.settings = settings
         self.sagas = sagas
         self.replies = replies
-        self.deadlines = deadlines
         self.steps = steps
         self.policy = policy
         self.clock = clock
         self._next_purge: dict[int, float] = {}
         self._tick_failures: dict[str, int] = {}
+        #: Sagas whose timer step failed: not tried again before this time.
+        self._retry_at: dict[str, float] = {}
 
     async def on_tick(self, partition: int) -> list[Outbound]:
         """Every due saga of the partition, each on its own: a saga whose step fails (the
@@ -79,30 +51,37 @@ class Timers:
         send, and tried again after a back-off; the other sagas' steps are written and
         their outputs returned together, so no state is kept whose outputs were dropped."""
         now = self.clock()
-        self.purge_if_due(partition, now)  # first: if it fails, no saga has moved yet
-        index = self.deadlines.of(partition)
-        due = [tid for tid, at in index.items() if at <= now]
+        await self.purge_if_due(partition, now)  # first: if it fails, no saga has moved yet
+        due = await self.sagas.due(partition, now, TICK_MAX_SAGAS)
         sends: list[Outbound] = []
         for transfer_id in due:
+            if self._retry_at.get(transfer_id, 0.0) > now:
+                continue
             try:
-                saga = self.sagas.get(transfer_id)
+                saga = await self.sagas.get(transfer_id)
                 if saga is None:
-                    index.pop(transfer_id, None)
                     continue
                 new, outputs = saga_core.on_tick(saga, now, self.policy)
                 sends.extend(await self.steps.apply(new, outputs, changed=new is not saga))
                 self._tick_failures.pop(transfer_id, None)
+                self._retry_at.pop(transfer_id, None)
             except Exception as exc:
                 failures = self._tick_failures[transfer_id] = (
                     self._tick_failures.get(transfer_id, 0) + 1)
                 delay = min(2.0 ** (failures - 1), TICK_RETRY_MAX_SECONDS)
-                index[transfer_id] = now + delay
+                self._retry_at[transfer_id] = now + delay
                 log.warning("saga %s: its timer step failed (%s); it is unchanged and tried "
                             "again in %.0fs", transfer_id, describe(exc), delay,
                             exc_info=not is_outage(exc), extra={"transferId": transfer_id})
         return sends
 
-    def purge_if_due(self, partition: int, now: float) -> None:
+    def forget(self) -> None:
+        """The partitions changed hands: the retry times of failed sagas are forgotten
+        (their new owner starts afresh)."""
+        self._tick_failures.clear()
+        self._retry_at.clear()
+
+    async def purge_if_due(self, partition: int, now: float) -> None:
         """Forget what duplicates no longer need, once it is older than the retention window
         (``BIZ_IDEMPOTENCY_RETENTION_HOURS``, at least 24 h): finished sagas and saved
         replies of this partition. Sagas waiting for operators (MANUAL_REVIEW) stay. After
@@ -114,15 +93,8 @@ class Timers:
             return
         self._next_purge[partition] = now + self.settings.purge_interval_seconds
         horizon = now - self.settings.idempotency_retention_hours * 3600
-        old = [saga.transfer.transfer_id for saga in self.sagas.scan()
-               if saga.transfer.home_partition == partition
-               and saga.state in (saga_core.State.COMPLETED, saga_core.State.FAILED)
-               and saga.updated_at < horizon]
-        for transfer_id in old:
-            self.sagas.delete(transfer_id)
-        replies = self.replies.expired(partition, horizon)
-        for key in replies:
-            self.replies.delete(key)
-        if old or replies:
+        sagas = await self.sagas.purge(partition, horizon)
+        replies = await self.replies.purge(partition, horizon)
+        if sagas or replies:
             log.info("partition %s: purged %d finished sagas and %d replies older than %s",
-                     partition, len(old), len(replies), iso(horizon))
+                     partition, sagas, replies, iso(horizon))
