@@ -164,7 +164,28 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     created_at timestamptz NOT NULL DEFAULT now(),
     ended_at timestamptz NULL,
     PRIMARY KEY (operator_id, idempotency_key)
-)
+);
+CREATE TABLE IF NOT EXISTS sagas (
+    transfer_id text PRIMARY KEY,
+    home_partition int NOT NULL,
+    operator_id text NOT NULL,
+    state text NOT NULL,
+    deadline double precision NULL,  -- Saga.deadline(), POSIX seconds (NULL: none)
+    updated_at double precision NOT NULL,  -- Saga.updated_at
+    saga jsonb NOT NULL  -- saga_to_dict (app/adapters/saga_state.py)
+);
+CREATE INDEX IF NOT EXISTS sagas_due_idx ON sagas (home_partition, deadline)
+    WHERE deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sagas_finished_idx ON sagas (home_partition, updated_at)
+    WHERE state IN ('COMPLETED', 'FAILED');
+CREATE INDEX IF NOT EXISTS sagas_state_idx ON sagas (state, updated_at);
+CREATE TABLE IF NOT EXISTS saved_replies (
+    key text PRIMARY KEY,
+    home_partition int NOT NULL,
+    saved_at double precision NOT NULL,  -- POSIX seconds
+    reply bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS saved_replies_age_idx ON saved_replies (home_partition, saved_at)
 """
 
 

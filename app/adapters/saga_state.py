@@ -1,0 +1,387 @@
+"""PostgreSQL implementation of the command side's state: ``SagaRepository`` and
+``ReplyCache`` (app/domain/ports.py), the tables ``sagas`` and ``saved_replies`` (their DDL
+is part of ``postgres_store.DDL``: one schema, one version).
+
+Why this design:
+
+- **Writes are buffered, flushed once per batch.** ``put`` only records the latest version
+  of a key in memory; :meth:`PostgresSagaState.flush` writes every buffered saga and reply
+  in one statement (one transaction, one round trip: a set-based upsert per table, from
+  ``unnest`` of arrays), which the saga engine runs before any output of the batch is sent
+  and its offsets committed. A batch of 500 records costs one write, not 500 or 1000.
+- **The read cache lives for one batch only.** ``get`` answers from the buffer, then from
+  what this batch already read (``prefetch`` reads a batch's keys in one statement,
+  remembering the absent ones), then with one SELECT. ``flush`` and ``discard`` forget the
+  cache: after the batch the partition may belong to another worker, whose writes this
+  process would not see.
+- **A crash between the flush and the sends is harmless.** The redelivered record finds
+  the stored saga, and the saga logic re-sends what that saga decided (``last_trigger``,
+  ``last_outputs``) instead of deciding again; every output's id is derived from the
+  transfer and the step, so a re-sent output is recognisably the same one. A crash before
+  the flush loses nothing that was sent: nothing was.
+
+A failed flush keeps the buffer (the caller may flush again) and lets the exception
+through unwrapped: asyncpg's errors and ``OSError`` are what ``app.record_failures.is_outage``
+classifies (a SQLSTATE of class 22/23 is the data's fault, anything else an outage).
+
+Concurrency: every key belongs to one home partition, which one worker owns at a time, so
+there are no competing writers in normal operation; a flush writes its rows in key order
+(no deadlock between two flushes during a rebalance). The last flush wins, as the port's
+``put`` does.
+
+The statements run on the bare asyncpg connection of a checkout of SQLAlchemy's pool, as
+``PostgresBusinessStore`` does (prepared statements cached per connection; the engine is
+one of ``make_engine``, whose connections' search_path is the schema).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, NamedTuple
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from app.adapters.db import ensure_schema
+from app.adapters.postgres_store import DDL
+from app.domain import transfer_saga as saga_core
+
+#: States whose sagas ``purge`` forgets (constants of the statement and the partial index
+#: ``sagas_finished_idx``).
+PURGED_STATES = (saga_core.State.COMPLETED, saga_core.State.FAILED)
+
+# --- the statements, asyncpg style ($n parameters) ----------------------------------------
+
+_GET_SAGA = "SELECT saga::text FROM sagas WHERE transfer_id = $1"
+_GET_REPLY = "SELECT reply, home_partition, saved_at FROM saved_replies WHERE key = $1"
+#: Both tables' keys of a batch in one round trip; a saga row has ``saga``, a reply row not.
+_PREFETCH = """
+SELECT transfer_id AS key, saga::text AS saga, NULL::bytea AS reply, NULL::int AS home_partition,
+       NULL::float8 AS saved_at
+FROM sagas WHERE transfer_id = ANY($1::text[])
+UNION ALL
+SELECT key, NULL::text, reply, home_partition, saved_at
+FROM saved_replies WHERE key = ANY($2::text[])
+"""
+#: The flush: one statement, so one transaction, whatever it holds (data-modifying CTEs
+#: always run to completion); empty arrays write nothing. JSON travels as text both ways
+#: (orjson on this side), whatever jsonb codec the connection has (SQLAlchemy sets one).
+_FLUSH = """
+WITH written_sagas AS (
+    INSERT INTO sagas (transfer_id, home_partition, operator_id, state, deadline,
+                       updated_at, saga)
+    SELECT t, p, o, s, d, u, j::jsonb
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[], $6::float8[],
+                $7::text[]) AS batch (t, p, o, s, d, u, j)
+    ON CONFLICT (transfer_id) DO UPDATE SET
+        home_partition = EXCLUDED.home_partition, operator_id = EXCLUDED.operator_id,
+        state = EXCLUDED.state, deadline = EXCLUDED.deadline,
+        updated_at = EXCLUDED.updated_at, saga = EXCLUDED.saga
+), written_replies AS (
+    INSERT INTO saved_replies (key, home_partition, saved_at, reply)
+    SELECT * FROM unnest($8::text[], $9::int[], $10::float8[], $11::bytea[])
+    ON CONFLICT (key) DO UPDATE SET
+        home_partition = EXCLUDED.home_partition, saved_at = EXCLUDED.saved_at,
+        reply = EXCLUDED.reply
+)
+SELECT 1
+"""
+#: ``sagas_due_idx``; the buffered sagas ($3) are left out: their buffered version decides.
+#: ``COLLATE "C"``: ties are broken as Python compares strings.
+_DUE = """
+SELECT transfer_id, deadline FROM sagas
+WHERE home_partition = $1 AND deadline IS NOT NULL AND deadline <= $2
+  AND NOT (transfer_id = ANY($3::text[]))
+ORDER BY deadline, transfer_id COLLATE "C" LIMIT $4
+"""
+#: ``sagas_finished_idx`` (the state list is the index's predicate).
+_PURGE_SAGAS = """
+WITH gone AS (
+    DELETE FROM sagas
+    WHERE home_partition = $1 AND state IN ('COMPLETED', 'FAILED') AND updated_at < $2
+      AND NOT (transfer_id = ANY($3::text[]))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+_PURGE_REPLIES = """
+WITH gone AS (
+    DELETE FROM saved_replies
+    WHERE home_partition = $1 AND saved_at < $2 AND NOT (key = ANY($3::text[]))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+#: The operator's listing, one statement per combination of filters (a generic plan of
+#: "$1 IS NULL OR state = $1" could not use ``sagas_state_idx``). Oldest update first.
+_LIST_SAGAS = {
+    (False, False): (
+        'SELECT saga::text AS saga FROM sagas'
+        ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $1'
+    ),
+    (True, False): (
+        'SELECT saga::text AS saga FROM sagas WHERE state = $1'
+        ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $2'
+    ),
+    (False, True): (
+        'SELECT saga::text AS saga FROM sagas WHERE updated_at < $1'
+        ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $2'
+    ),
+    (True, True): (
+        'SELECT saga::text AS saga FROM sagas WHERE state = $1 AND updated_at < $2'
+        ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $3'
+    ),
+}
+
+#: Open sagas by state, for the worker's gauge (``sagas_state_idx``).
+_COUNT_BY_STATE = """
+SELECT state, count(*) AS n FROM sagas
+WHERE state = ANY($2::text[]) AND home_partition = ANY($1::int[])
+GROUP BY state
+"""
+
+
+class SavedReply(NamedTuple):
+    """A saved reply with what purges it."""
+
+    reply: bytes
+    partition: int
+    saved_at: float
+
+
+def _saga_of(stored: str) -> saga_core.Saga:
+    return saga_core.saga_from_dict(orjson.loads(stored))
+
+
+class PostgresSagas:
+    """``SagaRepository`` over :class:`PostgresSagaState` (its ``sagas`` view)."""
+
+    def __init__(self, owner: PostgresSagaState) -> None:
+        self._owner = owner
+        #: The latest version ``put`` of each key, not yet flushed.
+        self.buffer: dict[str, saga_core.Saga] = {}
+        #: What this batch read (None: absent), forgotten by ``flush`` and ``discard``.
+        self.cache: dict[str, saga_core.Saga | None] = {}
+
+    async def get(self, transfer_id: str) -> saga_core.Saga | None:
+        buffered = self.buffer.get(transfer_id)
+        if buffered is not None:
+            return buffered
+        if transfer_id in self.cache:
+            return self.cache[transfer_id]
+        async with self._owner.connection() as raw:
+            stored = await raw.fetchval(_GET_SAGA, transfer_id)
+        saga = None if stored is None else _saga_of(stored)
+        self.cache[transfer_id] = saga
+        return saga
+
+    def put(self, saga: saga_core.Saga) -> None:
+        self.buffer[saga.transfer.transfer_id] = saga
+
+    async def due(self, partition: int, now: float, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        async with self._owner.connection() as raw:
+            rows = await raw.fetch(_DUE, partition, now, list(self.buffer), limit)
+        found = [(float(r["deadline"]), str(r["transfer_id"])) for r in rows]
+        for saga in self.buffer.values():
+            deadline = saga.deadline()
+            if (saga.transfer.home_partition == partition and deadline is not None
+                    and deadline <= now):
+                found.append((deadline, saga.transfer.transfer_id))
+        found.sort()
+        return [transfer_id for _deadline, transfer_id in found[:limit]]
+
+    async def purge(self, partition: int, older_than: float) -> int:
+        """As the port says, except that a buffered saga is not purged (its flush would
+        write it again); a later purge takes it."""
+        async with self._owner.connection() as raw:
+            count = await raw.fetchval(_PURGE_SAGAS, partition, older_than, list(self.buffer))
+        for transfer_id, saga in self.cache.items():  # the rows just deleted
+            if (saga is not None and saga.transfer.home_partition == partition
+                    and saga.state in PURGED_STATES and saga.updated_at < older_than):
+                self.cache[transfer_id] = None
+        return int(count)
+
+
+class PostgresReplies:
+    """``ReplyCache`` over :class:`PostgresSagaState` (its ``replies`` view)."""
+
+    def __init__(self, owner: PostgresSagaState) -> None:
+        self._owner = owner
+        self.buffer: dict[str, SavedReply] = {}
+        self.cache: dict[str, SavedReply | None] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        saved = self.buffer.get(key)
+        if saved is None:
+            if key in self.cache:
+                saved = self.cache[key]
+            else:
+                async with self._owner.connection() as raw:
+                    row = await raw.fetchrow(_GET_REPLY, key)
+                saved = None if row is None else SavedReply(
+                    bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
+                self.cache[key] = saved
+        return None if saved is None else saved.reply
+
+    def put(self, key: str, reply: bytes, *, at: float, partition: int) -> None:
+        self.buffer[key] = SavedReply(bytes(reply), partition, at)
+
+    async def purge(self, partition: int, older_than: float) -> int:
+        """As the port says, except that a buffered reply is not purged."""
+        async with self._owner.connection() as raw:
+            count = await raw.fetchval(_PURGE_REPLIES, partition, older_than,
+                                       list(self.buffer))
+        for key, saved in self.cache.items():
+            if saved is not None and saved.partition == partition and saved.saved_at < older_than:
+                self.cache[key] = None
+        return int(count)
+
+
+class PostgresSagaState:
+    """The sagas and saved replies of the command side: two port views over one write
+    buffer and one batch-long read cache (see the module's docstring)."""
+
+    def __init__(self, engine: AsyncEngine, schema: str) -> None:
+        """``engine``: one of ``make_engine(url, schema)`` (its connections' search_path is
+        ``schema``); the caller owns it (e.g. ``PostgresBusinessStore.engine``)."""
+        self._engine = engine
+        self._schema = schema
+        self._sagas = PostgresSagas(self)
+        self._replies = PostgresReplies(self)
+
+    @property
+    def sagas(self) -> PostgresSagas:
+        return self._sagas
+
+    @property
+    def replies(self) -> PostgresReplies:
+        return self._replies
+
+    async def migrate(self) -> None:
+        """Create the tables when missing. The business store's ``migrate`` applies the same
+        DDL (one version): after it, this is one SELECT and no DDL."""
+        await ensure_schema(self._engine, self._schema, DDL)
+
+    # --- the batch ------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """How many writes the buffer holds (sagas and replies)."""
+        return len(self._sagas.buffer) + len(self._replies.buffer)
+
+    async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str]) -> None:
+        """Read every given key that this batch does not know yet, in one statement; an
+        absent key is remembered as absent."""
+        sagas, replies = self._sagas, self._replies
+        saga_ids = sorted({t for t in transfer_ids
+                           if t not in sagas.buffer and t not in sagas.cache})
+        keys = sorted({k for k in reply_keys if k not in replies.buffer and k not in replies.cache})
+        if not saga_ids and not keys:
+            return
+        async with self.connection() as raw:
+            rows = await raw.fetch(_PREFETCH, saga_ids, keys)
+        sagas.cache.update(dict.fromkeys(saga_ids))
+        replies.cache.update(dict.fromkeys(keys))
+        for row in rows:
+            if row["saga"] is not None:
+                sagas.cache[row["key"]] = _saga_of(row["saga"])
+            else:
+                replies.cache[row["key"]] = SavedReply(
+                    bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
+
+    async def flush(self) -> None:
+        """Write every buffered saga and reply in one transaction (one statement), then
+        forget the buffer and the read cache. On failure the buffer is kept and the
+        exception propagates as the driver raised it. A ``put`` made while the flush was
+        under way stays buffered."""
+        sagas = sorted(self._sagas.buffer.items())
+        replies = sorted(self._replies.buffer.items())
+        if sagas or replies:
+            async with self.connection() as raw:
+                await raw.execute(_FLUSH, *_saga_columns(sagas), *_reply_columns(replies))
+            for transfer_id, saga in sagas:
+                if self._sagas.buffer.get(transfer_id) is saga:
+                    del self._sagas.buffer[transfer_id]
+            for key, saved in replies:
+                if self._replies.buffer.get(key) is saved:
+                    del self._replies.buffer[key]
+        self._sagas.cache.clear()
+        self._replies.cache.clear()
+
+    def discard(self) -> None:
+        """Forget the buffer and the read cache: the batch is abandoned (a rebalance)."""
+        for view in (self._sagas, self._replies):
+            view.buffer.clear()
+            view.cache.clear()
+
+    # --- the operator's and the metrics' reads (the table only: no buffer, no cache) -----
+
+    async def saga(self, transfer_id: str) -> saga_core.Saga | None:
+        async with self.connection() as raw:
+            stored = await raw.fetchval(_GET_SAGA, transfer_id)
+        return None if stored is None else _saga_of(stored)
+
+    async def list_sagas(self, state: str | None, updated_before: float | None,
+                         limit: int) -> list[saga_core.Saga]:
+        """Sagas in ``state`` (None: any) last updated before ``updated_before`` (None: any
+        time), the oldest update first, at most ``limit``."""
+        if limit <= 0:
+            return []
+        args = [a for a in (state, updated_before) if a is not None]
+        statement = _LIST_SAGAS[(state is not None, updated_before is not None)]
+        async with self.connection() as raw:
+            rows = await raw.fetch(statement, *args, limit)
+        return [_saga_of(row["saga"]) for row in rows]
+
+    async def count_by_state(self, partitions: Iterable[int],
+                             states: Iterable[str]) -> dict[str, int]:
+        """How many sagas of home ``partitions`` are in each of ``states`` (absent: none)."""
+        async with self.connection() as raw:
+            rows = await raw.fetch(_COUNT_BY_STATE, sorted(set(partitions)), sorted(set(states)))
+        return {str(row["state"]): int(row["n"]) for row in rows}
+
+    # --- connections ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """The asyncpg connection of a bare checkout of the pool, outside any transaction
+        (a statement commits on its own); as ``PostgresBusinessStore._connection``: a
+        connection left broken, inside a transaction or interrupted is invalidated, never
+        returned to the pool."""
+        pooled = await self._engine.raw_connection()
+        raw: Any = pooled.driver_connection
+        try:
+            yield raw
+        except BaseException as exc:
+            if raw.is_closed() or raw.is_in_transaction() or not isinstance(exc, Exception):
+                with contextlib.suppress(Exception):
+                    await greenlet_spawn(pooled.invalidate)
+                raise
+            await greenlet_spawn(pooled.close)
+            raise
+        await greenlet_spawn(pooled.close)
+
+
+def _saga_columns(sagas: list[tuple[str, saga_core.Saga]]) -> tuple[list[Any], ...]:
+    """The flush's saga arrays ($1-$7), column by column."""
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+    ids, partitions, operators, states, deadlines, updated, stored = columns
+    for transfer_id, saga in sagas:
+        ids.append(transfer_id)
+        partitions.append(saga.transfer.home_partition)
+        operators.append(saga.transfer.operator_id)
+        states.append(saga.state.value)
+        deadlines.append(saga.deadline())
+        updated.append(saga.updated_at)
+        stored.append(orjson.dumps(saga_core.saga_to_dict(saga)).decode())
+    return columns
+
+
+def _reply_columns(replies: list[tuple[str, SavedReply]]) -> tuple[list[Any], ...]:
+    """The flush's reply arrays ($8-$11)."""
+    return ([key for key, _ in replies], [s.partition for _, s in replies],
+            [s.saved_at for _, s in replies], [s.reply for _, s in replies])

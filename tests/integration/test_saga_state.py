@@ -1,0 +1,670 @@
+"""The command side's sagas and saved replies in PostgreSQL (app/adapters/saga_state.py).
+
+Two parts. The port's contract (``SagaRepository``, ``ReplyCache``, app/domain/ports.py)
+runs over the dicts of tests/fakes.py and over the PostgreSQL views, flushed after each
+round of puts ("postgresql") and never flushed ("postgresql-buffered": the batch's buffer
+answers); the purges run over stored data only (a buffered entry is not purged, by
+design). Then what only PostgreSQL has: the batch (buffer, read cache, prefetch, flush,
+discard), counted in statements (the adapter's connection, wrapped, logs every statement
+sent through it), failures and outages, the storage form, the operator's reads and
+the migration of an existing database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.adapters.db import ensure_schema, make_engine
+from app.adapters.postgres_store import DDL, PostgresBusinessStore
+from app.adapters.saga_state import PostgresSagaState
+from app.domain import transfer_saga as s
+from app.domain.ports import ReplyCache, SagaRepository
+from app.domain.transfer_saga import Saga, State
+from app.record_failures import is_outage, sqlstate
+from tests.fakes import DictReplies, DictSagas
+
+POLICY = s.Policy(otp_ttl_seconds=300.0, otp_max_attempts=5, otp_pepper=b"p" * 32,
+                  command_timeout_seconds=5.0, command_max_backoff_seconds=40.0)
+T0 = 1_000_000.0
+OTP = "482913"
+#: A note that the storage form must carry as it is: quotes, a backslash, JSON-looking
+#: text, non-ASCII, an emoji.
+NOTE = 'loyer "mars" \\ {"state":"X"} déjà 💶'
+
+
+# --------------------------------------------------------------------------------------
+# sagas
+# --------------------------------------------------------------------------------------
+
+
+def transfer(transfer_id: str, partition: int = 0, *, operator: str = "alice",
+             note: str | None = "rent") -> s.Transfer:
+    return s.Transfer(transfer_id=transfer_id, operator_id=operator, idempotency_key="k-" +
+                      transfer_id, fingerprint="fp", from_account_id="acc-a",
+                      to_account_id="acc-b", amount_minor=12_345, currency="EUR", note=note,
+                      home_partition=partition)
+
+
+def saga(transfer_id: str, *, partition: int = 0, state: State = State.DEBITING,
+         deadline: float | None = None, updated_at: float = T0,
+         operator: str = "alice") -> Saga:
+    """A saga in ``state`` due at ``deadline`` (a timer in a waiting state; none in a final
+    one), last updated at ``updated_at``."""
+    started, _ = s.start(transfer(transfer_id, partition, operator=operator),
+                         request_id=f"r-{transfer_id}", otp=None, user_id=operator, now=T0,
+                         policy=POLICY)
+    if state is State.AWAITING_OTP:
+        built = replace(started, state=state, otp_expires_at=deadline, next_retry_at=None,
+                        updated_at=updated_at)
+    else:
+        assert state in s.STEP_OF_STATE or deadline is None, "a final saga has no deadline"
+        built = replace(started, state=state, next_retry_at=deadline, give_up_at=None,
+                        updated_at=updated_at)
+    assert built.deadline() == deadline
+    return built
+
+
+def real_sagas(prefix: str) -> list[Saga]:
+    """Sagas reached through the public steps only, each field of the storage form used:
+    the OTP's sealed form, outputs with nested data, codes, retries."""
+    def started(name: str, otp: str | None) -> tuple[Saga, s.Transfer]:
+        t = replace(transfer(f"{prefix}-{name}", 5, note=NOTE), amount_minor=99_999)
+        return s.start(t, request_id=f"r-{name}", otp=otp, user_id="alice", now=T0,
+                       policy=POLICY)[0], t
+
+    awaiting, _ = started("awaiting", OTP)
+    debiting, t = started("debiting", None)
+    retried = s.on_tick(debiting, T0 + 5, POLICY)[0]
+    crediting = s.on_account_event(debiting, s.command_id(t, "debit"), "debited", None,
+                                   T0 + 1, POLICY)[0]
+    completed = s.on_account_event(crediting, s.command_id(t, "credit"), "credited", None,
+                                   T0 + 2, POLICY)[0]
+    failed_saga, t2 = started("failed", None)
+    failed = s.on_account_event(failed_saga, s.command_id(t2, "debit"), "rejected",
+                                "INSUFFICIENT_FUNDS", T0 + 1, POLICY)[0]
+    found = [awaiting, replace(retried, transfer=replace(t, transfer_id=f"{prefix}-retried")),
+             completed, failed]
+    assert [x.state for x in found] == [State.AWAITING_OTP, State.DEBITING, State.COMPLETED,
+                                        State.FAILED]
+    return found
+
+
+def as_stored(saga_: Saga | None) -> dict[str, Any] | None:
+    return None if saga_ is None else s.saga_to_dict(saga_)
+
+
+# --------------------------------------------------------------------------------------
+# the database: one schema for the module, every statement logged
+# --------------------------------------------------------------------------------------
+
+
+class CountingConnection:
+    """An asyncpg connection that logs every statement sent through it: the adapter's
+    round trips, counted where it makes them. Any other use of the connection fails the
+    test, so that nothing is sent uncounted."""
+
+    _STATEMENTS = frozenset({"fetch", "fetchrow", "fetchval", "execute", "executemany"})
+    _STATE = frozenset({"is_closed", "is_in_transaction"})
+
+    def __init__(self, raw: Any, log: list[str]) -> None:
+        self._raw = raw
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._STATE:
+            return getattr(self._raw, name)
+        if name not in self._STATEMENTS:
+            raise AssertionError(f"the adapter used {name!r}: count its round trips")
+        method = getattr(self._raw, name)
+
+        def logged(query: str, *args: Any, **kwargs: Any) -> Any:
+            self._log.append(query)
+            return method(query, *args, **kwargs)
+
+        return logged
+
+
+class CountedSagaState(PostgresSagaState):
+    """:class:`PostgresSagaState` whose statements are logged into ``statements``."""
+
+    def __init__(self, engine: AsyncEngine, schema: str, statements: list[str]) -> None:
+        super().__init__(engine, schema)
+        self.statements = statements
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        async with super().connection() as raw:
+            yield CountingConnection(raw, self.statements)
+
+
+@dataclass
+class Database:
+    engine: AsyncEngine
+    schema: str
+    #: The text of every statement the states of :meth:`state` sent, in order.
+    statements: list[str] = field(default_factory=list)
+
+    def state(self) -> PostgresSagaState:
+        """Another worker's (or another batch's) view of the same tables."""
+        return CountedSagaState(self.engine, self.schema, self.statements)
+
+    async def rows(self, table: str) -> int:
+        assert table in ("sagas", "saved_replies")
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(
+                text(f"SELECT count(*) FROM {table}"))).scalar_one())  # noqa: S608
+
+
+def server_pids(engine: AsyncEngine) -> list[int]:
+    """The server pids of the engine's connections, as they open."""
+    pids: list[int] = []
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        pids.append(dbapi_connection.driver_connection.get_server_pid())
+
+    return pids
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def database(database_url: str, isolation_id: str) -> AsyncIterator[Database]:
+    schema = f"{isolation_id}_sagas"
+    engine = make_engine(database_url, schema, pool_size=2)
+    db = Database(engine, schema)
+    try:
+        await PostgresBusinessStore(engine, schema).migrate()  # the store's DDL: all tables
+        yield db
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(database: Database) -> Database:
+    """The module's database, emptied (the tests count rows and ask for due sagas)."""
+    async with database.engine.begin() as conn:
+        await conn.execute(text("TRUNCATE sagas, saved_replies"))
+    database.statements.clear()
+    return database
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def state(db: Database) -> PostgresSagaState:
+    return db.state()
+
+
+@dataclass
+class Ports:
+    sagas: SagaRepository
+    replies: ReplyCache
+    #: Ends a round of puts: nothing for the dicts and the buffered variant, a flush else.
+    settle: Callable[[], Awaitable[None]]
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _ports(request: pytest.FixtureRequest) -> Ports:
+    if request.param == "in-memory":
+        return Ports(DictSagas(), DictReplies(), _nothing)
+    pg: PostgresSagaState = request.getfixturevalue("state")
+    flushed = request.param == "postgresql"
+    return Ports(pg.sagas, pg.replies, pg.flush if flushed else _nothing)
+
+
+_IN_MEMORY = "in-memory"
+_FLUSHED = pytest.param("postgresql", marks=pytest.mark.integration)
+_BUFFERED = pytest.param("postgresql-buffered", marks=pytest.mark.integration)
+
+
+@pytest.fixture(params=[_IN_MEMORY, _FLUSHED, _BUFFERED])
+def ports(request: pytest.FixtureRequest) -> Ports:
+    return _ports(request)
+
+
+@pytest.fixture(params=[_IN_MEMORY, _FLUSHED])
+def stored_ports(request: pytest.FixtureRequest) -> Ports:
+    """The ports whose data is stored before a purge (see the module's docstring)."""
+    return _ports(request)
+
+
+# --------------------------------------------------------------------------------------
+# the port's contract: the dicts and PostgreSQL
+# --------------------------------------------------------------------------------------
+
+
+async def test_a_put_saga_is_got_back_and_the_latest_put_wins(ports: Ports) -> None:
+    first = saga("tr-1", deadline=T0 + 5)
+    assert await ports.sagas.get("tr-1") is None
+    ports.sagas.put(first)
+    assert as_stored(await ports.sagas.get("tr-1")) == s.saga_to_dict(first)
+    await ports.settle()
+    assert as_stored(await ports.sagas.get("tr-1")) == s.saga_to_dict(first)
+    later = saga("tr-1", state=State.COMPLETED, updated_at=T0 + 9)
+    ports.sagas.put(later)
+    assert as_stored(await ports.sagas.get("tr-1")) == s.saga_to_dict(later)
+    await ports.settle()
+    assert as_stored(await ports.sagas.get("tr-1")) == s.saga_to_dict(later)
+    assert await ports.sagas.get("tr-2") is None
+
+
+async def test_a_put_reply_is_got_back_and_the_latest_put_wins(ports: Ports) -> None:
+    key = "alice\x1freq-1"
+    assert await ports.replies.get(key) is None
+    ports.replies.put(key, b'{"status":"pending"}', at=T0, partition=1)
+    assert await ports.replies.get(key) == b'{"status":"pending"}'
+    await ports.settle()
+    assert await ports.replies.get(key) == b'{"status":"pending"}'
+    ports.replies.put(key, b"\x00\xff binary", at=T0 + 1, partition=1)
+    await ports.settle()
+    assert await ports.replies.get(key) == b"\x00\xff binary"
+    assert await ports.replies.get("alice\x1freq-2") is None
+
+
+async def test_due_sagas_are_their_partition_s_earliest_first(ports: Ports) -> None:
+    now = T0 + 50
+    for built in (
+        saga("late", deadline=T0 + 30), saga("early", deadline=T0 + 10),
+        saga("tie-a", deadline=T0 + 20), saga("tie-B", deadline=T0 + 20),
+        saga("at-now", state=State.AWAITING_OTP, deadline=now),
+        saga("future", deadline=now + 0.001),
+        saga("final", state=State.COMPLETED),
+        saga("manual", state=State.MANUAL_REVIEW),
+        saga("elsewhere", partition=2, deadline=T0),
+    ):
+        ports.sagas.put(built)
+    await ports.settle()
+    # Ties by transfer id as Python orders strings ("B" < "a"), not by a locale.
+    everything = ["early", "tie-B", "tie-a", "late", "at-now"]
+    assert await ports.sagas.due(0, now, 100) == everything
+    assert await ports.sagas.due(0, now, 2) == everything[:2]
+    assert await ports.sagas.due(0, now, 0) == []
+    assert await ports.sagas.due(0, T0, 100) == []
+    assert await ports.sagas.due(2, now, 100) == ["elsewhere"]
+    assert await ports.sagas.due(1, now, 100) == []
+
+
+async def test_due_sagas_follow_their_latest_put(ports: Ports) -> None:
+    for name, deadline in (("d1", T0 + 1), ("d2", T0 + 2), ("d3", T0 + 3), ("later", T0 + 99)):
+        ports.sagas.put(saga(name, deadline=deadline))
+    await ports.settle()
+    ports.sagas.put(saga("d1", state=State.COMPLETED, updated_at=T0 + 4))  # no longer due
+    ports.sagas.put(saga("later", state=State.CREDITING, deadline=T0 + 2.5))  # due now
+    ports.sagas.put(saga("new", partition=0, deadline=T0))  # never stored
+    ports.sagas.put(saga("moved", partition=3, deadline=T0))  # another partition
+    assert await ports.sagas.due(0, T0 + 10, 100) == ["new", "d2", "later", "d3"]
+    assert await ports.sagas.due(0, T0 + 10, 2) == ["new", "d2"]
+    await ports.settle()
+    assert await ports.sagas.due(0, T0 + 10, 100) == ["new", "d2", "later", "d3"]
+
+
+async def test_purge_forgets_the_partition_s_old_completed_and_failed_sagas(
+    stored_ports: Ports,
+) -> None:
+    sagas = stored_ports.sagas
+    cutoff = T0 + 100
+    kept = [
+        saga("manual", state=State.MANUAL_REVIEW),  # operators must act: never purged
+        saga("waiting", state=State.DEBITING, deadline=T0 + 5),
+        saga("at-cutoff", state=State.COMPLETED, updated_at=cutoff),
+        saga("elsewhere", partition=1, state=State.FAILED),
+    ]
+    old = [saga("done", state=State.COMPLETED), saga("failed", state=State.FAILED,
+                                                     updated_at=cutoff - 0.001)]
+    for built in kept + old:
+        sagas.put(built)
+    await stored_ports.settle()
+    for built in kept + old:  # read before the purge (a cache must not keep them)
+        assert await sagas.get(built.transfer.transfer_id) is not None
+    assert await sagas.purge(0, cutoff) == 2
+    for built in old:
+        assert await sagas.get(built.transfer.transfer_id) is None
+    for built in kept:
+        assert as_stored(await sagas.get(built.transfer.transfer_id)) == s.saga_to_dict(built)
+    assert await sagas.purge(0, cutoff) == 0
+    assert await sagas.purge(1, cutoff) == 1
+
+
+async def test_purge_forgets_the_partition_s_old_replies(stored_ports: Ports) -> None:
+    replies = stored_ports.replies
+    cutoff = T0 + 100
+    replies.put("old-1", b"1", at=T0, partition=0)
+    replies.put("old-2", b"2", at=cutoff - 0.001, partition=0)
+    replies.put("at-cutoff", b"3", at=cutoff, partition=0)
+    replies.put("elsewhere", b"4", at=T0, partition=1)
+    await stored_ports.settle()
+    for key in ("old-1", "old-2", "at-cutoff", "elsewhere"):
+        assert await replies.get(key) is not None
+    assert await replies.purge(0, cutoff) == 2
+    assert [await replies.get(k) for k in ("old-1", "old-2", "at-cutoff", "elsewhere")] == [
+        None, None, b"3", b"4"]
+    assert await replies.purge(0, cutoff) == 0
+    assert await replies.purge(1, cutoff) == 1
+
+
+# --------------------------------------------------------------------------------------
+# PostgreSQL: the batch
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_put_is_seen_by_another_worker_only_once_flushed(db: Database) -> None:
+    writer, reader = db.state(), db.state()
+    writer.sagas.put(saga("tr-1", deadline=T0))
+    writer.replies.put("k-1", b"reply", at=T0, partition=0)
+    assert writer.pending == 2
+    assert await reader.sagas.get("tr-1") is None
+    assert await reader.replies.get("k-1") is None
+    assert await reader.sagas.due(0, T0, 10) == []
+    await writer.flush()
+    assert writer.pending == 0
+    # The reader's batch remembers what it read until it ends (flush or discard).
+    assert await reader.sagas.get("tr-1") is None
+    await reader.flush()  # nothing to write: the batch ends
+    assert as_stored(await reader.sagas.get("tr-1")) == as_stored(saga("tr-1", deadline=T0))
+    assert await reader.replies.get("k-1") == b"reply"
+    assert await reader.sagas.due(0, T0, 10) == ["tr-1"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("size", [5, 500])
+async def test_a_flush_is_one_statement_whatever_the_batch_holds(db: Database,
+                                                                 size: int) -> None:
+    state = db.state()
+    await state.flush()  # an empty batch: no statement
+    assert db.statements == []
+    for i in range(size):
+        state.sagas.put(saga(f"tr-{i:04d}", partition=i % 4, deadline=T0 + i))
+        state.replies.put(f"k-{i:04d}", b"r%d" % i, at=T0 + i, partition=i % 4)
+    state.sagas.put(saga("tr-0000", state=State.COMPLETED, updated_at=T0 + 1))  # the latest
+    await state.flush()
+    assert len(db.statements) == 1 and "INSERT INTO sagas" in db.statements[0]
+    assert state.pending == 0
+    assert await db.rows("sagas") == size and await db.rows("saved_replies") == size
+    other = db.state()
+    got = await other.sagas.get("tr-0000")
+    assert got is not None and got.state is State.COMPLETED
+    assert await other.replies.get(f"k-{size - 1:04d}") == b"r%d" % (size - 1)
+
+
+@pytest.mark.integration
+async def test_prefetch_reads_a_batch_in_one_statement_then_get_reads_nothing(
+    db: Database,
+) -> None:
+    writer = db.state()
+    writer.sagas.put(saga("a", deadline=T0))
+    writer.sagas.put(saga("b", state=State.FAILED))
+    writer.replies.put("ka", b"A", at=T0, partition=0)
+    await writer.flush()
+    state = db.state()
+    state.sagas.put(saga("buffered", deadline=T0))
+    state.replies.put("kb", b"B", at=T0, partition=0)
+    db.statements.clear()
+    await state.prefetch(["a", "b", "missing", "a", "buffered"], ["ka", "kb", "k-missing"])
+    assert len(db.statements) == 1
+    prefetch = db.statements[0]
+    assert "FROM sagas" in prefetch and "FROM saved_replies" in prefetch
+    db.statements.clear()
+    assert as_stored(await state.sagas.get("a")) == as_stored(saga("a", deadline=T0))
+    assert as_stored(await state.sagas.get("b")) == as_stored(saga("b", state=State.FAILED))
+    assert await state.sagas.get("missing") is None
+    assert await state.sagas.get("buffered") is not None
+    assert [await state.replies.get(k) for k in ("ka", "kb", "k-missing")] == [b"A", b"B", None]
+    await state.prefetch(["a", "missing", "buffered"], ["ka", "k-missing"])  # all known
+    await state.prefetch([], [])
+    assert db.statements == []
+
+
+@pytest.mark.integration
+async def test_get_reads_a_key_once_per_batch(db: Database) -> None:
+    state = db.state()
+    assert await state.sagas.get("absent") is None
+    assert await state.replies.get("absent") is None
+    assert len(db.statements) == 2
+    assert await state.sagas.get("absent") is None
+    assert await state.replies.get("absent") is None
+    assert len(db.statements) == 2
+    await state.flush()  # the batch ends: the next one reads again
+    assert await state.sagas.get("absent") is None
+    assert len(db.statements) == 3
+
+
+@pytest.mark.integration
+async def test_discard_forgets_the_buffer_and_the_cache(db: Database) -> None:
+    state, other = db.state(), db.state()
+    state.sagas.put(saga("tr-1", deadline=T0))
+    state.replies.put("k-1", b"1", at=T0, partition=0)
+    assert await state.sagas.get("tr-2") is None  # cached as absent
+    other.sagas.put(saga("tr-2", state=State.FAILED))
+    await other.flush()
+    state.discard()
+    assert state.pending == 0
+    assert await state.sagas.get("tr-1") is None
+    assert await state.replies.get("k-1") is None
+    assert await state.sagas.due(0, T0, 10) == []
+    assert await state.sagas.get("tr-2") is not None  # read again
+    await state.flush()
+    assert await db.rows("sagas") == 1 and await db.rows("saved_replies") == 0
+
+
+@pytest.mark.integration
+async def test_due_is_one_statement_and_the_buffer_overrides_stored_rows(db: Database) -> None:
+    writer = db.state()
+    for name, deadline in (("d1", T0 + 1), ("d2", T0 + 2), ("d3", T0 + 3)):
+        writer.sagas.put(saga(name, deadline=deadline))
+    await writer.flush()
+    state = db.state()
+    state.sagas.put(saga("d1", deadline=T0 + 50))  # stored due, buffered not yet due
+    state.sagas.put(saga("d3", state=State.FAILED))
+    db.statements.clear()
+    assert await state.sagas.due(0, T0 + 10, 1) == ["d2"]  # not [] : the limit is the SQL's
+    assert len(db.statements) == 1
+    assert await state.sagas.due(0, T0 + 60, 10) == ["d2", "d1"]
+
+
+@pytest.mark.integration
+async def test_buffered_sagas_and_replies_are_not_purged(db: Database) -> None:
+    state = db.state()
+    state.sagas.put(saga("done", state=State.COMPLETED))
+    state.replies.put("k", b"1", at=T0, partition=0)
+    await state.flush()
+    state.sagas.put(saga("done", state=State.COMPLETED, updated_at=T0 + 1))
+    state.replies.put("k", b"2", at=T0 + 1, partition=0)
+    assert await state.sagas.purge(0, T0 + 100) == 0
+    assert await state.replies.purge(0, T0 + 100) == 0
+    await state.flush()
+    assert await state.sagas.purge(0, T0 + 100) == 1
+    assert await state.replies.purge(0, T0 + 100) == 1
+    assert await db.rows("sagas") == 0 and await db.rows("saved_replies") == 0
+
+
+# --------------------------------------------------------------------------------------
+# PostgreSQL: failures
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad", ["reply key", "saga note"])
+async def test_a_failed_flush_writes_nothing_and_keeps_the_buffer(db: Database,
+                                                                  bad: str) -> None:
+    """One bad row fails the whole flush (one transaction) as the data's fault (poison);
+    the rest of the batch, valid, is not written either. PostgreSQL refuses NUL in text,
+    and ``\\u0000`` in jsonb."""
+    state = db.state()
+    for i in range(3):
+        state.sagas.put(saga(f"tr-{i}", deadline=T0))
+        state.replies.put(f"k-{i}", b"ok", at=T0, partition=0)
+    if bad == "reply key":
+        state.replies.put("k-\x00", b"bad", at=T0, partition=0)
+    else:
+        state.sagas.put(replace(saga("tr-bad"), transfer=transfer("tr-bad", note="a\x00b")))
+    with pytest.raises(Exception) as failure:  # checked by its SQLSTATE
+        await state.flush()
+    assert (sqlstate(failure.value) or "")[:2] == "22"  # data exception
+    assert not is_outage(failure.value)
+    assert await db.rows("sagas") == 0 and await db.rows("saved_replies") == 0
+    assert state.pending == 7
+    assert await state.sagas.get("tr-1") is not None  # still the batch's
+    assert await state.replies.get("k-1") == b"ok"
+
+
+@pytest.mark.integration
+async def test_a_flush_on_a_lost_connection_is_an_outage_and_can_be_retried(
+    database_url: str, db: Database,
+) -> None:
+    engine = make_engine(database_url, db.schema, pool_size=1)
+    pids = server_pids(engine)
+    try:
+        state = PostgresSagaState(engine, db.schema)
+        assert await state.sagas.get("warm-up") is None  # the pool's one connection
+        assert len(pids) == 1
+        async with db.engine.connect() as admin:  # the server ends it (waits until gone)
+            ended = await admin.scalar(text("SELECT pg_terminate_backend(:pid, 10000)"),
+                                       {"pid": pids[0]})
+        assert ended
+        state.sagas.put(saga("tr-1", deadline=T0))
+        state.replies.put("k-1", b"1", at=T0, partition=0)
+        with pytest.raises(Exception) as failure:  # whatever asyncpg raises
+            await state.flush()
+        assert is_outage(failure.value), repr(failure.value)
+        assert state.pending == 2
+        await state.flush()  # a new connection
+        assert len(pids) == 2
+        assert state.pending == 0
+        assert await db.rows("sagas") == 1 and await db.rows("saved_replies") == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.integration
+async def test_an_unreachable_database_is_an_outage(db: Database) -> None:
+    engine = make_engine("postgresql+asyncpg://nobody:nothing@127.0.0.1:1/none", db.schema,
+                         pool_size=1)
+    try:
+        state = PostgresSagaState(engine, db.schema)
+        state.sagas.put(saga("tr-1", deadline=T0))
+        with pytest.raises(OSError) as failure:
+            await state.flush()
+        assert is_outage(failure.value)
+        assert state.pending == 1
+        with pytest.raises(OSError):
+            await state.sagas.get("tr-2")
+    finally:
+        await engine.dispose()
+
+
+# --------------------------------------------------------------------------------------
+# PostgreSQL: the storage form, the operator's reads, the migration
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_saga_round_trips_with_its_columns(db: Database) -> None:
+    built = real_sagas("rt")
+    state = db.state()
+    for one in built:
+        state.sagas.put(one)
+    await state.flush()
+    reader = db.state()
+    for one in built:
+        tid = one.transfer.transfer_id
+        stored = s.saga_to_dict(one)
+        assert as_stored(await reader.sagas.get(tid)) == stored
+        assert as_stored(await reader.saga(tid)) == stored
+        again = await reader.saga(tid)
+        assert again == one
+        # Byte for byte up to the key order of the dicts nested in the outputs (a reply's
+        # ``data``): jsonb keeps its keys sorted, not in their written order.
+        assert orjson.dumps(s.saga_to_dict(again), option=orjson.OPT_SORT_KEYS) == \
+            orjson.dumps(stored, option=orjson.OPT_SORT_KEYS)
+        assert again.transfer.note == NOTE
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT transfer_id, home_partition, operator_id, state, deadline, updated_at"
+            " FROM sagas ORDER BY transfer_id"))).all()
+    expected = sorted((x.transfer.transfer_id, 5, "alice", x.state.value, x.deadline(),
+                       x.updated_at) for x in built)
+    assert [tuple(r) for r in rows] == expected
+    assert [r[4] is None for r in rows].count(True) == 2  # the completed and the failed
+
+
+@pytest.mark.integration
+async def test_the_operator_lists_sagas_by_state_and_age_from_the_table(db: Database) -> None:
+    state = db.state()
+    for name, st, at in (("m1", State.MANUAL_REVIEW, T0 + 3), ("m2", State.MANUAL_REVIEW, T0),
+                         ("m3", State.MANUAL_REVIEW, T0 + 9), ("c1", State.COMPLETED, T0 + 1),
+                         ("w1", State.DEBITING, T0 + 2)):
+        state.sagas.put(saga(name, state=st, updated_at=at,
+                             deadline=T0 + 5 if st in s.STEP_OF_STATE else None))
+    await state.flush()
+    state.sagas.put(saga("m0", state=State.MANUAL_REVIEW))  # buffered: not listed
+
+    def ids(found: list[Saga]) -> list[str]:
+        return [x.transfer.transfer_id for x in found]
+
+    assert ids(await state.list_sagas(None, None, 10)) == ["m2", "c1", "w1", "m1", "m3"]
+    assert ids(await state.list_sagas("MANUAL_REVIEW", None, 10)) == ["m2", "m1", "m3"]
+    assert ids(await state.list_sagas("MANUAL_REVIEW", T0 + 9, 10)) == ["m2", "m1"]
+    assert ids(await state.list_sagas(None, T0 + 2, 10)) == ["m2", "c1"]
+    assert ids(await state.list_sagas("MANUAL_REVIEW", None, 1)) == ["m2"]
+    assert await state.list_sagas("FAILED", None, 10) == []
+    assert await state.list_sagas(None, None, 0) == []
+    assert await state.saga("m0") is None  # the table only
+    assert await state.saga("m3") is not None
+
+
+@pytest.mark.integration
+async def test_sagas_are_counted_by_state_for_the_given_partitions(db: Database) -> None:
+    state = db.state()
+    for name, partition, st in (("a", 0, State.DEBITING), ("b", 0, State.DEBITING),
+                                ("c", 1, State.MANUAL_REVIEW), ("d", 1, State.COMPLETED),
+                                ("e", 2, State.DEBITING)):
+        state.sagas.put(saga(name, partition=partition, state=st,
+                             deadline=T0 if st in s.STEP_OF_STATE else None))
+    await state.flush()
+    state.sagas.put(saga("f", partition=0, state=State.DEBITING, deadline=T0))  # buffered
+    counts = await state.count_by_state([0, 1], ["DEBITING", "MANUAL_REVIEW", "CREDITING"])
+    assert counts == {"DEBITING": 2, "MANUAL_REVIEW": 1}
+    assert await state.count_by_state([], ["DEBITING"]) == {}
+
+
+@pytest.mark.integration
+async def test_migrate_adds_the_tables_to_an_existing_database(
+    database_url: str, isolation_id: str,
+) -> None:
+    schema = f"{isolation_id}_old"
+    engine = make_engine(database_url, schema, pool_size=1)
+    before = DDL[: DDL.index("CREATE TABLE IF NOT EXISTS sagas")]  # the previous version
+    try:
+        await ensure_schema(engine, schema, before)
+        async with engine.connect() as conn:
+            assert (await conn.scalar(text("SELECT to_regclass('sagas')"))) is None
+        state = PostgresSagaState(engine, schema)
+        await state.migrate()
+        state.sagas.put(saga("tr-1", deadline=T0))
+        state.replies.put("k-1", b"1", at=T0, partition=0)
+        await state.flush()
+        await PostgresBusinessStore(engine, schema).migrate()  # one version: nothing to do
+        assert await state.sagas.due(0, T0, 10) == ["tr-1"]
+        async with engine.connect() as conn:
+            indexes = set((await conn.execute(text(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = :s"),
+                {"s": schema})).scalars())
+        assert {"sagas_due_idx", "sagas_finished_idx", "sagas_state_idx",
+                "saved_replies_age_idx"} <= indexes
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()
+
