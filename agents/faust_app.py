@@ -1,6 +1,6 @@
 """The one ``faust.App`` module of the business worker: the app built from Settings and
 :class:`Worker`, what the agents are given (and how they send). The Faust table adapters
-of the service's ports are in agents/tables.py.
+of the service's ports: the saga state is in PostgreSQL (app/adapters/saga_state.py).
 
 One app per process (so tests can run isolated copies with their own topic prefix and app
 id). The bootstrap that builds the collaborators and registers the agents is
@@ -49,6 +49,8 @@ class Worker:
     topics: Topics
     channels: dict[str, Any]
     service: TransferService
+    #: The saga engine (agents/saga_engine.py), set by the bootstrap.
+    engine: Any = None
 
     async def send_all(self, outbounds: Iterator[Outbound] | list[Outbound]) -> None:
         for out in outbounds:

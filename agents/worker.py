@@ -1,7 +1,8 @@
 """The bootstrap of the business worker: the one place where its collaborators are built
 and wired (cosmicpython's ``bootstrap.py``): the Faust app (agents/faust_app.py), the
-PostgreSQL store, the tables, the TransferService, the agents, the web views and metrics;
-then Faust's worker runs it (``bizcenter worker``).
+PostgreSQL store and saga state, the query tables, the TransferService, the relay and query
+agents, the saga engine (agents/saga_engine.py, a service of the app), the web views and
+metrics; then Faust's worker runs it (``bizcenter worker``).
 """
 
 from __future__ import annotations
@@ -10,19 +11,22 @@ import logging
 import time
 from typing import Any
 
-import faust
+import mode
 
 from agents import query_agents, transfer_agents
 from agents.faust_app import Worker, build_app
 from agents.health import register_health_views, register_metrics_view
-from agents.tables import TableReplies, TableSagas
+from agents.saga_engine import SagaEngine
 from app import log_format, log_redaction, metrics
 from app.adapters.postgres_store import PostgresBusinessStore
+from app.adapters.saga_state import PostgresSagaState
 from app.domain import transfer_saga as saga_core
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TransferTokens
 from app.transfers.service import TransferService
 from events.topics import Topics
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, *, store: Any = None) -> Worker:
@@ -38,18 +42,13 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     channels = {
         getattr(topics, f): raw_topic(getattr(topics, f)) for f in topics.__slots__
     }
-    raw: Any = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw")
-    # key_type/value_type pick the store's serializer, the schema the changelog's.
-    sagas_table = app.Table("sagas", schema=raw, key_type=bytes, value_type=bytes,
-                            partitions=settings.topic_partitions)
-    replies_table = app.Table("replies", schema=raw, key_type=bytes, value_type=bytes,
-                              partitions=settings.topic_partitions)
+    store = store if store is not None else PostgresBusinessStore.from_settings(settings)
+    state = PostgresSagaState(store.engine, settings.db_schema)
     service = TransferService(
         settings,
-        store if store is not None else PostgresBusinessStore.from_settings(settings),
-        TableSagas(sagas_table),
-        TableReplies(replies_table),
+        store,
+        state.sagas,
+        state.replies,
         clock=time.time,
         access=AccessTokenVerifier.from_settings(settings),
         transfer_tokens=TransferTokens.from_settings(settings),
@@ -60,8 +59,27 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
     # relaying it (read your writes, docs/architecture.md).
     service.account_event_listeners.append(queries.accounts.apply)
     transfer_agents.register(worker)
-    register_worker_metrics(worker, sagas_table)
+    engine = SagaEngine(settings, service, state, crash=app.crash)
+    worker.engine = engine
+    # Started once the app is up (Faust instantiates a class, and takes an instance as is).
+    app._extra_services.append(EngineService(engine))  # type: ignore[arg-type]
+    register_worker_metrics(worker, engine, state)
     return worker
+
+
+class EngineService(mode.Service):
+    """The saga engine as a service of the Faust app: started after the app (its tables
+    recovered), stopped with it."""
+
+    def __init__(self, engine: SagaEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    async def on_start(self) -> None:
+        await self.engine.start()
+
+    async def on_stop(self) -> None:
+        await self.engine.stop()
 
 
 #: States counted by ``bizcenter_open_sagas``: every non-final one, and MANUAL_REVIEW (final
@@ -70,35 +88,42 @@ OPEN_STATES = (*(s.value for s in saga_core.State if s not in saga_core.FINAL_ST
                saga_core.State.MANUAL_REVIEW.value)
 
 
-def register_worker_metrics(worker: Worker, sagas_table: Any) -> None:
+def register_worker_metrics(worker: Worker, engine: SagaEngine,
+                            state: PostgresSagaState) -> None:
     """The worker's scrape-time gauges (open sagas by state, consumer lag) and, with the
-    web server on, ``/metrics``. Both gauges are computed only when scraped (at most every
-    5 s): nothing on the path of a record."""
+    web server on, ``/metrics``. Consumer lag is computed when scraped; the open sagas are
+    counted in PostgreSQL every 15 s by a timer: nothing on the path of a record."""
     app, topics = worker.app, worker.topics
-    inputs = {topics.commands, topics.saga_inputs, topics.account_events,
-              topics.funding_events, topics.transfer_events, topics.queries}
+    inputs = {topics.account_events, topics.funding_events, topics.transfer_events,
+              topics.queries}
+    open_counts: dict[str, int] = dict.fromkeys(OPEN_STATES, 0)
 
-    def assigned() -> set[Any]:
+    @app.timer(interval=15.0, name="count_open_sagas")  # type: ignore[untyped-decorator]
+    async def count_open_sagas() -> None:
+        mine = sorted({tp.partition for tp in engine.assignment()
+                       if tp.topic == topics.saga_inputs})
+        try:
+            counts = await state.count_by_state(mine, OPEN_STATES) if mine else {}
+        except Exception as exc:
+            log.warning("open sagas not counted (%s)", type(exc).__name__)
+            return
+        for name in OPEN_STATES:
+            open_counts[name] = counts.get(name, 0)
+
+    def open_sagas() -> list[tuple[tuple[str, ...], float]]:
+        return [((name,), float(n)) for name, n in open_counts.items()]
+
+    def faust_assigned() -> set[Any]:
         try:
             return set(app.consumer.assignment())
         except Exception:  # not started yet
             return set()
 
-    def open_sagas() -> list[tuple[tuple[str, ...], float]]:
-        mine = {tp.partition for tp in assigned() if tp.topic == topics.saga_inputs}
-        counts = dict.fromkeys(OPEN_STATES, 0)
-        if mine:
-            for _key, raw in list(sagas_table.items()):
-                found = metrics.saga_state_and_home(bytes(raw))
-                if found is not None and found[0] in counts and found[1] in mine:
-                    counts[found[0]] += 1
-        return [((state,), float(n)) for state, n in counts.items()]
-
     def consumer_lag() -> list[tuple[tuple[str, ...], float]]:
+        rows: list[tuple[tuple[str, ...], float]] = []
         consumer = app.consumer
         committed = getattr(consumer, "_committed_offset", {})
-        rows: list[tuple[tuple[str, ...], float]] = []
-        for tp in sorted(assigned()):
+        for tp in sorted(faust_assigned()):
             if tp.topic not in inputs:
                 continue
             end = consumer.highwater(tp)
@@ -107,6 +132,13 @@ def register_worker_metrics(worker: Worker, sagas_table: Any) -> None:
                 continue
             rows.append(((tp.topic, str(tp.partition)),
                          float(max(0, end - (done if done is not None else 0)))))
+        if engine.consumer is not None:
+            for tp in sorted(engine.assignment()):
+                end = engine.consumer.highwater(tp)
+                if end is None or end < 0:
+                    continue
+                done = engine.committed.get(tp, 0)
+                rows.append(((tp.topic, str(tp.partition)), float(max(0, end - done))))
         return rows
 
     metrics.register_collector(metrics.CallbackCollector(

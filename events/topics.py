@@ -99,9 +99,7 @@ if {f.name for f in fields(Topics)} != {spec.field for spec in TOPIC_SPECS}:  # 
 #: created here too, compacted, with the co-partitioned count: Faust would declare them at
 #: start, but a table written before its new changelog's metadata is visible makes Faust
 #: raise PartitionsMismatch (seen under load), so they exist before the worker starts.
-TABLES: tuple[str, ...] = (
-    "sagas", "replies", "balances", "history", "account_events_seen", "transfers",
-)
+TABLES: tuple[str, ...] = ("balances", "history", "account_events_seen", "transfers")
 
 
 def partition_of(key: bytes, partitions: int) -> int:

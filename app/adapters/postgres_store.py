@@ -172,7 +172,7 @@ CREATE TABLE IF NOT EXISTS sagas (
     state text NOT NULL,
     deadline double precision NULL,  -- Saga.deadline(), POSIX seconds (NULL: none)
     updated_at double precision NOT NULL,  -- Saga.updated_at
-    saga jsonb NOT NULL  -- saga_to_dict (app/adapters/saga_state.py)
+    saga bytea NOT NULL  -- orjson of saga_to_dict (app/adapters/saga_state.py)
 );
 CREATE INDEX IF NOT EXISTS sagas_due_idx ON sagas (home_partition, deadline)
     WHERE deadline IS NOT NULL;

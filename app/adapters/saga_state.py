@@ -54,27 +54,28 @@ PURGED_STATES = (saga_core.State.COMPLETED, saga_core.State.FAILED)
 
 # --- the statements, asyncpg style ($n parameters) ----------------------------------------
 
-_GET_SAGA = "SELECT saga::text FROM sagas WHERE transfer_id = $1"
+_GET_SAGA = "SELECT saga FROM sagas WHERE transfer_id = $1"
 _GET_REPLY = "SELECT reply, home_partition, saved_at FROM saved_replies WHERE key = $1"
 #: Both tables' keys of a batch in one round trip; a saga row has ``saga``, a reply row not.
 _PREFETCH = """
-SELECT transfer_id AS key, saga::text AS saga, NULL::bytea AS reply, NULL::int AS home_partition,
+SELECT transfer_id AS key, saga AS saga, NULL::bytea AS reply, NULL::int AS home_partition,
        NULL::float8 AS saved_at
 FROM sagas WHERE transfer_id = ANY($1::text[])
 UNION ALL
-SELECT key, NULL::text, reply, home_partition, saved_at
+SELECT key, NULL::bytea, reply, home_partition, saved_at
 FROM saved_replies WHERE key = ANY($2::text[])
 """
 #: The flush: one statement, so one transaction, whatever it holds (data-modifying CTEs
-#: always run to completion); empty arrays write nothing. JSON travels as text both ways
-#: (orjson on this side), whatever jsonb codec the connection has (SQLAlchemy sets one).
+#: always run to completion); empty arrays write nothing. A saga is stored as the bytes of
+#: orjson (bytea: byte for byte what was decided, and any string a saga holds, NUL
+#: included, which jsonb refuses).
 _FLUSH = """
 WITH written_sagas AS (
     INSERT INTO sagas (transfer_id, home_partition, operator_id, state, deadline,
                        updated_at, saga)
-    SELECT t, p, o, s, d, u, j::jsonb
+    SELECT t, p, o, s, d, u, j
     FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[], $6::float8[],
-                $7::text[]) AS batch (t, p, o, s, d, u, j)
+                $7::bytea[]) AS batch (t, p, o, s, d, u, j)
     ON CONFLICT (transfer_id) DO UPDATE SET
         home_partition = EXCLUDED.home_partition, operator_id = EXCLUDED.operator_id,
         state = EXCLUDED.state, deadline = EXCLUDED.deadline,
@@ -118,19 +119,19 @@ SELECT count(*) FROM gone
 #: "$1 IS NULL OR state = $1" could not use ``sagas_state_idx``). Oldest update first.
 _LIST_SAGAS = {
     (False, False): (
-        'SELECT saga::text AS saga FROM sagas'
+        'SELECT saga AS saga FROM sagas'
         ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $1'
     ),
     (True, False): (
-        'SELECT saga::text AS saga FROM sagas WHERE state = $1'
+        'SELECT saga AS saga FROM sagas WHERE state = $1'
         ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $2'
     ),
     (False, True): (
-        'SELECT saga::text AS saga FROM sagas WHERE updated_at < $1'
+        'SELECT saga AS saga FROM sagas WHERE updated_at < $1'
         ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $2'
     ),
     (True, True): (
-        'SELECT saga::text AS saga FROM sagas WHERE state = $1 AND updated_at < $2'
+        'SELECT saga AS saga FROM sagas WHERE state = $1 AND updated_at < $2'
         ' ORDER BY updated_at, transfer_id COLLATE "C" LIMIT $3'
     ),
 }
@@ -377,7 +378,7 @@ def _saga_columns(sagas: list[tuple[str, saga_core.Saga]]) -> tuple[list[Any], .
         states.append(saga.state.value)
         deadlines.append(saga.deadline())
         updated.append(saga.updated_at)
-        stored.append(orjson.dumps(saga_core.saga_to_dict(saga)).decode())
+        stored.append(orjson.dumps(saga_core.saga_to_dict(saga)))
     return columns
 
 

@@ -1,0 +1,325 @@
+"""The saga engine: ``business.commands`` and ``business.saga-inputs`` in batches, in a loop
+of its own (issue 13, docs/performance.md "The plan").
+
+Faust stays the application frame (the app, the relay and query agents, the web views, the
+CLI); the saga topics leave Faust's per-record machinery (a task, an event, an ack and a
+table changelog per record) for a plain aiokafka consumer hosted in the app as a service.
+One turn of the loop, a *cycle*:
+
+1. ``getmany``: up to ``saga_batch_max_records`` records of the partitions this worker owns;
+2. the records of each partition number (a *lane*: ``business.commands`` p and
+   ``business.saga-inputs`` p hold the same sagas) are decided one after the other, in
+   offset order, each through the record guard (app/record_failures.py: a record that fails
+   for its own sake gets its error reply or dead letter and the lane goes on; an outage is
+   waited out, nothing skipped); lanes overlap their waits; the lanes whose tick is due
+   then move their sagas whose deadline has come (the repository's ``due``);
+3. every saga and reply the cycle wrote is made durable in ONE PostgreSQL transaction
+   (``flush``; an outage is retried, nothing sent before it succeeds);
+4. every output of the cycle is produced without a per-record await, then awaited
+   together; a record whose outputs could not all be sent goes through the guard's
+   ``deliver`` (re-sent, or replaced by its poison outputs);
+5. only then are the cycle's offsets committed.
+
+Why this order is safe under at-least-once delivery: a crash before 3 leaves the idempotent
+PostgreSQL effects (token claims, reservations, PIN counters) and nothing else, and the
+redelivered records are decided again; a crash between 3 and 5 leaves the sagas written and
+their outputs perhaps unsent: a redelivered record finds its saga and re-sends what it
+decided (``saga_core.redelivered_outputs``), every output id being deterministic, so the
+downstream consumers absorb the duplicates.
+
+Rebalances (aiokafka's listener): a revoke waits for the cycle in flight to end (flushed,
+sent, committed) before the partitions go, then forgets the cycle's caches; the Faust
+stream buffers of the rebalance trap are not on this path. Both topics are assigned by
+Kafka's range assignor, which gives a member the same partition numbers of both (the same
+sagas): a saga is only ever decided by one worker at a time.
+
+Stop: the cycle in flight may finish for ``saga_stop_grace_seconds``; then it is cancelled,
+and its records, not committed, are delivered again to whoever owns them next. An exception
+that escapes the guard (a bug, or a write of the flush that is not an outage) crashes the
+worker: nothing after it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+from app.record_failures import (
+    BACKOFF_INITIAL_SECONDS,
+    BACKOFF_MAX_SECONDS,
+    Outbound,
+    RecordHandler,
+    SourceRecord,
+    describe,
+    is_outage,
+)
+from app.settings import Settings
+from app.transfers.service import TransferService
+
+log = logging.getLogger(__name__)
+
+#: How long ``getmany`` waits for records when there are none (the tick's resolution).
+POLL_TIMEOUT_MS = 200
+
+
+class BatchState(Protocol):
+    """The saga state's unit of work (app/adapters/saga_state.py)."""
+
+    async def flush(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+Decided = tuple[SourceRecord, RecordHandler, list[Outbound]]
+
+
+def saga_group(settings: Settings) -> str:
+    """The consumer group of the saga engine (the Faust app's group is ``app_id``)."""
+    return f"{settings.app_id}-sagas"
+
+
+class SagaEngine:
+    """The loop of the module docstring. ``start`` after the Faust app is up, ``stop``
+    before it stops (agents/worker.py hosts it as a service)."""
+
+    def __init__(
+        self, settings: Settings, service: TransferService, state: BatchState, *,
+        crash: Callable[[BaseException], Awaitable[None]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.topics = service.topics
+        self.state = state
+        self.crash = crash
+        self.clock = clock
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._cycle_lock = asyncio.Lock()
+        self._stopping = False
+        self._next_tick: dict[int, float] = {}
+        #: The offsets this engine committed last, per partition (lag metrics, tests).
+        self.committed: dict[TopicPartition, int] = {}
+        self.failure: BaseException | None = None
+        #: Cycles run and records decided (metrics, tests).
+        self.cycles = 0
+        self.records = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        s = self.settings
+        servers = [h.strip() for h in s.kafka_bootstrap_servers.split(",")]
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=servers, acks="all", enable_idempotence=True,
+            # linger 0: a cycle flushes its outputs at once; waiting would add the linger
+            # to every cycle (the batch is the cycle's, not the producer's).
+            linger_ms=0, max_batch_size=512 * 1024)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=servers, group_id=saga_group(s),
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=int(s.consumer_session_timeout_seconds * 1000),
+            heartbeat_interval_ms=int(s.consumer_heartbeat_interval_seconds * 1000),
+            fetch_min_bytes=s.consumer_fetch_min_bytes,
+            fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
+            max_poll_records=s.saga_batch_max_records)
+        await self.producer.start()
+        try:
+            await self.consumer.start()
+        except BaseException:
+            await self.producer.stop()
+            raise
+        self.consumer.subscribe([self.topics.commands, self.topics.saga_inputs],
+                                listener=_Rebalance(self))
+        self._task = asyncio.create_task(self._run(), name="saga engine")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            _done, pending = await asyncio.wait(
+                [task], timeout=self.settings.saga_stop_grace_seconds + POLL_TIMEOUT_MS / 1000)
+            if pending:
+                log.warning("the saga engine's cycle did not end within %.1fs: cancelled "
+                            "(its records are delivered again)",
+                            self.settings.saga_stop_grace_seconds)
+                task.cancel()
+                await asyncio.wait([task])
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and self.failure is None
+
+    def assignment(self) -> set[TopicPartition]:
+        try:
+            return set(self.consumer.assignment()) if self.consumer is not None else set()
+        except Exception:  # not subscribed yet
+            return set()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            while not self._stopping:
+                batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+                async with self._cycle_lock:
+                    await self._cycle(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            log.critical("the saga engine failed: crashing the worker (every record not "
+                         "committed is delivered again)", exc_info=True)
+            await self.crash(exc)
+
+    async def _cycle(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        lanes: dict[int, list[tuple[SourceRecord, RecordHandler]]] = defaultdict(list)
+        offsets: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            if not records:
+                continue
+            handler = (self.service.commands if tp.topic == self.topics.commands
+                       else self.service.saga_inputs)
+            lane = lanes[tp.partition]
+            for r in records:
+                lane.append((SourceRecord(tp.topic, tp.partition, r.offset, r.key, r.value),
+                             handler))
+            offsets[tp] = records[-1].offset + 1
+        ticks = self._ticks_due()
+        if not lanes and not ticks:
+            return
+        results = await asyncio.gather(*(
+            self._run_lane(lanes.get(p, ()), p if p in ticks else None)
+            for p in sorted(set(lanes) | ticks)))
+        decided = [d for lane_result in results for d in lane_result]
+        await self._flush()
+        await self._send(decided)
+        if offsets:
+            await self._commit(offsets)
+        self.cycles += 1
+        self.records += sum(len(v) for v in lanes.values())
+
+    def _ticks_due(self) -> set[int]:
+        """The home partitions (``business.saga-inputs`` partitions owned) whose tick is due."""
+        now = self.clock()
+        due = set()
+        for tp in self.assignment():
+            if tp.topic != self.topics.saga_inputs:
+                continue
+            if self._next_tick.get(tp.partition, 0.0) <= now:
+                due.add(tp.partition)
+                self._next_tick[tp.partition] = now + self.settings.tick_interval_seconds
+        return due
+
+    async def _run_lane(self, records: Iterable[tuple[SourceRecord, RecordHandler]],
+                        tick: int | None) -> list[Decided]:
+        guard = self.service.guard
+        decided: list[Decided] = []
+        for record, handler in records:
+            decided.append((record, handler, await guard.decide(record, handler)))
+        if tick is not None:
+            record = SourceRecord(self.topics.saga_inputs, tick, -1, None, b"")
+            try:
+                outs = await self.service.timers.on_tick(tick)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # The purge could not run (the database is away): no saga moved; the next
+                # tick comes.
+                log.warning("tick of partition %s not run (%s)", tick, describe(exc))
+            else:
+                decided.append((record, self.service.saga_inputs, outs))
+        return decided
+
+    async def _flush(self) -> None:
+        """The cycle's sagas and replies, in one transaction; an outage is retried."""
+        delay = BACKOFF_INITIAL_SECONDS
+        while True:
+            try:
+                await self.state.flush()
+                return
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("the saga state could not be written (%s): retried in %.1fs",
+                            describe(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+    async def _send(self, decided: Sequence[Decided]) -> None:
+        """Every output, produced without a per-record await, then awaited together."""
+        producer = self.producer
+        assert producer is not None
+        futures: list[tuple[int, Any]] = []
+        for i, (_record, _handler, outs) in enumerate(decided):
+            for out in outs:
+                try:
+                    fut = await producer.send(out.topic, out.value, key=out.key,
+                                              partition=out.partition)
+                except Exception as exc:
+                    fut = asyncio.get_running_loop().create_future()
+                    fut.set_exception(exc)
+                futures.append((i, fut))
+        if not futures:
+            return
+        results = await asyncio.gather(*(f for _i, f in futures), return_exceptions=True)
+        failed = sorted({i for (i, _f), r in zip(futures, results, strict=True)
+                         if isinstance(r, BaseException)})
+        for i in failed:
+            record, handler, outs = decided[i]
+            await self.service.guard.deliver(record, outs, handler, self._send_now)
+
+    async def _send_now(self, outs: Iterable[Outbound]) -> None:
+        producer = self.producer
+        assert producer is not None
+        futures = [await producer.send(out.topic, out.value, key=out.key,
+                                       partition=out.partition) for out in outs]
+        for fut in futures:
+            await fut
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            await consumer.commit(offsets)
+        except Exception as exc:
+            # The partitions went to another member meanwhile (a session that expired
+            # during an outage): it reads them again from the last commit; everything of
+            # this cycle is idempotent.
+            log.warning("offsets of the saga topics not committed (%s): the records come "
+                        "again", describe(exc))
+            return
+        self.committed.update(offsets)
+
+    async def _revoked(self) -> None:
+        async with self._cycle_lock:  # the cycle in flight ends: flushed, sent, committed
+            self.state.discard()
+            self.service.forget_partitions()
+            self._next_tick.clear()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, engine: SagaEngine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.engine._revoked()
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("saga partitions assigned: %s",
+                 sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
