@@ -48,9 +48,11 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from app.domain import transfer_saga as saga_core
 from app.record_failures import (
     BACKOFF_INITIAL_SECONDS,
     BACKOFF_MAX_SECONDS,
@@ -61,6 +63,7 @@ from app.record_failures import (
     is_outage,
 )
 from app.settings import Settings
+from app.transfers.ids import transfer_id_for
 from app.transfers.service import TransferService
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,9 @@ POLL_TIMEOUT_MS = 200
 
 class BatchState(Protocol):
     """The saga state's unit of work (app/adapters/saga_state.py)."""
+
+    async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str]
+                       ) -> None: ...
 
     async def flush(self) -> None: ...
 
@@ -203,6 +209,7 @@ class SagaEngine:
         ticks = self._ticks_due()
         if not lanes and not ticks:
             return
+        await self._prefetch(lanes.values())
         results = await asyncio.gather(*(
             self._run_lane(lanes.get(p, ()), p if p in ticks else None)
             for p in sorted(set(lanes) | ticks)))
@@ -213,6 +220,26 @@ class SagaEngine:
             await self._commit(offsets)
         self.cycles += 1
         self.records += sum(len(v) for v in lanes.values())
+
+    async def _prefetch(self, lanes: Iterable[list[tuple[SourceRecord, RecordHandler]]]
+                        ) -> None:
+        """Read the sagas and saved replies the cycle's records will ask for, in one
+        statement (a guess from a light parse: a record guessed wrong, or not at all, is
+        read when asked). An outage here is no reason to wait: the records' own reads
+        meet it inside the guard."""
+        transfer_ids: set[str] = set()
+        reply_keys: set[str] = set()
+        for lane in lanes:
+            for record, _handler in lane:
+                keys_of(record, self.topics.commands, transfer_ids, reply_keys)
+        if not transfer_ids and not reply_keys:
+            return
+        try:
+            await self.state.prefetch(transfer_ids, reply_keys)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.debug("prefetch skipped (%s)", describe(exc))
 
     def _ticks_due(self) -> set[int]:
         """The home partitions (``business.saga-inputs`` partitions owned) whose tick is due."""
@@ -311,6 +338,38 @@ class SagaEngine:
             self.state.discard()
             self.service.forget_partitions()
             self._next_tick.clear()
+
+
+def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
+            reply_keys: set[str]) -> None:
+    """Add the saga and reply keys a record will likely read: a command's saved reply
+    (``operatorId ␟ requestId``) and saga (its scoped idempotency key); a saga input's saga
+    (from its command or charge id, or the resolution's transfer id). Anything unreadable
+    adds nothing."""
+    try:
+        doc = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(doc, dict):
+        return
+    if record.topic == commands_topic:
+        operator, request, idem = (doc.get("operatorId"), doc.get("requestId"),
+                                   doc.get("idempotencyKey"))
+        if isinstance(operator, str) and isinstance(request, str):
+            reply_keys.add(f"{operator}\x1f{request}")
+        if isinstance(operator, str) and isinstance(idem, str):
+            transfer_ids.add(transfer_id_for(operator, idem))
+        return
+    for field, id_field in (("accountEvent", "commandId"), ("fundingEvent", "chargeId")):
+        inner = doc.get(field)
+        if isinstance(inner, dict) and isinstance(inner.get(id_field), str):
+            parsed = saga_core.parse_command_id(inner[id_field])
+            if parsed is not None:
+                transfer_ids.add(parsed[0])
+            return
+    resolution = doc.get("resolution")
+    if isinstance(resolution, dict) and isinstance(resolution.get("transferId"), str):
+        transfer_ids.add(resolution["transferId"])
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.saga_engine import saga_group
 from app.reconciliation import reconcile
 from app.settings import Settings
 from bench.config import CURRENCY, INITIAL_BALANCE_MINOR
@@ -59,24 +60,28 @@ async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
     start = loop.time()
     t, bootstrap, partitions = (settings.topic, settings.kafka_bootstrap_servers,
                                 settings.topic_partitions)
-    worker_topics = [t("business.commands"), t("business.saga-inputs"), t("account.events")]
+    saga_topics = [t("business.commands"), t("business.saga-inputs")]
+    relay_topics = [t("account.events")]
     ac_topics = [t("account.commands")]
-    worker_before: GroupProgress | None = None
+    sagas_before: GroupProgress | None = None
+    relay_before: GroupProgress | None = None
     ac_before: GroupProgress | None = None
     while True:
-        worker = await group_progress(bootstrap, settings.app_id, worker_topics, partitions)
+        # The worker reads with two groups: the saga engine's and the Faust app's.
+        sagas = await group_progress(bootstrap, saga_group(settings), saga_topics, partitions)
+        relay = await group_progress(bootstrap, settings.app_id, relay_topics, partitions)
         ac = await group_progress(bootstrap, settings.account_center_group, ac_topics,
                                   partitions)
-        worker_lag = worker.behind(None if worker_before is None else worker_before.ends)
+        worker_lag = (sagas.behind(None if sagas_before is None else sagas_before.ends)
+                      + relay.behind(None if relay_before is None else relay_before.ends))
         ac_lag = ac.behind(None if ac_before is None else ac_before.ends)
-        worker_before, ac_before = worker, ac
+        sagas_before, relay_before, ac_before = sagas, relay, ac
         clearing = await ledger.clearing_balance(CURRENCY)
         # Read after the groups' lag, so what the worker wrote before is in what was read.
         events_read = await gateway.events_caught_up()
         still_open = open_sagas(gateway)
         seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag,
-                # Uncommitted at this instant, the worker's ticks of the last second included.
-                "workerUncommittedNow": worker.behind(),
+                "workerUncommittedNow": sagas.behind() + relay.behind(),
                 "clearingMinor": clearing,
                 "openSagas": len(still_open), "transferEventsRead": events_read,
                 "waitedSeconds": round(loop.time() - start, 1)}

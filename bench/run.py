@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
+from agents.saga_engine import saga_group
 from bench import hops, machine, profiling, report, traced_worker
 from bench.config import BenchConfig
 from bench.echo import EchoClient, EchoResult, server_command
@@ -180,7 +181,9 @@ async def wait_ready(system: IsolatedSystem, gateway: BenchGateway, vus: Virtual
     await every_partition_answers()
     while True:
         state, members = await system.group_state(system.settings.app_id)
-        if state == "Stable" and members == cfg.workers:
+        engine_state, engine_members = await system.group_state(saga_group(system.settings))
+        if ((state, engine_state) == ("Stable", "Stable")
+                and members == engine_members == cfg.workers):
             break
         check_alive()
         await asyncio.sleep(0.5)

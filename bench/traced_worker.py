@@ -20,7 +20,6 @@ window from the one read at its end.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import os
@@ -90,59 +89,10 @@ def _wrap_all(cls: type, prefix: str, names: list[str]) -> None:
             setattr(cls, attr, _timed(f"{prefix}.{attr}", getattr(cls, attr)))
 
 
-def _command_type(_self: Any, raw: bytes | None, *_args: Any, **_kw: Any) -> str:
-    try:
-        doc = orjson.loads(raw or b"")
-        kind = str(doc.get("type") or doc.get("kind"))
-        if kind == "accountEvent":
-            kind += "." + str((doc.get("accountEvent") or {}).get("type"))
-    except (ValueError, AttributeError):
-        kind = "undecodable"
-    _current[0] = kind
-    return kind
-
-
-LAG_PERIOD = 0.01
-
-
-async def _watch_loop_lag() -> None:
-    """How late the event loop runs a callback that is due (``loop.lag``): time a ready
-    coroutine waits behind the others (and for the GIL)."""
-    while True:
-        start = time.perf_counter()
-        await asyncio.sleep(LAG_PERIOD)
-        _record("loop.lag", max(0.0, time.perf_counter() - start - LAG_PERIOD))
-
-
-class _Gaps:
-    """Time between the end of one record and the start of the next, per agent: what the
-    agent spends outside the service (Faust's stream, acks, commits) or idle."""
-
-    def __init__(self) -> None:
-        self.last_end: dict[str, float] = {}
-        self.monitor: asyncio.Task[None] | None = None
-
-    def wrap(self, agent: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        gaps = self
-
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            last = gaps.last_end.get(agent)
-            if last is not None:
-                _record(f"gap.{agent}", start - last)
-            elif not gaps.last_end:  # the first record: the worker's loop is running
-                gaps.monitor = asyncio.get_running_loop().create_task(_watch_loop_lag())
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                gaps.last_end[agent] = time.perf_counter()
-        return wrapper
-
-
 def install() -> None:
     import agents.faust_app as faust_app
-    import agents.tables as tables
+    from agents.saga_engine import SagaEngine
+    from app.adapters import saga_state
     from app.adapters.postgres_store import PostgresBusinessStore
     from app.tokens import AccessTokenVerifier, TransferTokens
     from app.transfers.service import TransferService
@@ -154,15 +104,12 @@ def install() -> None:
         "confirm_checks"])
     _wrap_all(AccessTokenVerifier, "jwt.access", ["verify"])
     _wrap_all(TransferTokens, "jwt.transfer", ["issue", "verify"])
-    _wrap_all(tables.TableSagas, "table.sagas", ["get", "put"])
-    _wrap_all(tables.TableReplies, "table.replies", ["get", "put"])
+    _wrap_all(saga_state.PostgresSagas, "state.sagas", ["get", "due", "purge"])
+    _wrap_all(saga_state.PostgresReplies, "state.replies", ["get", "purge"])
+    _wrap_all(saga_state.PostgresSagaState, "state", ["flush", "prefetch"])
+    _wrap_all(SagaEngine, "engine", ["_cycle", "_run_lane", "_send", "_commit"])
     _wrap_all(faust_app.Worker, "send", ["send_all"])
     _wrap_all(SagaSteps, "service", ["apply"])
-    gaps = _Gaps()
-    TransferService.handle_command = gaps.wrap("sagas", _timed(  # type: ignore[method-assign]
-        "handle.command", TransferService.handle_command, _command_type))
-    TransferService.handle_saga_input = gaps.wrap("sagas", _timed(  # type: ignore[method-assign]
-        "handle.sagaInput", TransferService.handle_saga_input, _command_type))
     TransferService.route_account_event = _timed(  # type: ignore[method-assign]
         "relay.accountEvent", TransferService.route_account_event)
 
