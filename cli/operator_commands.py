@@ -1,60 +1,75 @@
 """Operator commands: ``bizcenter sagas list|show|resolve`` and ``bizcenter dlq list|show``.
 
 Why one module: it answers the operator's one question, what happened to a transfer or a
-record and how to finish it, from Kafka alone. ``sagas`` and ``dlq`` share the topic reading
+record and how to finish it. ``sagas`` and ``dlq`` share the topic reading
 (:func:`read_topic`, :class:`Record`), the exit statuses and the output conventions; split
 by command group, the ``dlq`` half would be about 60 lines importing its reading from the
 ``sagas`` half.
 
-They read Kafka directly, never a worker's memory, so they work with any number of workers
-running (or none):
+They read the stores directly, never a worker's memory, so they work with any number of
+workers running (or none):
 
-- **sagas** are the worker's Faust table ``sagas``, whose changelog topic
-  ``<BIZ_APP_ID>-sagas-changelog`` holds every version of every saga (key transferId, value
-  the stored saga; the latest per key is the table, a null value a purge). ``show`` adds the
-  transfer's events from ``business.transfer-events`` (its audit trail).
+- **sagas** are the rows of the table ``sagas`` in the business schema (``BIZ_DB_SCHEMA``),
+  which the workers' saga engine writes (app/adapters/saga_state.py, read through
+  ``PostgresSagaState``: straight from the table, no buffer, no cache). A row is the saga's
+  one stored version, its latest: the table keeps no history. Its history is the audit
+  trail that ``show`` adds: the transfer's events from ``business.transfer-events`` (Kafka).
+  A finished saga's row is purged after its retention; its events stay for the topic's.
 - **resolve** does not touch a balance: it sends an ``operatorResolution`` input to the
-  saga's home partition of ``business.saga-inputs``, which the saga agent decides through
+  saga's home partition of ``business.saga-inputs``, which the saga engine decides through
   the pure saga (``transfer_saga.on_resolution``) like any input: the refund or the credit
   goes to the account center under a new command id, once. Its ``resolutionId`` is derived
   from the transfer, the resolution's number and the action, so the same command run twice
   is the same input twice (the second re-sends what the first decided); the number is in
   the input, and the saga acts only on the one after those it started. The input is
   signed (HMAC-SHA256 under ``BIZ_OPERATOR_SECRET``, app/domain/resolution_signing.py):
-  the workers dead-letter any other.
+  the workers dead-letter any other. The outcome is then read from the saga's row, polled
+  until ``--wait`` runs out (:func:`resolution_outcome`).
 - **dlq** reads ``business.dlq`` (docs/contract.md, "business.dlq": coordinates, sizes,
   digest and reason; never the original value).
 
 Exit statuses: 0 done (found, listed, resolved as asked), 1 not found / not resolvable /
-refused again / ended otherwise than asked (a ``--complete`` that ended FAILED), 2 Kafka
-could not be read, 3 a resolution was sent but its outcome not seen in time.
+refused again / ended otherwise than asked (a ``--complete`` that ended FAILED), 2 a store
+could not be read: PostgreSQL or Kafka (for ``resolve``: the saga not read, or its input's
+send not acknowledged; running it again is harmless), 3 a resolution was sent but its
+outcome not seen in time (a row that cannot be read after the send is this, not 2).
 What is printed holds no secret: a saga's OTP digest is never shown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from app.settings import Settings
 from events.topics import partition_of
 
+if TYPE_CHECKING:
+    from app.adapters.saga_state import PostgresSagaState
+    from app.domain.transfer_saga import Saga
+
 EXIT_OK, EXIT_NOT_FOUND, EXIT_UNREADABLE, EXIT_PENDING = 0, 1, 2, 3
 RESOLUTION_NS = uuid.UUID("9d3b7c1e-4a2f-4e8b-b6d1-7f0a5c3e2b14")
 FINAL = ("COMPLETED", "FAILED", "MANUAL_REVIEW")
 READ_TIMEOUT_SECONDS = 60.0
+#: How often ``resolve`` reads the saga's row while it waits for the outcome.
+POLL_INTERVAL_SECONDS = 0.2
+#: ``sagas list`` shows at most this many sagas unless ``--limit`` says otherwise.
+DEFAULT_LIST_LIMIT = 1000
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_T = TypeVar("_T")
 
 
 def parse_duration(text: str) -> float:
@@ -69,6 +84,27 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Unreadable(Exception):
+    """A store could not be read (or written); the message names it and says why in one
+    line, without any value (exit status 2)."""
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
+async def reading(what: str, work: Awaitable[_T]) -> _T:
+    """``work``'s result; any failure becomes :class:`Unreadable` naming ``what``."""
+    try:
+        return await work
+    except Unreadable:
+        raise
+    except Exception as exc:
+        raise Unreadable(f"{what}: {one_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -123,79 +159,95 @@ async def read_topic(settings: Settings, topic: str, *, partitions: list[int] | 
         await consumer.stop()
 
 
-def sagas_changelog(settings: Settings) -> str:
-    return f"{settings.app_id}-sagas-changelog"
-
-
-def saga_view(raw: dict[str, Any]) -> dict[str, Any]:
-    """What an operator sees of a stored saga (never its OTP digest)."""
-    t = raw["transfer"]
-    return {
-        "transferId": t["transfer_id"], "kind": t.get("kind", "transfer"),
-        "state": raw["state"], "code": raw.get("code"), "seq": raw["seq"],
-        "operatorId": t["operator_id"], "fromAccountId": t["from_account_id"],
-        "toAccountId": t["to_account_id"], "amountMinor": t["amount_minor"],
-        "currency": t["currency"], "homePartition": t["home_partition"],
-        "createdAt": iso(raw["created_at"]), "updatedAt": iso(raw["updated_at"]),
-        "updatedAtEpoch": raw["updated_at"], "lastTrigger": raw.get("last_trigger", ""),
-        "commandAttempts": raw.get("command_attempts", 0),
-        "nextRetryAt": iso(raw.get("next_retry_at")),
-        "resolutionCount": raw.get("resolution_count", 0),
-        "resolutionAction": raw.get("resolution_action"),
-        "resolvedBy": raw.get("resolved_by"), "resolutionReason": raw.get("resolution_reason"),
-    }
-
-
-async def latest_sagas(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The sagas table as the changelog holds it: the latest version per transferId."""
-    latest: dict[str, dict[str, Any]] = {}
-    for r in await read_topic(settings, sagas_changelog(settings)):
-        if r.key is None:
-            continue
-        key = r.key.decode(errors="replace")
-        if r.value is None:
-            latest.pop(key, None)  # purged
-        else:
-            latest[key] = saga_view(orjson.loads(r.value))
-    return latest
-
-
-def saga_versions(records: list[Record], transfer_id: str) -> list[dict[str, Any]]:
-    """The stored versions of one saga, oldest first, in the changelog's order: by offset
-    within its partition (a saga is written from its home partition only, so into one
-    changelog partition). Never by record timestamp: those are the writers' clocks, and a
-    worker whose clock is behind would make an older version look like the latest."""
-    return [saga_view(orjson.loads(r.value)) if r.value is not None else
-            {"transferId": transfer_id, "state": "(purged)"}
-            for r in sorted(records, key=lambda r: (r.partition, r.offset))]
-
-
-async def saga_history(settings: Settings, transfer_id: str
-                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(every stored version of the saga, oldest first; its transfer events)."""
+async def transfer_events(settings: Settings, transfer_id: str) -> list[dict[str, Any]]:
+    """The transfer's events (``business.transfer-events``, its partition), by seq."""
     key = transfer_id.encode()
-    versions = saga_versions(await read_topic(settings, sagas_changelog(settings),
-                                              keep=lambda k: k == key), transfer_id)
     partition = partition_of(key, settings.topic_partitions)
     events = [orjson.loads(r.value) for r in await read_topic(
         settings, settings.topic("business.transfer-events"), partitions=[partition],
         keep=lambda k: k == key) if r.value is not None]
     events.sort(key=lambda e: e.get("seq", 0))
-    return versions, events
+    return events
+
+
+# --------------------------------------------------------------------------------------
+# reading sagas (PostgreSQL)
+# --------------------------------------------------------------------------------------
+
+
+def postgres(settings: Settings) -> str:
+    """How messages name the sagas' store: ``PostgreSQL (<schema>.sagas)``."""
+    return f"PostgreSQL ({settings.db_schema}.sagas)"
+
+
+@contextlib.asynccontextmanager
+async def saga_store(settings: Settings) -> AsyncIterator[PostgresSagaState]:
+    """The sagas table's reads on an engine of one connection, disposed at the end. No
+    migration: an operator's read runs no DDL (a missing table is an unreadable store)."""
+    from app.adapters.db import make_engine
+    from app.adapters.saga_state import PostgresSagaState
+
+    engine = make_engine(settings.database_url, settings.db_schema, pool_size=1)
+    try:
+        yield PostgresSagaState(engine, settings.db_schema)
+    finally:
+        await engine.dispose()
+
+
+def saga_view(saga: Saga) -> dict[str, Any]:
+    """What an operator sees of a stored saga (never its OTP digest, sealed OTP or saved
+    outputs)."""
+    t = saga.transfer
+    return {
+        "transferId": t.transfer_id, "kind": t.kind,
+        "state": saga.state.value, "code": saga.code, "seq": saga.seq,
+        "operatorId": t.operator_id, "fromAccountId": t.from_account_id,
+        "toAccountId": t.to_account_id, "amountMinor": t.amount_minor,
+        "currency": t.currency, "homePartition": t.home_partition,
+        "createdAt": iso(saga.created_at), "updatedAt": iso(saga.updated_at),
+        "updatedAtEpoch": saga.updated_at, "lastTrigger": saga.last_trigger,
+        "commandAttempts": saga.command_attempts,
+        "nextRetryAt": iso(saga.next_retry_at),
+        "resolutionCount": saga.resolution_count,
+        "resolutionAction": saga.resolution_action,
+        "resolvedBy": saga.resolved_by, "resolutionReason": saga.resolution_reason,
+    }
+
+
+async def listed_sagas(settings: Settings, *, state: str | None, older_than: float | None,
+                       now: float, limit: int) -> list[dict[str, Any]]:
+    """Sagas in ``state`` unchanged for at least ``older_than`` seconds, the oldest update
+    first, at most ``limit``."""
+    before = None if older_than is None else now - older_than
+
+    async def read() -> list[Saga]:
+        async with saga_store(settings) as store:
+            return await store.list_sagas(state, before, limit)
+
+    return [saga_view(s) for s in await reading(postgres(settings), read())]
+
+
+async def stored_saga(settings: Settings, transfer_id: str) -> dict[str, Any] | None:
+    async def read() -> Saga | None:
+        async with saga_store(settings) as store:
+            return await store.saga(transfer_id)
+
+    found = await reading(postgres(settings), read())
+    return None if found is None else saga_view(found)
+
+
+async def saga_and_events(settings: Settings, transfer_id: str
+                          ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(the saga's stored version or None; its transfer events, by seq)."""
+    saga = await stored_saga(settings, transfer_id)
+    events = await reading(f"Kafka ({settings.topic('business.transfer-events')})",
+                           transfer_events(settings, transfer_id))
+    return saga, events
 
 
 # --------------------------------------------------------------------------------------
 # sagas list / show
 # --------------------------------------------------------------------------------------
-
-
-def select_sagas(sagas: dict[str, dict[str, Any]], *, state: str | None,
-                 older_than: float | None, now: float) -> list[dict[str, Any]]:
-    rows = [s for s in sagas.values()
-            if (state is None or s["state"] == state)
-            and (older_than is None or now - s["updatedAtEpoch"] >= older_than)]
-    rows.sort(key=lambda s: s["updatedAtEpoch"])
-    return rows
 
 
 def _age(seconds: float) -> str:
@@ -221,24 +273,28 @@ def sagas_table(rows: list[dict[str, Any]], now: float) -> str:
     return "\n".join(lines)
 
 
-async def _guarded(work: Any) -> tuple[int, Any]:
+async def _guarded(work: Awaitable[_T]) -> tuple[int, _T | str]:
+    """(EXIT_OK, the result) or (EXIT_UNREADABLE, why in one line)."""
     try:
         return EXIT_OK, await asyncio.wait_for(work, READ_TIMEOUT_SECONDS)
-    except LookupError as exc:
+    except (Unreadable, LookupError) as exc:
         return EXIT_UNREADABLE, f"{exc}"
     except Exception as exc:
-        return EXIT_UNREADABLE, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        return EXIT_UNREADABLE, one_line(exc)
 
 
 def cmd_sagas_list(settings: Settings, args: Any) -> int:
     older = parse_duration(args.older_than) if args.older_than else None
-    status, sagas = asyncio.run(_guarded(latest_sagas(settings)))
-    if status != EXIT_OK:
-        print(f"bizcenter sagas list: cannot read {sagas_changelog(settings)}: {sagas}",
-              file=_stderr())
-        return status
     now = time.time()
-    rows = select_sagas(sagas, state=args.state, older_than=older, now=now)
+    status, found = asyncio.run(_guarded(listed_sagas(
+        settings, state=args.state, older_than=older, now=now, limit=args.limit + 1)))
+    if not isinstance(found, list):
+        print(f"bizcenter sagas list: cannot read the sagas: {found}", file=_stderr())
+        return status
+    rows = found[:args.limit]
+    if len(found) > args.limit:
+        print(f"bizcenter sagas list: more sagas match; the {args.limit} least recently "
+              "updated are shown (--limit)", file=_stderr())
     if args.json:
         print(json.dumps([_public(s) for s in rows], indent=2))
     else:
@@ -251,31 +307,27 @@ def _public(saga: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_sagas_show(settings: Settings, args: Any) -> int:
-    status, found = asyncio.run(_guarded(saga_history(settings, args.transfer_id)))
-    if status != EXIT_OK:
+    status, found = asyncio.run(_guarded(saga_and_events(settings, args.transfer_id)))
+    if not isinstance(found, tuple):
         print(f"bizcenter sagas show: cannot read the sagas: {found}", file=_stderr())
         return status
-    versions, events = found
-    if not versions and not events:
+    saga, events = found
+    if saga is None and not events:
         print(f"bizcenter sagas show: no saga {args.transfer_id}", file=_stderr())
         return EXIT_NOT_FOUND
     if args.json:
-        print(json.dumps({"saga": _public(versions[-1]) if versions else None,
-                          "versions": [_public(v) for v in versions],
+        # "versions": the stored versions; the table keeps one, the row (none once purged)
+        print(json.dumps({"saga": None if saga is None else _public(saga),
+                          "versions": [] if saga is None else [_public(saga)],
                           "transferEvents": events}, indent=2))
         return EXIT_OK
-    if versions and "kind" in versions[-1]:
-        for key, value in _public(versions[-1]).items():
+    if saga is None:
+        print("(no stored saga: purged after it finished, or never stored)")
+    else:
+        for key, value in _public(saga).items():
             if value not in (None, "", 0) or key in ("seq", "state"):
                 print(f"{key:<18} {value}")
-    print("\nhistory (stored versions, oldest first):")
-    for v in versions:
-        who = (f"  resolution {v.get('resolutionCount')}: {v.get('resolutionAction')} by "
-               f"{v.get('resolvedBy')} ({v.get('resolutionReason')})"
-               if v.get("resolutionCount") else "")
-        print(f"  {v.get('updatedAt') or '':<21} seq {v.get('seq', '-')!s:<3} "
-              f"{v['state']:<13} {v.get('code') or '':<18} {v.get('lastTrigger', '')}{who}")
-    print("\ntransfer events:")
+    print("\ntransfer events (the history, oldest first):")
     for e in events:
         print(f"  {e.get('occurredAt', ''):<27} seq {e.get('seq')!s:<3} "
               f"{e.get('previousState') or 'start'} -> {e.get('state')} {e.get('code') or ''}")
@@ -307,7 +359,7 @@ def not_to_send(saga: dict[str, Any] | None, action: str, transfer_id: str
                 ) -> tuple[int, dict[str, Any]] | None:
     """The answer when no resolution is to be sent (unknown saga, not in MANUAL_REVIEW,
     already resolved), or None when one is."""
-    if saga is None or "kind" not in saga:
+    if saga is None:
         return EXIT_NOT_FOUND, {"outcome": "not found", "transferId": transfer_id}
     state = saga["state"]
     if state != "MANUAL_REVIEW":
@@ -329,6 +381,22 @@ def not_to_send(saga: dict[str, Any] | None, action: str, transfer_id: str
     return None
 
 
+def resolution_outcome(saga: dict[str, Any] | None, number: int, action: str
+                       ) -> tuple[int, str] | None:
+    """What the saga's row says of resolution ``number`` (``action``) sent to it: None
+    while it has not finished (not started yet, or under way), else (exit status, outcome):
+    the final state it ended in, or, when another resolution took that number first (two
+    operators at once: the saga decides only one), that it was resolved otherwise."""
+    if saga is None or saga["resolutionCount"] < number or saga["state"] not in FINAL:
+        return None
+    state = str(saga["state"])
+    if saga["resolutionCount"] == number and saga["resolutionAction"] == action:
+        return outcome_status(action, state), state
+    return EXIT_NOT_FOUND, (
+        f"resolved otherwise: resolution {saga['resolutionCount']} "
+        f"({saga['resolutionAction']} by {saga['resolvedBy']}) ended {state}")
+
+
 def resolution_input(secret: bytes, transfer_id: str, number: int, action: str,
                      operator: str, reason: str) -> Any:
     """The signed ``operatorResolution`` saga input (schemas.wire.SagaInput); a
@@ -345,58 +413,82 @@ def resolution_input(secret: bytes, transfer_id: str, number: int, action: str,
                                   reason=reason)))
 
 
-async def resolve(settings: Settings, transfer_id: str, action: str, operator: str,
-                  reason: str, wait: float) -> tuple[int, dict[str, Any]]:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    versions, _events = await saga_history(settings, transfer_id)
-    saga = versions[-1] if versions else None
-    answer = not_to_send(saga, action, transfer_id)
-    if answer is not None:
-        return answer
-    assert saga is not None
-    number = saga["resolutionCount"] + 1
-    item = resolution_input(settings.operator_secret.get_secret_value().encode(),
-                            transfer_id, number, action, operator, reason)
+async def send_input(settings: Settings, item: Any, transfer_id: str, partition: int) -> None:
+    """``item`` to ``partition`` of ``business.saga-inputs``, acknowledged by all replicas."""
+    from aiokafka import AIOKafkaProducer
 
-    events_topic = settings.topic("business.transfer-events")
-    tp = TopicPartition(events_topic,
-                        partition_of(transfer_id.encode(), settings.topic_partitions))
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                enable_auto_commit=False, client_id="bizcenter-operator")
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 acks="all", enable_idempotence=True)
-    await consumer.start()
     await producer.start()
     try:
-        consumer.assign([tp])
-        await consumer.seek_to_end(tp)
-        await consumer.position(tp)  # fixed before the input is sent: no event is missed
         await producer.send_and_wait(settings.topic("business.saga-inputs"),
                                      orjson.dumps(item.to_wire()), key=transfer_id.encode(),
-                                     partition=saga["homePartition"])
+                                     partition=partition)
+    finally:
+        await producer.stop()
+
+
+async def await_outcome(read: Callable[[], Awaitable[dict[str, Any] | None]], number: int,
+                        action: str, wait: float, *,
+                        interval: float = POLL_INTERVAL_SECONDS
+                        ) -> tuple[int, str, dict[str, Any] | None, str | None]:
+    """Read the saga (``read``) every ``interval`` until :func:`resolution_outcome` has
+    one or ``wait`` seconds have passed (at least one read): (exit status, outcome, the
+    saga last read, the last read's error). A failed read is tried again until the
+    deadline: the input is sent, so the answer is then EXIT_PENDING, not EXIT_UNREADABLE."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    saga: dict[str, Any] | None = None
+    error: str | None = None
+    while True:
+        try:
+            saga = await asyncio.wait_for(read(), max(deadline - loop.time(), interval))
+            error = None
+        except Exception as exc:
+            error = one_line(exc)
+        else:
+            seen = resolution_outcome(saga, number, action)
+            if seen is not None:
+                return seen[0], seen[1], saga, None
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(interval, left))
+    started = saga is not None and saga["resolutionCount"] >= number
+    return EXIT_PENDING, "sent; started" if started else "sent", saga, error
+
+
+async def resolve(settings: Settings, transfer_id: str, action: str, operator: str,
+                  reason: str, wait: float) -> tuple[int, dict[str, Any]]:
+    """Send the resolution if the saga's row calls for one, then wait for its outcome in
+    the row. An :class:`Unreadable` before the input is sent."""
+    async with saga_store(settings) as store:
+        async def read() -> dict[str, Any] | None:
+            found = await store.saga(transfer_id)
+            return None if found is None else saga_view(found)
+
+        saga = await reading(postgres(settings),
+                             asyncio.wait_for(read(), READ_TIMEOUT_SECONDS))
+        answer = not_to_send(saga, action, transfer_id)
+        if answer is not None:
+            return answer
+        assert saga is not None
+        number = saga["resolutionCount"] + 1
+        item = resolution_input(settings.operator_secret.get_secret_value().encode(),
+                                transfer_id, number, action, operator, reason)
+        await reading(f"Kafka ({settings.topic('business.saga-inputs')})", asyncio.wait_for(
+            send_input(settings, item, transfer_id, saga["homePartition"]),
+            READ_TIMEOUT_SECONDS))
         sent = {"transferId": transfer_id, "action": action, "operator": operator,
                 "resolutionId": item.resolution.resolution_id if item.resolution else None,
                 "resolution": number, "homePartition": saga["homePartition"]}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        started = False
-        while loop.time() < deadline:
-            batch = await consumer.getmany(tp, timeout_ms=500)
-            for records in batch.values():
-                for r in records:
-                    if r.key != transfer_id.encode() or r.value is None:
-                        continue
-                    event = orjson.loads(r.value)
-                    if event.get("previousState") == "MANUAL_REVIEW":
-                        started = True
-                    elif started and event.get("state") in FINAL:
-                        outcome = event["state"]
-                        return (outcome_status(action, outcome),
-                                {**sent, "outcome": outcome, "event": event})
-        return EXIT_PENDING, {**sent, "outcome": "sent; started" if started else "sent"}
-    finally:
-        await producer.stop()
-        await consumer.stop()
+        status, outcome, last, error = await await_outcome(read, number, action, wait)
+    result = {**sent, "outcome": outcome}
+    if last is not None and status != EXIT_PENDING:
+        result["saga"] = _public(last)
+    if error is not None:
+        result["lastReadError"] = f"{postgres(settings)}: {error}"
+    return status, result
 
 
 def cmd_sagas_resolve(settings: Settings, args: Any) -> int:
@@ -414,10 +506,12 @@ def cmd_sagas_resolve(settings: Settings, args: Any) -> int:
     try:
         status, result = asyncio.run(asyncio.wait_for(
             resolve(settings, args.transfer_id, action, args.operator, args.reason,
-                    args.wait), READ_TIMEOUT_SECONDS + args.wait))
+                    args.wait), 2 * READ_TIMEOUT_SECONDS + args.wait))
     except Exception as exc:
-        print(f"bizcenter sagas resolve: Kafka could not be read or written: "
-              f"{type(exc).__name__}", file=_stderr())
+        why = str(exc) if isinstance(exc, Unreadable) else one_line(exc)
+        print(f"bizcenter sagas resolve: cannot read the saga or send the resolution: {why} "
+              "(running the command again is harmless: the same resolution is the same "
+              "input)", file=_stderr())
         return EXIT_UNREADABLE
     if args.json:
         print(json.dumps(result, indent=2))
@@ -435,6 +529,8 @@ def cmd_sagas_resolve(settings: Settings, args: Any) -> int:
         if status == EXIT_PENDING:
             print("the resolution is on its way; follow it with: bizcenter sagas show "
                   f"{args.transfer_id}")
+            if "lastReadError" in result:
+                print(f"(the saga could not be read: {result['lastReadError']})")
     return status
 
 
@@ -459,7 +555,7 @@ async def dead_letters(settings: Settings) -> list[dict[str, Any]]:
 
 def cmd_dlq_list(settings: Settings, args: Any) -> int:
     status, letters = asyncio.run(_guarded(dead_letters(settings)))
-    if status != EXIT_OK:
+    if not isinstance(letters, list):
         print(f"bizcenter dlq list: cannot read {settings.topic('business.dlq')}: {letters}",
               file=_stderr())
         return status
@@ -482,7 +578,7 @@ def cmd_dlq_list(settings: Settings, args: Any) -> int:
 
 def cmd_dlq_show(settings: Settings, args: Any) -> int:
     status, letters = asyncio.run(_guarded(dead_letters(settings)))
-    if status != EXIT_OK:
+    if not isinstance(letters, list):
         print(f"bizcenter dlq show: cannot read {settings.topic('business.dlq')}: {letters}",
               file=_stderr())
         return status
@@ -503,6 +599,18 @@ def cmd_dlq_show(settings: Settings, args: Any) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
+
 def _stderr() -> Any:
     import sys
 
@@ -514,17 +622,28 @@ def add_parsers(sub: Any) -> None:
     import argparse
 
     sagas = sub.add_parser("sagas", help="list, show and resolve transfer sagas",
-                           description="Sagas as the worker's table holds them (read from its "
-                           "changelog topic). Exit 0 ok, 1 not found or not resolvable, 2 "
-                           "Kafka unreadable, 3 a resolution sent but not seen finished.")
+                           description="Sagas as the workers store them: the table sagas of "
+                           "the business schema in PostgreSQL, one row (the latest version) "
+                           "per saga; show adds the transfer's events from Kafka "
+                           "(business.transfer-events), its history. Exit 0 ok, 1 not found "
+                           "or not resolvable, 2 PostgreSQL or Kafka unreadable, 3 a "
+                           "resolution sent but not seen finished.")
     ssub = sagas.add_subparsers(dest="sagas_command", required=True)
     lst = ssub.add_parser("list", help="sagas by state and age")
     lst.add_argument("--state", help="only this state, e.g. MANUAL_REVIEW, DEBITING")
     lst.add_argument("--older-than", metavar="AGE",
                      help="only sagas unchanged for at least AGE (30s, 10m, 2h, 1d)")
+    lst.add_argument("--limit", type=_positive, default=DEFAULT_LIST_LIMIT, metavar="N",
+                     help="at most N sagas, the least recently updated (default "
+                     f"{DEFAULT_LIST_LIMIT}; a line on stderr says when more match)")
     lst.add_argument("--json", action="store_true", help="as a JSON list")
     lst.set_defaults(fn=cmd_sagas_list)
-    show = ssub.add_parser("show", help="one saga, its stored versions and transfer events")
+    show = ssub.add_parser(
+        "show", help="one saga: its stored version (the row) and its transfer events",
+        description="The saga's row (its one stored version: the table keeps the latest "
+        "only; none once a finished saga is purged) and the transfer's events from "
+        "business.transfer-events, its history. In --json, \"versions\" lists the stored "
+        "versions: the row, or none.")
     show.add_argument("transfer_id", metavar="TRANSFER_ID")
     show.add_argument("--json", action="store_true", help="as a JSON object")
     show.set_defaults(fn=cmd_sagas_show)
@@ -534,9 +653,10 @@ def add_parsers(sub: Any) -> None:
         description="Sends an operatorResolution input to the saga (business.saga-inputs): "
         "the saga sends the refund or the credit to the account center under a new command "
         "id, once, and records the operator and the reason; never a direct balance edit. "
-        "Running it again is harmless. Exit 0 resolved (or already), 1 not resolvable or "
-        "refused again by the account center, 2 Kafka unreadable, 3 sent, outcome not seen "
-        "within --wait.")
+        "Running it again is harmless. The outcome is read from the saga's row in "
+        "PostgreSQL until --wait runs out. Exit 0 resolved (or already), 1 not resolvable "
+        "or refused again by the account center, 2 PostgreSQL or Kafka unreadable (the "
+        "saga not read or the input not sent), 3 sent, outcome not seen within --wait.")
     what = res.add_mutually_exclusive_group(required=True)
     what.add_argument("--refund", action="store_true",
                       help="give the amount held in clearing back to the payer")

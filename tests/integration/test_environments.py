@@ -161,18 +161,21 @@ def test_invalid_settings_are_refused_without_showing_their_value(tmp_path: Path
                                   ("users", "unlock", "alice")])
 def test_operator_commands_that_use_no_secret_need_none(tmp_path: Path,
                                                         args: tuple[str, ...]) -> None:
-    """Finding F6: reading topics (sagas list|show, dlq) or unlocking a user uses no
-    secret, so production with none set does not refuse them: they go on and fail only at
-    the unreachable broker or database (exit 2, or an error that is not 78)."""
+    """Finding F6: reading the sagas table and the topics (sagas list|show, dlq) or
+    unlocking a user uses no secret, so production with none set does not refuse them:
+    they go on and fail only at the unreachable broker or database (exit 2, or an error
+    that is not 78)."""
     result = bizcenter(tmp_path, *args, env={}, timeout=120)
     assert result.returncode not in (0, EXIT_CONFIG), (result.returncode, result.stderr)
     assert "refusing to start" not in result.stderr, result.stderr
+    if args[0] == "sagas":  # the sagas are read from PostgreSQL first
+        assert result.returncode == 2 and "PostgreSQL" in result.stderr, result.stderr
 
 
 def test_sagas_resolve_needs_the_operator_secret_and_only_it(tmp_path: Path) -> None:
     """Finding F6: ``sagas resolve`` signs with BIZ_OPERATOR_SECRET: refused while it is
     unset, a development value or short, whatever the other secrets; with it alone it
-    goes on (to the unreachable broker, exit 2)."""
+    goes on (to the unreachable database, where it reads the saga first: exit 2)."""
     args = ("sagas", "resolve", "t-1", "--refund", "--operator", "ops-anna", "--reason",
             "why", "--wait", "1")
     for value in (None, DEV_OPERATOR_SECRET, DEV_PIN_PEPPER, "s" * 31):
@@ -187,6 +190,7 @@ def test_sagas_resolve_needs_the_operator_secret_and_only_it(tmp_path: Path) -> 
     alone = bizcenter(tmp_path, *args, env={"BIZ_OPERATOR_SECRET": secrets.token_urlsafe(48)},
                       timeout=120)
     assert alone.returncode == 2, (alone.returncode, alone.stderr)
+    assert "PostgreSQL" in alone.stderr, alone.stderr
 
 
 @pytest.mark.integration

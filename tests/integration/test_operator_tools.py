@@ -1,12 +1,16 @@
 """Operating the system for real (issue 14): the worker's and the account center's
 ``/metrics`` moving after a transfer; a dead letter counted and shown by ``bizcenter dlq``;
-a transfer driven into MANUAL_REVIEW, listed by ``bizcenter sagas list``, logged at WARNING
-as a JSON line with its ids, resolved by ``bizcenter sagas resolve`` (money moved once, the
-command idempotent); the account center's live reconciliation raising its alarm on a ledger
-row changed behind its back.
+a transfer driven into MANUAL_REVIEW, listed by ``bizcenter sagas list`` (from the sagas
+table in PostgreSQL), logged at WARNING as a JSON line with its ids, resolved by
+``bizcenter sagas resolve`` (money moved once, the command idempotent); the account
+center's live reconciliation raising its alarm on a ledger row changed behind its back.
 
 One system (worker, account center, funding provider as child processes) in its own topics
-and schemas; JSON logs; the live reconciliation every second."""
+and schemas; JSON logs; the live reconciliation every second.
+
+Then ``bizcenter sagas`` without any worker: rows written straight into the ``sagas`` table
+of a schema of their own (its filters, its JSON, not found, a store that cannot be read),
+and ``resolve`` sending its signed input to the saga's home partition."""
 
 from __future__ import annotations
 
@@ -15,16 +19,31 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from conftest import wait_for
 from sqlalchemy import text
 from system import ROOT, System
+
+from app.adapters.postgres_store import PostgresBusinessStore
+from app.child_env import child_env
+from app.domain.resolution_signing import resolution_signed
+from app.domain.transfer_saga import Saga, State, Transfer, saga_to_dict
+from app.settings import Settings
+from cli.operator_commands import iso, read_topic
+from events.topics import ensure_topics, partition_of
+from schemas.wire import SagaInput, TransferEvent
 
 ALICE, BOB, CAROL = "ot-alice", "ot-bob", "ot-carol"
 OPENING = 1_000_000
@@ -82,8 +101,14 @@ def sample(samples: dict[str, float], name: str, **labels: str) -> float:
 
 
 def bizcenter(system: System, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return run_cli(system.env(), *args, timeout=timeout)
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+    """``bizcenter ARGS`` as an operator runs it, with ``env`` (every setting explicit)."""
     return subprocess.run([sys.executable, "-m", "cli", *args],
-                          env={**system.env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -295,10 +320,19 @@ async def test_a_manual_review_transfer_is_listed_logged_and_resolved_once(
         ).scalar_one()
     assert refunds == 1
 
-    shown = bizcenter(system, "sagas", "show", transfer_id, "--json")
-    assert shown.returncode == 0, shown.stderr
+    # resolve read FAILED in the saga's row, which is written before the saga's outputs
+    # are sent: the FAILED event follows it onto business.transfer-events
+    def shown_until_failed() -> subprocess.CompletedProcess[str] | None:
+        shown = bizcenter(system, "sagas", "show", transfer_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        events = json.loads(shown.stdout)["transferEvents"]
+        return shown if events and events[-1]["state"] == "FAILED" else None
+
+    shown = await wait_for(shown_until_failed, timeout=30, interval=0.5,
+                           what="the FAILED transfer event")
     saga = json.loads(shown.stdout)
     assert saga["saga"]["state"] == "FAILED"
+    assert saga["versions"] == [saga["saga"]]  # one stored version: the row
     assert (saga["saga"]["resolvedBy"], saga["saga"]["resolutionReason"]) == (
         "ops-anna", "payer account reopened")
     states = [e["state"] for e in saga["transferEvents"]]
@@ -375,3 +409,265 @@ async def test_the_live_reconciliation_alarms_on_a_drift(system: System) -> None
         return sample(samples, "bizcenter_query_balance_mismatches") == 0
 
     await wait_for(matched, timeout=30, what="the query tables to match again")
+
+
+# --------------------------------------------------------------------------------------
+# bizcenter sagas without a worker: rows written straight into the table
+# --------------------------------------------------------------------------------------
+
+#: What ``sagas list --json`` shows of a saga, and nothing else.
+SAGA_KEYS = {"transferId", "kind", "state", "code", "seq", "operatorId", "fromAccountId",
+             "toAccountId", "amountMinor", "currency", "homePartition", "createdAt",
+             "updatedAt", "lastTrigger", "commandAttempts", "nextRetryAt", "resolutionCount",
+             "resolutionAction", "resolvedBy", "resolutionReason"}
+OTP_DIGEST = "0123456789abcdef-an-otp-digest-never-shown"
+
+
+@dataclass(frozen=True)
+class SagaTable:
+    """A schema with the business DDL (the sagas table) and the topics of a run of its
+    own; no worker."""
+
+    settings: Settings
+    store: PostgresBusinessStore
+    now: float
+
+    def env(self, **changes: str) -> dict[str, str]:
+        return {**child_env(self.settings), **changes}
+
+    async def insert(self, *sagas: Saga) -> None:
+        """The rows as the saga engine writes them (its columns, the orjson of
+        ``saga_to_dict`` as bytea), by SQL: not through the code under test."""
+        async with self.store.engine.begin() as conn:  # search_path: the schema
+            await conn.execute(text(
+                "INSERT INTO sagas (transfer_id, home_partition, operator_id, state,"
+                " deadline, updated_at, saga) VALUES (:t, :p, :o, :s, :d, :u, :j)"), [{
+                    "t": g.transfer.transfer_id, "p": g.transfer.home_partition,
+                    "o": g.transfer.operator_id, "s": g.state.value, "d": g.deadline(),
+                    "u": g.updated_at, "j": orjson.dumps(saga_to_dict(g)),
+                } for g in sagas])
+
+    async def publish_event(self, saga: Saga, seq: int, state: str,
+                            previous: str | None) -> None:
+        """A transfer event of ``saga`` as the worker publishes it (its key, its
+        partition)."""
+        t = saga.transfer
+        event = TransferEvent(
+            event_id=f"{t.transfer_id}:{seq}", transfer_id=t.transfer_id, seq=seq,
+            state=state, operator_id=t.operator_id, from_account_id=t.from_account_id,
+            to_account_id=t.to_account_id, amount_minor=t.amount_minor, currency=t.currency,
+            occurred_at=datetime.fromtimestamp(saga.created_at + seq, UTC),
+            previous_state=previous)
+        key = t.transfer_id.encode()
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers,
+                                    acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                self.settings.topic("business.transfer-events"),
+                orjson.dumps(event.to_wire()), key=key,
+                partition=partition_of(key, self.settings.topic_partitions))
+        finally:
+            await producer.stop()
+
+
+def stored_saga(name: str, state: State, *, age: float, now: float, partition: int = 1,
+                **changes: Any) -> Saga:
+    transfer = Transfer(
+        transfer_id=f"{name}-{uuid.uuid4()}", operator_id="ot-alice", idempotency_key=name,
+        fingerprint="fp", from_account_id="acc-ot-alice", to_account_id="acc-ot-bob",
+        amount_minor=4_321, currency="USD", note=None, home_partition=partition)
+    return Saga(transfer=transfer, state=state, seq=3, created_at=now - age - 5,
+                updated_at=now - age, origin_request_id=f"r-{name}", reply_to=f"r-{name}",
+                reply_type="transferConfirm", otp_digest=OTP_DIGEST, **changes)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def table(kafka_bootstrap: str, database_url: str) -> AsyncIterator[SagaTable]:
+    run = "t" + uuid.uuid4().hex[:10]  # not the system's: its worker writes no row here
+    settings = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap, database_url=database_url,
+        topic_prefix=f"{run}.", topic_partitions=3, app_id=f"{run}-worker",
+        db_schema=f"{run}_biz", account_center_db_schema=f"{run}_ac",
+        environment="development")
+    store = PostgresBusinessStore.from_settings(settings)
+    try:
+        await ensure_topics(settings)
+        await store.migrate()
+        yield SagaTable(settings, store, time.time())
+    finally:
+        async with store.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE'))
+        await store.close()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            mine = [t for t in await admin.list_topics() if t.startswith(settings.topic_prefix)]
+            if mine:
+                await admin.delete_topics(mine)
+        finally:
+            await admin.close()
+
+
+@pytest.mark.integration
+async def test_sagas_list_and_show_read_the_table(table: SagaTable) -> None:
+    now = table.now
+    old_review = stored_saga("old-review", State.MANUAL_REVIEW, age=7_200, now=now,
+                             code="REFUND_REJECTED")
+    new_review = stored_saga("new-review", State.MANUAL_REVIEW, age=60, now=now)
+    debiting = stored_saga("debiting", State.DEBITING, age=30, now=now,
+                           next_retry_at=now + 5, command_attempts=1)
+    done = stored_saga("done", State.COMPLETED, age=3 * 86_400, now=now)
+    await table.insert(old_review, new_review, debiting, done)
+    ids = {g.transfer.transfer_id: g for g in (old_review, new_review, debiting, done)}
+
+    def listed(*args: str) -> list[str]:
+        result = run_cli(table.env(), "sagas", "list", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        assert OTP_DIGEST not in result.stdout
+        rows = json.loads(result.stdout)
+        for row in rows:
+            assert set(row) == SAGA_KEYS, row
+        return [r["transferId"] for r in rows]
+
+    # every saga, the least recently updated first; then the filters
+    order = [done, old_review, new_review, debiting]
+    assert listed() == [g.transfer.transfer_id for g in order]
+    assert listed("--state", "MANUAL_REVIEW") == [old_review.transfer.transfer_id,
+                                                  new_review.transfer.transfer_id]
+    assert listed("--state", "MANUAL_REVIEW", "--older-than", "1h") == [
+        old_review.transfer.transfer_id]
+    assert listed("--older-than", "10m") == [done.transfer.transfer_id,
+                                             old_review.transfer.transfer_id]
+    assert listed("--state", "DEBITING", "--older-than", "1h") == []
+    assert listed("--state", "NO_SUCH_STATE") == []
+
+    # the JSON row is the saga as stored
+    full = run_cli(table.env(), "sagas", "list", "--json", "--state", "DEBITING")
+    (row,) = json.loads(full.stdout)
+    assert row == {
+        "transferId": debiting.transfer.transfer_id, "kind": "transfer", "state": "DEBITING",
+        "code": None, "seq": 3, "operatorId": "ot-alice", "fromAccountId": "acc-ot-alice",
+        "toAccountId": "acc-ot-bob", "amountMinor": 4_321, "currency": "USD",
+        "homePartition": 1, "createdAt": iso(debiting.created_at),
+        "updatedAt": iso(debiting.updated_at), "lastTrigger": "", "commandAttempts": 1,
+        "nextRetryAt": iso(now + 5), "resolutionCount": 0, "resolutionAction": None,
+        "resolvedBy": None, "resolutionReason": None}
+
+    # the table, and --limit (the oldest first; stderr says more match)
+    shown = run_cli(table.env(), "sagas", "list", "--state", "MANUAL_REVIEW")
+    assert shown.returncode == 0, shown.stderr
+    assert "2 saga(s)" in shown.stdout and "REFUND_REJECTED" in shown.stdout, shown.stdout
+    assert old_review.transfer.transfer_id in shown.stdout
+    limited = run_cli(table.env(), "sagas", "list", "--limit", "2")
+    assert limited.returncode == 0, limited.stderr
+    assert "2 saga(s)" in limited.stdout and "more sagas match" in limited.stderr
+    assert debiting.transfer.transfer_id not in limited.stdout
+    exact = run_cli(table.env(), "sagas", "list", "--limit", "4")
+    assert "4 saga(s)" in exact.stdout and exact.stderr == ""
+
+    # show: the row and the transfer's events (published out of order: shown by seq)
+    for seq, state, previous in [(2, "DEBITING", "AWAITING_OTP"), (1, "AWAITING_OTP", None)]:
+        await table.publish_event(debiting, seq, state, previous)
+    result = run_cli(table.env(), "sagas", "show", debiting.transfer.transfer_id, "--json")
+    assert result.returncode == 0, result.stderr
+    assert OTP_DIGEST not in result.stdout
+    body = json.loads(result.stdout)
+    assert body["saga"] == row and body["versions"] == [row]
+    assert [(e["seq"], e["state"]) for e in body["transferEvents"]] == [
+        (1, "AWAITING_OTP"), (2, "DEBITING")]
+    text_form = run_cli(table.env(), "sagas", "show", debiting.transfer.transfer_id)
+    assert text_form.returncode == 0, text_form.stderr
+    assert "AWAITING_OTP -> DEBITING" in text_form.stdout, text_form.stdout
+    assert OTP_DIGEST not in text_form.stdout
+    no_events = run_cli(table.env(), "sagas", "show", done.transfer.transfer_id, "--json")
+    assert no_events.returncode == 0, no_events.stderr
+    assert json.loads(no_events.stdout)["transferEvents"] == []
+
+    # a purged saga (no row) whose events remain: shown, its saga null
+    purged = stored_saga("purged", State.COMPLETED, age=10, now=now)
+    await table.publish_event(purged, 1, "AWAITING_OTP", None)
+    gone = run_cli(table.env(), "sagas", "show", purged.transfer.transfer_id, "--json")
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(gone.stdout)["saga"] is None
+    assert json.loads(gone.stdout)["versions"] == []
+
+    # not found: exit 1
+    missing = run_cli(table.env(), "sagas", "show", str(uuid.uuid4()))
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "no saga" in missing.stderr
+    assert set(ids) <= set(listed())
+
+
+@pytest.mark.integration
+async def test_sagas_exit_2_when_a_store_cannot_be_read(table: SagaTable) -> None:
+    nowhere = "postgresql+asyncpg://nobody:nothing@127.0.0.1:9/none"
+    for args in (("sagas", "list"), ("sagas", "show", "t-1")):
+        result = run_cli(table.env(DATABASE_URL=nowhere), *args)
+        assert result.returncode == 2, (args, result.returncode, result.stderr)
+        assert "PostgreSQL" in result.stderr and "Traceback" not in result.stderr, (
+            result.stderr)
+        assert "nothing@" not in result.stderr  # no password shown
+    # a schema without the table (never migrated): unreadable, not empty
+    bare = run_cli(table.env(BIZ_DB_SCHEMA=f"{table.settings.db_schema}_none"),
+                   "sagas", "list")
+    assert bare.returncode == 2, bare.stderr
+    assert "UndefinedTable" in bare.stderr, bare.stderr
+    # the events' store: Kafka unreachable
+    no_kafka = run_cli(table.env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9"), "sagas", "show",
+                       "t-1")
+    assert no_kafka.returncode == 2, no_kafka.stderr
+    assert "Kafka" in no_kafka.stderr and "Traceback" not in no_kafka.stderr
+    # resolve reads the saga first: nothing sent
+    resolve = run_cli(table.env(DATABASE_URL=nowhere), "sagas", "resolve", "t-1",
+                      "--refund", "--operator", "ops-anna", "--reason", "why", "--wait", "1")
+    assert resolve.returncode == 2, resolve.stderr
+    assert "PostgreSQL" in resolve.stderr
+
+
+@pytest.mark.integration
+async def test_sagas_resolve_decides_from_the_row_and_sends_to_the_home_partition(
+        table: SagaTable) -> None:
+    """No worker here: what is resolvable is read from the row, the signed input lands on
+    the saga's home partition of business.saga-inputs, and its outcome, never seen, is
+    exit 3. (The outcome read from the row: the system test above.)"""
+    now = table.now
+    review = stored_saga("resolvable", State.MANUAL_REVIEW, age=120, now=now, partition=2)
+    moving = stored_saga("moving", State.CREDITING, age=5, now=now)
+    await table.insert(review, moving)
+
+    def resolve(transfer_id: str, *more: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(table.env(), "sagas", "resolve", transfer_id, "--refund",
+                       "--operator", "ops-anna", "--reason", "payer account reopened",
+                       "--json", *more)
+
+    not_review = resolve(moving.transfer.transfer_id)
+    assert not_review.returncode == 1, not_review.stdout + not_review.stderr
+    assert json.loads(not_review.stdout)["outcome"] == "not in MANUAL_REVIEW (state CREDITING)"
+    unknown = resolve(str(uuid.uuid4()))
+    assert unknown.returncode == 1 and json.loads(unknown.stdout)["outcome"] == "not found"
+
+    sent = resolve(review.transfer.transfer_id, "--wait", "1")
+    assert sent.returncode == 3, sent.stdout + sent.stderr
+    answer = json.loads(sent.stdout)
+    assert (answer["outcome"], answer["resolution"], answer["homePartition"]) == (
+        "sent", 1, 2), answer
+    again = resolve(review.transfer.transfer_id, "--wait", "0")
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert json.loads(again.stdout)["resolutionId"] == answer["resolutionId"]  # the same input
+
+    inputs = [r for r in await read_topic(
+        table.settings, table.settings.topic("business.saga-inputs"), partitions=[2],
+        keep=lambda k: k == review.transfer.transfer_id.encode())]
+    assert len(inputs) == 2, inputs
+    for record in inputs:
+        item = SagaInput.model_validate_json(record.value or b"")
+        assert item.kind == "operatorResolution" and item.resolution is not None
+        resolution = item.resolution
+        assert (resolution.resolution_id, resolution.number, resolution.action) == (
+            answer["resolutionId"], 1, "refund")
+        assert resolution_signed(
+            table.settings.operator_secret.get_secret_value().encode(), resolution.signature,
+            transfer_id=resolution.transfer_id, resolution_id=resolution.resolution_id,
+            number=resolution.number, action=resolution.action,
+            operator=resolution.operator, reason=resolution.reason)
