@@ -208,10 +208,6 @@ class Settings(BaseSettings):
         10, ge=0, description="The longest the broker holds a fetch of the worker or the "
         "account center waiting for the minimum above (latency added per hop at low traffic).",
     )
-    saga_max_in_flight: int = Field(
-        64, ge=1, description="Records the saga agent has taken and not finished: those of "
-        "different partitions run concurrently, those of one partition in order.",
-    )
     saga_batch_max_records: int = Field(
         500, ge=1, le=10_000, description="Records the saga engine takes in one cycle (one "
         "PostgreSQL transaction for their sagas and replies, one produce flush, one offset "
