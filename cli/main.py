@@ -20,11 +20,12 @@
 # Why one module: it is the ``bizcenter`` command, its parser and one short ``cmd_*``
 # function per subcommand, so a subcommand is found by name in :func:`build_parser` and its
 # handler in the same file; the environment rules (``DEVELOPMENT_ONLY``, ``SECRET_FREE``)
-# sit beside the commands they name. The operator commands, which read Kafka themselves, are
-# apart (cli/operator_commands.py). The demo tools (``seed-demo``, ``token``, ``transfer``,
-# ``topup``, ``run``: about 200 lines) are the one seam left; they use :func:`prepare`,
-# which the worker's command uses too, so splitting them off needs a third module for it. (A
-# comment, not in the docstring: the docstring is ``bizcenter --help``.)
+# sit beside the commands they name. The operator commands, which read PostgreSQL and Kafka
+# themselves, are apart (cli/operator_commands.py). The demo tools (``seed-demo``,
+# ``token``, ``transfer``, ``topup``, ``run``: about 200 lines) are the one seam left; they
+# use :func:`prepare`, which the worker's command uses too, so splitting them off needs a
+# third module for it. (A comment, not in the docstring: the docstring is ``bizcenter
+# --help``.)
 
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ log = logging.getLogger("bizcenter")
 #: tokens, demo users with a known PIN): refused in production whatever the secrets.
 DEVELOPMENT_ONLY = frozenset({"token", "transfer", "topup", "seed-demo", "run"})
 #: Operator commands that use no secret: they run whatever the secrets (``config`` is how
-#: an operator sees which secret is unset; ``sagas list|show`` and ``dlq`` read topics;
-#: ``users unlock`` updates PostgreSQL rows).
+#: an operator sees which secret is unset; ``sagas list|show`` read the sagas' rows in
+#: PostgreSQL (``show`` also a topic), ``dlq`` reads topics; ``users unlock`` updates
+#: PostgreSQL rows).
 SECRET_FREE = frozenset({"config", "reconcile", "sagas list", "sagas show", "dlq list",
                          "dlq show", "users unlock"})
 #: Commands that use only some secrets: only those are checked. Every other command (the
