@@ -137,7 +137,9 @@ def register_worker_metrics(worker: Worker, engine: SagaEngine,
                 end = engine.consumer.highwater(tp)
                 if end is None or end < 0:
                     continue
-                done = engine.committed.get(tp, 0)
+                done = engine.committed.get(tp)
+                if done is None:  # nothing committed by this process yet: unknown here
+                    continue
                 rows.append(((tp.topic, str(tp.partition)), float(max(0, end - done))))
         return rows
 

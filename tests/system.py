@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from agents.saga_engine import saga_group
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.child_env import child_env
 from app.domain.ports import FundingSource, UserRecord, UserStatus
@@ -276,11 +277,15 @@ class System:
         return await group_lag(self.settings.kafka_bootstrap_servers, group, topics,
                                self.settings.topic_partitions)
 
-    def worker_input_topics(self) -> list[str]:
-        """Every topic the workers' consumer group reads (tables' changelogs aside)."""
+    def worker_groups(self) -> dict[str, list[str]]:
+        """The workers' two consumer groups and the topics each reads (tables' changelogs
+        aside): the saga engine's and the Faust app's."""
         t = self.settings.topic
-        return [t("business.commands"), t("business.saga-inputs"), t("account.events"),
-                t("funding.events"), t("business.transfer-events"), t("business.queries")]
+        return {
+            saga_group(self.settings): [t("business.commands"), t("business.saga-inputs")],
+            self.settings.app_id: [t("account.events"), t("funding.events"),
+                                   t("business.transfer-events"), t("business.queries")],
+        }
 
     async def money_moved_more_than_once(self) -> list[tuple[str, str, int]]:
         """(transferId, command type, times) of every transfer whose debit, credit or refund

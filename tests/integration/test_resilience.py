@@ -22,6 +22,8 @@ from conftest import wait_for
 from sqlalchemy import text
 from system import PIN, System, free_port, kafka_tool
 
+from agents.saga_engine import saga_group
+
 pytestmark = pytest.mark.integration
 
 CURRENCY = "USD"
@@ -285,12 +287,12 @@ async def test_workers_joining_leaving_and_crashing_under_load_answer_everything
 
 
 async def _assert_inputs_committed(system: System) -> None:
-    """The workers' group committed every record its input topics held once the run
-    ended (business.saga-inputs keeps growing with ticks: its end is taken now)."""
-    topics = system.worker_input_topics()
-    targets = await _end_offsets(system, topics)
-    await wait_for(lambda: _committed_reach(system, system.settings.app_id, targets),
-                   timeout=60, interval=0.5, what="the group to commit every input record")
+    """The workers' two groups (the saga engine's, the Faust app's) committed every
+    record their input topics held once the run ended."""
+    for group, topics in system.worker_groups().items():
+        targets = await _end_offsets(system, topics)
+        await wait_for(lambda g=group, t=targets: _committed_reach(system, g, t),
+                       timeout=60, interval=0.5, what=f"{group} to commit every input record")
 
 
 async def test_a_worker_killed_under_load_answers_again_within_seconds(system: System) -> None:
@@ -378,9 +380,9 @@ async def test_operator_replay_from_offset_zero_moves_no_money(system: System) -
     await system.stop_process("worker")
     await system.stop_process("account-center")
     s = system.settings
-    worker_inputs = [s.topic("business.commands"), s.topic("business.saga-inputs"),
-                     s.topic("account.events")]
-    for group, topics in ((s.app_id, worker_inputs),
+    saga_inputs = [s.topic("business.commands"), s.topic("business.saga-inputs")]
+    relay_inputs = [s.topic("account.events")]
+    for group, topics in ((saga_group(s), saga_inputs), (s.app_id, relay_inputs),
                           (s.account_center_group, [s.topic("account.commands")])):
         args = ["consumer-groups", "--bootstrap-server", s.kafka_bootstrap_servers,
                 "--group", group, "--reset-offsets", "--to-earliest", "--execute"]
@@ -388,13 +390,16 @@ async def test_operator_replay_from_offset_zero_moves_no_money(system: System) -
             args += ["--topic", t]
         done = kafka_tool(*args)
         assert done.returncode == 0, done.stdout + done.stderr
-    targets_worker = await _end_offsets(system, worker_inputs)
+    targets_sagas = await _end_offsets(system, saga_inputs)
+    targets_relay = await _end_offsets(system, relay_inputs)
     targets_ac = await _end_offsets(system, [s.topic("account.commands")])
     system.start_process("account-center")
     system.start_process("worker")
 
-    await wait_for(lambda: _committed_reach(system, s.app_id, targets_worker), timeout=120,
-                   interval=0.5, what="the worker to replay its input topics")
+    await wait_for(lambda: _committed_reach(system, saga_group(s), targets_sagas),
+                   timeout=120, interval=0.5, what="the worker to replay the saga topics")
+    await wait_for(lambda: _committed_reach(system, s.app_id, targets_relay), timeout=120,
+                   interval=0.5, what="the worker to replay account.events")
     await wait_for(lambda: _committed_reach(system, s.account_center_group, targets_ac),
                    timeout=120, interval=0.5, what="the account center to replay")
     # Everything the replay re-sent has been re-sent: each earlier request answered again.

@@ -80,10 +80,11 @@ def test_operations_reference_their_channels_and_say_the_direction() -> None:
             _resolve(doc, message["$ref"])
         (sent if op["action"] == "send" else received).add(channel["address"])
     assert received | sent == {spec.name for spec in TOPIC_SPECS}
-    # What the business center consumes is exactly what its consumer group reads.
+    # What the business center consumes is exactly what its consumer groups read.
     worker = System.build("unused:9092", "postgresql+asyncpg://u@h/d", "x", Path("/tmp"))
     prefix = worker.settings.topic_prefix
-    assert received == {t.removeprefix(prefix) for t in worker.worker_input_topics()}
+    assert received == {t.removeprefix(prefix) for topics in worker.worker_groups().values()
+                        for t in topics}
     # The gateway's commands come in; replies, account commands and OTPs go out.
     assert "business.commands" not in sent and "business.replies" not in received
     assert {"account.commands", "notifications.otp", "business.dlq"} <= sent
