@@ -224,8 +224,9 @@ class Settings(BaseSettings):
         "coordinator; at most a third of the session timeout.",
     )
     saga_stop_grace_seconds: float = Field(
-        5.0, ge=0, description="At stop, how long records in flight may finish; the rest are "
-        "not acknowledged and are delivered again.",
+        5.0, ge=0, description="At stop, how long the saga engine's cycle in flight may "
+        "finish; otherwise it is cancelled, its records not committed, and they are "
+        "delivered again.",
     )
 
     # --- top-ups and the reference funding provider ----------------------------------

@@ -5,8 +5,9 @@ uses, prefix included) is derived from it.
 
 The broker does not auto-create topics: the application creates every topic it uses with
 an explicit partition count. ``business.commands`` and ``business.saga-inputs`` must have
-the same count as the saga tables' changelogs (co-partitioning); `ensure_topics` refuses
-to go on when an existing topic disagrees.
+the same count (a saga's home partition is the same number in both, and the saga engine's
+range assignor gives both to one worker), as must the query tables' changelogs and their
+topics; `ensure_topics` refuses to go on when an existing topic disagrees.
 """
 
 from __future__ import annotations

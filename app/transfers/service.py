@@ -109,7 +109,7 @@ class TransferService:
         self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
     ) -> list[Outbound]:
         """The outputs of one ``business.commands`` record, through the guard (an outage
-        retried, poison answered): what the saga agent sends."""
+        retried, poison answered): what the saga engine sends."""
         record = SourceRecord(self.topics.commands, partition, offset, key, raw)
         return await self.guard.decide(record, self.commands)
 
