@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 #: How long ``getmany`` waits for records when there are none (the tick's resolution).
 POLL_TIMEOUT_MS = 200
 
+#: Records of a cycle decided at once (each saga's records one after the other).
+RECORDS_AT_ONCE = 32
+
 
 class BatchState(Protocol):
     """The saga state's unit of work (app/adapters/saga_state.py)."""
@@ -112,6 +115,9 @@ class SagaEngine:
         self._cycle_lock = asyncio.Lock()
         self._stopping = False
         self._next_tick: dict[int, float] = {}
+        self._completion: asyncio.Task[None] | None = None
+        #: Records decided at once in a cycle (their PostgreSQL calls overlap).
+        self._slots = asyncio.Semaphore(RECORDS_AT_ONCE)
         #: The offsets this engine committed last, per partition (lag metrics, tests).
         self.committed: dict[TopicPartition, int] = {}
         self.failure: BaseException | None = None
@@ -160,6 +166,13 @@ class SagaEngine:
                             self.settings.saga_stop_grace_seconds)
                 task.cancel()
                 await asyncio.wait([task])
+        if task is not None and task.done() and not task.cancelled():
+            try:
+                await asyncio.wait_for(self._wait_completions(),
+                                       timeout=self.settings.saga_stop_grace_seconds + 1)
+            except TimeoutError:
+                log.warning("the last saga cycle's acks did not come: not committed (its "
+                            "records are delivered again)")
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
@@ -181,7 +194,7 @@ class SagaEngine:
         consumer = self.consumer
         assert consumer is not None
         try:
-            while not self._stopping:
+            while not self._stopping and self.failure is None:
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
                 async with self._cycle_lock:
                     await self._cycle(batch)
@@ -211,13 +224,17 @@ class SagaEngine:
             return
         await self._prefetch(lanes.values())
         results = await asyncio.gather(*(
-            self._run_lane(lanes.get(p, ()), p if p in ticks else None)
+            self._run_lane(lanes.get(p, []), p if p in ticks else None)
             for p in sorted(set(lanes) | ticks)))
         decided = [d for lane_result in results for d in lane_result]
         await self._flush()
-        await self._send(decided)
-        if offsets:
-            await self._commit(offsets)
+        acks = await self._produce(decided)
+        # The acks and the commit overlap the next cycle's fetch and decisions; the cycles'
+        # completions run in order (a commit never goes back), and a revoke or a stop waits
+        # for the last one.
+        previous = self._completion
+        self._completion = asyncio.create_task(
+            self._complete(previous, decided, acks, offsets), name="saga cycle completion")
         self.cycles += 1
         self.records += sum(len(v) for v in lanes.values())
 
@@ -253,12 +270,36 @@ class SagaEngine:
                 self._next_tick[tp.partition] = now + self.settings.tick_interval_seconds
         return due
 
-    async def _run_lane(self, records: Iterable[tuple[SourceRecord, RecordHandler]],
+    async def _run_lane(self, records: Sequence[tuple[SourceRecord, RecordHandler]],
                         tick: int | None) -> list[Decided]:
+        """The records of one partition number: each user's records one after the other,
+        in offset order, different users' at once (their PostgreSQL waits overlap); then
+        the partition's tick, if due. The decisions come back in offset order.
+
+        Why per user and not per saga: two sagas of one user share the user's state (the
+        PIN's budget, the daily limits, the transfer token's single use), so their records
+        keep the partition's order, and every outcome is the one offset order gives;
+        different users share nothing in the business center, as different partitions
+        never did."""
         guard = self.service.guard
-        decided: list[Decided] = []
-        for record, handler in records:
-            decided.append((record, handler, await guard.decide(record, handler)))
+        chains: dict[str, list[int]] = defaultdict(list)
+        for i, (record, _handler) in enumerate(records):
+            chains[await self._chain_of(record)].append(i)
+        if EVERY_SAGA in chains:  # a record that may touch any saga: the lane in order
+            chains = {EVERY_SAGA: list(range(len(records)))}
+        results: list[Decided | None] = [None] * len(records)
+
+        async def run_chain(indexes: list[int]) -> None:
+            for i in indexes:
+                record, handler = records[i]
+                async with self._slots:
+                    results[i] = (record, handler, await guard.decide(record, handler))
+
+        if len(chains) == 1:
+            await run_chain(next(iter(chains.values())))
+        else:
+            await asyncio.gather(*(run_chain(chain) for chain in chains.values()))
+        decided = [d for d in results if d is not None]
         if tick is not None:
             record = SourceRecord(self.topics.saga_inputs, tick, -1, None, b"")
             try:
@@ -272,6 +313,24 @@ class SagaEngine:
             else:
                 decided.append((record, self.service.saga_inputs, outs))
         return decided
+
+    async def _chain_of(self, record: SourceRecord) -> str:
+        """The user a record acts for (``user:<id>``), read from a command, or from the
+        saga a saga input moves (prefetched); ``EVERY_SAGA`` when that cannot be told for
+        a record that may touch a saga; a key of its own for a record that touches no
+        state (unreadable: poison for the handler too)."""
+        if record.topic == self.topics.commands:
+            operator = operator_of(record)
+            return f"user:{operator}" if operator is not None else saga_key(
+                record, self.topics.commands)
+        key = saga_key(record, self.topics.commands)
+        if key == EVERY_SAGA or key.startswith("record:"):
+            return key
+        try:
+            saga = await self.service.sagas.get(key)
+        except Exception:  # not prefetched and the database is away: keep the order
+            return EVERY_SAGA
+        return f"user:{saga.transfer.operator_id}" if saga is not None else key
 
     async def _flush(self) -> None:
         """The cycle's sagas and replies, in one transaction; an outage is retried."""
@@ -288,8 +347,11 @@ class SagaEngine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
-    async def _send(self, decided: Sequence[Decided]) -> None:
-        """Every output, produced without a per-record await, then awaited together."""
+    async def _produce(self, decided: Sequence[Decided]) -> list[tuple[int, Any]]:
+        """Every output handed to the producer without waiting for its ack (``send``
+        only appends to the producer's batch, waiting only when its buffer is full or
+        the topic's metadata is unknown); the futures of their acks, by the index of the
+        record they belong to. An output refused at once has a failed future."""
         producer = self.producer
         assert producer is not None
         futures: list[tuple[int, Any]] = []
@@ -302,6 +364,39 @@ class SagaEngine:
                     fut = asyncio.get_running_loop().create_future()
                     fut.set_exception(exc)
                 futures.append((i, fut))
+        return futures
+
+    async def _complete(self, previous: asyncio.Task[None] | None, decided: Sequence[Decided],
+                        acks: list[tuple[int, Any]],
+                        offsets: dict[TopicPartition, int]) -> None:
+        """A cycle's end: its outputs acknowledged (a record whose outputs could not all be
+        sent goes through the guard's ``deliver``), then its offsets committed, after the
+        previous cycle's."""
+        try:
+            await self._send(decided, acks)
+            if previous is not None:
+                await previous
+            if offsets:
+                await self._commit(offsets)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if self.failure is None:
+                self.failure = exc
+                log.critical("a saga cycle could not complete: crashing the worker (every "
+                             "record not committed is delivered again)", exc_info=True)
+                await self.crash(exc)
+            raise
+
+    async def _wait_completions(self) -> None:
+        """Until the last cycle's outputs are acknowledged and its offsets committed."""
+        task = self._completion
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
+    async def _send(self, decided: Sequence[Decided], acks: list[tuple[int, Any]]) -> None:
+        """Wait for the acks of every output; re-send what failed."""
+        futures = acks
         if not futures:
             return
         results = await asyncio.gather(*(f for _i, f in futures), return_exceptions=True)
@@ -335,9 +430,42 @@ class SagaEngine:
 
     async def _revoked(self) -> None:
         async with self._cycle_lock:  # the cycle in flight ends: flushed, sent, committed
+            await self._wait_completions()
             self.state.discard()
             self.service.forget_partitions()
             self._next_tick.clear()
+
+
+#: The saga key of a record that may touch every saga of its partition (a tick record).
+EVERY_SAGA = "*"
+
+
+def saga_key(record: SourceRecord, commands_topic: str) -> str:
+    """What a record's decision reads and writes, as one key: its saga (the transfer id),
+    or for a command without an idempotency key its saved reply; ``EVERY_SAGA`` for a
+    saga input that is no event of one saga (a tick record: old workers wrote them); a
+    record unreadable here is poison for the handler too, and touches no state: a key of
+    its own."""
+    transfer_ids: set[str] = set()
+    reply_keys: set[str] = set()
+    keys_of(record, commands_topic, transfer_ids, reply_keys)
+    if transfer_ids:
+        return min(transfer_ids)
+    if reply_keys:
+        return "reply:" + min(reply_keys)
+    if record.topic != commands_topic and b'"tick"' in (record.value or b""):
+        return EVERY_SAGA
+    return f"record:{record.topic}:{record.offset}"
+
+
+def operator_of(record: SourceRecord) -> str | None:
+    """A command's ``operatorId``, if readable (a light parse; None otherwise)."""
+    try:
+        doc = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        return None
+    operator = doc.get("operatorId") if isinstance(doc, dict) else None
+    return operator if isinstance(operator, str) else None
 
 
 def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
@@ -363,7 +491,10 @@ def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
     for field, id_field in (("accountEvent", "commandId"), ("fundingEvent", "chargeId")):
         inner = doc.get(field)
         if isinstance(inner, dict) and isinstance(inner.get(id_field), str):
-            parsed = saga_core.parse_command_id(inner[id_field])
+            try:
+                parsed = saga_core.parse_command_id(inner[id_field])
+            except ValueError:  # e.g. a partition of more digits than int() reads
+                return
             if parsed is not None:
                 transfer_ids.add(parsed[0])
             return

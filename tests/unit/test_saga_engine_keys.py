@@ -173,10 +173,6 @@ def test_garbage_names_nothing_and_never_raises(topic: str, value: bytes | None)
     assert _keys(topic, value) == (set(), set())
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="defect of agents/saga_engine.py keys_of (saga_core.parse_command_id's int() "
-    "outside the record guard): remove this mark once fixed")
 def test_a_saga_input_naming_a_partition_of_4301_digits_does_not_raise() -> None:
     """Python refuses to convert a string of more than 4300 digits to an int
     (``sys.set_int_max_str_digits``); ``parse_command_id`` checks ``isdigit`` and then calls
