@@ -242,20 +242,24 @@ class SagaEngine:
                         ) -> None:
         """Read the sagas and saved replies the cycle's records will ask for, in one
         statement (a guess from a light parse: a record guessed wrong, or not at all, is
-        read when asked). An outage here is no reason to wait: the records' own reads
-        meet it inside the guard."""
+        read when asked). A failure here is no reason to wait or to stop: the records'
+        own reads meet it inside the guard."""
         transfer_ids: set[str] = set()
         reply_keys: set[str] = set()
         for lane in lanes:
             for record, _handler in lane:
                 keys_of(record, self.topics.commands, transfer_ids, reply_keys)
+        # A key PostgreSQL cannot hold is no key of ours (its record is refused when
+        # decided): it is not asked for.
+        transfer_ids = {k for k in transfer_ids if "\x00" not in k}
+        reply_keys = {k for k in reply_keys if "\x00" not in k}
         if not transfer_ids and not reply_keys:
             return
         try:
             await self.state.prefetch(transfer_ids, reply_keys)
         except Exception as exc:
-            if not is_outage(exc):
-                raise
+            # Only a guess: whatever it met (an outage, a key refused) the records meet
+            # again when they ask, inside the guard.
             log.debug("prefetch skipped (%s)", describe(exc))
 
     def _ticks_due(self) -> set[int]:
