@@ -116,6 +116,7 @@ class SagaEngine:
         self._stopping = False
         self._next_tick: dict[int, float] = {}
         self._completion: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         #: Records decided at once in a cycle (their PostgreSQL calls overlap).
         self._slots = asyncio.Semaphore(RECORDS_AT_ONCE)
         #: The offsets this engine committed last, per partition (lag metrics, tests).
@@ -249,10 +250,9 @@ class SagaEngine:
         for lane in lanes:
             for record, _handler in lane:
                 keys_of(record, self.topics.commands, transfer_ids, reply_keys)
-        # A key PostgreSQL cannot hold is no key of ours (its record is refused when
+        # A transfer id PostgreSQL cannot hold is none of ours (its record is refused when
         # decided): it is not asked for.
         transfer_ids = {k for k in transfer_ids if "\x00" not in k}
-        reply_keys = {k for k in reply_keys if "\x00" not in k}
         if not transfer_ids and not reply_keys:
             return
         try:
@@ -432,6 +432,30 @@ class SagaEngine:
             return
         self.committed.update(offsets)
 
+    def seed_committed(self, assigned: set[TopicPartition]) -> None:
+        """Learn the group's committed offsets of newly assigned partitions, in the
+        background (the lag metric: a partition is not "everything behind" only because
+        this process has not committed it yet)."""
+        for tp in list(self.committed):
+            if tp not in assigned:
+                del self.committed[tp]
+        new = [tp for tp in assigned if tp not in self.committed]
+        if new and self.consumer is not None:
+            task = asyncio.create_task(self._read_committed(new), name="saga committed")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _read_committed(self, tps: list[TopicPartition]) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        for tp in tps:
+            try:
+                offset = await consumer.committed(tp)
+            except Exception as exc:  # only a metric: the next commit tells
+                log.debug("committed offset of %s not read (%s)", tp, describe(exc))
+                continue
+            self.committed.setdefault(tp, offset if offset is not None else 0)
+
     async def _revoked(self) -> None:
         async with self._cycle_lock:  # the cycle in flight ends: flushed, sent, committed
             await self._wait_completions()
@@ -517,3 +541,4 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("saga partitions assigned: %s",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self.engine.seed_committed(set(assigned))

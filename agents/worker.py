@@ -138,7 +138,7 @@ def register_worker_metrics(worker: Worker, engine: SagaEngine,
                 if end is None or end < 0:
                     continue
                 done = engine.committed.get(tp)
-                if done is None:  # nothing committed by this process yet: unknown here
+                if done is None:  # the group's committed offset not read yet
                     continue
                 rows.append(((tp.topic, str(tp.partition)), float(max(0, end - done))))
         return rows

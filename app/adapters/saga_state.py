@@ -222,7 +222,7 @@ class PostgresReplies:
                 saved = self.cache[key]
             else:
                 async with self._owner.connection() as raw:
-                    row = await raw.fetchrow(_GET_REPLY, key)
+                    row = await raw.fetchrow(_GET_REPLY, db_key(key))
                 saved = None if row is None else SavedReply(
                     bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
                 self.cache[key] = saved
@@ -235,7 +235,7 @@ class PostgresReplies:
         """As the port says, except that a buffered reply is not purged."""
         async with self._owner.connection() as raw:
             count = await raw.fetchval(_PURGE_REPLIES, partition, older_than,
-                                       list(self.buffer))
+                                       [db_key(key) for key in self.buffer])
         for key, saved in self.cache.items():
             if saved is not None and saved.partition == partition and saved.saved_at < older_than:
                 self.cache[key] = None
@@ -283,15 +283,16 @@ class PostgresSagaState:
         keys = sorted({k for k in reply_keys if k not in replies.buffer and k not in replies.cache})
         if not saga_ids and not keys:
             return
+        stored = {db_key(key): key for key in keys}
         async with self.connection() as raw:
-            rows = await raw.fetch(_PREFETCH, saga_ids, keys)
+            rows = await raw.fetch(_PREFETCH, saga_ids, list(stored))
         sagas.cache.update(dict.fromkeys(saga_ids))
         replies.cache.update(dict.fromkeys(keys))
         for row in rows:
             if row["saga"] is not None:
                 sagas.cache[row["key"]] = _saga_of(row["saga"])
             else:
-                replies.cache[row["key"]] = SavedReply(
+                replies.cache[stored[row["key"]]] = SavedReply(
                     bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
 
     async def flush(self) -> None:
@@ -382,7 +383,16 @@ def _saga_columns(sagas: list[tuple[str, saga_core.Saga]]) -> tuple[list[Any], .
     return columns
 
 
+def db_key(key: str) -> str:
+    """A reply key as stored: PostgreSQL's text cannot hold NUL, which a request id may
+    (the contract bounds its length, not its characters), so NUL is written ``\\0`` and a
+    backslash ``\\\\``: one stored form per key, no two keys alike."""
+    if "\\" not in key and "\x00" not in key:
+        return key
+    return key.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
 def _reply_columns(replies: list[tuple[str, SavedReply]]) -> tuple[list[Any], ...]:
     """The flush's reply arrays ($8-$11)."""
-    return ([key for key, _ in replies], [s.partition for _, s in replies],
+    return ([db_key(key) for key, _ in replies], [s.partition for _, s in replies],
             [s.saved_at for _, s in replies], [s.reply for _, s in replies])

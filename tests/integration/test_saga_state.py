@@ -498,12 +498,12 @@ async def test_buffered_sagas_and_replies_are_not_purged(db: Database) -> None:
 async def test_a_failed_flush_writes_nothing_and_keeps_the_buffer(db: Database) -> None:
     """One bad row fails the whole flush (one transaction) as the data's fault (poison);
     the rest of the batch, valid, is not written either. PostgreSQL refuses NUL in text
-    (a key; the ids that make keys cannot hold one, app/domain)."""
+    (a transfer id: they are uuids, so it cannot happen but by a bug)."""
     state = db.state()
     for i in range(3):
         state.sagas.put(saga(f"tr-{i}", deadline=T0))
         state.replies.put(f"k-{i}", b"ok", at=T0, partition=0)
-    state.replies.put("k-\x00", b"bad", at=T0, partition=0)
+    state.sagas.put(saga("tr-\x00", deadline=T0))  # no transfer id holds one (a uuid)
     with pytest.raises(Exception) as failure:  # checked by its SQLSTATE
         await state.flush()
     assert (sqlstate(failure.value) or "")[:2] == "22"  # data exception
@@ -672,3 +672,26 @@ async def test_migrate_adds_the_tables_to_an_existing_database(
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await engine.dispose()
 
+
+
+@pytest.mark.integration
+async def test_reply_keys_holding_nul_or_backslashes_are_kept_apart(db: Database) -> None:
+    """A request id may hold any character: keys with NUL (which PostgreSQL's text
+    refuses) and backslashes are stored, read back by get and by prefetch, purged, and
+    never confused with one another."""
+    keys = ["op\x1freq", "op\x1freq\x00", "op\x1freq\\0", "op\x1freq\\\\0", "op\x1f\x00\\"]
+    state = db.state()
+    for i, key in enumerate(keys):
+        state.replies.put(key, b"reply-%d" % i, at=T0, partition=1)
+    await state.flush()
+    assert await db.rows("saved_replies") == len(keys)
+    reader = db.state()
+    for i, key in enumerate(keys):
+        assert await reader.replies.get(key) == b"reply-%d" % i
+    ahead = db.state()
+    await ahead.prefetch([], keys)
+    for i, key in enumerate(keys):
+        assert ahead.replies.cache[key] is not None
+        assert await ahead.replies.get(key) == b"reply-%d" % i
+    assert await db.state().replies.purge(1, T0 + 1) == len(keys)
+    assert await db.rows("saved_replies") == 0
