@@ -321,8 +321,9 @@ class SagaEngine:
     async def _chain_of(self, record: SourceRecord) -> str:
         """The user a record acts for (``user:<id>``), read from a command, or from the
         saga a saga input moves (prefetched); ``EVERY_SAGA`` when that cannot be told for
-        a record that may touch a saga; a key of its own for a record that touches no
-        state (unreadable: poison for the handler too)."""
+        a record that may touch a saga (no such saga yet, or it could not be read); a
+        key of its own for a record that touches no state (unreadable: poison for the
+        handler too)."""
         if record.topic == self.topics.commands:
             operator = operator_of(record)
             return f"user:{operator}" if operator is not None else saga_key(
@@ -334,7 +335,9 @@ class SagaEngine:
             saga = await self.service.sagas.get(key)
         except Exception:  # not prefetched and the database is away: keep the order
             return EVERY_SAGA
-        return f"user:{saga.transfer.operator_id}" if saga is not None else key
+        # No saga yet: a command of this cycle may create it (whose user this record
+        # cannot tell), so the lane keeps its order (rare: an event of a purged saga).
+        return f"user:{saga.transfer.operator_id}" if saga is not None else EVERY_SAGA
 
     async def _flush(self) -> None:
         """The cycle's sagas and replies, in one transaction; an outage is retried."""
