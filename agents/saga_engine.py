@@ -71,8 +71,11 @@ log = logging.getLogger(__name__)
 #: How long ``getmany`` waits for records when there are none (the tick's resolution).
 POLL_TIMEOUT_MS = 200
 
-#: Records of a cycle decided at once (each saga's records one after the other).
-RECORDS_AT_ONCE = 32
+#: Producer errors no re-send can cure (the idempotent producer's state is broken).
+FATAL_PRODUCER_ERRORS = frozenset({
+    "OutOfOrderSequenceNumber", "UnknownProducerId", "InvalidProducerEpoch",
+    "ProducerFenced", "InvalidProducerIdMapping",
+})
 
 
 class BatchState(Protocol):
@@ -80,6 +83,10 @@ class BatchState(Protocol):
 
     async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str]
                        ) -> None: ...
+
+    def read_ahead(self, transfer_id: str) -> saga_core.Saga | None:
+        """The saga as this cycle knows it (written or read ahead), without I/O."""
+        ...
 
     async def flush(self) -> None: ...
 
@@ -117,8 +124,9 @@ class SagaEngine:
         self._next_tick: dict[int, float] = {}
         self._completion: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        #: Records decided at once in a cycle (their PostgreSQL calls overlap).
-        self._slots = asyncio.Semaphore(RECORDS_AT_ONCE)
+        #: Records decided at once in a cycle (their PostgreSQL calls overlap): as many as
+        #: the pool has connections, the flush and the ticks queueing behind them.
+        self._slots = asyncio.Semaphore(max(1, settings.db_pool_size))
         #: The offsets this engine committed last, per partition (lag metrics, tests).
         self.committed: dict[TopicPartition, int] = {}
         self.failure: BaseException | None = None
@@ -195,8 +203,19 @@ class SagaEngine:
         consumer = self.consumer
         assert consumer is not None
         try:
+            delay = BACKOFF_INITIAL_SECONDS
             while not self._stopping and self.failure is None:
-                batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+                try:
+                    batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    log.warning("saga records not fetched (%s): again in %.1fs",
+                                describe(exc), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+                    continue
+                delay = BACKOFF_INITIAL_SECONDS
                 async with self._cycle_lock:
                     await self._cycle(batch)
         except asyncio.CancelledError:
@@ -228,11 +247,13 @@ class SagaEngine:
             self._run_lane(lanes.get(p, []), p if p in ticks else None)
             for p in sorted(set(lanes) | ticks)))
         decided = [d for lane_result in results for d in lane_result]
+        # The previous cycle's acks and commit overlapped this cycle's fetch and
+        # decisions; they end before anything of this cycle is written or sent, so at most
+        # one cycle is ever unacknowledged, and outputs re-sent after a failed ack never
+        # come after a later cycle's (a revoke or a stop waits for the last one too).
+        await self._wait_completions()
         await self._flush()
         acks = await self._produce(decided)
-        # The acks and the commit overlap the next cycle's fetch and decisions; the cycles'
-        # completions run in order (a commit never goes back), and a revoke or a stop waits
-        # for the last one.
         previous = self._completion
         self._completion = asyncio.create_task(
             self._complete(previous, decided, acks, offsets), name="saga cycle completion")
@@ -288,7 +309,7 @@ class SagaEngine:
         guard = self.service.guard
         chains: dict[str, list[int]] = defaultdict(list)
         for i, (record, _handler) in enumerate(records):
-            chains[await self._chain_of(record)].append(i)
+            chains[self._chain_of(record)].append(i)
         if EVERY_SAGA in chains:  # a record that may touch any saga: the lane in order
             chains = {EVERY_SAGA: list(range(len(records)))}
         results: list[Decided | None] = [None] * len(records)
@@ -318,25 +339,15 @@ class SagaEngine:
                 decided.append((record, self.service.saga_inputs, outs))
         return decided
 
-    async def _chain_of(self, record: SourceRecord) -> str:
-        """The user a record acts for (``user:<id>``), read from a command, or from the
-        saga a saga input moves (prefetched); ``EVERY_SAGA`` when that cannot be told for
-        a record that may touch a saga (no such saga yet, or it could not be read); a
-        key of its own for a record that touches no state (unreadable: poison for the
-        handler too)."""
-        if record.topic == self.topics.commands:
-            operator = operator_of(record)
-            return f"user:{operator}" if operator is not None else saga_key(
-                record, self.topics.commands)
-        key = saga_key(record, self.topics.commands)
-        if key == EVERY_SAGA or key.startswith("record:"):
-            return key
-        try:
-            saga = await self.service.sagas.get(key)
-        except Exception:  # not prefetched and the database is away: keep the order
-            return EVERY_SAGA
-        # No saga yet: a command of this cycle may create it (whose user this record
-        # cannot tell), so the lane keeps its order (rare: an event of a purged saga).
+    def _chain_of(self, record: SourceRecord) -> str:
+        """The user a record acts for (``user:<id>``): a command's operator, or the owner
+        of the saga a saga input moves, as read ahead (no I/O here); otherwise
+        ``EVERY_SAGA`` (no such saga read, perhaps created by a command of this cycle,
+        whose user this record cannot tell) or the record's own key (``chain_of``)."""
+        chain = chain_of(record, self.topics.commands)
+        if not chain.startswith("transfer:"):
+            return chain
+        saga = self.state.read_ahead(chain.removeprefix("transfer:"))
         return f"user:{saga.transfer.operator_id}" if saga is not None else EVERY_SAGA
 
     async def _flush(self) -> None:
@@ -407,6 +418,13 @@ class SagaEngine:
         if not futures:
             return
         results = await asyncio.gather(*(f for _i, f in futures), return_exceptions=True)
+        fatal = next((r for r in results if isinstance(r, BaseException)
+                      and type(r).__name__ in FATAL_PRODUCER_ERRORS), None)
+        if fatal is not None:
+            # The idempotent producer's sequence is broken for good: every later send to
+            # that partition would fail too. Crash: the restart gets a new producer, and
+            # the cycle's records, not committed, come again.
+            raise fatal
         failed = sorted({i for (i, _f), r in zip(futures, results, strict=True)
                          if isinstance(r, BaseException)})
         for i in failed:
@@ -461,7 +479,15 @@ class SagaEngine:
 
     async def _revoked(self) -> None:
         async with self._cycle_lock:  # the cycle in flight ends: flushed, sent, committed
-            await self._wait_completions()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._wait_completions()),
+                                       timeout=self.settings.consumer_session_timeout_seconds)
+            except TimeoutError:
+                # Its acks do not come (the broker is away): the partitions go without its
+                # commit; their next owner reads its records again (every effect of a
+                # cycle is idempotent, every output id deterministic).
+                log.warning("the last saga cycle's acks did not come before the revoke: "
+                            "its records are delivered again")
             self.state.discard()
             self.service.forget_partitions()
             self._next_tick.clear()
@@ -471,32 +497,45 @@ class SagaEngine:
 EVERY_SAGA = "*"
 
 
-def saga_key(record: SourceRecord, commands_topic: str) -> str:
-    """What a record's decision reads and writes, as one key: its saga (the transfer id),
-    or for a command without an idempotency key its saved reply; ``EVERY_SAGA`` for a
-    saga input that is no event of one saga (a tick record: old workers wrote them); a
-    record unreadable here is poison for the handler too, and touches no state: a key of
-    its own."""
-    transfer_ids: set[str] = set()
-    reply_keys: set[str] = set()
-    keys_of(record, commands_topic, transfer_ids, reply_keys)
-    if transfer_ids:
-        return min(transfer_ids)
-    if reply_keys:
-        return "reply:" + min(reply_keys)
-    if record.topic != commands_topic and b'"tick"' in (record.value or b""):
-        return EVERY_SAGA
-    return f"record:{record.topic}:{record.offset}"
-
-
-def operator_of(record: SourceRecord) -> str | None:
-    """A command's ``operatorId``, if readable (a light parse; None otherwise)."""
+def chain_of(record: SourceRecord, commands_topic: str) -> str:
+    """Whose state a record's decision touches, read the way the handlers read it, or
+    ``EVERY_SAGA`` when a light parse cannot be sure: ``user:<operatorId>`` for a command
+    (a command only touches its operator's sagas and state); ``transfer:<id>`` for a saga
+    input that moves one saga (its user is the saga's); a key of its own for a value that
+    is not a JSON object (refused by the handler before it reads anything). The wire
+    models also accept snake_case names (``populate_by_name``): a record using them, a
+    tick, an unknown kind, anything unreadable here keeps its partition's order."""
     try:
         doc = orjson.loads(record.value or b"")
     except orjson.JSONDecodeError:
-        return None
-    operator = doc.get("operatorId") if isinstance(doc, dict) else None
-    return operator if isinstance(operator, str) else None
+        return f"record:{record.topic}:{record.offset}"
+    if not isinstance(doc, dict):
+        return f"record:{record.topic}:{record.offset}"
+    if record.topic == commands_topic:
+        operator = doc.get("operatorId")
+        if "operator_id" in doc or not isinstance(operator, str):
+            return EVERY_SAGA
+        return f"user:{operator}"
+    if "account_event" in doc or "funding_event" in doc:
+        return EVERY_SAGA
+    kind = doc.get("kind")
+    field, id_field, snake = {
+        "accountEvent": ("accountEvent", "commandId", "command_id"),
+        "fundingEvent": ("fundingEvent", "chargeId", "charge_id"),
+        "operatorResolution": ("resolution", "transferId", "transfer_id"),
+    }.get(kind if isinstance(kind, str) else "", ("", "", ""))
+    inner = doc.get(field) if field else None
+    if not isinstance(inner, dict) or snake in inner or not isinstance(
+            inner.get(id_field), str):
+        return EVERY_SAGA
+    value: str = inner[id_field]
+    if kind == "operatorResolution":
+        return f"transfer:{value}"
+    try:
+        parsed = saga_core.parse_command_id(value)
+    except ValueError:  # e.g. a partition of more digits than int() reads
+        return EVERY_SAGA
+    return EVERY_SAGA if parsed is None else f"transfer:{parsed[0]}"
 
 
 def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],

@@ -274,6 +274,12 @@ class PostgresSagaState:
         """How many writes the buffer holds (sagas and replies)."""
         return len(self._sagas.buffer) + len(self._replies.buffer)
 
+    def read_ahead(self, transfer_id: str) -> saga_core.Saga | None:
+        """The saga as this batch knows it (buffered, or read), without I/O; None when
+        absent or not read."""
+        buffered = self._sagas.buffer.get(transfer_id)
+        return buffered if buffered is not None else self._sagas.cache.get(transfer_id)
+
     async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str]) -> None:
         """Read every given key that this batch does not know yet, in one statement; an
         absent key is remembered as absent."""
@@ -286,14 +292,17 @@ class PostgresSagaState:
         stored = {db_key(key): key for key in keys}
         async with self.connection() as raw:
             rows = await raw.fetch(_PREFETCH, saga_ids, list(stored))
+        # Every row read first: one that cannot be read fails the prefetch, and no key
+        # is then taken for absent (each is read again when asked, where it fails alone).
+        found_sagas = {row["key"]: _saga_of(row["saga"]) for row in rows
+                       if row["saga"] is not None}
+        found_replies = {stored[row["key"]]: SavedReply(
+            bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
+            for row in rows if row["saga"] is None}
         sagas.cache.update(dict.fromkeys(saga_ids))
+        sagas.cache.update(found_sagas)
         replies.cache.update(dict.fromkeys(keys))
-        for row in rows:
-            if row["saga"] is not None:
-                sagas.cache[row["key"]] = _saga_of(row["saga"])
-            else:
-                replies.cache[stored[row["key"]]] = SavedReply(
-                    bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
+        replies.cache.update(found_replies)
 
     async def flush(self) -> None:
         """Write every buffered saga and reply in one transaction (one statement), then

@@ -536,6 +536,33 @@ async def test_poison_in_the_middle_of_a_cycle_costs_only_itself_and_is_committe
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "snappy", "zstd"])
+async def test_commands_compressed_by_the_gateway_are_answered(system: EngineSystem,
+                                                               codec: str) -> None:
+    """Kafka keeps a producer's compression (``compression.type=producer``): a gateway that
+    compresses its commands with any of Kafka's codecs is answered (a codec the consumer
+    could not decode would raise in the fetch, outside any record's guard, and stop the
+    worker on every restart)."""
+    payer, payee = f"codec-{codec}-payer", f"codec-{codec}-payee"
+    await system.add_user(payer, balance=10_000)
+    await system.add_user(payee, balance=0)
+    prod = AIOKafkaProducer(bootstrap_servers=system.settings.kafka_bootstrap_servers,
+                            acks="all", compression_type=codec)
+    await prod.start()
+    try:
+        request_id = str(uuid.uuid4())
+        idem = str(uuid.uuid4())
+        value = _envelope(system, "transferInit", payer,
+                          {"toAccountId": f"acc-{payee}", "amountMinor": 700,
+                           "currency": "USD"}, request_id=request_id, idem=idem)
+        await (await prod.send(system.settings.topic("business.commands"), value,
+                               key=idem.encode()))
+    finally:
+        await prod.stop()
+    reply = await system.final(request_id, timeout=120)
+    assert reply["status"] == "ok" and reply["data"]["transferToken"].count(".") == 2, reply
+
+
 async def test_a_crash_between_the_flush_and_the_sends_loses_no_answer_and_moves_money_once(
         system: EngineSystem, producer: AIOKafkaProducer) -> None:
     """The worker ends (``os._exit``) right after a cycle's flush, twice: first in the cycle

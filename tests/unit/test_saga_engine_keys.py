@@ -21,7 +21,7 @@ from fakes import Harness  # type: ignore[import-not-found, unused-ignore]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.saga_engine import keys_of
+from agents.saga_engine import EVERY_SAGA, chain_of, keys_of
 from app.domain import transfer_saga as saga_core
 from app.record_failures import SourceRecord
 from app.transfers.ids import transfer_id_for
@@ -271,3 +271,63 @@ async def test_the_guess_names_every_saga_and_reply_the_handlers_read() -> None:
     assert unguessed == []
     # Not vacuous: both topics' handlers read through the ports, many times.
     assert handled[COMMANDS] >= 10 and handled[SAGA_INPUTS] >= 4, handled
+
+
+# --------------------------------------------------------------------------------------
+# chain_of: whose state a record touches (records of one user stay in offset order)
+# --------------------------------------------------------------------------------------
+
+
+def _chain(topic: str, doc: Any) -> str:
+    value = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return chain_of(SourceRecord(topic, 0, 7, b"k", value), COMMANDS)
+
+
+def test_a_command_belongs_to_its_operator() -> None:
+    assert _chain(COMMANDS, {"type": "transferConfirm", "operatorId": "alice",
+                             "requestId": "r", "idempotencyKey": "k"}) == "user:alice"
+
+
+def test_a_saga_input_belongs_to_its_saga_by_the_field_its_kind_names() -> None:
+    debit = f"{TRANSFER_ID}:debit:3"
+    assert _chain(SAGA_INPUTS, {"kind": "accountEvent",
+                                "accountEvent": {"commandId": debit}}) == f"transfer:{TRANSFER_ID}"
+    assert _chain(SAGA_INPUTS, {"kind": "fundingEvent",
+                                "fundingEvent": {"chargeId": debit}}) == f"transfer:{TRANSFER_ID}"
+    assert _chain(SAGA_INPUTS, {"kind": "operatorResolution",
+                                "resolution": {"transferId": TRANSFER_ID}}) == \
+        f"transfer:{TRANSFER_ID}"
+
+
+@pytest.mark.parametrize("doc", [
+    # The wire models accept snake_case names too: the handler may read another operator.
+    {"type": "verifyOtp", "operator_id": "alice", "request_id": "r", "idempotency_key": "k"},
+    {"type": "verifyOtp", "operatorId": "bob", "operator_id": "alice"},
+    {"type": "verifyOtp", "operatorId": 5},
+    {"type": "verifyOtp"},
+])
+def test_a_command_whose_operator_is_not_sure_keeps_the_order(doc: Any) -> None:
+    assert _chain(COMMANDS, doc) == EVERY_SAGA
+
+
+@pytest.mark.parametrize("doc", [
+    {"kind": "tick"},
+    # A tick that also carries an event: the handler dispatches on kind (a tick).
+    {"kind": "tick", "accountEvent": {"commandId": f"{TRANSFER_ID}:debit:3"}},
+    {"kind": "accountEvent", "account_event": {"commandId": f"{TRANSFER_ID}:debit:3"}},
+    {"kind": "accountEvent", "accountEvent": {"command_id": f"{TRANSFER_ID}:debit:3"}},
+    {"kind": "fundingEvent", "accountEvent": {"commandId": f"{TRANSFER_ID}:debit:3"}},
+    {"kind": "operatorResolution", "resolution": {"transfer_id": TRANSFER_ID}},
+    {"kind": "accountEvent", "accountEvent": {"commandId": "not-ours"}},
+    {"kind": "accountEvent", "accountEvent": {"commandId": f"{TRANSFER_ID}:debit:" + "1" * 5000}},
+    {"kind": "somethingElse"},
+    {"kind": 5},
+])
+def test_a_saga_input_whose_saga_is_not_sure_keeps_the_order(doc: Any) -> None:
+    assert _chain(SAGA_INPUTS, doc) == EVERY_SAGA
+
+
+@pytest.mark.parametrize("value", [b"", b"not json", b"[1, 2]", b'"a string"', b"\xff"])
+def test_a_value_no_handler_reads_is_a_chain_of_its_own(value: bytes) -> None:
+    for topic in (COMMANDS, SAGA_INPUTS):
+        assert _chain(topic, value) == f"record:{topic}:7"
