@@ -43,7 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -52,6 +55,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from app.adapters.saga_state import LeaseLost
 from app.domain import transfer_saga as saga_core
 from app.record_failures import (
     BACKOFF_INITIAL_SECONDS,
@@ -92,6 +96,9 @@ class BatchState(Protocol):
 
     def discard(self) -> None: ...
 
+    async def take_leases(self, partitions: Iterable[int], owner: str) -> dict[int, int]:
+        ...
+
 
 Decided = tuple[SourceRecord, RecordHandler, list[Outbound]]
 
@@ -123,6 +130,10 @@ class SagaEngine:
         self._stopping = False
         self._next_tick: dict[int, float] = {}
         self._completion: asyncio.Task[None] | None = None
+        #: Who takes the home partitions' leases (app/adapters/saga_state.py).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: A flush was refused for a lost lease: nothing is done until an assignment.
+        self._fenced = False
         self._background: set[asyncio.Task[None]] = set()
         #: Records decided at once in a cycle (their PostgreSQL calls overlap): as many as
         #: the pool has connections, the flush and the ticks queueing behind them.
@@ -252,7 +263,13 @@ class SagaEngine:
         # one cycle is ever unacknowledged, and outputs re-sent after a failed ack never
         # come after a later cycle's (a revoke or a stop waits for the last one too).
         await self._wait_completions()
-        await self._flush()
+        if self._fenced or not await self._flush():
+            # Another worker took some of these partitions (this one lost them during an
+            # outage): nothing of the cycle is written, sent or committed; their new owner
+            # reads the records again. Nothing more is done until partitions are assigned.
+            self._fenced = True
+            self.state.discard()
+            return
         acks = await self._produce(decided)
         previous = self._completion
         self._completion = asyncio.create_task(
@@ -350,13 +367,18 @@ class SagaEngine:
         saga = self.state.read_ahead(chain.removeprefix("transfer:"))
         return f"user:{saga.transfer.operator_id}" if saga is not None else EVERY_SAGA
 
-    async def _flush(self) -> None:
-        """The cycle's sagas and replies, in one transaction; an outage is retried."""
+    async def _flush(self) -> bool:
+        """The cycle's sagas and replies, in one transaction; an outage is retried. False
+        when the flush was refused: a lease of the cycle's partitions is lost."""
         delay = BACKOFF_INITIAL_SECONDS
         while True:
             try:
                 await self.state.flush()
-                return
+                return True
+            except LeaseLost as exc:
+                log.warning("saga cycle not written: %s; its records go to their new owner",
+                            exc)
+                return False
             except Exception as exc:
                 if not is_outage(exc):
                     raise
@@ -452,6 +474,24 @@ class SagaEngine:
                         "again", describe(exc))
             return
         self.committed.update(offsets)
+
+    async def _take_leases(self, partitions: set[int]) -> None:
+        """Before any record of a new assignment: the leases of its home partitions (a
+        worker that had them and lost them during an outage can no longer write them).
+        An outage is waited out: nothing of these partitions may be decided before."""
+        delay = BACKOFF_INITIAL_SECONDS
+        while not self._stopping:
+            try:
+                leases = await self.state.take_leases(partitions, self.owner)
+            except Exception as exc:
+                log.warning("saga partition leases not taken (%s): again in %.1fs",
+                            describe(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+                continue
+            self._fenced = False
+            log.info("saga partition leases taken: %s", leases)
+            return
 
     def seed_committed(self, assigned: set[TopicPartition]) -> None:
         """Learn the group's committed offsets of newly assigned partitions, in the
@@ -583,4 +623,5 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("saga partitions assigned: %s",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        await self.engine._take_leases({tp.partition for tp in assigned})
         self.engine.seed_committed(set(assigned))

@@ -185,7 +185,12 @@ CREATE TABLE IF NOT EXISTS saved_replies (
     saved_at double precision NOT NULL,  -- POSIX seconds
     reply bytea NOT NULL
 );
-CREATE INDEX IF NOT EXISTS saved_replies_age_idx ON saved_replies (home_partition, saved_at)
+CREATE INDEX IF NOT EXISTS saved_replies_age_idx ON saved_replies (home_partition, saved_at);
+CREATE TABLE IF NOT EXISTS saga_leases (
+    home_partition int PRIMARY KEY,
+    owner text NOT NULL,         -- the saga engine that took it (host:pid:random)
+    generation bigint NOT NULL   -- one more at every take: a flush checks its own
+);
 """
 
 

@@ -253,6 +253,8 @@ class PostgresSagaState:
         self._schema = schema
         self._sagas = PostgresSagas(self)
         self._replies = PostgresReplies(self)
+        #: {home partition: generation} once ``take_leases`` ran; None: no fencing.
+        self._leases: dict[int, int] | None = None
 
     @property
     def sagas(self) -> PostgresSagas:
@@ -304,16 +306,50 @@ class PostgresSagaState:
         replies.cache.update(dict.fromkeys(keys))
         replies.cache.update(found_replies)
 
+    async def take_leases(self, partitions: Iterable[int], owner: str) -> dict[int, int]:
+        """Take the home partitions' leases (one more generation each, whoever held them):
+        from now on this state's flushes write only while it still holds every lease of
+        what they write (``LeaseLost`` otherwise). Leases of other partitions are
+        forgotten. Returns {partition: generation}."""
+        wanted = sorted(set(partitions))
+        async with self.connection() as raw:
+            rows = await raw.fetch(_TAKE_LEASES, wanted, owner)
+        self._leases = {int(r["home_partition"]): int(r["generation"]) for r in rows}
+        return dict(self._leases)
+
     async def flush(self) -> None:
         """Write every buffered saga and reply in one transaction (one statement), then
         forget the buffer and the read cache. On failure the buffer is kept and the
         exception propagates as the driver raised it. A ``put`` made while the flush was
-        under way stays buffered."""
+        under way stays buffered.
+
+        Once leases are taken (``take_leases``), the flush first locks the leases of the
+        home partitions it writes (``FOR SHARE``: a taker waits for it) and writes nothing
+        if another engine took one since: ``LeaseLost`` (a worker that lost its partitions
+        during an outage never writes over their new owner's sagas)."""
         sagas = sorted(self._sagas.buffer.items())
         replies = sorted(self._replies.buffer.items())
         if sagas or replies:
             async with self.connection() as raw:
-                await raw.execute(_FLUSH, *_saga_columns(sagas), *_reply_columns(replies))
+                if self._leases is None:
+                    await raw.execute(_FLUSH, *_saga_columns(sagas), *_reply_columns(replies))
+                else:
+                    partitions = sorted({s.transfer.home_partition for _, s in sagas}
+                                        | {r.partition for _, r in replies})
+                    # BEGIN, the leases locked and checked, the flush, COMMIT; any
+                    # failure in between leaves the connection in the transaction, and the
+                    # connection is then dropped, not pooled (``connection``).
+                    await raw.execute("BEGIN")
+                    held = {int(r["home_partition"]): int(r["generation"])
+                            for r in await raw.fetch(_HELD_LEASES, partitions)}
+                    lost = [p for p in partitions
+                            if p not in self._leases or held.get(p) != self._leases[p]]
+                    if lost:
+                        await raw.execute("ROLLBACK")
+                        raise LeaseLost(f"home partitions {lost} were taken by another "
+                                        "saga engine")
+                    await raw.execute(_FLUSH, *_saga_columns(sagas), *_reply_columns(replies))
+                    await raw.execute("COMMIT")
             for transfer_id, saga in sagas:
                 if self._sagas.buffer.get(transfer_id) is saga:
                     del self._sagas.buffer[transfer_id]
@@ -390,6 +426,21 @@ def _saga_columns(sagas: list[tuple[str, saga_core.Saga]]) -> tuple[list[Any], .
         updated.append(saga.updated_at)
         stored.append(orjson.dumps(saga_core.saga_to_dict(saga)))
     return columns
+
+
+_TAKE_LEASES = """
+INSERT INTO saga_leases (home_partition, owner, generation)
+SELECT p, $2, 1 FROM unnest($1::int[]) AS p
+ON CONFLICT (home_partition) DO UPDATE
+    SET owner = EXCLUDED.owner, generation = saga_leases.generation + 1
+RETURNING home_partition, generation
+"""
+_HELD_LEASES = ("SELECT home_partition, generation FROM saga_leases"
+                " WHERE home_partition = ANY($1::int[]) ORDER BY home_partition FOR SHARE")
+
+
+class LeaseLost(Exception):
+    """A flush refused: another saga engine took a home partition it writes."""
 
 
 def db_key(key: str) -> str:

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.adapters.db import ensure_schema, make_engine
 from app.adapters.postgres_store import DDL, PostgresBusinessStore
-from app.adapters.saga_state import PostgresSagaState
+from app.adapters.saga_state import LeaseLost, PostgresSagaState
 from app.domain import transfer_saga as s
 from app.domain.ports import ReplyCache, SagaRepository
 from app.domain.transfer_saga import Saga, State
@@ -695,3 +695,34 @@ async def test_reply_keys_holding_nul_or_backslashes_are_kept_apart(db: Database
         assert await ahead.replies.get(key) == b"reply-%d" % i
     assert await db.state().replies.purge(1, T0 + 1) == len(keys)
     assert await db.rows("saved_replies") == 0
+
+
+@pytest.mark.integration
+async def test_a_flush_writes_nothing_once_another_engine_took_a_lease(db: Database) -> None:
+    """Fencing: engine A holds partitions 0 and 1; B takes partition 1 (A lost it during
+    an outage, say). A's batch touching partition 1 writes nothing at all (its partition 0
+    rows neither) and keeps its buffer; B writes; A writing partition 0 alone still
+    can."""
+    a, b = db.state(), db.state()
+    assert await a.take_leases([0, 1], "engine-a") == {0: 1, 1: 1}
+    assert await b.take_leases([1], "engine-b") == {1: 2}
+    a.sagas.put(saga("tr-a0", partition=0, deadline=T0))
+    a.sagas.put(saga("tr-a1", partition=1, deadline=T0))
+    a.replies.put("op\x1fr-a", b"a", at=T0, partition=1)
+    with pytest.raises(LeaseLost):
+        await a.flush()
+    assert await db.rows("sagas") == 0 and await db.rows("saved_replies") == 0
+    assert a.pending == 3
+    b.sagas.put(saga("tr-a1", partition=1, state=State.COMPLETED, updated_at=T0 + 5))
+    await b.flush()
+    stored = await db.state().saga("tr-a1")
+    assert stored is not None and stored.state is State.COMPLETED
+    a.discard()
+    a.sagas.put(saga("tr-a0", partition=0, deadline=T0))
+    await a.flush()
+    assert await db.rows("sagas") == 2
+    # Taking again is one more generation, whoever held it.
+    assert await a.take_leases([1], "engine-a") == {1: 3}
+    b.sagas.put(saga("tr-b", partition=1, deadline=T0))
+    with pytest.raises(LeaseLost):
+        await b.flush()
