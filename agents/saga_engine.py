@@ -345,7 +345,7 @@ class SagaEngine:
         if tick is not None:
             record = SourceRecord(self.topics.saga_inputs, tick, -1, None, b"")
             try:
-                outs = await self.service.timers.on_tick(tick)
+                moved = await self.service.timers.each_due(tick)
             except Exception as exc:
                 if not is_outage(exc):
                     raise
@@ -353,7 +353,8 @@ class SagaEngine:
                 # tick comes.
                 log.warning("tick of partition %s not run (%s)", tick, describe(exc))
             else:
-                decided.append((record, self.service.saga_inputs, outs))
+                # Each saga's outputs apart: one refused output costs only its saga's.
+                decided.extend((record, self.service.saga_inputs, outs) for outs in moved)
         return decided
 
     def _chain_of(self, record: SourceRecord) -> str:

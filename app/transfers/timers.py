@@ -46,14 +46,19 @@ class Timers:
         self._retry_at: dict[str, float] = {}
 
     async def on_tick(self, partition: int) -> list[Outbound]:
+        """Every due saga of the partition moved (``each_due``), their outputs together."""
+        return [out for outs in await self.each_due(partition) for out in outs]
+
+    async def each_due(self, partition: int) -> list[list[Outbound]]:
         """Every due saga of the partition, each on its own: a saga whose step fails (the
         database is away, a bug) is left exactly as it was, nothing written and nothing to
         send, and tried again after a back-off; the other sagas' steps are written and
-        their outputs returned together, so no state is kept whose outputs were dropped."""
+        their outputs returned, one list per saga, so no state is kept whose outputs were
+        dropped."""
         now = self.clock()
         await self.purge_if_due(partition, now)  # first: if it fails, no saga has moved yet
         due = await self.sagas.due(partition, now, TICK_MAX_SAGAS)
-        sends: list[Outbound] = []
+        sends: list[list[Outbound]] = []
         for transfer_id in due:
             if self._retry_at.get(transfer_id, 0.0) > now:
                 continue
@@ -62,7 +67,9 @@ class Timers:
                 if saga is None:
                     continue
                 new, outputs = saga_core.on_tick(saga, now, self.policy)
-                sends.extend(await self.steps.apply(new, outputs, changed=new is not saga))
+                outs = await self.steps.apply(new, outputs, changed=new is not saga)
+                if outs:
+                    sends.append(outs)
                 self._tick_failures.pop(transfer_id, None)
                 self._retry_at.pop(transfer_id, None)
             except Exception as exc:
