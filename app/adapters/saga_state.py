@@ -27,7 +27,11 @@ classifies (a SQLSTATE of class 22/23 is the data's fault, anything else an outa
 Concurrency: every key belongs to one home partition, which one worker owns at a time, so
 there are no competing writers in normal operation; a flush writes its rows in key order
 (no deadlock between two flushes during a rebalance). The last flush wins, as the port's
-``put`` does.
+``put`` does. Outside normal operation (a worker evicted while it waited out a long
+outage, then back) the **leases** decide: the saga engine takes its home partitions'
+leases at every assignment (``take_leases``: one more generation each), and a flush then
+locks and checks the leases of what it writes and writes nothing once another engine took
+one (``LeaseLost``). BEGIN, the leases, the writes, COMMIT: four round trips per flush.
 
 The statements run on the bare asyncpg connection of a checkout of SQLAlchemy's pool, as
 ``PostgresBusinessStore`` does (prepared statements cached per connection; the engine is
