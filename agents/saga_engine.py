@@ -33,6 +33,11 @@ stream buffers of the rebalance trap are not on this path. Both topics are assig
 Kafka's range assignor, which gives a member the same partition numbers of both (the same
 sagas): a saga is only ever decided by one worker at a time.
 
+Why one module of ~600 lines: the loop, its rebalance listener, the leases and the light
+parse that decides which records may run at once answer one question together (when may a
+record's effects become durable, be sent and be committed); split, the ordering argument
+above would be spread over files that each look safe alone.
+
 Stop: the cycle in flight may finish for ``saga_stop_grace_seconds``; then it is cancelled,
 and its records, not committed, are delivered again to whoever owns them next. An exception
 that escapes the guard (a bug, or a write of the flush that is not an outage) crashes the
