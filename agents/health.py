@@ -15,6 +15,9 @@ Ready means all of:
     recovery has completed and is not running again);
 ``consuming``
     the consumer's flow is on and its fetcher runs (records are being fetched);
+``sagaEngine``
+    the saga engine's loop runs (agents/saga_engine.py: started once the app is up, false
+    once it failed);
 ``postgres``
     PostgreSQL answers ``SELECT 1`` within :data:`app.adapters.db.POSTGRES_TIMEOUT_SECONDS`
     (the result is kept for :data:`app.adapters.db.POSTGRES_CACHE_SECONDS`, so that a probe
@@ -51,8 +54,11 @@ def readiness_checks(app: Any) -> dict[str, bool]:
             "consuming": bool(consuming)}
 
 
-def register_health_views(app: Any, database_url: str, schema: str) -> None:
-    """Add ``/healthz`` and ``/readyz`` to the Faust app's web server."""
+def register_health_views(app: Any, database_url: str, schema: str,
+                          engine: Any = None) -> None:
+    """Add ``/healthz`` and ``/readyz`` to the Faust app's web server; with the saga
+    engine (agents/saga_engine.py), ``/readyz`` also needs it running (started, not
+    failed)."""
     from faust import web
 
     probe = PostgresProbe(make_engine(database_url, schema, pool_size=1))
@@ -66,6 +72,8 @@ def register_health_views(app: Any, database_url: str, schema: str) -> None:
     class Readyz(web.View):
         async def get(self, request: web.Request) -> web.Response:
             checks = readiness_checks(app)
+            if engine is not None:
+                checks["sagaEngine"] = bool(engine.running)
             checks["postgres"] = await probe.ok()
             ready = all(checks.values())
             return self.json({"ready": ready, "checks": checks},

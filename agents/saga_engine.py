@@ -474,10 +474,14 @@ class SagaEngine:
             await consumer.commit(offsets)
         except Exception as exc:
             # The partitions went to another member meanwhile (a session that expired
-            # during an outage): it reads them again from the last commit; everything of
-            # this cycle is idempotent.
-            log.warning("offsets of the saga topics not committed (%s): the records come "
-                        "again", describe(exc))
+            # during an outage), or the broker is away: the records are read again from
+            # the last commit, and everything of this cycle is idempotent. Anything else
+            # (an authorization refused, a bug) is an error an operator must see.
+            expected = is_outage(exc) or type(exc).__name__ in (
+                "CommitFailedError", "IllegalStateError")
+            log.log(logging.WARNING if expected else logging.ERROR,
+                    "offsets of the saga topics not committed (%s): the records come again",
+                    describe(exc), exc_info=not expected)
             return
         self.committed.update(offsets)
 

@@ -169,7 +169,8 @@ def run_worker(settings: Settings) -> int:
 
     worker = create_app(settings)
     if settings.web_enabled:
-        register_health_views(worker.app, settings.database_url, settings.db_schema)
+        register_health_views(worker.app, settings.database_url, settings.db_schema,
+                              engine=worker.engine)
     faust_worker = RedactingWorker(worker.app, loglevel=settings.log_level.lower(),
                                    quiet=True)
     faust_worker.execute_from_commandline()

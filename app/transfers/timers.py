@@ -43,7 +43,7 @@ class Timers:
         self._next_purge: dict[int, float] = {}
         self._tick_failures: dict[str, int] = {}
         #: Sagas whose timer step failed: not tried again before this time.
-        self._retry_at: dict[str, float] = {}
+        self._retry_at: dict[str, tuple[int, float]] = {}  # (home partition, time)
 
     async def on_tick(self, partition: int) -> list[Outbound]:
         """Every due saga of the partition moved (``each_due``), their outputs together."""
@@ -58,9 +58,16 @@ class Timers:
         now = self.clock()
         await self.purge_if_due(partition, now)  # first: if it fails, no saga has moved yet
         due = await self.sagas.due(partition, now, TICK_MAX_SAGAS)
+        # A saga whose retry time has passed and that is no longer due (moved by a
+        # record meanwhile, or purged) is forgotten.
+        due_now = set(due)
+        for transfer_id in [t for t, (p, at) in self._retry_at.items()
+                            if p == partition and at <= now and t not in due_now]:
+            self._retry_at.pop(transfer_id, None)
+            self._tick_failures.pop(transfer_id, None)
         sends: list[list[Outbound]] = []
         for transfer_id in due:
-            if self._retry_at.get(transfer_id, 0.0) > now:
+            if self._retry_at.get(transfer_id, (partition, 0.0))[1] > now:
                 continue
             try:
                 saga = await self.sagas.get(transfer_id)
@@ -76,7 +83,7 @@ class Timers:
                 failures = self._tick_failures[transfer_id] = (
                     self._tick_failures.get(transfer_id, 0) + 1)
                 delay = min(2.0 ** (failures - 1), TICK_RETRY_MAX_SECONDS)
-                self._retry_at[transfer_id] = now + delay
+                self._retry_at[transfer_id] = (partition, now + delay)
                 log.warning("saga %s: its timer step failed (%s); it is unchanged and tried "
                             "again in %.0fs", transfer_id, describe(exc), delay,
                             exc_info=not is_outage(exc), extra={"transferId": transfer_id})

@@ -178,7 +178,8 @@ async def test_readyz_is_503_until_the_worker_is_ready_then_200(ran: dict[str, A
     status, body = ran["ready_after"]
     assert status == 200, body
     assert body == {"ready": True, "checks": {"assigned": True, "recovered": True,
-                                               "consuming": True, "postgres": True}}
+                                               "consuming": True, "sagaEngine": True,
+                                               "postgres": True}}
     assert ran["healthz"] == (200, {"status": "alive"})
 
 
