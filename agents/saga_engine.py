@@ -7,18 +7,23 @@ table changelog per record) for a plain aiokafka consumer hosted in the app as a
 One turn of the loop, a *cycle*:
 
 1. ``getmany``: up to ``saga_batch_max_records`` records of the partitions this worker owns;
+   the sagas and saved replies they will ask for are read ahead in one statement;
 2. the records of each partition number (a *lane*: ``business.commands`` p and
-   ``business.saga-inputs`` p hold the same sagas) are decided one after the other, in
-   offset order, each through the record guard (app/record_failures.py: a record that fails
-   for its own sake gets its error reply or dead letter and the lane goes on; an outage is
-   waited out, nothing skipped); lanes overlap their waits; the lanes whose tick is due
-   then move their sagas whose deadline has come (the repository's ``due``);
+   ``business.saga-inputs`` p hold the same sagas) are decided each through the record
+   guard (app/record_failures.py: a record that fails for its own sake gets its error
+   reply or dead letter and the lane goes on; an outage is waited out, nothing skipped):
+   each user's records in offset order, different users' at once (``chain_of``: a record
+   whose user is not sure keeps the lane in order); lanes overlap their waits; the lanes
+   whose tick is due then move their sagas whose deadline has come (the repository's
+   ``due``);
 3. every saga and reply the cycle wrote is made durable in ONE PostgreSQL transaction
-   (``flush``; an outage is retried, nothing sent before it succeeds);
-4. every output of the cycle is produced without a per-record await, then awaited
-   together; a record whose outputs could not all be sent goes through the guard's
-   ``deliver`` (re-sent, or replaced by its poison outputs);
-5. only then are the cycle's offsets committed.
+   (``flush``, under the home partitions' leases; an outage is retried, nothing sent
+   before it succeeds; a lost lease writes, sends and commits nothing);
+4. every output of the cycle is produced without a per-record await; their acks are
+   awaited while the next cycle fetches and decides (before its flush); a record whose
+   outputs could not all be sent goes through the guard's ``deliver`` (re-sent, or
+   replaced by its poison outputs);
+5. only then are the cycle's offsets committed (in cycle order).
 
 Why this order is safe under at-least-once delivery: a crash before 3 leaves the idempotent
 PostgreSQL effects (token claims, reservations, PIN counters) and nothing else, and the
@@ -146,9 +151,6 @@ class SagaEngine:
         #: The offsets this engine committed last, per partition (lag metrics, tests).
         self.committed: dict[TopicPartition, int] = {}
         self.failure: BaseException | None = None
-        #: Cycles run and records decided (metrics, tests).
-        self.cycles = 0
-        self.records = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -279,8 +281,6 @@ class SagaEngine:
         previous = self._completion
         self._completion = asyncio.create_task(
             self._complete(previous, decided, acks, offsets), name="saga cycle completion")
-        self.cycles += 1
-        self.records += sum(len(v) for v in lanes.values())
 
     async def _prefetch(self, lanes: Iterable[list[tuple[SourceRecord, RecordHandler]]]
                         ) -> None:
