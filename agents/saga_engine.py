@@ -58,20 +58,23 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from app.adapters.saga_state import LeaseLost
+from app.adapters.saga_state import ROW_TABLES, LeaseLost, NotReadAhead
 from app.domain import transfer_saga as saga_core
+from app.query_service import SEP
 from app.record_failures import (
     BACKOFF_INITIAL_SECONDS,
     BACKOFF_MAX_SECONDS,
+    Handler,
     Outbound,
     RecordHandler,
+    Refused,
     SourceRecord,
     describe,
     is_outage,
@@ -79,6 +82,7 @@ from app.record_failures import (
 from app.settings import Settings
 from app.transfers.ids import transfer_id_for
 from app.transfers.service import TransferService
+from events.topics import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +99,10 @@ FATAL_PRODUCER_ERRORS = frozenset({
 class BatchState(Protocol):
     """The saga state's unit of work (app/adapters/saga_state.py)."""
 
-    async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str]
-                       ) -> None: ...
+    async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str],
+                       rows: Mapping[str, Iterable[str]] | None = None) -> None: ...
+
+    async def read_row(self, table: str, key: str) -> None: ...
 
     def read_ahead(self, transfer_id: str) -> saga_core.Saga | None:
         """The saga as this cycle knows it (written or read ahead), without I/O."""
@@ -148,6 +154,8 @@ class SagaEngine:
         #: Records decided at once in a cycle (their PostgreSQL calls overlap): as many as
         #: the pool has connections, the flush and the ticks queueing behind them.
         self._slots = asyncio.Semaphore(max(1, settings.db_pool_size))
+        self._account_events = Handler(self._decide_account_event,
+                                       service.account_events.poison)
         #: The offsets this engine committed last, per partition (lag metrics, tests).
         self.committed: dict[TopicPartition, int] = {}
         self.failure: BaseException | None = None
@@ -177,7 +185,8 @@ class SagaEngine:
         except BaseException:
             await self.producer.stop()
             raise
-        self.consumer.subscribe([self.topics.commands, self.topics.saga_inputs],
+        self.consumer.subscribe([self.topics.commands, self.topics.saga_inputs,
+                                 self.topics.account_events, self.topics.funding_events],
                                 listener=_Rebalance(self))
         self._task = asyncio.create_task(self._run(), name="saga engine")
 
@@ -246,25 +255,32 @@ class SagaEngine:
 
     async def _cycle(self, batch: dict[TopicPartition, list[Any]]) -> None:
         lanes: dict[int, list[tuple[SourceRecord, RecordHandler]]] = defaultdict(list)
+        events: list[tuple[SourceRecord, RecordHandler]] = []
         offsets: dict[TopicPartition, int] = {}
-        for tp, records in batch.items():
+        handlers = {self.topics.commands: self.service.commands,
+                    self.topics.saga_inputs: self.service.saga_inputs,
+                    self.topics.account_events: self._account_events,
+                    self.topics.funding_events: self.service.funding_events}
+        for tp, records in sorted(batch.items()):
             if not records:
                 continue
-            handler = (self.service.commands if tp.topic == self.topics.commands
-                       else self.service.saga_inputs)
-            lane = lanes[tp.partition]
+            handler = handlers[tp.topic]
+            into = (lanes[tp.partition] if tp.topic in (self.topics.commands,
+                                                         self.topics.saga_inputs)
+                    else events)
             for r in records:
-                lane.append((SourceRecord(tp.topic, tp.partition, r.offset, r.key, r.value),
+                into.append((SourceRecord(tp.topic, tp.partition, r.offset, r.key, r.value),
                              handler))
             offsets[tp] = records[-1].offset + 1
         ticks = self._ticks_due()
-        if not lanes and not ticks:
+        if not lanes and not events and not ticks:
             return
-        await self._prefetch(lanes.values())
+        await self._prefetch([*lanes.values(), events])
+        decided = await self._route_events(events, lanes) if events else []
         results = await asyncio.gather(*(
             self._run_lane(lanes.get(p, []), p if p in ticks else None)
             for p in sorted(set(lanes) | ticks)))
-        decided = [d for lane_result in results for d in lane_result]
+        decided += [d for lane_result in results for d in lane_result]
         # The previous cycle's acks and commit overlapped this cycle's fetch and
         # decisions; they end before anything of this cycle is written or sent, so at most
         # one cycle is ever unacknowledged, and outputs re-sent after a failed ack never
@@ -290,20 +306,73 @@ class SagaEngine:
         own reads meet it inside the guard."""
         transfer_ids: set[str] = set()
         reply_keys: set[str] = set()
+        rows: dict[str, set[str]] = {table: set() for table in ROW_TABLES}
         for lane in lanes:
             for record, _handler in lane:
-                keys_of(record, self.topics.commands, transfer_ids, reply_keys)
+                if record.topic == self.topics.account_events:
+                    account_keys_of(record, transfer_ids, rows)
+                else:
+                    keys_of(record, self.topics.commands, transfer_ids, reply_keys)
         # A transfer id PostgreSQL cannot hold is none of ours (its record is refused when
         # decided): it is not asked for.
         transfer_ids = {k for k in transfer_ids if "\x00" not in k}
-        if not transfer_ids and not reply_keys:
+        if not transfer_ids and not reply_keys and not any(rows.values()):
             return
         try:
-            await self.state.prefetch(transfer_ids, reply_keys)
+            await self.state.prefetch(transfer_ids, reply_keys, rows)
         except Exception as exc:
             # Only a guess: whatever it met (an outage, a key refused) the records meet
             # again when they ask, inside the guard.
             log.debug("prefetch skipped (%s)", describe(exc))
+
+    async def _route_events(self, events: list[tuple[SourceRecord, RecordHandler]],
+                            lanes: dict[int, list[tuple[SourceRecord, RecordHandler]]]
+                            ) -> list[Decided]:
+        """The cycle's account and funding events, in offset order per partition: each
+        applied to the account query tables (account events) and turned into its saga's
+        input. The input of a saga whose home partition this worker owns joins that
+        partition's lane in this very cycle (no hop through ``business.saga-inputs``: its
+        effects are written in the cycle's transaction and its record committed after);
+        any other is relayed to ``business.saga-inputs``, for the worker that owns it."""
+        guard = self.service.guard
+        homes = {tp.partition for tp in self.assignment()
+                 if tp.topic == self.topics.saga_inputs}
+        decided: list[Decided] = []
+        for record, handler in events:
+            async with self._slots:
+                outs = await guard.decide(record, handler)
+            relayed = []
+            for out in outs:
+                home = out.partition
+                if out.topic == self.topics.saga_inputs and home is not None and home in homes:
+                    lanes[home].append((SourceRecord(out.topic, home, -1, out.key, out.value),
+                                        self.service.saga_inputs))
+                else:
+                    relayed.append(out)
+            decided.append((record, handler, relayed))
+        return decided
+
+    async def _decide_account_event(self, record: SourceRecord) -> list[Outbound]:
+        """An account event: refused unless it is on its key's partition (the account
+        center keys by account and names no partition: the account's tables are written
+        only by the owner of that partition) and its key is free of the tables' separator
+        (a row's home partition is its account's, read from the key), then the relay
+        (app/transfers/relay.py),
+        which applies it to the account query tables first; a table row not read ahead is
+        read, and the event decided again (the projection reads before it writes)."""
+        if record.key is not None and partition_of(
+                record.key, self.settings.topic_partitions) != record.partition:
+            self.service.relay.tally.count("miskeyed_account_events")
+            raise Refused("the record is not on the partition of its key")
+        if record.key is not None and SEP.encode() in record.key:
+            # The relay accepts only an event keyed by its accountId: this one's id holds
+            # the tables' separator, which would make its rows another account's.
+            raise Refused("the accountId holds U+001F, the query tables' separator")
+        while True:
+            try:
+                return self.service.relay.account_event(record)
+            except NotReadAhead as miss:
+                await self.state.read_row(miss.table, miss.key)
 
     def _ticks_due(self) -> set[int]:
         """The home partitions (``business.saga-inputs`` partitions owned) whose tick is due."""
@@ -608,6 +677,8 @@ def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
         if isinstance(operator, str) and isinstance(idem, str):
             transfer_ids.add(transfer_id_for(operator, idem))
         return
+    if "chargeId" in doc:  # a funding event (funding.events)
+        doc = {"fundingEvent": doc}
     for field, id_field in (("accountEvent", "commandId"), ("fundingEvent", "chargeId")):
         inner = doc.get(field)
         if isinstance(inner, dict) and isinstance(inner.get(id_field), str):
@@ -621,6 +692,30 @@ def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
     resolution = doc.get("resolution")
     if isinstance(resolution, dict) and isinstance(resolution.get("transferId"), str):
         transfer_ids.add(resolution["transferId"])
+
+
+def account_keys_of(record: SourceRecord, transfer_ids: set[str],
+                    rows: dict[str, set[str]]) -> None:
+    """Add the keys an ``account.events`` record will likely read: its account's balance
+    row and its seen mark, and the saga its command id names. Anything unreadable adds
+    nothing."""
+    try:
+        doc = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(doc, dict):
+        return
+    account, command = doc.get("accountId"), doc.get("commandId")
+    if not isinstance(account, str) or not isinstance(command, str):
+        return
+    rows["query_balances"].add(account)
+    rows["query_events_seen"].add(f"{account}{SEP}{command}")
+    try:
+        parsed = saga_core.parse_command_id(command)
+    except ValueError:  # e.g. a partition of more digits than int() reads
+        return
+    if parsed is not None:
+        transfer_ids.add(parsed[0])
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

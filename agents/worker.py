@@ -1,8 +1,9 @@
 """The bootstrap of the business worker: the one place where its collaborators are built
 and wired (cosmicpython's ``bootstrap.py``): the Faust app (agents/faust_app.py), the
-PostgreSQL store and saga state, the query tables, the TransferService, the relay and query
-agents, the saga engine (agents/saga_engine.py, a service of the app), the web views and
-metrics; then Faust's worker runs it (``bizcenter worker``).
+PostgreSQL store and saga state, the transfers table, the TransferService, the query agents,
+the saga engine (agents/saga_engine.py, a service of the app: the saga topics, the account
+and funding events, the account query tables), the web views and metrics; then Faust's
+worker runs it (``bizcenter worker``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import mode
 
-from agents import query_agents, transfer_agents
+from agents import query_agents
 from agents.faust_app import Worker, build_app
 from agents.health import register_health_views, register_metrics_view
 from agents.saga_engine import SagaEngine
@@ -21,10 +22,11 @@ from app import log_format, log_redaction, metrics
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.adapters.saga_state import PostgresSagaState
 from app.domain import transfer_saga as saga_core
+from app.query_service import SEP, AccountProjection
 from app.settings import Settings
 from app.tokens import AccessTokenVerifier, TransferTokens
 from app.transfers.service import TransferService
-from events.topics import Topics
+from events.topics import Topics, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,10 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         getattr(topics, f): raw_topic(getattr(topics, f)) for f in topics.__slots__
     }
     store = store if store is not None else PostgresBusinessStore.from_settings(settings)
-    state = PostgresSagaState(store.engine, settings.db_schema)
+    partitions = settings.topic_partitions
+    state = PostgresSagaState(
+        store.engine, settings.db_schema,
+        home_of=lambda key: partition_of(key.split(SEP, 1)[0].encode(), partitions))
     service = TransferService(
         settings,
         store,
@@ -54,11 +59,13 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
         transfer_tokens=TransferTokens.from_settings(settings),
     )
     worker = Worker(app, settings, topics, channels, service)
-    queries = query_agents.register(worker)  # query tables first: the relay writes them
-    # The relay of account.events applies each valid event to the account tables before
-    # relaying it (read your writes, docs/architecture.md).
-    service.account_event_listeners.append(queries.accounts.apply)
-    transfer_agents.register(worker)
+    query_agents.register(worker)
+    # The saga engine applies each valid account event to the account query tables before
+    # it moves the event's saga, in the same transaction (read your writes,
+    # docs/architecture.md).
+    rows = state.rows
+    service.account_event_listeners.append(AccountProjection(
+        rows["query_balances"], rows["query_history"], rows["query_events_seen"]).apply)
     engine = SagaEngine(settings, service, state, crash=app.crash)
     worker.engine = engine
     # Started once the app is up (Faust instantiates a class, and takes an instance as is).
@@ -94,8 +101,7 @@ def register_worker_metrics(worker: Worker, engine: SagaEngine,
     web server on, ``/metrics``. Consumer lag is computed when scraped; the open sagas are
     counted in PostgreSQL every 15 s by a timer: nothing on the path of a record."""
     app, topics = worker.app, worker.topics
-    inputs = {topics.account_events, topics.funding_events, topics.transfer_events,
-              topics.queries}
+    inputs = {topics.transfer_events, topics.queries}  # Faust's; the engine has the rest
     open_counts: dict[str, int] = dict.fromkeys(OPEN_STATES, 0)
 
     @app.timer(interval=15.0, name="count_open_sagas")  # type: ignore[untyped-decorator]

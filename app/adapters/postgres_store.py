@@ -186,6 +186,26 @@ CREATE TABLE IF NOT EXISTS saved_replies (
     reply bytea NOT NULL
 );
 CREATE INDEX IF NOT EXISTS saved_replies_age_idx ON saved_replies (home_partition, saved_at);
+-- The account query tables (app/query_service.py, AccountProjection), written by the saga
+-- engine in its cycle's transaction (app/adapters/saga_state.py): one row per key, value
+-- the same orjson document as the projection's, key escaped as saga_state.db_key.
+CREATE TABLE IF NOT EXISTS query_balances (
+    key text PRIMARY KEY,          -- accountId
+    home_partition int NOT NULL,   -- the account's partition of account.events
+    value bytea NOT NULL
+);
+-- The live balance check reads a worker's partitions (app/adapters/query_tables.py).
+CREATE INDEX IF NOT EXISTS query_balances_partition_idx ON query_balances (home_partition);
+CREATE TABLE IF NOT EXISTS query_history (
+    key text PRIMARY KEY,          -- accountId US seq (16 digits)
+    home_partition int NOT NULL,
+    value bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS query_events_seen (
+    key text PRIMARY KEY,          -- accountId US commandId
+    home_partition int NOT NULL,
+    value bytea NOT NULL
+);
 CREATE TABLE IF NOT EXISTS saga_leases (
     home_partition int PRIMARY KEY,
     owner text NOT NULL,         -- the saga engine that took it (host:pid:random)

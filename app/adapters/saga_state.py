@@ -41,7 +41,7 @@ one of ``make_engine``, whose connections' search_path is the schema).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -60,15 +60,29 @@ PURGED_STATES = (saga_core.State.COMPLETED, saga_core.State.FAILED)
 
 _GET_SAGA = "SELECT saga FROM sagas WHERE transfer_id = $1"
 _GET_REPLY = "SELECT reply, home_partition, saved_at FROM saved_replies WHERE key = $1"
-#: Both tables' keys of a batch in one round trip; a saga row has ``saga``, a reply row not.
+#: Every table's keys of a batch in one round trip; ``kind`` says whose row it is (0 a saga,
+#: 1 a saved reply, 2.. the query rows of ``ROW_TABLES`` in order).
 _PREFETCH = """
-SELECT transfer_id AS key, saga AS saga, NULL::bytea AS reply, NULL::int AS home_partition,
+SELECT 0 AS kind, transfer_id AS key, saga AS value, NULL::int AS home_partition,
        NULL::float8 AS saved_at
 FROM sagas WHERE transfer_id = ANY($1::text[])
 UNION ALL
-SELECT key, NULL::bytea, reply, home_partition, saved_at
-FROM saved_replies WHERE key = ANY($2::text[])
+SELECT 1, key, reply, home_partition, saved_at FROM saved_replies WHERE key = ANY($2::text[])
+UNION ALL
+SELECT 2, key, value, NULL, NULL FROM query_balances WHERE key = ANY($3::text[])
+UNION ALL
+SELECT 3, key, value, NULL, NULL FROM query_history WHERE key = ANY($4::text[])
+UNION ALL
+SELECT 4, key, value, NULL, NULL FROM query_events_seen WHERE key = ANY($5::text[])
 """
+#: The account query tables (app/query_service.py ``AccountProjection``), in the order of
+#: their ``kind`` in ``_PREFETCH`` and of their arrays in ``_FLUSH``.
+ROW_TABLES = ("query_balances", "query_history", "query_events_seen")
+_GET_ROW = {
+    "query_balances": "SELECT value FROM query_balances WHERE key = $1",
+    "query_history": "SELECT value FROM query_history WHERE key = $1",
+    "query_events_seen": "SELECT value FROM query_events_seen WHERE key = $1",
+}
 #: The flush: one statement, so one transaction, whatever it holds (data-modifying CTEs
 #: always run to completion); empty arrays write nothing. A saga is stored as the bytes of
 #: orjson (bytea: byte for byte what was decided, and any string a saga holds, NUL
@@ -90,6 +104,21 @@ WITH written_sagas AS (
     ON CONFLICT (key) DO UPDATE SET
         home_partition = EXCLUDED.home_partition, saved_at = EXCLUDED.saved_at,
         reply = EXCLUDED.reply
+), written_query_balances AS (
+    INSERT INTO query_balances (key, home_partition, value)
+    SELECT * FROM unnest($12::text[], $13::int[], $14::bytea[])
+    ON CONFLICT (key) DO UPDATE SET
+        home_partition = EXCLUDED.home_partition, value = EXCLUDED.value
+), written_query_history AS (
+    INSERT INTO query_history (key, home_partition, value)
+    SELECT * FROM unnest($15::text[], $16::int[], $17::bytea[])
+    ON CONFLICT (key) DO UPDATE SET
+        home_partition = EXCLUDED.home_partition, value = EXCLUDED.value
+), written_query_events_seen AS (
+    INSERT INTO query_events_seen (key, home_partition, value)
+    SELECT * FROM unnest($18::text[], $19::int[], $20::bytea[])
+    ON CONFLICT (key) DO UPDATE SET
+        home_partition = EXCLUDED.home_partition, value = EXCLUDED.value
 )
 SELECT 1
 """
@@ -246,17 +275,57 @@ class PostgresReplies:
         return int(count)
 
 
+class NotReadAhead(Exception):
+    """A query row asked for that this batch has not read: read it
+    (:meth:`PostgresSagaState.read_row`) and decide the record again. The projection reads
+    every row before it writes any (app/query_service.py), so deciding again is safe."""
+
+    def __init__(self, table: str, key: str) -> None:
+        super().__init__(f"{table} {key!r} not read ahead")
+        self.table = table
+        self.key = key
+
+
+class PostgresRows:
+    """One account query table (``ROW_TABLES``) as the projection's synchronous
+    ``KeyValue``: ``get`` answers from the buffer, then from what this batch read, and
+    raises :class:`NotReadAhead` for anything else (no I/O in a synchronous call); ``put``
+    buffers the row for the batch's flush, with its key's home partition."""
+
+    def __init__(self, table: str, home_of: Callable[[str], int]) -> None:
+        self.table = table
+        self.home_of = home_of
+        self.buffer: dict[str, tuple[int, bytes]] = {}
+        self.cache: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        buffered = self.buffer.get(key)
+        if buffered is not None:
+            return buffered[1]
+        try:
+            return self.cache[key]
+        except KeyError:
+            raise NotReadAhead(self.table, key) from None
+
+    def put(self, key: str, value: bytes) -> None:
+        self.buffer[key] = (self.home_of(key), bytes(value))
+
+
 class PostgresSagaState:
     """The sagas and saved replies of the command side: two port views over one write
     buffer and one batch-long read cache (see the module's docstring)."""
 
-    def __init__(self, engine: AsyncEngine, schema: str) -> None:
+    def __init__(self, engine: AsyncEngine, schema: str,
+                 home_of: Callable[[str], int] = lambda key: 0) -> None:
         """``engine``: one of ``make_engine(url, schema)`` (its connections' search_path is
-        ``schema``); the caller owns it (e.g. ``PostgresBusinessStore.engine``)."""
+        ``schema``); the caller owns it (e.g. ``PostgresBusinessStore.engine``).
+        ``home_of``: the home partition of a query row's key (its account's partition)."""
         self._engine = engine
         self._schema = schema
         self._sagas = PostgresSagas(self)
         self._replies = PostgresReplies(self)
+        #: The account query tables, by name (``ROW_TABLES``).
+        self.rows = {table: PostgresRows(table, home_of) for table in ROW_TABLES}
         #: {home partition: generation} once ``take_leases`` ran; None: no fencing.
         self._leases: dict[int, int] | None = None
 
@@ -278,7 +347,8 @@ class PostgresSagaState:
     @property
     def pending(self) -> int:
         """How many writes the buffer holds (sagas and replies)."""
-        return len(self._sagas.buffer) + len(self._replies.buffer)
+        return (len(self._sagas.buffer) + len(self._replies.buffer)
+                + sum(len(view.buffer) for view in self.rows.values()))
 
     def read_ahead(self, transfer_id: str) -> saga_core.Saga | None:
         """The saga as this batch knows it (buffered, or read), without I/O; None when
@@ -286,29 +356,49 @@ class PostgresSagaState:
         buffered = self._sagas.buffer.get(transfer_id)
         return buffered if buffered is not None else self._sagas.cache.get(transfer_id)
 
-    async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str]) -> None:
+    async def prefetch(self, transfer_ids: Iterable[str], reply_keys: Iterable[str],
+                       rows: Mapping[str, Iterable[str]] | None = None) -> None:
         """Read every given key that this batch does not know yet, in one statement; an
-        absent key is remembered as absent."""
+        absent key is remembered as absent. ``rows``: keys of the query tables, by table."""
         sagas, replies = self._sagas, self._replies
         saga_ids = sorted({t for t in transfer_ids
                            if t not in sagas.buffer and t not in sagas.cache})
         keys = sorted({k for k in reply_keys if k not in replies.buffer and k not in replies.cache})
-        if not saga_ids and not keys:
+        row_keys = [sorted({k for k in (rows or {}).get(table, ())
+                            if k not in view.buffer and k not in view.cache})
+                    for table, view in self.rows.items()]
+        if not saga_ids and not keys and not any(row_keys):
             return
         stored = {db_key(key): key for key in keys}
+        stored_rows = [{db_key(key): key for key in table_keys} for table_keys in row_keys]
         async with self.connection() as raw:
-            rows = await raw.fetch(_PREFETCH, saga_ids, list(stored))
+            found = await raw.fetch(_PREFETCH, saga_ids, list(stored),
+                                    *(list(table_keys) for table_keys in stored_rows))
         # Every row read first: one that cannot be read fails the prefetch, and no key
         # is then taken for absent (each is read again when asked, where it fails alone).
-        found_sagas = {row["key"]: _saga_of(row["saga"]) for row in rows
-                       if row["saga"] is not None}
+        found_sagas = {row["key"]: _saga_of(row["value"]) for row in found if row["kind"] == 0}
         found_replies = {stored[row["key"]]: SavedReply(
-            bytes(row["reply"]), int(row["home_partition"]), float(row["saved_at"]))
-            for row in rows if row["saga"] is None}
+            bytes(row["value"]), int(row["home_partition"]), float(row["saved_at"]))
+            for row in found if row["kind"] == 1}
+        found_rows: list[dict[str, bytes]] = [{} for _ in ROW_TABLES]
+        for row in found:
+            if row["kind"] >= 2:
+                table = row["kind"] - 2
+                found_rows[table][stored_rows[table][row["key"]]] = bytes(row["value"])
         sagas.cache.update(dict.fromkeys(saga_ids))
         sagas.cache.update(found_sagas)
         replies.cache.update(dict.fromkeys(keys))
         replies.cache.update(found_replies)
+        for view, table_keys, table_found in zip(self.rows.values(), row_keys, found_rows,
+                                                 strict=True):
+            view.cache.update(dict.fromkeys(table_keys))
+            view.cache.update(table_found)
+
+    async def read_row(self, table: str, key: str) -> None:
+        """Read one query row into this batch's cache (after :class:`NotReadAhead`)."""
+        async with self.connection() as raw:
+            value = await raw.fetchval(_GET_ROW[table], db_key(key))
+        self.rows[table].cache[key] = None if value is None else bytes(value)
 
     async def take_leases(self, partitions: Iterable[int], owner: str) -> dict[int, int]:
         """Take the home partitions' leases (one more generation each, whoever held them):
@@ -333,13 +423,18 @@ class PostgresSagaState:
         during an outage never writes over their new owner's sagas)."""
         sagas = sorted(self._sagas.buffer.items())
         replies = sorted(self._replies.buffer.items())
-        if sagas or replies:
+        rows = [sorted(view.buffer.items()) for view in self.rows.values()]
+        if sagas or replies or any(rows):
+            columns = (*_saga_columns(sagas), *_reply_columns(replies),
+                       *(column for table_rows in rows for column in _row_columns(table_rows)))
             async with self.connection() as raw:
                 if self._leases is None:
-                    await raw.execute(_FLUSH, *_saga_columns(sagas), *_reply_columns(replies))
+                    await raw.execute(_FLUSH, *columns)
                 else:
                     partitions = sorted({s.transfer.home_partition for _, s in sagas}
-                                        | {r.partition for _, r in replies})
+                                        | {r.partition for _, r in replies}
+                                        | {home for table_rows in rows
+                                           for _, (home, _value) in table_rows})
                     # BEGIN, the leases locked and checked, the flush, COMMIT; any
                     # failure in between leaves the connection in the transaction, and the
                     # connection is then dropped, not pooled (``connection``).
@@ -352,7 +447,7 @@ class PostgresSagaState:
                         await raw.execute("ROLLBACK")
                         raise LeaseLost(f"home partitions {lost} were taken by another "
                                         "saga engine")
-                    await raw.execute(_FLUSH, *_saga_columns(sagas), *_reply_columns(replies))
+                    await raw.execute(_FLUSH, *columns)
                     await raw.execute("COMMIT")
             for transfer_id, saga in sagas:
                 if self._sagas.buffer.get(transfer_id) is saga:
@@ -360,14 +455,23 @@ class PostgresSagaState:
             for key, saved in replies:
                 if self._replies.buffer.get(key) is saved:
                     del self._replies.buffer[key]
+            for view, table_rows in zip(self.rows.values(), rows, strict=True):
+                for key, row in table_rows:
+                    if view.buffer.get(key) is row:
+                        del view.buffer[key]
         self._sagas.cache.clear()
         self._replies.cache.clear()
+        for view in self.rows.values():
+            view.cache.clear()
 
     def discard(self) -> None:
         """Forget the buffer and the read cache: the batch is abandoned (a rebalance)."""
-        for view in (self._sagas, self._replies):
-            view.buffer.clear()
-            view.cache.clear()
+        tables: list[dict[str, Any]] = [self._sagas.buffer, self._sagas.cache,
+                                        self._replies.buffer, self._replies.cache]
+        for view in self.rows.values():
+            tables += [view.buffer, view.cache]
+        for table in tables:
+            table.clear()
 
     # --- the operator's and the metrics' reads (the table only: no buffer, no cache) -----
 
@@ -460,3 +564,9 @@ def _reply_columns(replies: list[tuple[str, SavedReply]]) -> tuple[list[Any], ..
     """The flush's reply arrays ($8-$11)."""
     return ([db_key(key) for key, _ in replies], [s.partition for _, s in replies],
             [s.saved_at for _, s in replies], [s.reply for _, s in replies])
+
+
+def _row_columns(rows: list[tuple[str, tuple[int, bytes]]]) -> tuple[list[Any], ...]:
+    """The flush's arrays of one query table (key, home partition, value)."""
+    return ([db_key(key) for key, _ in rows], [home for _, (home, _v) in rows],
+            [value for _, (_h, value) in rows])

@@ -25,11 +25,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.adapters.db import ensure_schema, make_engine
 from app.adapters.postgres_store import DDL, PostgresBusinessStore
-from app.adapters.saga_state import LeaseLost, PostgresSagaState
+from app.adapters.saga_state import (
+    ROW_TABLES,
+    LeaseLost,
+    NotReadAhead,
+    PostgresSagaState,
+    db_key,
+)
 from app.domain import transfer_saga as s
 from app.domain.ports import ReplyCache, SagaRepository
 from app.domain.transfer_saga import Saga, State
+from app.query_service import SEP, AccountProjection, DictKeyValue
 from app.record_failures import is_outage, sqlstate
+from schemas.wire import AccountEvent
 from tests.fakes import DictReplies, DictSagas
 
 POLICY = s.Policy(otp_ttl_seconds=300.0, otp_max_attempts=5, otp_pepper=b"p" * 32,
@@ -137,13 +145,19 @@ class CountedSagaState(PostgresSagaState):
     """:class:`PostgresSagaState` whose statements are logged into ``statements``."""
 
     def __init__(self, engine: AsyncEngine, schema: str, statements: list[str]) -> None:
-        super().__init__(engine, schema)
+        super().__init__(engine, schema, home_of=account_home)
         self.statements = statements
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
         async with super().connection() as raw:
             yield CountingConnection(raw, self.statements)
+
+
+def account_home(key: str) -> int:
+    """The home partition of a query row's key in these tests: accounts are named
+    ``p<partition>-...``."""
+    return int(key[1])
 
 
 @dataclass
@@ -158,7 +172,7 @@ class Database:
         return CountedSagaState(self.engine, self.schema, self.statements)
 
     async def rows(self, table: str) -> int:
-        assert table in ("sagas", "saved_replies")
+        assert table in ("sagas", "saved_replies", *ROW_TABLES)
         async with self.engine.connect() as conn:
             return int((await conn.execute(
                 text(f"SELECT count(*) FROM {table}"))).scalar_one())  # noqa: S608
@@ -193,7 +207,8 @@ async def database(database_url: str, isolation_id: str) -> AsyncIterator[Databa
 async def db(database: Database) -> Database:
     """The module's database, emptied (the tests count rows and ask for due sagas)."""
     async with database.engine.begin() as conn:
-        await conn.execute(text("TRUNCATE sagas, saved_replies"))
+        await conn.execute(text("TRUNCATE sagas, saved_replies, query_balances, "
+                                "query_history, query_events_seen"))
     database.statements.clear()
     return database
 
@@ -726,3 +741,128 @@ async def test_a_flush_writes_nothing_once_another_engine_took_a_lease(db: Datab
     b.sagas.put(saga("tr-b", partition=1, deadline=T0))
     with pytest.raises(LeaseLost):
         await b.flush()
+
+
+# --------------------------------------------------------------------------------------
+# the account query rows (written by the saga engine's cycle, read by the query side)
+# --------------------------------------------------------------------------------------
+
+
+def account_event(account: str, n: int, balance: int, *, amount: int = 100) -> AccountEvent:
+    return AccountEvent.model_validate({
+        "eventId": f"ev-{account}-{n}", "commandId": f"cmd-{account}-{n}",
+        "accountId": account, "type": "credited", "amountMinor": amount, "currency": "EUR",
+        "balanceAfterMinor": balance, "occurredAt": f"2026-11-30T10:00:{n:02d}Z"})
+
+
+def projection(state: PostgresSagaState) -> AccountProjection:
+    rows = state.rows
+    return AccountProjection(rows["query_balances"], rows["query_history"],
+                             rows["query_events_seen"])
+
+
+def dict_projection() -> tuple[AccountProjection, list[DictKeyValue]]:
+    tables = [DictKeyValue(), DictKeyValue(), DictKeyValue()]
+    return AccountProjection(*tables), tables
+
+
+async def stored_rows(db: Database, table: str) -> dict[str, tuple[int, bytes]]:
+    async with db.engine.connect() as conn:
+        result = await conn.execute(text(
+            f"SELECT key, home_partition, value FROM {table}"))  # noqa: S608
+        return {str(k): (int(p), bytes(v)) for k, p, v in result}
+
+
+#: Account ids the rows must keep apart: a NUL, backslashes, the separator's neighbours.
+ACCOUNTS = ("p0-alice", "p1-bob\\0", "p1-bob\x00", "p2-carol")
+
+
+@pytest.mark.integration
+async def test_query_rows_are_read_ahead_written_in_the_flush_and_match_the_projection(
+    db: Database,
+) -> None:
+    """The engine's use: the cycle's keys read in one statement, the projection applied
+    with no I/O, every row written by the one flush statement, with its key's home
+    partition; the rows are exactly what the projection writes over dicts."""
+    events = [account_event(a, n, 1_000 + 100 * n) for n in range(1, 4) for a in ACCOUNTS]
+    state = db.state()
+    await state.prefetch([], [], {
+        "query_balances": [e.account_id for e in events],
+        "query_events_seen": [f"{e.account_id}{SEP}{e.command_id}" for e in events]})
+    assert len(db.statements) == 1
+    applied = projection(state)
+    expected, tables = dict_projection()
+    for ev in events:
+        assert applied.apply(ev) is expected.apply(ev) is True
+    assert len(db.statements) == 1  # nothing read while applying
+    await state.flush()
+    assert len(db.statements) == 2 and "INSERT INTO query_balances" in db.statements[1]
+    assert state.pending == 0
+    for table, dicts in zip(ROW_TABLES, tables, strict=True):
+        stored = await stored_rows(db, table)
+        assert len(stored) == len(dicts.rows), table
+        for key, value in dicts.rows.items():
+            home, got = stored[db_key(key)]
+            assert (home, got) == (account_home(key), value), (table, key)
+    # Applied again by a later batch (a redelivery): nothing changes.
+    again = db.state()
+    await again.prefetch([], [], {
+        "query_balances": [e.account_id for e in events],
+        "query_events_seen": [f"{e.account_id}{SEP}{e.command_id}" for e in events]})
+    for ev in events:  # a seen mark found: its history row is read, then it is known
+        while True:
+            try:
+                assert projection(again).apply(ev) is False
+                break
+            except NotReadAhead as miss:
+                await again.read_row(miss.table, miss.key)
+    assert again.pending == 0
+
+
+@pytest.mark.integration
+async def test_a_query_row_not_read_ahead_is_refused_then_read_alone(db: Database) -> None:
+    writer = db.state()
+    writer.rows["query_balances"].put("p3-dave", b'{"seq": 1}')
+    await writer.flush()
+    state = db.state()
+    view = state.rows["query_balances"]
+    with pytest.raises(NotReadAhead) as refused:
+        view.get("p3-dave")
+    assert (refused.value.table, refused.value.key) == ("query_balances", "p3-dave")
+    db.statements.clear()
+    await state.read_row("query_balances", "p3-dave")
+    await state.read_row("query_balances", "p3-nobody")
+    assert len(db.statements) == 2
+    assert view.get("p3-dave") == b'{"seq": 1}' and view.get("p3-nobody") is None
+    view.put("p3-dave", b'{"seq": 2}')  # the buffer answers before the cache
+    assert view.get("p3-dave") == b'{"seq": 2}'
+    await state.prefetch([], [], {"query_balances": ["p3-dave", "p3-nobody"]})
+    assert len(db.statements) == 2  # all known: nothing read
+    state.discard()
+    assert state.pending == 0
+    with pytest.raises(NotReadAhead):
+        view.get("p3-dave")
+    assert (await stored_rows(db, "query_balances"))["p3-dave"][1] == b'{"seq": 1}'
+
+
+@pytest.mark.integration
+async def test_query_rows_are_fenced_by_their_account_s_partition_lease(db: Database) -> None:
+    """A worker that lost the partition of an account writes none of its rows (nor any
+    other row of its batch)."""
+    a, b = db.state(), db.state()
+    await a.take_leases([0, 1], "engine-a")
+    await b.take_leases([1], "engine-b")
+    await a.prefetch([], [], {"query_balances": ["p0-alice", "p1-bob"],
+                              "query_events_seen": ["p0-alice\x1fcmd-p0-alice-1",
+                                                    "p1-bob\x1fcmd-p1-bob-1"]})
+    projection(a).apply(account_event("p0-alice", 1, 500))
+    projection(a).apply(account_event("p1-bob", 1, 700))
+    with pytest.raises(LeaseLost):
+        await a.flush()
+    assert [await db.rows(t) for t in ROW_TABLES] == [0, 0, 0]
+    a.discard()
+    await a.prefetch([], [], {"query_balances": ["p0-alice"],
+                              "query_events_seen": ["p0-alice\x1fcmd-p0-alice-1"]})
+    assert projection(a).apply(account_event("p0-alice", 1, 500)) is True
+    await a.flush()
+    assert [await db.rows(t) for t in ROW_TABLES] == [1, 1, 1]
