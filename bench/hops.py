@@ -8,6 +8,10 @@ transfer confirmed in the measured window without an OTP step, the chain is::
       → saga input (worker's relay) → credit command (worker) → credited (account center)
       → saga input (relay) → final reply (worker)
 
+A saga input exists only for an event relayed to a worker that owns the saga (two
+workers and more); an event the saga engine decided where it read it has none, and its
+relay hop counts 0 (the event's own timestamp stands for it).
+
 and each hop's time is the difference of two consecutive records' timestamps: the
 upstream producer's batching, the broker, the consumer's fetch and hand-over, any queueing,
 and the step's own work. One clock (one machine), so no skew. Read after the run, before
@@ -106,10 +110,12 @@ def chains(commands: Iterable[Any], account_commands: Iterable[Any],
         if confirm is None or not lo <= confirm < hi or {"debit", "credit"} - legs.keys():
             continue
         (debit_id, debit_at), (credit_id, credit_at) = legs["debit"], legs["credit"]
-        if not {debit_id, credit_id} <= events.keys() & relayed.keys():
+        if not {debit_id, credit_id} <= events.keys():
             continue
-        out.append([confirm, debit_at, events[debit_id], relayed[debit_id], credit_at,
-                    events[credit_id], relayed[credit_id], r.timestamp])
+        out.append([confirm, debit_at, events[debit_id],
+                    relayed.get(debit_id, events[debit_id]), credit_at,
+                    events[credit_id], relayed.get(credit_id, events[credit_id]),
+                    r.timestamp])
     return out
 
 

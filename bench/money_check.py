@@ -60,28 +60,29 @@ async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
     start = loop.time()
     t, bootstrap, partitions = (settings.topic, settings.kafka_bootstrap_servers,
                                 settings.topic_partitions)
-    saga_topics = [t("business.commands"), t("business.saga-inputs")]
-    relay_topics = [t("account.events")]
+    saga_topics = [t("business.commands"), t("business.saga-inputs"), t("account.events"),
+                   t("funding.events")]
+    faust_topics = [t("business.transfer-events")]
     ac_topics = [t("account.commands")]
     sagas_before: GroupProgress | None = None
-    relay_before: GroupProgress | None = None
+    faust_before: GroupProgress | None = None
     ac_before: GroupProgress | None = None
     while True:
         # The worker reads with two groups: the saga engine's and the Faust app's.
         sagas = await group_progress(bootstrap, saga_group(settings), saga_topics, partitions)
-        relay = await group_progress(bootstrap, settings.app_id, relay_topics, partitions)
+        faust = await group_progress(bootstrap, settings.app_id, faust_topics, partitions)
         ac = await group_progress(bootstrap, settings.account_center_group, ac_topics,
                                   partitions)
         worker_lag = (sagas.behind(None if sagas_before is None else sagas_before.ends)
-                      + relay.behind(None if relay_before is None else relay_before.ends))
+                      + faust.behind(None if faust_before is None else faust_before.ends))
         ac_lag = ac.behind(None if ac_before is None else ac_before.ends)
-        sagas_before, relay_before, ac_before = sagas, relay, ac
+        sagas_before, faust_before, ac_before = sagas, faust, ac
         clearing = await ledger.clearing_balance(CURRENCY)
         # Read after the groups' lag, so what the worker wrote before is in what was read.
         events_read = await gateway.events_caught_up()
         still_open = open_sagas(gateway)
         seen = {"workerLag": worker_lag, "accountCenterLag": ac_lag,
-                "workerUncommittedNow": sagas.behind() + relay.behind(),
+                "workerUncommittedNow": sagas.behind() + faust.behind(),
                 "clearingMinor": clearing,
                 "openSagas": len(still_open), "transferEventsRead": events_read,
                 "waitedSeconds": round(loop.time() - start, 1)}

@@ -282,9 +282,9 @@ class System:
         aside): the saga engine's and the Faust app's."""
         t = self.settings.topic
         return {
-            saga_group(self.settings): [t("business.commands"), t("business.saga-inputs")],
-            self.settings.app_id: [t("account.events"), t("funding.events"),
-                                   t("business.transfer-events"), t("business.queries")],
+            saga_group(self.settings): [t("business.commands"), t("business.saga-inputs"),
+                                        t("account.events"), t("funding.events")],
+            self.settings.app_id: [t("business.transfer-events"), t("business.queries")],
         }
 
     async def money_moved_more_than_once(self) -> list[tuple[str, str, int]]:

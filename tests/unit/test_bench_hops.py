@@ -48,6 +48,17 @@ def test_each_hop_is_the_difference_of_consecutive_timestamps() -> None:
     assert abs(sum(hops[h]["shareOfMean"] for h in HOPS) - 1) < 0.01
 
 
+def test_an_event_decided_where_it_was_read_has_a_relay_hop_of_zero() -> None:
+    """One worker owns every partition: the saga engine decides an account event where it
+    reads it, and no saga input is written."""
+    t = merged(one_transfer(1000, "T1", "r1"))
+    found = chains(t["commands"], t["account_commands"], t["account_events"], [],
+                   t["replies"], (0, 10_000))
+    assert found == [[1000, 1010, 1015, 1015, 1040, 1050, 1050, 1100]]
+    hops = summarise(found)["hopsMs"]
+    assert hops[HOPS[2]]["p50"] == hops[HOPS[5]]["p50"] == 0
+
+
 def test_only_complete_transfers_confirmed_in_the_window_count() -> None:
     t = merged(one_transfer(1000, "T1", "r1"),            # in the window
                one_transfer(5000, "T2", "r2"),            # confirmed after the window
