@@ -311,6 +311,8 @@ class SagaEngine:
             for record, _handler in lane:
                 if record.topic == self.topics.account_events:
                     account_keys_of(record, transfer_ids, rows)
+                elif record.topic == self.topics.funding_events:
+                    funding_keys_of(record, transfer_ids)
                 else:
                     keys_of(record, self.topics.commands, transfer_ids, reply_keys)
         # A transfer id PostgreSQL cannot hold is none of ours (its record is refused when
@@ -677,8 +679,6 @@ def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
         if isinstance(operator, str) and isinstance(idem, str):
             transfer_ids.add(transfer_id_for(operator, idem))
         return
-    if "chargeId" in doc:  # a funding event (funding.events)
-        doc = {"fundingEvent": doc}
     for field, id_field in (("accountEvent", "commandId"), ("fundingEvent", "chargeId")):
         inner = doc.get(field)
         if isinstance(inner, dict) and isinstance(inner.get(id_field), str):
@@ -712,6 +712,24 @@ def account_keys_of(record: SourceRecord, transfer_ids: set[str],
     rows["query_events_seen"].add(f"{account}{SEP}{command}")
     try:
         parsed = saga_core.parse_command_id(command)
+    except ValueError:  # e.g. a partition of more digits than int() reads
+        return
+    if parsed is not None:
+        transfer_ids.add(parsed[0])
+
+
+def funding_keys_of(record: SourceRecord, transfer_ids: set[str]) -> None:
+    """Add the top-up a ``funding.events`` record's charge id names. Anything unreadable
+    adds nothing."""
+    try:
+        doc = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        return
+    charge = doc.get("chargeId") if isinstance(doc, dict) else None
+    if not isinstance(charge, str):
+        return
+    try:
+        parsed = saga_core.parse_command_id(charge)
     except ValueError:  # e.g. a partition of more digits than int() reads
         return
     if parsed is not None:

@@ -266,6 +266,15 @@ async def _saga(system: System, transfer_id: str) -> saga_core.Saga | None:
         transfer_id)
 
 
+async def _balance_row(system: System, account_id: str) -> int | None:
+    """The balance the query side serves for ``account_id`` (its ``query_balances`` row)."""
+    assert system.store is not None
+    async with system.store.engine.connect() as conn:
+        value = (await conn.execute(text("SELECT value FROM query_balances WHERE key = :k"),
+                                    {"k": account_id})).scalar()
+    return None if value is None else int(json.loads(bytes(value))["balanceMinor"])
+
+
 async def _money(system: System) -> tuple[int, int, int]:
     """(sum of balances, clearing, seeded): conserved when the first equals the last and
     nothing is held in clearing."""
@@ -305,10 +314,10 @@ async def _quiet(system: System) -> bool:
     """Every consumer of the transfer loop has committed everything written so far."""
     s = system.settings
     return (await _behind(system, saga_group(s), [s.topic("business.commands"),
-                                                 s.topic("business.saga-inputs")]) == 0
+                                                 s.topic("business.saga-inputs"),
+                                                 s.topic("account.events")]) == 0
             and await _behind(system, s.account_center_group,
-                              [s.topic("account.commands")]) == 0
-            and await _behind(system, s.app_id, [s.topic("account.events")]) == 0)
+                              [s.topic("account.commands")]) == 0)
 
 
 async def _committed(system: System, group: str, topic: str) -> dict[int, int]:
@@ -532,6 +541,97 @@ async def test_poison_in_the_middle_of_a_cycle_costs_only_itself_and_is_committe
 
 
 # --------------------------------------------------------------------------------------
+# b'. account events decided where they are read
+# --------------------------------------------------------------------------------------
+
+
+async def _saga_inputs_naming(system: System, transfer_id: str) -> int:
+    """How many records of business.saga-inputs name ``transfer_id`` (relayed events)."""
+    topic = system.settings.topic("business.saga-inputs")
+    ends = await _end_offsets(system, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=system.settings.kafka_bootstrap_servers,
+                                enable_auto_commit=False)
+    await consumer.start()
+    found = 0
+    try:
+        tps = [TopicPartition(topic, p) for p, end in ends.items() if end > 0]
+        if not tps:
+            return 0
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while any(await consumer.position(tp) < ends[tp.partition] for tp in tps):
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                found += sum(transfer_id.encode() in (r.value or b"") for r in records)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def test_account_events_move_their_sagas_where_they_are_read_and_bad_ones_cost_only_themselves(  # noqa: E501
+        system: EngineSystem, producer: AIOKafkaProducer, dlq: TopicTail) -> None:
+    """One worker owns every partition: a transfer's account events are decided where the
+    engine reads them (no record on business.saga-inputs names the transfer), and a balance
+    query sent right after the final reply reads the new balance (the query rows are
+    written in the cycle's transaction, before the reply is sent). Then one produce batch
+    on one account.events partition: an event on another partition than its key's, one
+    whose key holds U+001F, a record that is not JSON, and a valid event of another
+    service's command: the three bad ones are dead-lettered at their offsets, the valid
+    one is applied to the query rows, and the engine's group commits the end."""
+    n = system.settings.topic_partitions
+    s = system.settings
+    payer, payee = "events-payer", "events-payee"
+    await system.add_user(payer, balance=9_000)
+    await system.add_user(payee, balance=0)
+    done = await system.transfer(payer, f"acc-{payee}", 1_250)
+    assert (done["status"], done["data"]["state"]) == ("ok", "COMPLETED"), done
+    balance = await system.call("queryBalance", payer, {})
+    assert balance["data"]["balanceMinor"] == 9_000 - 1_250, balance
+    assert await _balance_row(system, f"acc-{payee}") == 1_250
+    assert await _saga_inputs_naming(system, done["data"]["transferId"]) == 0
+
+    events = s.topic("account.events")
+    account = next(_ids_on(0, n, "acc-ev"))
+    other = next(_ids_on(1, n, "acc-ev"))
+    separated = next(a for a in (f"acc-ev\x1f{uuid.uuid4()}" for _ in range(1000))
+                     if _partition_of(a.encode(), n) == 0)
+
+    def event(account_id: str, balance_after: int) -> bytes:
+        return json.dumps({"commandId": f"other-service-{uuid.uuid4()}",
+                           "type": "credited", "accountId": account_id, "amountMinor": 5,
+                           "balanceAfterMinor": balance_after,
+                           "occurredAt": "2026-11-30T12:00:00Z"}).encode()
+
+    unreadable = b"\xff not an event " + uuid.uuid4().hex.encode()
+    coords = await _produce(producer, events, [
+        (other.encode(), event(other, 11), 0),            # not its key's partition
+        (separated.encode(), event(separated, 12), 0),    # the tables' separator
+        (b"junk", unreadable, 0),
+        (account.encode(), event(account, 13), 0),        # valid, another service's
+    ])
+    await wait_for(lambda: _balance_row_is(system, account, 13), timeout=60, interval=0.2,
+                   what="the valid event in the query rows")
+    for coord, reason in ((coords[0], "partition of its key"), (coords[1], "U+001F"),
+                          (coords[2], "")):
+        letter = await dlq.wait(lambda msgs, c=coord: next(
+            (v for _k, v in msgs if (v.get("sourceTopic"), v.get("sourcePartition"),
+                                     v.get("sourceOffset")) == c), None), timeout=60)
+        assert reason in str(letter.get("reason", "")), letter
+    assert await _balance_row(system, other) is None
+    assert await _balance_row(system, separated) is None
+    assert _one_cycle_held(system, coords), (
+        f"the batch was not decided in one cycle: {_cycles_holding(system, coords)}")
+    ends = await _end_offsets(system, events)
+    await wait_for(lambda: _reached(system, saga_group(s), events, ends), timeout=60,
+                   interval=0.2, what="the engine to commit the end of account.events")
+    await wait_for(lambda: _quiet(system), timeout=60, interval=0.2, what="quiet")
+    await _assert_conserved(system)
+
+
+async def _balance_row_is(system: System, account_id: str, balance: int) -> bool:
+    return await _balance_row(system, account_id) == balance
+
+
+# --------------------------------------------------------------------------------------
 # c. a crash between the flush and the sends
 # --------------------------------------------------------------------------------------
 
@@ -567,13 +667,14 @@ async def test_a_crash_between_the_flush_and_the_sends_loses_no_answer_and_moves
         system: EngineSystem, producer: AIOKafkaProducer) -> None:
     """The worker ends (``os._exit``) right after a cycle's flush, twice: first in the cycle
     of four commands (an init, a confirm, a confirm that needs an OTP, a confirm with a
-    wrong PIN), then in the first cycle of saga inputs (the debit's event: the credit
-    decided, not sent). Each time the evidence that the crash hit the window: the sagas are
-    in PostgreSQL in their new state, no reply and no account command of the cycle left,
-    the offsets not committed. Restarted without the fault: every request is answered
-    (the wrong PIN counted once), both transfers complete, each final once (one debit, one
-    credit in the ledger, one COMPLETED event), no money moved twice, balances exact, their
-    sum conserved."""
+    wrong PIN), then in the first cycle of account events (the debit's event, decided
+    where it is read, one worker owning every partition: the credit decided, the payer's
+    query rows written, neither sent nor committed). Each time the evidence that the crash
+    hit the window: the sagas (and query rows) are in PostgreSQL in their new state, no
+    reply and no account command of the cycle left, the offsets not committed. Restarted
+    without the fault: every request is answered (the wrong PIN counted once), both
+    transfers complete, each final once (one debit, one credit in the ledger, one COMPLETED
+    event), no money moved twice, balances exact, their sum conserved."""
     n = system.settings.topic_partitions
     s = system.settings
     commands = s.topic("business.commands")
@@ -632,15 +733,20 @@ async def test_a_crash_between_the_flush_and_the_sends_loses_no_answer_and_moves
     assert _otps(system, t_stepped) == [], "the OTP was sent"
     assert (await _committed(system, saga_group(s), commands))[home] == committed_before
 
-    # 2. Restarted: the commands come again; the crash after the flush of the saga
-    # inputs' first cycle (the debit's event: the saga moves to CREDITING).
+    # 2. Restarted: the commands come again; the crash after the flush of the first
+    # cycle of account events (the debit's event: the saga moves to CREDITING).
+    events_committed = await _committed(system, saga_group(s), s.topic("account.events"))
     _start_worker(system, FAULT_EXIT_AFTER_FLUSH_CYCLE="1",
-                  FAULT_EXIT_CYCLE_TOPIC="business.saga-inputs")
+                  FAULT_EXIT_CYCLE_TOPIC="account.events")
     await _crash_of_worker(system)
     saga = await _saga(system, t_plain)
     assert saga is not None and saga.state is saga_core.State.CREDITING, saga
     assert await _ledger_commands(system, t_plain) == {"debit": 1}, "the credit was sent"
     assert _answers(system, r_plain) == []
+    assert await _committed(system, saga_group(s), s.topic("account.events")) == \
+        events_committed, "the account events' offsets were committed"
+    assert await _balance_row(system, f"acc-{plain}") == 40_000 - 3_000, (
+        "the payer's query row was not written in the cycle's transaction")
 
     # 3. Restarted without the fault.
     _start_worker(system)

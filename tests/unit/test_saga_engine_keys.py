@@ -21,7 +21,14 @@ from fakes import Harness  # type: ignore[import-not-found, unused-ignore]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.saga_engine import EVERY_SAGA, chain_of, keys_of
+from agents.saga_engine import (
+    EVERY_SAGA,
+    account_keys_of,
+    chain_of,
+    funding_keys_of,
+    keys_of,
+)
+from app.adapters.saga_state import ROW_TABLES
 from app.domain import transfer_saga as saga_core
 from app.record_failures import SourceRecord
 from app.transfers.ids import transfer_id_for
@@ -183,6 +190,59 @@ def test_a_saga_input_naming_a_partition_of_4301_digits_does_not_raise() -> None
         "commandId": f"{TRANSFER_ID}:debit:" + "1" * 5_000, "type": "debited"}}
     assert _keys(SAGA_INPUTS, orjson.dumps(doc)) == (set(), set())
 
+
+
+# --------------------------------------------------------------------------------------
+# account and funding events, read where they arrive
+# --------------------------------------------------------------------------------------
+
+
+def _event_keys(topic: str, value: bytes | None) -> tuple[set[str], dict[str, set[str]]]:
+    transfer_ids: set[str] = set()
+    rows: dict[str, set[str]] = {table: set() for table in ROW_TABLES}
+    record = SourceRecord(topic, 0, 0, None, value)
+    if topic == "account.events":
+        account_keys_of(record, transfer_ids, rows)
+    else:
+        funding_keys_of(record, transfer_ids)
+    return transfer_ids, rows
+
+
+@pytest.mark.parametrize("step", ["debit", "credit", "refund"])
+def test_an_account_event_names_its_account_s_rows_and_its_saga(step: str) -> None:
+    """What AccountProjection reads (the balance row and the seen mark) and the saga its
+    command id names; a command id of another service names rows only."""
+    command = saga_core.command_id(_transfer(), step)
+    doc = {"commandId": command, "accountId": "acc-bob", "type": "credited"}
+    assert _event_keys("account.events", orjson.dumps(doc)) == ({TRANSFER_ID}, {
+        "query_balances": {"acc-bob"}, "query_history": set(),
+        "query_events_seen": {f"acc-bob\x1f{command}"}})
+    foreign = {**doc, "commandId": "billing-42"}
+    assert _event_keys("account.events", orjson.dumps(foreign)) == (set(), {
+        "query_balances": {"acc-bob"}, "query_history": set(),
+        "query_events_seen": {"acc-bob\x1fbilling-42"}})
+
+
+def test_a_funding_event_names_its_top_up() -> None:
+    topup = _transfer(kind=saga_core.TOPUP)
+    doc = {"chargeId": saga_core.command_id(topup, "charge"), "status": "captured"}
+    assert _event_keys("funding.events", orjson.dumps(doc))[0] == {TRANSFER_ID}
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.sampled_from(["account.events", "funding.events"]),
+       value=st.binary(max_size=200) | st.recursive(
+           st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=40),
+           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+               st.sampled_from(["accountId", "commandId", "chargeId", "x"]), inner,
+               max_size=4), max_leaves=12).map(orjson.dumps))
+def test_any_account_or_funding_record_never_raises(topic: str, value: bytes) -> None:
+    """They run before the record guard, as ``keys_of`` does (see the module docstring)."""
+    transfer_ids, rows = _event_keys(topic, value)
+    assert all(isinstance(k, str) for k in transfer_ids.union(*rows.values()))
+    long_id = {"commandId": f"{TRANSFER_ID}:debit:" + "1" * 5_000, "accountId": "a",
+               "chargeId": f"{TRANSFER_ID}:charge:" + "1" * 5_000}
+    assert _event_keys(topic, orjson.dumps(long_id))[0] == set()
 
 
 _JSON = st.recursive(
