@@ -95,7 +95,6 @@ def install() -> None:
     from app.adapters import saga_state
     from app.adapters.postgres_store import PostgresBusinessStore
     from app.tokens import AccessTokenVerifier, TransferTokens
-    from app.transfers.service import TransferService
     from app.transfers.steps import SagaSteps
 
     _wrap_all(PostgresBusinessStore, "db", [
@@ -107,11 +106,11 @@ def install() -> None:
     _wrap_all(saga_state.PostgresSagas, "state.sagas", ["get", "due", "purge"])
     _wrap_all(saga_state.PostgresReplies, "state.replies", ["get", "purge"])
     _wrap_all(saga_state.PostgresSagaState, "state", ["flush", "prefetch"])
-    _wrap_all(SagaEngine, "engine", ["_cycle", "_run_lane", "_send", "_commit"])
+    _wrap_all(saga_state.PostgresSagaState, "state", ["read_row"])
+    _wrap_all(SagaEngine, "engine", ["_cycle", "_run_lane", "_route_events", "_send",
+                                     "_commit"])
     _wrap_all(faust_app.Worker, "send", ["send_all"])
     _wrap_all(SagaSteps, "service", ["apply"])
-    TransferService.route_account_event = _timed(  # type: ignore[method-assign]
-        "relay.accountEvent", TransferService.route_account_event)
 
     original_from_settings = PostgresBusinessStore.from_settings.__func__  # type: ignore[attr-defined]
 
