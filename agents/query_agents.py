@@ -1,16 +1,17 @@
 """Agents and tables of the queries: thin adapters between Kafka, the tables and the
 QueryService (app/query_service.py).
 
-Tables (all keyed and written in the partition of the key, see docs/architecture.md):
+Tables:
 
-- ``balances``             accountId → balance, as-of, last history seq  (account.events)
-- ``history``              accountId ␟ seq → one applied account event   (account.events)
-- ``account_events_seen``  accountId ␟ commandId → seq (deduplication)    (account.events)
-- ``transfers``            transferId → parties, amount, state, times     (transfer events)
+- ``query_balances``  accountId → balance, as-of, last history seq   (PostgreSQL)
+- ``query_history``   accountId ␟ seq → one applied account event    (PostgreSQL)
+- ``transfers``       transferId → parties, amount, state, times     (a Faust table, keyed
+  and written in the partition of the key, see docs/architecture.md)
 
-The account tables are written by ``relay_account_events`` (agents/transfer_agents.py)
-through :attr:`QueryRuntime.accounts`, before each event is relayed to its saga; the
-``transfers`` table by ``track_transfers``. ``answer_queries`` answers
+The account tables (and ``query_events_seen``, their deduplication) are written by the
+saga engine from ``account.events``, in its cycle's transaction (agents/saga_engine.py):
+every worker reads them (app/adapters/query_tables.py), whoever consumes the account's
+partition. ``transfers`` is written by ``track_transfers``. ``answer_queries`` answers
 ``business.queries``. Concurrency stays 1 (faust-streaming #606).
 """
 
@@ -21,16 +22,16 @@ import logging
 from typing import Any
 
 import faust
-import orjson
 from faust.types import TP
 from pydantic import ValidationError
 
 from agents.faust_app import Worker
 from agents.transfer_agents import consume
 from app import metrics
+from app.adapters.query_tables import PostgresQueryTables
 from app.query_service import (
-    AccountProjection,
     Answer,
+    KeyValueReads,
     PartitionProgress,
     QueryService,
     TransferProjection,
@@ -76,13 +77,14 @@ class TableKeyValue:
         self.table[key.encode()] = value
 
 
-#: The query side's tables (their changelogs are created by events.topics.ensure_topics).
-QUERY_TABLES = ("balances", "history", "account_events_seen", "transfers")
+#: The query side's Faust tables (their changelogs are created by
+#: events.topics.ensure_topics); the account tables are PostgreSQL's.
+QUERY_TABLES = ("transfers",)
 
 
 class QueryRuntime:
-    """The query side of one worker: tables, projections, the service, and where each key
-    lives."""
+    """The query side of one worker: the tables, the transfers' projection, the service,
+    and where each key of a Faust table lives."""
 
     def __init__(self, worker: Worker) -> None:
         app, settings = worker.app, worker.settings
@@ -95,14 +97,17 @@ class QueryRuntime:
                              partitions=settings.topic_partitions)
 
         self.tables = {name: table(name) for name in QUERY_TABLES}
-        kv = {name: TableKeyValue(t) for name, t in self.tables.items()}
+        transfers = TableKeyValue(self.tables["transfers"])
         self.app = app
         self.settings = settings
         self.topics = worker.topics
-        self.accounts = AccountProjection(kv["balances"], kv["history"],
-                                          kv["account_events_seen"])
-        self.transfers = TransferProjection(kv["transfers"])
-        self.service = QueryService(kv["balances"], kv["history"], kv["transfers"])
+        # The account tables, on the engine of the PostgreSQL store (its search_path: the
+        # business schema), as the bootstrap builds the saga state.
+        store: Any = worker.service.store
+        self.query_tables = PostgresQueryTables(store.engine, settings.db_schema)
+        self.transfers = TransferProjection(transfers)
+        self.service = QueryService(self.query_tables.balances, self.query_tables.history,
+                                    KeyValueReads(transfers))
         self.progress = PartitionProgress(baseline=self._committed_transfer_events)
         self.access = worker.service.access  # the verifier of business.commands
         self.store = worker.service.store
@@ -115,8 +120,8 @@ class QueryRuntime:
         return partition_of(key, self.settings.topic_partitions)
 
     def owner_url(self, table: str, key: bytes) -> str | None:
-        """The canonical URL of the worker that owns ``key`` of ``table``, from the
-        assignment the group agreed on; None while unknown (rebalancing)."""
+        """The canonical URL of the worker that owns ``key`` of the Faust ``table``, from
+        the assignment the group agreed on; None while unknown (rebalancing)."""
         partition = self.partition_of(key)
         topic = self.tables[table].changelog_topic.get_topic_name()
         for url, topics in self.app.router.table_metadata(table).items():
@@ -127,14 +132,16 @@ class QueryRuntime:
     # ---------------------------------------------------------------- answers
 
     async def answer(self, request: QueryRequest) -> Answer:
-        """Answer from the local tables. Details of a transfer not known as final wait
-        until the transfer events already on the broker are in the table (bounded)."""
-        answer = self.service.answer(request)
+        """Answer from the tables (the account tables: PostgreSQL; transfers: the local
+        table). Details of a transfer not known as final wait until the transfer events
+        already on the broker are in the table (bounded)."""
+        answer = await self.service.answer(request)
         if request.type == CommandType.QUERY_TRANSACTION_DETAILS.value:
             transfer_id = str(request.params.get("transferId", ""))
-            if transfer_id and self.service.worth_waiting_for(request.account_id, transfer_id):
+            if transfer_id and await self.service.worth_waiting_for(request.account_id,
+                                                                    transfer_id):
                 await self._catch_up_transfer_events(self.partition_of(transfer_id.encode()))
-                answer = self.service.answer(request)
+                answer = await self.service.answer(request)
         return answer
 
     async def _catch_up_transfer_events(self, partition: int) -> None:
@@ -234,8 +241,10 @@ def register(worker: Worker) -> QueryRuntime:
 
 
 def register_balance_check(worker: Worker, runtime: QueryRuntime) -> None:
-    """Every ``BIZ_RECONCILE_INTERVAL_SECONDS``: the balances this worker's query tables
-    serve against the ledger (app/query_reconciliation.py), for the accounts it owns."""
+    """Every ``BIZ_RECONCILE_INTERVAL_SECONDS``: the balances of ``query_balances`` against
+    the ledger (app/query_reconciliation.py), for the accounts whose partitions of
+    ``account.events`` this worker's saga engine consumes (it writes them): each account
+    checked by one worker."""
     from app.adapters.db import make_engine
     from app.query_reconciliation import QueryBalanceCheck, ledger_reader
 
@@ -243,24 +252,17 @@ def register_balance_check(worker: Worker, runtime: QueryRuntime) -> None:
     engine = make_engine(settings.database_url, settings.account_center_db_schema,
                          pool_size=1)
     check = QueryBalanceCheck(ledger_reader(engine))
-    balances = runtime.tables["balances"]
 
     @app.timer(interval=settings.reconcile_interval_seconds, name="check_query_balances")  # type: ignore[untyped-decorator]
     async def check_query_balances() -> None:
-        if app.rebalancing or getattr(app, "in_recovery", True):
+        # Read at each tick: the engine is set by the bootstrap after this registration.
+        saga_engine = worker.engine
+        if saga_engine is None:
             return
-        mine = {tp.partition for tp in app.consumer.assignment()
+        mine = {tp.partition for tp in saga_engine.assignment()
                 if tp.topic == topics.account_events}
-        entries: dict[str, tuple[int, str]] = {}
-        for key, raw in list(balances.items()):
-            if runtime.partition_of(bytes(key)) not in mine:
-                continue
-            doc = orjson.loads(raw)
-            if isinstance(doc, dict) and isinstance(doc.get("balanceMinor"), int):
-                entries[bytes(key).decode()] = (doc["balanceMinor"],
-                                                str(doc.get("commandId", "")))
-        if entries:
-            await check.run(entries)
+        if mine:
+            await check.run_stored(lambda: runtime.query_tables.balances_in(mine))
 
     async def close_engine(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await engine.dispose()

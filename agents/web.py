@@ -8,25 +8,31 @@
 the token's ``sub`` is the operator, who must be an active user of the directory). The
 answers are those of ``business.queries`` (QueryService), as JSON: the ``data`` of an ok
 reply with status 200, else ``{code, message}`` with 400 INVALID_REQUEST, 401
-UNAUTHENTICATED, 403 FORBIDDEN, 500 INTERNAL, or 503 INTERNAL while the partitions are
-being reassigned (retry).
+UNAUTHENTICATED, 403 FORBIDDEN, 500 INTERNAL, or 503 INTERNAL while the partitions of the
+``transfers`` table are being reassigned or recovered (details only; retry).
 
 Any worker answers for any key. Each request is authenticated first, where it arrives
-(the token, then the directory): nothing unauthenticated is ever forwarded. A request for a
-key another worker of the same group owns (its canonical URL, from the assignment the
-consumer group agreed on) is then forwarded once to that worker, **without** the bearer
-token: the forwarding worker vouches for the operator it authenticated with
-``X-Bizcenter-Forwarded-Operator``, ``X-Bizcenter-Forwarded-At`` and
+(the token, then the directory): nothing unauthenticated is ever forwarded. A balance or a
+history page is then answered right there: the account tables are PostgreSQL's, shared by
+every worker, and the saga engine commits an account's movements before it sends the
+transfer's final reply (read your writes, whichever worker answers). A transfer's details
+come from the ``transfers`` Faust table, held by the worker owning the transfer's
+partition: a details request for a transfer another worker of the same group owns (its
+canonical URL, from the assignment the consumer group agreed on) is forwarded once to that
+worker, **without** the bearer token: the forwarding worker vouches for the operator it
+authenticated with ``X-Bizcenter-Forwarded-Operator``, ``X-Bizcenter-Forwarded-At`` and
 ``X-Bizcenter-Forward-Signature``, an HMAC-SHA256 under ``BIZ_WEB_FORWARD_SECRET`` (shared
 by the workers) over the group (``BIZ_APP_ID``), the method, the path and query, the
 operator and the time. The owner accepts a forwarded request only with a valid signature
 no older than :data:`FORWARD_MAX_AGE_SECONDS` (compared in constant time), re-reads the
 operator from the directory, authorizes and answers from its tables; a forged or stale one
-is 401. A worker that receives a forwarded request for a key it does not own (ownership
-moving during a rebalance) answers 503 rather than forwarding again (no loops).
+is 401, on every view (a correctly signed balance or history request, which no worker of
+this version sends, is answered where it arrives). A worker that receives a forwarded
+details request for a transfer it does not own (ownership moving during a rebalance)
+answers 503 rather than forwarding again (no loops).
 
-``X-Bizcenter-Served-By`` names the worker whose tables answered by an opaque tag (an HMAC
-of its URL under the forward secret, :func:`served_by_tag`), never by its address.
+``X-Bizcenter-Served-By`` names the worker that answered by an opaque tag (an HMAC of its
+URL under the forward secret, :func:`served_by_tag`), never by its address.
 
 A transfer's details are authorized before any wait: a transfer the table holds and the
 operator is not party to is answered at once (as an unknown one); only a transfer missing
@@ -139,7 +145,8 @@ def forward_headers(secret: str, group: str, method: str, path_qs: str, operator
 
 
 class QueryViews:
-    """What the three views share: authentication, forwarding, the answer as JSON."""
+    """What the three views share: authentication, forwarding (details), the answer as
+    JSON."""
 
     def __init__(self, app: Any, runtime: Any) -> None:
         self.app = app
@@ -149,20 +156,24 @@ class QueryViews:
         self._served_by = {SERVED_BY_HEADER: served_by_tag(
             self._secret, str(self.app.conf.canonical_url))}
 
-    async def serve(self, view: web.View, request: web.Request, table: str, key: str,
-                    query: Callable[[UserRecord], QueryRequest]) -> web.Response:
+    async def serve(self, view: web.View, request: web.Request,
+                    query: Callable[[UserRecord], QueryRequest], *,
+                    owned: tuple[str, str] | None = None) -> web.Response:
+        """Authenticate, then answer; ``owned``: the (Faust table, key) whose owner answers
+        (forwarded there), None: answered here (the account tables, PostgreSQL)."""
         try:
             if any(h in request.headers for h in _FORWARD_HEADERS):
                 user = await self._forwarded_operator(request)
-                if not self._owns(table, key):
+                if owned is not None and not self._owns(*owned):
                     raise _unavailable("the partitions are being reassigned; retry")
             else:
                 user = await self._authenticate(request)
-                forwarded = await self._forward_if_elsewhere(view, request, table, key,
-                                                             user)
-                if forwarded is not None:
-                    return forwarded
-            if getattr(self.app, "in_recovery", False):
+                if owned is not None:
+                    forwarded = await self._forward_if_elsewhere(view, request, *owned,
+                                                                 user)
+                    if forwarded is not None:
+                        return forwarded
+            if owned is not None and getattr(self.app, "in_recovery", False):
                 raise _unavailable("the tables are being recovered; retry")
             answer: Answer = await self._answer(query(user))
         except HttpError as err:
@@ -177,14 +188,14 @@ class QueryViews:
                            answer.message or "")
 
     async def _answer(self, request: QueryRequest) -> Answer:
-        """The answer from this worker's tables. Details are authorized on what the table
-        holds before anything waits: someone else's transfer is answered at once."""
+        """The answer from the tables. Details are authorized on what the table holds
+        before anything waits: someone else's transfer is answered at once."""
         if request.type == CommandType.QUERY_TRANSACTION_DETAILS.value:
             service = self.runtime.service
             transfer_id = str(request.params.get("transferId", ""))
-            now: Answer = service.answer(request)
-            if service.transfers.get(transfer_id) is not None and (
-                    not now.ok or service.transfer_settled(transfer_id)):
+            now: Answer = await service.answer(request)
+            if await service.transfers.get(transfer_id) is not None and (
+                    not now.ok or await service.transfer_settled(transfer_id)):
                 return now  # not the operator's (same answer as unknown), or final
         answer: Answer = await self.runtime.answer(request)  # waits only if it may be theirs
         return answer
@@ -311,7 +322,7 @@ def register_views(app: Any, runtime: Any) -> None:
                 _own_account(account_id, user)
                 return _query(user, CommandType.QUERY_BALANCE, {})
 
-            return await views.serve(self, request, "balances", account_id, query)
+            return await views.serve(self, request, query)
 
     @app.page("/accounts/{account_id}/transactions", name="account-transactions")
     class AccountTransactions(web.View):
@@ -321,8 +332,7 @@ def register_views(app: Any, runtime: Any) -> None:
                 return _query(user, CommandType.QUERY_TRANSACTION_HISTORY,
                               _history_params(request.query))
 
-            # Routed by account: every account table lives in the account's partition.
-            return await views.serve(self, request, "balances", account_id, query)
+            return await views.serve(self, request, query)
 
     @app.page("/transactions/{transfer_id}", name="transaction-details")
     class TransactionDetails(web.View):
@@ -334,4 +344,4 @@ def register_views(app: Any, runtime: Any) -> None:
                 return _query(user, CommandType.QUERY_TRANSACTION_DETAILS,
                               {"transferId": transfer_id})
 
-            return await views.serve(self, request, "transfers", transfer_id, query)
+            return await views.serve(self, request, query, owned=("transfers", transfer_id))

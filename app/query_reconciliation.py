@@ -1,7 +1,8 @@
 """Do the balances the worker's query tables serve match the ledger? (live, in the worker)
 
-Every ``BIZ_RECONCILE_INTERVAL_SECONDS`` each worker compares the ``balances`` entries of
-the accounts it owns (the query side, agents/query_agents.py) with the reference account
+Every ``BIZ_RECONCILE_INTERVAL_SECONDS`` each worker compares the ``query_balances`` rows
+(PostgreSQL, written by the saga engine; agents/query_agents.py) of the accounts whose
+partitions of ``account.events`` its saga engine consumes with the reference account
 center's ledger (``BIZ_ACCOUNT_CENTER_DB_SCHEMA``, read-only):
 
 - an entry whose balance is not the ``balanceAfterMinor`` the ledger recorded for the very
@@ -9,7 +10,7 @@ center's ledger (``BIZ_ACCOUNT_CENTER_DB_SCHEMA``, read-only):
 - an entry whose balance differs from the ledger's current balance is normal for a moment
   (a movement's event is on its way on ``account.events``); it is a mismatch when it is
   still the same difference, for the same last command, one interval later (a drift, or a
-  worker that stopped following ``account.events``).
+  saga engine that stopped following ``account.events``).
 
 Mismatches set ``bizcenter_query_balance_mismatches`` and log an ERROR naming the accounts
 (again when the set changes); an INFO line when they are gone. Where the ledger is not
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from prometheus_client import Counter, Gauge
 from sqlalchemy import text
 
@@ -49,12 +51,40 @@ class Mismatch:
     why: str
 
 
+def balance_entries(stored: Mapping[str, bytes]) -> dict[str, tuple[int, str]]:
+    """The entries of ``query_balances`` values (accountId → the projection's document).
+    An account id holding NUL is left out: no ledger holds one (PostgreSQL's text cannot),
+    and asking for it would fail the whole read."""
+    entries: dict[str, tuple[int, str]] = {}
+    for account, raw in stored.items():
+        doc = orjson.loads(raw)
+        if ("\x00" not in account and isinstance(doc, dict)
+                and isinstance(doc.get("balanceMinor"), int)):
+            entries[account] = (doc["balanceMinor"], str(doc.get("commandId", "")))
+    return entries
+
+
 class QueryBalanceCheck:
     def __init__(self, read_ledger: LedgerReader) -> None:
         self.read_ledger = read_ledger
         self._suspects: dict[str, tuple[int, str, int]] = {}
         self._reported: frozenset[Mismatch] = frozenset()
         self._off = False
+
+    async def run_stored(self, read_balances: Callable[[], Awaitable[Mapping[str, bytes]]]
+                         ) -> list[Mismatch] | None:
+        """:meth:`run` over the ``query_balances`` rows ``read_balances`` returns; None
+        when they or the ledger could not be read."""
+        if self._off:
+            return None
+        try:
+            entries = balance_entries(await read_balances())
+        except Exception as exc:
+            CHECKS.labels("error").inc()
+            log.warning("query balance check: query_balances could not be read (%s)",
+                        type(exc).__name__)
+            return None
+        return await self.run(entries) if entries else []
 
     async def run(self, entries: Entries) -> list[Mismatch] | None:
         """One comparison; None when the ledger could not be read."""

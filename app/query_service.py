@@ -1,19 +1,22 @@
 """Queries served from tables: a user's balance, one transfer's details, the history page.
 
-Three parts, none of which knows Faust (the tables are anything with ``get``/``put``; the
-unit tests use dicts):
+Three parts, none of which knows Faust or PostgreSQL (the projections write anything with
+``get``/``put``, the answers read anything with an async ``get``/``get_many``, ports
+``KeyValue`` and ``AsyncKeyValue``; the unit tests use dicts):
 
 * the **projections** keep the tables current. :class:`AccountProjection` applies
   ``account.events`` to ``balances`` (per account: balance, as-of, last history seq),
   ``history`` (one entry per applied event, key ``accountId ␟ seq``) and
-  ``account_events_seen`` (``accountId ␟ commandId`` → seq, the deduplication).
-  :class:`TransferProjection` applies ``business.transfer-events`` to ``transfers``.
+  ``account_events_seen`` (``accountId ␟ commandId`` → seq, the deduplication): the saga
+  engine runs it in its cycle's PostgreSQL transaction. :class:`TransferProjection`
+  applies ``business.transfer-events`` to ``transfers`` (a Faust table).
 * :class:`QueryService` answers a :class:`~schemas.wire.QueryRequest` from the tables:
   an :class:`Answer` that the Kafka agent turns into a reply and the HTTP views into a
   response.
 
-A history page reads ``limit`` entries by key, newest first, from a cursor (a seq):
-its cost is the page, never the length of the history. ``from``/``to`` bound the seq range
+A history page reads the head, then its ``limit`` entries by key in one read, newest first,
+from a cursor (a seq): its cost is the page, never the length of the history (a hole, left
+only by a crash until redelivery, costs one more read). ``from``/``to`` bound the seq range
 by a binary search on ``occurredAt`` (O(log n) point reads): an account's entries are in
 the order the account center applied them, and its timestamps follow that order.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +35,7 @@ from pydantic import ValidationError
 
 from app import replies
 from app.domain import transfer_saga as saga_core
-from app.domain.ports import KeyValue
+from app.domain.ports import AsyncKeyValue, KeyValue
 from app.record_failures import validation_reason
 from schemas.wire import (
     AccountEvent,
@@ -75,6 +78,25 @@ class DictKeyValue:
 
     def put(self, key: str, value: bytes) -> None:
         self.rows[key] = value
+
+
+class KeyValueReads:
+    """The reads of a :class:`KeyValue` as an :class:`AsyncKeyValue`: the Faust
+    ``transfers`` table for the answers, dicts in unit tests. ``round_trips`` counts the
+    reads asked of it (one per ``get`` or ``get_many``), as a database would serve them."""
+
+    def __init__(self, table: KeyValue) -> None:
+        self.table = table
+        self.round_trips = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.round_trips += 1
+        return self.table.get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        self.round_trips += 1
+        found = {key: self.table.get(key) for key in keys}
+        return {key: value for key, value in found.items() if value is not None}
 
 
 def history_key(account_id: str, seq: int) -> str:
@@ -228,59 +250,61 @@ class QueryService:
     """Answers queries from the tables. Authorization is decided here: the caller's own
     account only; a transfer's details only to its payer or payee."""
 
-    def __init__(self, balances: KeyValue, history: KeyValue, transfers: KeyValue) -> None:
+    def __init__(self, balances: AsyncKeyValue, history: AsyncKeyValue,
+                 transfers: AsyncKeyValue) -> None:
         self.balances = balances
         self.history = history
         self.transfers = transfers
 
-    def answer(self, request: QueryRequest) -> Answer:
+    async def answer(self, request: QueryRequest) -> Answer:
         try:
             if request.type == CommandType.QUERY_BALANCE.value:
-                return self.balance(request.account_id, request.currency)
+                return await self.balance(request.account_id, request.currency)
             if request.type == CommandType.QUERY_TRANSACTION_DETAILS.value:
                 details = QueryTransactionDetailsPayload.model_validate(request.params)
-                return self.details(request.account_id, details.transfer_id)
+                return await self.details(request.account_id, details.transfer_id)
             page = QueryTransactionHistoryPayload.model_validate(request.params)
         except ValidationError as exc:
             return Answer.error(ErrorCode.INVALID_REQUEST, validation_reason(exc))
-        return self.history_page(request.account_id, page)
+        return await self.history_page(request.account_id, page)
 
-    def balance(self, account_id: str, currency: str) -> Answer:
-        state = _load(self.balances.get(account_id))
+    async def balance(self, account_id: str, currency: str) -> Answer:
+        state = _load(await self.balances.get(account_id))
         data: dict[str, Any] = {"accountId": account_id, "currency": currency,
                                 "balanceMinor": state["balanceMinor"] if state else 0}
         if state is not None:
             data["asOf"] = state["asOf"]
         return Answer(data)
 
-    def worth_waiting_for(self, account_id: str, transfer_id: str) -> bool:
+    async def worth_waiting_for(self, account_id: str, transfer_id: str) -> bool:
         """Whether a details query may wait for transfer events still on their way: only
         when the transfer is not stored yet or is stored, unfinished, with ``account_id`` a
         party to it. Another user's transfer is refused at once: no wait before the
         authorization (and no agent time spent on it)."""
-        stored = _load(self.transfers.get(transfer_id))
+        stored = _load(await self.transfers.get(transfer_id))
         if stored is None:
             return True
         if account_id not in (stored["fromAccountId"], stored["toAccountId"]):
             return False
         return stored["state"] not in FINAL_STATES
 
-    def transfer_settled(self, transfer_id: str) -> bool:
+    async def transfer_settled(self, transfer_id: str) -> bool:
         """True when the stored details of this transfer are final (no need to wait for
         transfer events still on their way)."""
-        stored = _load(self.transfers.get(transfer_id))
+        stored = _load(await self.transfers.get(transfer_id))
         return stored is not None and stored["state"] in FINAL_STATES
 
-    def details(self, account_id: str, transfer_id: str) -> Answer:
-        stored = _load(self.transfers.get(transfer_id))
+    async def details(self, account_id: str, transfer_id: str) -> Answer:
+        stored = _load(await self.transfers.get(transfer_id))
         if stored is None or account_id not in (stored["fromAccountId"],
                                                 stored["toAccountId"]):
             return Answer.error(ErrorCode.FORBIDDEN, NOT_YOURS)
         data = {k: v for k, v in stored.items() if k != "seq"}
         return Answer(data)
 
-    def history_page(self, account_id: str, page: QueryTransactionHistoryPayload) -> Answer:
-        state = _load(self.balances.get(account_id))
+    async def history_page(self, account_id: str, page: QueryTransactionHistoryPayload
+                           ) -> Answer:
+        state = _load(await self.balances.get(account_id))
         head = int(state["seq"]) if state else 0
         if page.cursor is not None and not 1 <= int(page.cursor) <= head:
             return Answer.error(ErrorCode.INVALID_REQUEST, "cursor: not a cursor of this history")
@@ -288,28 +312,35 @@ class QueryService:
             return Answer.error(ErrorCode.INVALID_REQUEST, "to: must be after from")
         low, high = 1, head
         if page.from_ is not None:
-            low = self._first_at_or_after(account_id, micros(page.from_), head)
+            low = await self._first_at_or_after(account_id, micros(page.from_), head)
         if page.to is not None:
-            high = self._first_at_or_after(account_id, micros(page.to), head) - 1
+            high = await self._first_at_or_after(account_id, micros(page.to), head) - 1
         seq = high if page.cursor is None else min(int(page.cursor), high)
         items: list[dict[str, Any]] = []
         while seq >= low and len(items) < page.limit:
-            entry = _load(self.history.get(history_key(account_id, seq)))
-            seq -= 1
-            if entry is not None:  # a hole is left only by a crash, until redelivery
-                items.append({k: v for k, v in entry.items() if k not in ("atUs", "commandId")})
+            # The rest of the page in one read: exactly as many entries as are missing, so
+            # a page never reads past its last item.
+            bottom = max(low, seq - (page.limit - len(items)) + 1)
+            keys = [history_key(account_id, n) for n in range(seq, bottom - 1, -1)]
+            found = await self.history.get_many(keys)
+            for key in keys:
+                entry = _load(found.get(key))
+                if entry is not None:  # a hole is left only by a crash, until redelivery
+                    items.append({k: v for k, v in entry.items()
+                                  if k not in ("atUs", "commandId")})
+            seq = bottom - 1
         data: dict[str, Any] = {"items": items}
         if seq >= low:
             data["nextCursor"] = str(seq)
         return Answer(data)
 
-    def _first_at_or_after(self, account_id: str, at_us: int, head: int) -> int:
+    async def _first_at_or_after(self, account_id: str, at_us: int, head: int) -> int:
         """The first seq in 1..head whose entry occurred at or after ``at_us``, else
         head + 1. Binary search: O(log head) point reads."""
         low, high = 1, head + 1
         while low < high:
             middle = (low + high) // 2
-            entry = _load(self.history.get(history_key(account_id, middle)))
+            entry = _load(await self.history.get(history_key(account_id, middle)))
             if entry is not None and int(entry["atUs"]) >= at_us:
                 high = middle
             else:

@@ -6,8 +6,8 @@ uses, prefix included) is derived from it.
 The broker does not auto-create topics: the application creates every topic it uses with
 an explicit partition count. ``business.commands`` and ``business.saga-inputs`` must have
 the same count (a saga's home partition is the same number in both, and the saga engine's
-range assignor gives both to one worker), as must the query tables' changelogs and their
-topics; `ensure_topics` refuses to go on when an existing topic disagrees.
+range assignor gives both to one worker), as must the ``transfers`` table's changelog and
+its topic; `ensure_topics` refuses to go on when an existing topic disagrees.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("business.dlq", "the original key", "dlq"),
     TopicSpec("account.commands", "accountId", "account_commands"),
     TopicSpec("account.events", "accountId", "account_events",
-              copartitioned=True),  # the balances and history tables
+              copartitioned=True),  # the saga engine's query_* tables (home_partition)
     TopicSpec("business.queries", "accountId, or transferId (details)", "queries",
               copartitioned=True),
     TopicSpec("notifications.otp", "userId", "otp"),
@@ -100,7 +100,10 @@ if {f.name for f in fields(Topics)} != {spec.field for spec in TOPIC_SPECS}:  # 
 #: created here too, compacted, with the co-partitioned count: Faust would declare them at
 #: start, but a table written before its new changelog's metadata is visible makes Faust
 #: raise PartitionsMismatch (seen under load), so they exist before the worker starts.
-TABLES: tuple[str, ...] = ("balances", "history", "account_events_seen", "transfers")
+#: The account tables (balances, history, account_events_seen) moved to PostgreSQL (issue
+#: 13): their changelogs are no longer created, and those left on an existing cluster are
+#: harmless (nothing reads or writes them; delete them at leisure).
+TABLES: tuple[str, ...] = ("transfers",)
 
 
 def partition_of(key: bytes, partitions: int) -> int:

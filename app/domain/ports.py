@@ -8,7 +8,7 @@ in-memory fake in tests/fakes.py; so do the command side's sagas and saved repli
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -267,13 +267,28 @@ class ReplyCache(Protocol):
 
 
 # --------------------------------------------------------------------------------------
-# The query side's tables (Faust tables in the worker, DictKeyValue in unit tests).
+# The query side's tables: written through ``KeyValue`` (the projections), read through
+# ``AsyncKeyValue`` (the answers). The account tables are PostgreSQL's (written by the saga
+# engine, read with app/adapters/query_tables.py), ``transfers`` a Faust table; dicts in
+# unit tests.
 # --------------------------------------------------------------------------------------
 
 
 class KeyValue(Protocol):
-    """A table: a Faust table in the worker, a dict wrapper in unit tests."""
+    """A table as the projections write it: a Faust table, the saga engine's buffered view
+    of a PostgreSQL table, a dict wrapper in unit tests."""
 
     def get(self, key: str) -> bytes | None: ...
 
     def put(self, key: str, value: bytes) -> None: ...
+
+
+class AsyncKeyValue(Protocol):
+    """A table as the queries read it (``QueryService``)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The values of those of ``keys`` that are present (an absent key is left out),
+        in one read."""
+        ...

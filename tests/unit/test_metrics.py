@@ -307,6 +307,38 @@ async def test_the_query_balance_check_turns_off_where_the_ledger_is_not_readabl
     assert calls == [1]  # off after the first
 
 
+async def test_the_query_balance_check_reads_the_stored_balances() -> None:
+    """``query_balances`` values in (the projection's documents): the ledger asked for the
+    readable ones (an account id holding NUL left out: no ledger holds one); a read that
+    fails counts an error and asks the ledger nothing."""
+    from app.query_reconciliation import QueryBalanceCheck
+
+    reads: list[tuple[list[str], list[str]]] = []
+
+    async def read(accounts: list[str], commands: list[str]
+                   ) -> tuple[dict[str, int], dict[str, int]]:
+        reads.append((accounts, commands))
+        return {"acc-a": 100, "acc-b": 9}, {"c1": 100, "c2": 8}
+
+    async def stored() -> dict[str, bytes]:
+        return {"acc-a": orjson.dumps({"balanceMinor": 100, "commandId": "c1", "seq": 3}),
+                "acc-b": orjson.dumps({"balanceMinor": 9, "commandId": "c2", "seq": 1}),
+                "acc-\x00": orjson.dumps({"balanceMinor": 5, "commandId": "c3", "seq": 1}),
+                "acc-x": b"[]"}
+
+    async def unreadable() -> dict[str, bytes]:
+        raise OSError("connection refused")
+
+    check = QueryBalanceCheck(read)
+    (mismatch,) = await check.run_stored(stored) or []
+    assert reads == [(["acc-a", "acc-b"], ["c1", "c2"])]
+    assert (mismatch.account_id, mismatch.table_balance) == ("acc-b", 9)  # c2 left 8
+    errors = value("bizcenter_query_balance_checks_total", result="error")
+    assert await check.run_stored(unreadable) is None
+    assert value("bizcenter_query_balance_checks_total", result="error") == errors + 1
+    assert len(reads) == 1
+
+
 def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     import re
     from pathlib import Path

@@ -1,5 +1,7 @@
-"""Queries without Kafka: the projections and the QueryService over dict tables, and the
-TransferService hook that authenticates a query and forwards it to business.queries.
+"""Queries without Kafka: the projections and the QueryService over dict tables (written
+through ``KeyValue``, read through ``AsyncKeyValue`` as the worker reads PostgreSQL; the
+same reads on PostgreSQL: tests/integration/test_query_tables.py), and the TransferService
+hook that authenticates a query and forwards it to business.queries.
 
 Over 400 lines: the query side's unit tests, in sections, over the same dict tables.
 """
@@ -19,6 +21,7 @@ from app.query_service import (
     AccountProjection,
     Answer,
     DictKeyValue,
+    KeyValueReads,
     PartitionProgress,
     QueryService,
     TransferProjection,
@@ -46,18 +49,35 @@ class Tables:
         self.transfers = DictKeyValue()
         self.accounts = AccountProjection(self.balances, self.history, self.seen)
         self.transfer_events = TransferProjection(self.transfers)
-        self.service = QueryService(self.balances, self.history, self.transfers)
+        self.read_ports = [KeyValueReads(kv) for kv in (self.balances, self.history,
+                                                         self.transfers)]
+        self.service = QueryService(*self.read_ports)
 
     def reads(self) -> int:
+        """Keys read."""
         return self.balances.reads + self.history.reads + self.transfers.reads
 
-    def page(self, account: str = ACC, **params: Any) -> Answer:
-        return self.service.history_page(
+    def round_trips(self) -> int:
+        """Reads asked of the ports (a statement each, on PostgreSQL)."""
+        return sum(port.round_trips for port in self.read_ports)
+
+    async def page(self, account: str = ACC, **params: Any) -> Answer:
+        return await self.service.history_page(
             account, QueryTransactionHistoryPayload.model_validate(params))
 
-    def request(self, type_: str, params: dict[str, Any], account: str = ACC
-                ) -> Answer:
-        return self.service.answer(QueryRequest(
+    async def balance_minor(self, account: str = ACC) -> int:
+        data = (await self.service.balance(account, "EUR")).data
+        assert data is not None
+        return int(data["balanceMinor"])
+
+    async def items(self, account: str = ACC, **params: Any) -> list[dict[str, Any]]:
+        data = (await self.page(account, **params)).data
+        assert data is not None
+        return list(data["items"])
+
+    async def request(self, type_: str, params: dict[str, Any], account: str = ACC
+                      ) -> Answer:
+        return await self.service.answer(QueryRequest(
             request_id="r", operator_id="alice", account_id=account, currency="EUR",
             type=type_, params=params))  # type: ignore[arg-type]
 
@@ -94,29 +114,29 @@ def transfer_event(seq: int, state: str, *, transfer_id: str = "t-1", code: str 
 # --------------------------------------------------------------------------------------
 
 
-def test_balance_is_the_last_applied_balance_after() -> None:
+async def test_balance_is_the_last_applied_balance_after() -> None:
     t = Tables()
     t.accounts.apply(event(1, balance=10_000))
     t.accounts.apply(event(2, kind=AccountEventType.DEBITED, amount=2_500, balance=7_500))
-    answer = t.service.balance(ACC, "EUR")
+    answer = await t.service.balance(ACC, "EUR")
     assert answer == Answer({"accountId": ACC, "currency": "EUR", "balanceMinor": 7_500,
                              "asOf": "2030-01-02T00:02:00Z"})
 
 
-def test_an_account_with_no_movement_reads_zero_without_as_of() -> None:
-    assert Tables().service.balance(ACC, "EUR").data == {
+async def test_an_account_with_no_movement_reads_zero_without_as_of() -> None:
+    assert (await Tables().service.balance(ACC, "EUR")).data == {
         "accountId": ACC, "currency": "EUR", "balanceMinor": 0}
 
 
-def test_rejected_events_change_nothing() -> None:
+async def test_rejected_events_change_nothing() -> None:
     t = Tables()
     t.accounts.apply(event(1, balance=500))
     assert not t.accounts.apply(event(2, kind=AccountEventType.REJECTED, balance=500))
-    assert t.service.balance(ACC, "EUR").data["balanceMinor"] == 500  # type: ignore[index]
-    assert [i["balanceAfterMinor"] for i in t.page().data["items"]] == [500]  # type: ignore[index]
+    assert await t.balance_minor() == 500
+    assert [i["balanceAfterMinor"] for i in await t.items()] == [500]
 
 
-def test_a_redelivered_or_re_emitted_event_is_applied_once() -> None:
+async def test_a_redelivered_or_re_emitted_event_is_applied_once() -> None:
     t = Tables()
     first, second = event(1, balance=100), event(2, balance=200)
     assert t.accounts.apply(first) and t.accounts.apply(second)
@@ -124,11 +144,11 @@ def test_a_redelivered_or_re_emitted_event_is_applied_once() -> None:
     # the newer balance stays and the history does not grow.
     assert not t.accounts.apply(first)
     assert not t.accounts.apply(second)
-    assert t.service.balance(ACC, "EUR").data["balanceMinor"] == 200  # type: ignore[index]
-    assert len(t.page().data["items"]) == 2  # type: ignore[index]
+    assert await t.balance_minor() == 200
+    assert len(await t.items()) == 2
 
 
-def test_an_event_cut_short_by_a_crash_is_completed_not_duplicated() -> None:
+async def test_an_event_cut_short_by_a_crash_is_completed_not_duplicated() -> None:
     t = Tables()
     t.accounts.apply(event(1))
     # Only the seen mark of event 2 survived the crash.
@@ -143,19 +163,19 @@ def test_an_event_cut_short_by_a_crash_is_completed_not_duplicated() -> None:
     del t.seen.rows[f"{ACC}\x1ft00004:credit:0"]
     assert not t.accounts.apply(event(4))
     assert not t.accounts.apply(event(4))
-    items = t.page().data["items"]  # type: ignore[index]
+    items = await t.items()
     assert [i["transferId"] for i in items] == ["t00004", "t00003", "t00002", "t00001"]
-    assert t.service.balance(ACC, "EUR").data["balanceMinor"] == 400  # type: ignore[index]
+    assert await t.balance_minor() == 400
 
 
-def test_history_entries_carry_the_sign_of_the_money_and_the_transfer() -> None:
+async def test_history_entries_carry_the_sign_of_the_money_and_the_transfer() -> None:
     t = Tables()
     t.accounts.apply(event(1, kind=AccountEventType.DEBITED, amount=700, balance=300,
                            command_id="tr-9:debit:4"))
     t.accounts.apply(event(2, kind=AccountEventType.REFUNDED, amount=700, balance=1_000,
                            command_id="tr-9:refund:4"))
     t.accounts.apply(event(3, amount=5, balance=1_005, command_id="open:acc-alice"))
-    assert t.page().data == {"items": [  # newest first
+    assert (await t.page()).data == {"items": [  # newest first
         {"transferId": "open:acc-alice", "kind": "credit", "amountMinor": 5,
          "balanceAfterMinor": 1_005, "occurredAt": "2030-01-02T00:03:00Z"},
         {"transferId": "tr-9", "kind": "refund", "amountMinor": 700,
@@ -165,12 +185,12 @@ def test_history_entries_carry_the_sign_of_the_money_and_the_transfer() -> None:
     ]}
 
 
-def test_accounts_do_not_see_each_other() -> None:
+async def test_accounts_do_not_see_each_other() -> None:
     t = Tables()
     fill(t, 3)
     t.accounts.apply(event(1, account="acc-bob", balance=42))
-    assert [i["balanceAfterMinor"] for i in t.page("acc-bob").data["items"]] == [42]  # type: ignore[index]
-    assert t.service.balance("acc-bob", "EUR").data["balanceMinor"] == 42  # type: ignore[index]
+    assert [i["balanceAfterMinor"] for i in await t.items("acc-bob")] == [42]
+    assert await t.balance_minor("acc-bob") == 42
 
 
 # --------------------------------------------------------------------------------------
@@ -178,20 +198,21 @@ def test_accounts_do_not_see_each_other() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_paging_to_the_end_has_no_gap_and_no_repeat_and_costs_the_page() -> None:
+async def test_paging_to_the_end_has_no_gap_and_no_repeat_and_costs_the_page() -> None:
     t = Tables()
     fill(t, 1_037)
     seen: list[str] = []
     cursor: str | None = None
     pages = 0
     while True:
-        before = t.reads()
+        before, trips = t.reads(), t.round_trips()
         params: dict[str, Any] = {"limit": 100}
         if cursor is not None:
             params["cursor"] = cursor
-        answer = t.page(**params)
+        answer = await t.page(**params)
         assert answer.ok and answer.data is not None
-        assert t.reads() - before <= 100 + 1  # the head, then one read per entry
+        assert t.reads() - before <= 100 + 1  # the head, then the page's entries
+        assert t.round_trips() - trips == 2  # the head, then the page in one read
         seen += [i["transferId"] for i in answer.data["items"]]
         pages += 1
         cursor = answer.data.get("nextCursor")
@@ -201,36 +222,56 @@ def test_paging_to_the_end_has_no_gap_and_no_repeat_and_costs_the_page() -> None
     assert seen == [f"t{n:05d}" for n in range(1_037, 0, -1)]
 
 
-def test_default_limit_is_20_and_the_last_page_has_no_cursor() -> None:
+async def test_default_limit_is_20_and_the_last_page_has_no_cursor() -> None:
     t = Tables()
     fill(t, 25)
-    first = t.page().data
+    first = (await t.page()).data
     assert first is not None and len(first["items"]) == 20 and first["nextCursor"] == "5"
-    last = t.page(cursor="5").data
+    last = (await t.page(cursor="5")).data
     assert last is not None and len(last["items"]) == 5 and "nextCursor" not in last
     exact = Tables()
     fill(exact, 20)
-    assert "nextCursor" not in exact.page().data  # type: ignore[operator]
+    assert "nextCursor" not in (await exact.page()).data  # type: ignore[operator]
 
 
-def test_an_empty_history() -> None:
-    assert Tables().page().data == {"items": []}
+async def test_an_empty_history() -> None:
+    assert (await Tables().page()).data == {"items": []}
 
 
-def test_from_and_to_bound_the_page_with_a_logarithmic_search() -> None:
+async def test_from_and_to_bound_the_page_with_a_logarithmic_search() -> None:
     t = Tables()
     fill(t, 1_000)  # entry n occurred at T0 + n minutes
-    before = t.reads()
-    answer = t.page(limit=100, **{"from": (T0 + timedelta(minutes=200)).isoformat(),
-                                  "to": (T0 + timedelta(minutes=250)).isoformat()})
+    before, trips = t.reads(), t.round_trips()
+    answer = await t.page(limit=100, **{"from": (T0 + timedelta(minutes=200)).isoformat(),
+                                        "to": (T0 + timedelta(minutes=250)).isoformat()})
     assert answer.data is not None
     assert [i["transferId"] for i in answer.data["items"]] == [
         f"t{n:05d}" for n in range(249, 199, -1)]  # from inclusive, to exclusive
     assert "nextCursor" not in answer.data
     assert t.reads() - before <= 1 + 2 * 11 + 50  # head, two binary searches, the page
+    assert t.round_trips() - trips <= 1 + 2 * 11 + 1
 
 
-def test_paging_inside_a_window() -> None:
+async def test_a_hole_costs_one_more_read_and_the_page_stays_whole() -> None:
+    """An entry missing (a crash, until the event's redelivery): the page reads as many
+    entries again as it lacks, and its cursor is the next seq it did not read."""
+    t = Tables()
+    fill(t, 30)
+    del t.history.rows[history_key(ACC, 28)]
+    del t.history.rows[history_key(ACC, 25)]
+    trips = t.round_trips()
+    data = (await t.page(limit=5)).data
+    assert data is not None
+    assert [i["transferId"] for i in data["items"]] == [
+        "t00030", "t00029", "t00027", "t00026", "t00024"]
+    assert data["nextCursor"] == "23"
+    # The head, 30..26 (one hole), 25 (a hole), 24.
+    assert t.round_trips() - trips == 4
+    rest = (await t.page(limit=100, cursor="23")).data
+    assert rest is not None and len(rest["items"]) == 23 and "nextCursor" not in rest
+
+
+async def test_paging_inside_a_window() -> None:
     t = Tables()
     fill(t, 300)
     window = {"from": (T0 + timedelta(minutes=10)).isoformat(),
@@ -241,7 +282,7 @@ def test_paging_inside_a_window() -> None:
         params: dict[str, Any] = {"limit": 7, **window}
         if cursor:
             params["cursor"] = cursor
-        data = t.page(**params).data
+        data = (await t.page(**params)).data
         assert data is not None
         got += [i["transferId"] for i in data["items"]]
         cursor = data.get("nextCursor")
@@ -250,24 +291,25 @@ def test_paging_inside_a_window() -> None:
     assert got == [f"t{n:05d}" for n in range(40, 9, -1)]
 
 
-def test_windows_outside_the_history_are_empty() -> None:
+async def test_windows_outside_the_history_are_empty() -> None:
     t = Tables()
     fill(t, 10)
-    assert t.page(**{"from": (T0 + timedelta(days=1)).isoformat()}).data == {"items": []}
-    assert t.page(to=T0.isoformat()).data == {"items": []}
+    later = (T0 + timedelta(days=1)).isoformat()
+    assert (await t.page(**{"from": later})).data == {"items": []}
+    assert (await t.page(to=T0.isoformat())).data == {"items": []}
 
 
 @pytest.mark.parametrize("cursor", ["0", "11", "9999999999999999"])
-def test_a_cursor_outside_the_history_is_invalid(cursor: str) -> None:
+async def test_a_cursor_outside_the_history_is_invalid(cursor: str) -> None:
     t = Tables()
     fill(t, 10)
-    answer = t.page(cursor=cursor)
+    answer = await t.page(cursor=cursor)
     assert answer.code is ErrorCode.INVALID_REQUEST and answer.message is not None
     assert "cursor" in answer.message
 
 
-def test_to_before_from_is_invalid() -> None:
-    answer = Tables().page(**{"from": T0.isoformat(), "to": T0.isoformat()})
+async def test_to_before_from_is_invalid() -> None:
+    answer = await Tables().page(**{"from": T0.isoformat(), "to": T0.isoformat()})
     assert answer.code is ErrorCode.INVALID_REQUEST
 
 
@@ -275,18 +317,18 @@ def test_to_before_from_is_invalid() -> None:
     {"limit": 0}, {"limit": 101}, {"limit": "5"}, {"cursor": "next"}, {"cursor": ""},
     {"from": "yesterday"}, {"from": "2030-01-02T00:00:00"}, {"other": 1},
 ])
-def test_invalid_history_parameters_are_invalid_requests(params: dict[str, Any]) -> None:
+async def test_invalid_history_parameters_are_invalid_requests(params: dict[str, Any]) -> None:
     t = Tables()
     fill(t, 3)
-    answer = t.request("queryTransactionHistory", params)
+    answer = await t.request("queryTransactionHistory", params)
     assert answer.code is ErrorCode.INVALID_REQUEST
     assert answer.message and next(iter(params)) in answer.message  # names the field
 
 
-def test_limit_100_is_allowed() -> None:
+async def test_limit_100_is_allowed() -> None:
     t = Tables()
     fill(t, 150)
-    data = t.request("queryTransactionHistory", {"limit": 100}).data
+    data = (await t.request("queryTransactionHistory", {"limit": 100})).data
     assert data is not None and len(data["items"]) == 100 and data["nextCursor"] == "50"
 
 
@@ -295,7 +337,7 @@ def test_limit_100_is_allowed() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_details_for_the_payer_and_the_payee() -> None:
+async def test_details_for_the_payer_and_the_payee() -> None:
     t = Tables()
     t.transfer_events.apply(transfer_event(1, "DEBITING"))
     t.transfer_events.apply(transfer_event(2, "CREDITING"))
@@ -303,16 +345,17 @@ def test_details_for_the_payer_and_the_payee() -> None:
     expected = {"transferId": "t-1", "fromAccountId": "acc-alice", "toAccountId": "acc-bob",
                 "amountMinor": 1_250, "currency": "EUR", "state": "COMPLETED",
                 "createdAt": "2030-01-02T00:00:01Z", "updatedAt": "2030-01-02T00:00:03Z"}
-    assert t.service.details("acc-alice", "t-1") == Answer(expected)
-    assert t.service.details("acc-bob", "t-1") == Answer(expected)
-    assert t.service.transfer_settled("t-1")
+    assert await t.service.details("acc-alice", "t-1") == Answer(expected)
+    assert await t.service.details("acc-bob", "t-1") == Answer(expected)
+    assert await t.service.transfer_settled("t-1")
 
 
-def test_someone_elses_transfer_looks_exactly_like_an_unknown_one() -> None:
+async def test_someone_elses_transfer_looks_exactly_like_an_unknown_one() -> None:
     t = Tables()
     t.transfer_events.apply(transfer_event(1, "DEBITING"))
-    others = t.request("queryTransactionDetails", {"transferId": "t-1"}, account="acc-carol")
-    unknown = t.request("queryTransactionDetails", {"transferId": "t-404"},
+    others = await t.request("queryTransactionDetails", {"transferId": "t-1"},
+                             account="acc-carol")
+    unknown = await t.request("queryTransactionDetails", {"transferId": "t-404"},
                         account="acc-carol")
     assert others == unknown == Answer.error(ErrorCode.FORBIDDEN, NOT_YOURS)
     request = QueryRequest(request_id="r", operator_id="carol", account_id="acc-carol",
@@ -321,37 +364,38 @@ def test_someone_elses_transfer_looks_exactly_like_an_unknown_one() -> None:
     assert reply_value(request, others) == reply_value(request, unknown)
 
 
-def test_old_transfer_events_do_not_move_a_transfer_back() -> None:
+async def test_old_transfer_events_do_not_move_a_transfer_back() -> None:
     t = Tables()
     t.transfer_events.apply(transfer_event(1, "DEBITING"))
     t.transfer_events.apply(transfer_event(2, "FAILED", code="INSUFFICIENT_FUNDS"))
     assert not t.transfer_events.apply(transfer_event(1, "DEBITING"))  # replayed
     assert not t.transfer_events.apply(transfer_event(2, "FAILED", code="INSUFFICIENT_FUNDS"))
-    data = t.service.details("acc-alice", "t-1").data
+    data = (await t.service.details("acc-alice", "t-1")).data
     assert data is not None and data["state"] == "FAILED"
     assert data["code"] == "INSUFFICIENT_FUNDS"
 
 
-def test_a_running_transfer_is_not_settled() -> None:
+async def test_a_running_transfer_is_not_settled() -> None:
     t = Tables()
-    assert not t.service.transfer_settled("t-1")
+    assert not await t.service.transfer_settled("t-1")
     t.transfer_events.apply(transfer_event(1, "DEBITING"))
-    assert not t.service.transfer_settled("t-1")
+    assert not await t.service.transfer_settled("t-1")
 
 
 
-def test_a_details_query_waits_only_for_its_own_unfinished_or_unknown_transfer() -> None:
+async def test_a_details_query_waits_only_for_its_own_unfinished_or_unknown_transfer() -> None:
     """Authorization before any wait: another user's transfer is refused at once, with no
     catch-up wait holding the query agent."""
     t = Tables()
-    assert t.service.worth_waiting_for("acc-carol", "t-1")  # unknown: may still arrive
+    assert await t.service.worth_waiting_for("acc-carol", "t-1")  # unknown: may still arrive
     t.transfer_events.apply(transfer_event(1, "DEBITING"))
-    assert t.service.worth_waiting_for("acc-alice", "t-1")
-    assert t.service.worth_waiting_for("acc-bob", "t-1")
-    assert not t.service.worth_waiting_for("acc-carol", "t-1")
+    assert await t.service.worth_waiting_for("acc-alice", "t-1")
+    assert await t.service.worth_waiting_for("acc-bob", "t-1")
+    assert not await t.service.worth_waiting_for("acc-carol", "t-1")
     t.transfer_events.apply(transfer_event(2, "CREDITING"))
     t.transfer_events.apply(transfer_event(3, "COMPLETED"))
-    assert not t.service.worth_waiting_for("acc-alice", "t-1")  # final: nothing to wait for
+    # Final: nothing to wait for.
+    assert not await t.service.worth_waiting_for("acc-alice", "t-1")
 
 
 # --------------------------------------------------------------------------------------
@@ -449,15 +493,18 @@ async def test_the_whole_loop_balance_and_history_after_transfers() -> None:
     await h.send(h.command("queryBalance", "alice", {}, request_id="qb"))
     await h.send(h.command("queryTransactionHistory", "alice", {}, request_id="qh"))
     (_, balance), (_, history) = forwarded(h)
-    answer = t.service.answer(QueryRequest.model_validate(balance))
+    answer = await t.service.answer(QueryRequest.model_validate(balance))
     assert answer.data is not None
     assert answer.data["balanceMinor"] == h.balance("alice") == 100_000 - 1_000 + 250
-    items = t.service.answer(QueryRequest.model_validate(history)).data["items"]  # type: ignore[index]
+    page = (await t.service.answer(QueryRequest.model_validate(history))).data
+    assert page is not None
+    items = page["items"]
     assert [(i["kind"], i["amountMinor"]) for i in items] == [("credit", 250),
                                                               ("debit", -1_000)]
     transfer_ids = {i["transferId"] for i in items}
     for transfer_id in transfer_ids:
-        assert t.service.details("acc-alice", transfer_id).data["state"] == "COMPLETED"  # type: ignore[index]
+        details = (await t.service.details("acc-alice", transfer_id)).data
+        assert details is not None and details["state"] == "COMPLETED"
 
 
 def test_a_query_whose_answering_failed_is_answered_in_the_reply_envelope() -> None:
