@@ -10,9 +10,13 @@ Tables:
 
 The account tables (and ``query_events_seen``, their deduplication) are written by the
 saga engine from ``account.events``, in its cycle's transaction (agents/saga_engine.py):
-every worker reads them (app/adapters/query_tables.py), whoever consumes the account's
-partition. ``transfers`` is written by ``track_transfers``. ``answer_queries`` answers
-``business.queries``. Concurrency stays 1 (faust-streaming #606).
+every worker reads them (app/adapters/query_tables.py, no cache), whoever consumes the
+account's partition. ``transfers`` is written by ``track_transfers``. ``answer_queries``
+answers ``business.queries``: a balance or a history page from PostgreSQL, a transfer's
+details from this worker's partitions of ``transfers`` (a details query is keyed by its
+transfer). The HTTP views (agents/web.py) forward only details. The group ``BIZ_APP_ID``
+consumes only ``business.queries`` and ``business.transfer-events`` (and the changelog of
+``transfers``). Concurrency stays 1 (faust-streaming #606).
 """
 
 from __future__ import annotations

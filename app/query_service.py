@@ -6,17 +6,20 @@ Three parts, none of which knows Faust or PostgreSQL (the projections write anyt
 
 * the **projections** keep the tables current. :class:`AccountProjection` applies
   ``account.events`` to ``balances`` (per account: balance, as-of, last history seq),
-  ``history`` (one entry per applied event, key ``accountId ␟ seq``) and
-  ``account_events_seen`` (``accountId ␟ commandId`` → seq, the deduplication): the saga
-  engine runs it in its cycle's PostgreSQL transaction. :class:`TransferProjection`
-  applies ``business.transfer-events`` to ``transfers`` (a Faust table).
+  ``history`` (one entry per applied event, key ``accountId ␟ seq``) and ``seen``
+  (``accountId ␟ commandId`` → seq, the deduplication): in the worker the PostgreSQL
+  tables ``query_balances``, ``query_history`` and ``query_events_seen``, which the saga
+  engine writes in its cycle (app/adapters/saga_state.py) and every worker reads
+  (app/adapters/query_tables.py). :class:`TransferProjection` applies
+  ``business.transfer-events`` to ``transfers`` (a Faust table).
 * :class:`QueryService` answers a :class:`~schemas.wire.QueryRequest` from the tables:
   an :class:`Answer` that the Kafka agent turns into a reply and the HTTP views into a
   response.
 
 A history page reads the head, then its ``limit`` entries by key in one read, newest first,
-from a cursor (a seq): its cost is the page, never the length of the history (a hole, left
-only by a crash until redelivery, costs one more read). ``from``/``to`` bound the seq range
+from a cursor (a seq): its cost is the page, never the length of the history. An event's
+entry and balance are committed together, so a page meets no hole; one (a row lost by
+other means) would be skipped, at the cost of one more read. ``from``/``to`` bound the seq range
 by a binary search on ``occurredAt`` (O(log n) point reads): an account's entries are in
 the order the account center applied them, and its timestamps follow that order.
 """
@@ -124,14 +127,21 @@ def transfer_id_of(command_id: str) -> str:
 
 
 class AccountProjection:
-    """``account.events`` → ``balances``, ``history``, ``account_events_seen``.
+    """``account.events`` → ``balances``, ``history``, ``seen``.
 
-    Called by the relay agent for every account event *before* it is relayed to its saga,
-    in the event's partition (the account's): see docs/architecture.md, read your writes.
+    Called by the saga engine's cycle (the relay's listener, app/transfers/relay.py) for
+    every valid account event *before* its saga input is made, over the PostgreSQL rows
+    buffered in the cycle (``PostgresSagaState.rows``): ``get`` answers from what the cycle
+    wrote or read ahead and raises ``NotReadAhead`` for any other row, so :meth:`apply`
+    reads every row it needs before it writes any, and deciding the event again after the
+    missing row is read is safe. The cycle's flush writes the rows in one transaction with
+    the sagas, before anything of the cycle is sent: see docs/architecture.md, read your
+    writes.
 
-    Order of the writes, so that an event whose processing was cut short by a crash is
-    completed, not duplicated, when it is delivered again: the seen mark (with the seq it
-    takes), then the history entry, then the balance (which also holds the last seq).
+    Order of the writes: the seen mark (with the seq it takes), then the history entry,
+    then the balance (which also holds the last seq). With the flush they are committed
+    together; the order still lets an event whose writes were cut short (tables written
+    one by one, as Faust's were) be completed, not duplicated, when delivered again.
     """
 
     def __init__(self, balances: KeyValue, history: KeyValue, seen: KeyValue) -> None:

@@ -1,11 +1,18 @@
 """Which partition does an account or funding event go to?
 
 The home partition of the saga whose command it answers, named in the command id
-(``<transferId>:<step>:<partition>``). An account event is also handed to the query
-tables' listeners first (read your writes, docs/architecture.md). Events of other
-services' commands are normal on the shared ``account.events`` topic: counted, never
-relayed; ``funding.events`` answers this service only. A relay does no I/O: it is decided
-at once (:meth:`app.record_failures.RecordGuard.decide_now`).
+(``<transferId>:<attempt>:<step>:<partition>``). The saga engine runs the relay in its
+cycle, for the ``account.events`` and ``funding.events`` records it consumes
+(agents/saga_engine.py, ``_route_events``): the saga input made here joins the lane of its
+home partition in the same cycle when that engine owns it, and is produced to
+``business.saga-inputs`` otherwise. An account event is also handed to the query tables'
+listeners first (``AccountProjection`` over the cycle's buffered PostgreSQL rows: read
+your writes, docs/architecture.md). Events of other services' commands are normal on the
+shared ``account.events`` topic: applied to the query tables, counted, never relayed;
+``funding.events`` answers this service only. A relay awaits nothing: a query row the
+cycle did not read ahead is not read here, the listener raises
+``app.adapters.saga_state.NotReadAhead`` and the engine reads it, then decides the event
+again.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """What moves a saga on its home partition, besides a command?
 
-The records of ``business.saga-inputs``: account and funding events relayed there
-(app/transfers/relay.py), timer ticks (app/transfers/timers.py) and operators'
-resolutions of MANUAL_REVIEW sagas (``bizcenter sagas resolve``), each checked to belong
-here before the pure saga decides.
+Saga inputs: account and funding events (app/transfers/relay.py), decided in the cycle
+that read them when the same saga engine owns the saga's home partition, and otherwise
+relayed to that partition of ``business.saga-inputs`` by the worker that read them;
+operators' resolutions of MANUAL_REVIEW sagas (``bizcenter sagas resolve``), records of
+``business.saga-inputs``. Each is checked to belong here before the pure saga decides.
+Ticks are not records: the engine runs each home partition's tick itself
+(app/transfers/timers.py); a ``{"kind": "tick"}`` record of an earlier version still on the
+topic is handled as a tick of its partition.
 """
 
 from __future__ import annotations
