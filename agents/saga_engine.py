@@ -1,14 +1,20 @@
-"""The saga engine: ``business.commands`` and ``business.saga-inputs`` in batches, in a loop
-of its own (issue 13, docs/performance.md "The plan").
+"""The saga engine: ``business.commands``, ``business.saga-inputs``, ``account.events`` and
+``funding.events`` in batches, in a loop of its own (issue 13, docs/performance.md).
 
-Faust stays the application frame (the app, the relay and query agents, the web views, the
-CLI); the saga topics leave Faust's per-record machinery (a task, an event, an ack and a
-table changelog per record) for a plain aiokafka consumer hosted in the app as a service.
-One turn of the loop, a *cycle*:
+Faust stays the application frame (the app, the query agents, the web views, the CLI); the
+saga topics and the events that move sagas leave Faust's per-record machinery (a task, an
+event, an ack and a table changelog per record) for a plain aiokafka consumer hosted in the
+app as a service. One turn of the loop, a *cycle*:
 
 1. ``getmany``: up to ``saga_batch_max_records`` records of the partitions this worker owns;
-   the sagas and saved replies they will ask for are read ahead in one statement;
-2. the records of each partition number (a *lane*: ``business.commands`` p and
+   the sagas, saved replies and account query rows they will ask for are read ahead in one
+   statement;
+2. the account and funding events first, in offset order (``_route_events``): an account
+   event is applied to its account's query rows (``AccountProjection`` over the rows
+   buffered in the cycle), then becomes its saga's input; the input of a saga whose home
+   partition this worker owns joins that partition's lane in this very cycle, any other is
+   relayed to ``business.saga-inputs`` for the worker that owns it;
+3. the records of each partition number (a *lane*: ``business.commands`` p and
    ``business.saga-inputs`` p hold the same sagas) are decided each through the record
    guard (app/record_failures.py: a record that fails for its own sake gets its error
    reply or dead letter and the lane goes on; an outage is waited out, nothing skipped):
@@ -16,29 +22,31 @@ One turn of the loop, a *cycle*:
    whose user is not sure keeps the lane in order); lanes overlap their waits; the lanes
    whose tick is due then move their sagas whose deadline has come (the repository's
    ``due``);
-3. every saga and reply the cycle wrote is made durable in ONE PostgreSQL transaction
-   (``flush``, under the home partitions' leases; an outage is retried, nothing sent
+4. every saga, reply and query row the cycle wrote is made durable in ONE PostgreSQL
+   transaction (``flush``, under the partitions' leases; an outage is retried, nothing sent
    before it succeeds; a lost lease writes, sends and commits nothing);
-4. every output of the cycle is produced without a per-record await; their acks are
+5. every output of the cycle is produced without a per-record await; their acks are
    awaited while the next cycle fetches and decides (before its flush); a record whose
    outputs could not all be sent goes through the guard's ``deliver`` (re-sent, or
    replaced by its poison outputs);
-5. only then are the cycle's offsets committed (in cycle order).
+6. only then are the cycle's offsets committed (in cycle order).
 
-Why this order is safe under at-least-once delivery: a crash before 3 leaves the idempotent
+Why this order is safe under at-least-once delivery: a crash before 4 leaves the idempotent
 PostgreSQL effects (token claims, reservations, PIN counters) and nothing else, and the
-redelivered records are decided again; a crash between 3 and 5 leaves the sagas written and
-their outputs perhaps unsent: a redelivered record finds its saga and re-sends what it
-decided (``saga_core.redelivered_outputs``), every output id being deterministic, so the
-downstream consumers absorb the duplicates.
+redelivered records are decided again; a crash between 4 and 6 leaves the sagas and query
+rows written and their outputs perhaps unsent: a redelivered record finds its saga and
+re-sends what it decided (``saga_core.redelivered_outputs``), every output id being
+deterministic, so the downstream consumers absorb the duplicates; a redelivered account
+event finds its seen mark and changes no row (``AccountProjection``).
 
 Rebalances (aiokafka's listener): a revoke waits for the cycle in flight to end (flushed,
 sent, committed) before the partitions go, then forgets the cycle's caches; the Faust
-stream buffers of the rebalance trap are not on this path. Both topics are assigned by
-Kafka's range assignor, which gives a member the same partition numbers of both (the same
-sagas): a saga is only ever decided by one worker at a time.
+stream buffers of the rebalance trap are not on this path. The topics are assigned by
+Kafka's range assignor, which gives a member the same partition numbers of the
+co-partitioned ones (the same sagas, the same accounts): a saga, and an account's query
+rows, are only ever written by one worker at a time (the leases fence the rest).
 
-Why one module of ~600 lines: the loop, its rebalance listener, the leases and the light
+Why one module of ~750 lines: the loop, its rebalance listener, the leases and the light
 parse that decides which records may run at once answer one question together (when may a
 record's effects become durable, be sent and be committed); split, the ordering argument
 above would be spread over files that each look safe alone.
@@ -556,6 +564,10 @@ class SagaEngine:
             return
         self.committed.update(offsets)
 
+    async def _take_leases_of(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._take_leases({tp.partition for tp in assigned
+                                 if tp.topic != self.topics.funding_events})
+
     async def _take_leases(self, partitions: set[int]) -> None:
         """Before any record of a new assignment: the leases of its home partitions (a
         worker that had them and lost them during an outage can no longer write them).
@@ -746,5 +758,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("saga partitions assigned: %s",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
-        await self.engine._take_leases({tp.partition for tp in assigned})
+        # The leases of the partition numbers whose rows this engine writes: home
+        # partitions (commands, saga inputs) and accounts' (account.events), all
+        # co-partitioned (events/topics.py checks their counts). funding.events is the
+        # provider's, of any partition count: its numbers name nobody's rows, and leasing
+        # them would take leases another worker holds.
+        await self.engine._take_leases_of(assigned)
         self.engine.seed_committed(set(assigned))

@@ -335,7 +335,7 @@ class QueryService:
             found = await self.history.get_many(keys)
             for key in keys:
                 entry = _load(found.get(key))
-                if entry is not None:  # a hole is left only by a crash, until redelivery
+                if entry is not None:  # an event's rows commit together: a hole is only skipped
                     items.append({k: v for k, v in entry.items()
                                   if k not in ("atUs", "commandId")})
             seq = bottom - 1

@@ -81,16 +81,17 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of topics.")
     app_id: str = Field(
         "bizcenter",
-        description="Faust application id: the worker's consumer group and the prefix of "
-        "its table changelog topics.",
+        description="Faust application id: the worker's consumer groups (this one and "
+        "<app_id>-sagas, the saga engine's) and the prefix of the transfers table's "
+        "changelog topic.",
     )
     account_center_group: str = Field(
         "account-center", description="Consumer group of the reference account center."
     )
     table_store: str = Field(
         "rocksdb://",
-        description="Faust table store: rocksdb:// in production, memory:// rebuilds "
-        "every table from its changelog at each start.",
+        description="Faust table store (the transfers table): rocksdb:// in production, "
+        "memory:// rebuilds it from its changelog at each start.",
     )
     data_dir: str = Field(".local/worker-data", description="Directory of the RocksDB tables.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's web server.")

@@ -1,14 +1,21 @@
-"""PostgreSQL implementation of the command side's state: ``SagaRepository`` and
-``ReplyCache`` (app/domain/ports.py), the tables ``sagas`` and ``saved_replies`` (their DDL
-is part of ``postgres_store.DDL``: one schema, one version).
+"""PostgreSQL implementation of the saga engine's state: ``SagaRepository`` and
+``ReplyCache`` (app/domain/ports.py) over the tables ``sagas`` and ``saved_replies``, and
+the account query rows (``query_balances``, ``query_history``, ``query_events_seen``: the
+``KeyValue`` views ``AccountProjection`` writes, app/query_service.py; read by the query
+side through app/adapters/query_tables.py). Their DDL is part of ``postgres_store.DDL``:
+one schema, one version.
+
+A query row view is synchronous (the projection does no I/O): it answers from the buffer
+and from what the batch read ahead, and raises :class:`NotReadAhead` for anything else; the
+engine then reads that row alone (``read_row``) and decides the event again.
 
 Why this design:
 
 - **Writes are buffered, flushed once per batch.** ``put`` only records the latest version
-  of a key in memory; :meth:`PostgresSagaState.flush` writes every buffered saga and reply
-  in one statement (one transaction, one round trip: a set-based upsert per table, from
-  ``unnest`` of arrays), which the saga engine runs before any output of the batch is sent
-  and its offsets committed. A batch of 500 records costs one write, not 500 or 1000.
+  of a key in memory; :meth:`PostgresSagaState.flush` writes every buffered saga, reply and
+  query row in one statement (one transaction, one round trip: a set-based upsert per
+  table, from ``unnest`` of arrays), which the saga engine runs before any output of the
+  batch is sent and its offsets committed. A batch of 500 records costs one write, not 500 or 1000.
 - **The read cache lives for one batch only.** ``get`` answers from the buffer, then from
   what this batch already read (``prefetch`` reads a batch's keys in one statement,
   remembering the absent ones), then with one SELECT. ``flush`` and ``discard`` forget the
@@ -346,7 +353,7 @@ class PostgresSagaState:
 
     @property
     def pending(self) -> int:
-        """How many writes the buffer holds (sagas and replies)."""
+        """How many writes the buffer holds (sagas, replies and query rows)."""
         return (len(self._sagas.buffer) + len(self._replies.buffer)
                 + sum(len(view.buffer) for view in self.rows.values()))
 
@@ -412,10 +419,10 @@ class PostgresSagaState:
         return dict(self._leases)
 
     async def flush(self) -> None:
-        """Write every buffered saga and reply in one transaction (one statement), then
-        forget the buffer and the read cache. On failure the buffer is kept and the
-        exception propagates as the driver raised it. A ``put`` made while the flush was
-        under way stays buffered.
+        """Write every buffered saga, reply and query row in one transaction (one
+        statement), then forget the buffer and the read cache. On failure the buffer is
+        kept and the exception propagates as the driver raised it. A ``put`` made while
+        the flush was under way stays buffered.
 
         Once leases are taken (``take_leases``), the flush first locks the leases of the
         home partitions it writes (``FOR SHARE``: a taker waits for it) and writes nothing

@@ -391,3 +391,42 @@ def test_a_saga_input_whose_saga_is_not_sure_keeps_the_order(doc: Any) -> None:
 def test_a_value_no_handler_reads_is_a_chain_of_its_own(value: bytes) -> None:
     for topic in (COMMANDS, SAGA_INPUTS):
         assert _chain(topic, value) == f"record:{topic}:7"
+
+
+# --------------------------------------------------------------------------------------
+# the leases an assignment takes
+# --------------------------------------------------------------------------------------
+
+
+class _LeaseRecorder:
+    def __init__(self) -> None:
+        self.taken: list[set[int]] = []
+
+    async def take_leases(self, partitions: Any, owner: str) -> dict[int, int]:
+        self.taken.append(set(partitions))
+        return dict.fromkeys(partitions, 1)
+
+
+async def test_an_assignment_leases_the_co_partitioned_topics_numbers_only() -> None:
+    """funding.events is the provider's topic, of any partition count: the range assignor
+    may give a worker funding.events partition numbers that are another worker's home
+    partitions; leasing them would take that worker's leases and fence it. Only the
+    numbers of the co-partitioned topics (commands, saga inputs, account events) are
+    leased."""
+    from aiokafka import TopicPartition
+
+    from agents.saga_engine import SagaEngine
+
+    h = Harness()
+    state = _LeaseRecorder()
+
+    async def crash(exc: BaseException) -> None:
+        raise AssertionError(exc)
+
+    engine = SagaEngine(h.settings, h.service, state, crash=crash)  # type: ignore[arg-type]
+    t = h.service.topics
+    await engine._take_leases_of([
+        TopicPartition(t.commands, 0), TopicPartition(t.saga_inputs, 0),
+        TopicPartition(t.account_events, 1), TopicPartition(t.funding_events, 2),
+        TopicPartition(t.funding_events, 0)])
+    assert state.taken == [{0, 1}]
