@@ -46,7 +46,6 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from system import PIN, System
 
-from agents.saga_engine import saga_group
 from reference.gateway_client import TopicTail
 from schemas.wire import AccountCommand, FundingCommand, WireModel
 
@@ -533,9 +532,7 @@ async def test_fuzzed_records_on_every_topic(system: System) -> None:
 
         # Every consumer group commits past every fuzzed record: nothing stalled.
         by_group = {
-            saga_group(s): [s.topic(t) for t in ("business.commands", "business.saga-inputs")],
-            s.app_id: [s.topic(t) for t in ("account.events", "funding.events",
-                                            "business.queries", "business.transfer-events")],
+            **system.worker_groups(),
             s.account_center_group: [s.topic("account.commands")],
             s.funding_provider_group: [s.topic("funding.commands")],
         }

@@ -193,8 +193,8 @@ async def test_every_record_is_passed_not_stalled_on(system: System,
     s = system.settings
     await producer.flush()
     groups = {
-        saga_group(s): [s.topic("business.commands")],
-        s.app_id: [s.topic(t) for t in ("account.events", "funding.events")],
+        saga_group(s): [s.topic(t) for t in ("business.commands", "account.events",
+                                             "funding.events")],
         s.account_center_group: [s.topic("account.commands")],
         s.funding_provider_group: [s.topic("funding.commands")],
     }
