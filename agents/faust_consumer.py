@@ -23,8 +23,11 @@ It also keeps records from being lost at a rebalance (docs/architecture.md, "Reb
 
 - While the app is rebalancing (from the revocation until Faust's recovery has sought the
   stream partitions to their committed offsets *and* cleared the stream buffers), only
-  changelog partitions are fetched. faust-streaming 0.15.3 resumes the stream partitions,
-  seeks them (one round trip per partition) and only then clears every stream buffer
+  changelog partitions are fetched; and whatever ``app.rebalancing`` says, no stream
+  partition is fetched from a revocation until this generation's seek is done (the end of a
+  rebalance cut short by the next one clears the flag while the next seek is under way:
+  seen with two rebalances in a row under load). faust-streaming 0.15.3 resumes the stream
+  partitions, seeks them (one round trip per partition) and only then clears every stream buffer
   (``faust/tables/recovery.py``, ``on_recovery_completed``): records fetched during the seek
   were put in a buffer, cleared, and never seen by an agent.
 - On the input topics (every non-changelog topic: none is compacted and no producer of them
@@ -88,6 +91,9 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
     _holes: dict[TP, list[tuple[int, int]]]
     #: Jumps seen (each was sought back, or accepted as a hole).
     jumps_detected: int = 0
+    #: The consumer generation whose stream partitions ``perform_seek`` last sought to their
+    #: committed offsets (None: since a revocation, or while a seek is under way).
+    _streams_sought: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +101,7 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
         self._floor = {}
         self._sought_back_to = {}
         self._holes = {}
+        self._streams_sought = None
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return FetchTunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -106,7 +113,9 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
     # -- no stream records fetched while rebalancing --------------------------------------
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
-        if self.app.rebalancing and active_partitions is not None:
+        if active_partitions is not None and (
+                self.app.rebalancing
+                or self._streams_sought != self.app.consumer_generation_id):
             # A copy, never the live set; and never an empty set: aiokafka reads an empty
             # set as "every partition".
             active_partitions = {tp for tp in active_partitions if self._is_changelog_tp(tp)}
@@ -125,6 +134,12 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
         ``seek_to_committed`` skips (it seeks only to offsets above 0), so that records
         fetched before the rebalance but never processed are fetched again; and the offset
         each input partition must deliver next is remembered."""
+        # Until this seek is done, no stream record is fetched (``_getmany``): the end of
+        # a rebalance cut short by the next one can clear ``app.rebalancing`` while the
+        # next one's seek is still under way (its records would then reach the stream
+        # buffers that the next resume clears).
+        self._streams_sought = None
+        generation = self.app.consumer_generation_id
         committed = await self.seek_to_committed()
         self._read_offset.update({
             tp: offset if offset is not None and offset >= 0 else None
@@ -148,6 +163,8 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
             self._next_expected[tp] = start
             self._floor[tp] = start
             self._sought_back_to.pop(tp, None)
+        if self.app.consumer_generation_id == generation:
+            self._streams_sought = generation
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)
@@ -155,6 +172,7 @@ class BatchDeliveringConsumer(AIOKafkaConsumer):
             self._next_expected[partition] = offset
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._streams_sought = None
         for tp in revoked:
             self._next_expected.pop(tp, None)
             self._floor.pop(tp, None)

@@ -33,28 +33,50 @@ SITECUSTOMIZE = '''
 """Test-only fault injection (tests/integration/test_rebalance_records.py).
 
 Every seek of the worker's consumer to its committed offsets returns
-FAULT_DELAY_AFTER_SEEK_SECONDS later, and until Faust resumes its flow control (which
-clears the stream buffers) the relay agents take no new record, as when they are busy under
-load: whatever is fetched in that window waits in the stream buffer. (The saga topics are
-not Faust's: the saga engine's group rebalances alongside, under the same load.)"""
+FAULT_DELAY_AFTER_SEEK_SECONDS later, and after such a seek at the end of a rebalance,
+until Faust resumes its flow control (which clears the stream buffers) or that end is cut
+short, the Faust agents (queries, transfer events) take no new record, as when they are
+busy under load: whatever is fetched in that window waits in the stream buffer. (The saga
+engine's topics are not Faust's: its group rebalances alongside, under the same load.)"""
 import asyncio
 import os
 
 _delay = float(os.environ.get("FAULT_DELAY_AFTER_SEEK_SECONDS", "0"))
 if _delay > 0:
+    from faust.tables import recovery as _recovery
     from faust.transport.drivers import aiokafka as _driver
     from mode.utils import queues as _queues
 
     from app.record_failures import RecordGuard as _Guard
 
-    _window = {"open": False}
+    _window = {"open": False, "ending": False}
     _seek = _driver.Consumer.seek_to_committed
     _resume = _queues.FlowControlEvent.resume
     _process = _Guard.process
 
+    def _closing(method):
+        # The end of a rebalance (Recovery._resume_streams, on_recovery_completed) seeks,
+        # then resumes the flow; cut short by the next rebalance (cancelled between the
+        # two), it resumes nothing: its window closes when it ends all the same, or the
+        # agents would wait for it for ever (and the next revoke for them).
+        async def wrapped(self, *args, **kwargs):
+            _window["ending"] = True
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                _window["ending"] = False
+                _window["open"] = False
+        return wrapped
+
+    _recovery.Recovery._resume_streams = _closing(_recovery.Recovery._resume_streams)
+    _recovery.Recovery.on_recovery_completed = _closing(
+        _recovery.Recovery.on_recovery_completed)
+
     async def _slow_seek_to_committed(self):
         committed = await _seek(self)
-        _window["open"] = True
+        # The window of the trap: a seek at the end of a rebalance, before its resume
+        # (another seek, e.g. of a fetch while the flow is stopped, is followed by none).
+        _window["open"] = _window["ending"]
         await asyncio.sleep(_delay)
         return committed
 

@@ -549,14 +549,14 @@ async def _saga_inputs_naming(system: System, transfer_id: str) -> int:
     """How many records of business.saga-inputs name ``transfer_id`` (relayed events)."""
     topic = system.settings.topic("business.saga-inputs")
     ends = await _end_offsets(system, topic)
+    tps = [TopicPartition(topic, p) for p, end in ends.items() if end > 0]
+    if not tps:
+        return 0
     consumer = AIOKafkaConsumer(bootstrap_servers=system.settings.kafka_bootstrap_servers,
                                 enable_auto_commit=False)
     await consumer.start()
     found = 0
     try:
-        tps = [TopicPartition(topic, p) for p, end in ends.items() if end > 0]
-        if not tps:
-            return 0
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         while any(await consumer.position(tp) < ends[tp.partition] for tp in tps):

@@ -35,6 +35,7 @@ class BareConsumer(BatchDeliveringConsumer):
             topics=SimpleNamespace(acks_enabled_for=lambda topic: True),
             tables=SimpleNamespace(changelog_topics={CHANGELOG.topic}),
             rebalancing=False,
+            consumer_generation_id=1,
         )
         self.log = SimpleNamespace(dev=lambda *a, **k: None, info=lambda *a, **k: None)
         self._next_expected = {}
@@ -46,6 +47,7 @@ class BareConsumer(BatchDeliveringConsumer):
         self._gap = defaultdict(IntervalTree)
         self._sought_back_to = {}
         self._holes = {}
+        self._streams_sought = 1  # the current generation's streams were sought
 
         async def getmany(active: set[TP] | None, timeout: float) -> dict[TP, list[Any]]:
             self.fetched_for.append(None if active is None else set(active))
@@ -233,6 +235,52 @@ async def test_while_rebalancing_only_changelog_partitions_are_fetched() -> None
     c.app.rebalancing = False
     await c._getmany(live, timeout=1.0)
     assert c.fetched_for[-1] == live
+
+
+async def test_no_stream_partition_is_fetched_until_this_generation_s_seek_is_done(
+        monkeypatch: Any) -> None:
+    """Two rebalances in a row: the end of the first (its seek, then its recovery
+    completion) can clear ``app.rebalancing`` after the second revocation, while the second
+    seek is still under way; records fetched then reach the stream buffers that the second
+    resume clears (seen: queries never answered). Streams are fetched again only once the
+    current generation's seek is done."""
+    c = BareConsumer(committed={A: 10})
+    live = {A, B, CHANGELOG}
+
+    async def faust_revocation(self: Any, revoked: set[TP]) -> None:
+        return None  # Faust's own revocation bookkeeping is not under test here
+
+    monkeypatch.setattr(BatchDeliveringConsumer.__mro__[1], "on_partitions_revoked",
+                        faust_revocation)
+    await c.on_partitions_revoked({A})
+    c.app.consumer_generation_id = 2
+    await c._getmany(live, timeout=0.001)
+    assert c.fetched_for == [{CHANGELOG}]  # rebalancing already False: still no stream
+
+    seen_during_seek: list[set[TP] | None] = []
+    seek = c.seek_to_committed
+
+    async def slow_seek() -> dict[TP, int | None]:
+        await c._getmany(live, timeout=0.001)  # a fetch while the seek is under way
+        seen_during_seek.append(c.fetched_for[-1])
+        return await seek()
+
+    c.seek_to_committed = slow_seek  # type: ignore[method-assign]
+    await c.perform_seek()
+    assert seen_during_seek == [{CHANGELOG}]
+    await c._getmany(live, timeout=0.001)
+    assert c.fetched_for[-1] == live
+    # A seek overtaken by the next generation does not open the streams of that one.
+    c.app.consumer_generation_id = 3
+
+    async def overtaken() -> dict[TP, int | None]:
+        c.app.consumer_generation_id = 4
+        return await seek()
+
+    c.seek_to_committed = overtaken  # type: ignore[method-assign]
+    await c.perform_seek()
+    await c._getmany(live, timeout=0.001)
+    assert c.fetched_for[-1] == {CHANGELOG}
 
 
 async def test_perform_seek_sends_unstarted_partitions_to_the_group_start() -> None:
