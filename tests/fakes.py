@@ -200,6 +200,10 @@ class InMemoryBusinessStore:
         self.calls.append("kept_outcome")
         return self.kept.get((operator_id, idempotency_key))
 
+    async def outcome_of_transfer(self, transfer_id: str) -> KeptOutcome | None:
+        self.calls.append("outcome_of_transfer")
+        return next((k for k in self.kept.values() if k.transfer_id == transfer_id), None)
+
     async def save_outcome(self, operator_id: str, idempotency_key: str, state: str,
                            code: str | None) -> None:
         self.calls.append("save_outcome")

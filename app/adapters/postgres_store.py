@@ -165,6 +165,9 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     ended_at timestamptz NULL,
     PRIMARY KEY (operator_id, idempotency_key)
 );
+-- A top-up's outcome found from its charge (a capture replayed after the saga's purge).
+CREATE INDEX IF NOT EXISTS idempotency_records_transfer_idx
+    ON idempotency_records (transfer_id);
 CREATE TABLE IF NOT EXISTS sagas (
     transfer_id text PRIMARY KEY,
     home_partition int NOT NULL,
@@ -242,6 +245,10 @@ _INIT_FACTS = (
 _KEPT = (
     "SELECT transfer_id, fingerprint, attempt, state, code FROM idempotency_records"
     " WHERE operator_id = $1 AND idempotency_key = $2"
+)
+_OUTCOME_OF_TRANSFER = (
+    "SELECT transfer_id, fingerprint, attempt, state, code FROM idempotency_records"
+    " WHERE transfer_id = $1 LIMIT 1"
 )
 _SAVE_OUTCOME = (
     "UPDATE idempotency_records SET state = $3::text, code = $4::text, ended_at = now()"
@@ -582,6 +589,11 @@ class PostgresBusinessStore:
                            code: str | None) -> None:
         async with self._connection() as raw:
             await raw.execute(_SAVE_OUTCOME, operator_id, idempotency_key, state, code)
+
+    async def outcome_of_transfer(self, transfer_id: str) -> KeptOutcome | None:
+        async with self._connection() as raw:
+            row = await raw.fetchrow(_OUTCOME_OF_TRANSFER, transfer_id)
+        return None if row is None else _kept_of(row)
 
     # --- PIN ---------------------------------------------------------------------------
 

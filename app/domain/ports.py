@@ -208,6 +208,11 @@ class IdempotencyRecords(Protocol):
         A key without a record is left without one."""
         ...
 
+    async def outcome_of_transfer(self, transfer_id: str) -> KeptOutcome | None:
+        """The idempotency record of the transfer or top-up ``transfer_id`` (kept beyond
+        the saga's purge), if any."""
+        ...
+
 
 class OtpFailures(Protocol):
     """The user's wrong OTPs, the budget that ``confirm_checks`` and verifyOtp spend."""

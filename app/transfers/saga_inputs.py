@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from app.domain import transfer_saga as saga_core
-from app.domain.ports import SagaRepository
+from app.domain.ports import IdempotencyRecords, SagaRepository
 from app.domain.resolution_signing import resolution_signed
 from app.record_failures import (
     Outbound,
@@ -44,8 +44,10 @@ class SagaInputs:
     def __init__(
         self, settings: Settings, sagas: SagaRepository, outbox: Outbox, steps: SagaSteps,
         timers: Timers, policy: saga_core.Policy, tally: Tally, clock: Callable[[], float],
+        outcomes: IdempotencyRecords,
     ) -> None:
         self.sagas = sagas
+        self.outcomes = outcomes
         self.outbox = outbox
         self.steps = steps
         self.timers = timers
@@ -136,14 +138,36 @@ class SagaInputs:
         if saga is None:
             if event.status != "captured":
                 return []
-            # Money was taken from a source for a top-up nobody knows (purged long ago):
-            # nothing may be lost, so operators get it.
-            return [self.outbox.dead_letter(
-                record, f"capture {event.charge_id} for an unknown top-up: give it back to "
-                "the source by hand")]
+            return await self._capture_without_saga(event.charge_id, transfer_id, record)
         new, outputs = saga_core.on_funding_event(saga, event.charge_id, event.status,
                                                   self.clock(), self.policy)
         return await self.steps.apply(new, outputs, changed=new is not saga)
+
+    async def _capture_without_saga(self, charge_id: str, transfer_id: str,
+                                    record: SourceRecord) -> list[Outbound]:
+        """A capture for a top-up whose saga is gone. Its idempotency record (kept beyond
+        the saga's purge) tells a COMPLETED top-up of this very charge (attempt included):
+        the capture was credited, and this is a replay or a late duplicate (counted,
+        ignored). Anything else (no record, another attempt's charge, a top-up that FAILED,
+        whose capture may or may not have been given back) goes to operators, saying what
+        is known: money may have been taken from a source, and no one may guess."""
+        kept = await self.outcomes.outcome_of_transfer(transfer_id)
+        if kept is None:
+            return [self.outbox.dead_letter(
+                record, f"capture {charge_id} for an unknown top-up: give it back to the "
+                "source by hand")]
+        attempt = ":" + kept.attempt if kept.attempt else ""
+        ours = charge_id.startswith(f"{transfer_id}{attempt}:charge:")
+        if ours and kept.state == saga_core.State.COMPLETED.value:
+            self.tally.count("captures_of_finished_top_ups")
+            log.info("capture %s of top-up %s, completed and purged: already credited, "
+                     "ignored", charge_id, transfer_id, extra={"transferId": transfer_id})
+            return []
+        return [self.outbox.dead_letter(
+            record, f"capture {charge_id} for top-up {transfer_id}, which ended "
+            f"{kept.state or 'unfinished'} ({kept.code or 'no code'}) and is purged"
+            + ("" if ours else ", under another attempt")
+            + ": check with the provider whether it was given back before acting")]
 
     def _routed_here(self, command_id: str, record: SourceRecord) -> str | None:
         """The transfer id of a relayed event, if its id names this record's partition:

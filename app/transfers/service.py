@@ -94,7 +94,7 @@ class TransferService:
                              handlers.table(), self.access, self.policy, tally, clock)
         self.relay = Relay(self.outbox, settings.topic_partitions, tally)
         self.inputs = SagaInputs(settings, sagas, self.outbox, self.steps, self.timers,
-                                 self.policy, tally, clock)
+                                 self.policy, tally, clock, store)
         #: Called with every valid account event before it is relayed (the query tables).
         self.account_event_listeners = self.relay.account_event_listeners
         # One handler per consumed topic: how a record is decided, and answered as poison.

@@ -513,6 +513,9 @@ async def test_an_ended_operation_is_answered_with_its_kept_outcome(backend: Bac
     kept = KeptOutcome(first.transfer_id, first.jti, first.attempt, "FAILED",
                        "INSUFFICIENT_FUNDS")
     assert await backend.store.kept_outcome(user.user_id, key) == kept
+    # Found from the transfer too (a capture replayed after its top-up's saga was purged).
+    assert await backend.store.outcome_of_transfer(first.transfer_id) == kept
+    assert await backend.store.outcome_of_transfer(_uid("t")) is None
     seen: list[str] = []
     answered = Confirm(user, key=key, jti=first.jti, transfer_id=first.transfer_id,
                        pin=WRONG, seen=seen)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
+import pytest
 from fakes import Harness
 
+from app.domain.ports import KeptOutcome
 from app.domain.transfer_saga import State
 from app.transfers.ids import transfer_id_for
 from schemas.wire import ErrorCode
@@ -128,3 +132,46 @@ async def test_a_capture_for_a_forgotten_top_up_goes_to_operators() -> None:
     letters = [orjson.loads(o.value) for o in outs if o.topic == h.topics.dlq]
     assert len(letters) == 1 and "unknown top-up" in letters[0]["reason"]
     assert not [o for o in outs if o.topic == h.topics.replies]
+
+
+TOPUP_ID = "0b2d7a52-aaaa-5bbb-8ccc-000000000001"
+TOPUP_ATTEMPT = "0123456789abcdef"
+
+
+async def _capture_of(h: Harness, charge_id: str) -> list[Any]:
+    """The outputs of a capture for ``charge_id``, routed then decided (no saga known)."""
+    event = orjson.dumps({"chargeId": charge_id, "status": "captured"})
+    routed = h.service.route_funding_event(event, b"k", 0)
+    return await h.service.handle_saga_input(routed[0].value, routed[0].key, 0)
+
+
+def _kept_top_up(h: Harness, state: str | None, code: str | None = None) -> None:
+    h.store.kept[("alice", "k-top")] = KeptOutcome(TOPUP_ID, "fp", TOPUP_ATTEMPT, state, code)
+
+
+async def test_a_replayed_capture_of_a_completed_purged_top_up_is_ignored() -> None:
+    """Its idempotency record, kept beyond the purge, says the top-up COMPLETED under this
+    very charge (attempt included): the capture was credited. Telling operators to give
+    it back would take the money twice from the source's point of view."""
+    h = Harness()
+    _kept_top_up(h, "COMPLETED")
+    assert await _capture_of(h, f"{TOPUP_ID}:{TOPUP_ATTEMPT}:charge:0") == []
+    assert h.service.counters["captures_of_finished_top_ups"] == 1
+
+
+@pytest.mark.parametrize(("state", "code", "charge", "says"), [
+    ("FAILED", "FUNDING_TIMEOUT", f"{TOPUP_ID}:{TOPUP_ATTEMPT}:charge:0",
+     "ended FAILED (FUNDING_TIMEOUT)"),
+    (None, None, f"{TOPUP_ID}:{TOPUP_ATTEMPT}:charge:0", "ended unfinished"),
+    ("COMPLETED", None, f"{TOPUP_ID}:fedcba9876543210:charge:0", "under another attempt"),
+    ("COMPLETED", None, f"{TOPUP_ID}:charge:0", "under another attempt"),
+])
+async def test_a_capture_of_a_purged_top_up_not_known_credited_goes_to_operators(
+        state: str | None, code: str | None, charge: str, says: str) -> None:
+    h = Harness()
+    _kept_top_up(h, state, code)
+    outs = await _capture_of(h, charge)
+    letters = [orjson.loads(o.value) for o in outs if o.topic == h.topics.dlq]
+    assert len(letters) == 1 and says in letters[0]["reason"], letters
+    assert "check with the provider" in letters[0]["reason"]
+    assert h.service.counters.get("captures_of_finished_top_ups", 0) == 0
