@@ -37,9 +37,8 @@ from typing import Any, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
 
-from app.adapters.db import ensure_schema, make_engine
+from app.adapters.db import bare_connection, ensure_schema, make_engine
 from app.domain.ports import (
     ConfirmChecks,
     ConfirmOutcome,
@@ -460,27 +459,9 @@ class PostgresBusinessStore:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
-        """The asyncpg connection of a checkout of SQLAlchemy's pool, outside any
-        transaction: a statement on it commits on its own. Like the reference ledger, but
-        checked out as a bare pooled connection (``raw_connection``): a SQLAlchemy
-        ``Connection`` around it cost ~150 µs of CPU per checkout, more than a round trip.
-        Pool checkout and return run in SQLAlchemy's greenlet (they may connect, or close
-        an overflow connection)."""
-        pooled = await self._engine.raw_connection()
-        raw: Any = pooled.driver_connection
-        try:
+        """A bare connection of the pool (app/adapters/db.py ``bare_connection``)."""
+        async with bare_connection(self._engine) as raw:
             yield raw
-        except BaseException as exc:
-            # SQLAlchemy opened no transaction on it, so its reset-on-return would not end
-            # one: a connection left broken, inside a transaction, or interrupted mid-way
-            # (a cancellation) never goes back to the pool.
-            if raw.is_closed() or raw.is_in_transaction() or not isinstance(exc, Exception):
-                with contextlib.suppress(Exception):
-                    await greenlet_spawn(pooled.invalidate)  # returns it to the pool, dead
-                raise
-            await greenlet_spawn(pooled.close)
-            raise
-        await greenlet_spawn(pooled.close)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
 
+from app.adapters.db import bare_connection
 from app.adapters.saga_state import db_key
 
 # --- the statements, asyncpg style ($n parameters) ----------------------------------------
@@ -84,21 +84,11 @@ class PostgresQueryTables:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        """The asyncpg connection of a bare checkout of the pool, outside any transaction;
-        as ``PostgresSagaState.connection``: a connection left broken, inside a transaction
-        or interrupted is invalidated, never returned to the pool."""
-        pooled = await self._engine.raw_connection()
-        raw: Any = pooled.driver_connection
-        try:
+        """A bare connection of the pool (app/adapters/db.py ``bare_connection``): a
+        connection left broken, inside a transaction or interrupted is invalidated, never
+        returned to the pool."""
+        async with bare_connection(self._engine) as raw:
             yield raw
-        except BaseException as exc:
-            if raw.is_closed() or raw.is_in_transaction() or not isinstance(exc, Exception):
-                with contextlib.suppress(Exception):
-                    await greenlet_spawn(pooled.invalidate)
-                raise
-            await greenlet_spawn(pooled.close)
-            raise
-        await greenlet_spawn(pooled.close)
 
 
 def stored_key(stored: str) -> str:

@@ -53,9 +53,8 @@ from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
 
-from app.adapters.db import ensure_schema
+from app.adapters.db import bare_connection, ensure_schema
 from app.adapters.postgres_store import DDL
 from app.domain import transfer_saga as saga_core
 
@@ -510,22 +509,11 @@ class PostgresSagaState:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        """The asyncpg connection of a bare checkout of the pool, outside any transaction
-        (a statement commits on its own); as ``PostgresBusinessStore._connection``: a
+        """A bare connection of the pool (app/adapters/db.py ``bare_connection``): a
         connection left broken, inside a transaction or interrupted is invalidated, never
         returned to the pool."""
-        pooled = await self._engine.raw_connection()
-        raw: Any = pooled.driver_connection
-        try:
+        async with bare_connection(self._engine) as raw:
             yield raw
-        except BaseException as exc:
-            if raw.is_closed() or raw.is_in_transaction() or not isinstance(exc, Exception):
-                with contextlib.suppress(Exception):
-                    await greenlet_spawn(pooled.invalidate)
-                raise
-            await greenlet_spawn(pooled.close)
-            raise
-        await greenlet_spawn(pooled.close)
 
 
 def _saga_columns(sagas: list[tuple[str, saga_core.Saga]]) -> tuple[list[Any], ...]:
