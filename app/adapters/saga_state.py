@@ -38,7 +38,7 @@ there are no competing writers in normal operation; a flush writes its rows in k
 outage, then back) the **leases** decide: the saga engine takes its home partitions'
 leases at every assignment (``take_leases``: one more generation each), and a flush then
 locks and checks the leases of what it writes and writes nothing once another engine took
-one (``LeaseLost``). BEGIN, the leases, the writes, COMMIT: four round trips per flush.
+one (``LeaseLost``): still one statement, the writes conditional on the leases.
 
 The statements run on the bare asyncpg connection of a checkout of SQLAlchemy's pool, as
 ``PostgresBusinessStore`` does (prepared statements cached per connection; the engine is
@@ -128,6 +128,23 @@ WITH written_sagas AS (
 )
 SELECT 1
 """
+#: The flush under leases, still one statement (one round trip, one transaction): the
+#: leases of the partitions written ($21) are locked ``FOR SHARE`` (a taker's update waits
+#: for this statement's end; one committed meanwhile is re-read, READ COMMITTED) and
+#: compared with the generations this engine took ($22); every write is conditional on
+#: none being lost, and the statement returns the lost partitions (none: written).
+_FLUSH_LEASED = _FLUSH.replace("WITH written_sagas AS (", """WITH held AS (
+    SELECT home_partition, generation FROM saga_leases
+    WHERE home_partition = ANY($21::int[]) ORDER BY home_partition FOR SHARE
+), lost AS (
+    SELECT w.p FROM unnest($21::int[], $22::bigint[]) AS w (p, g)
+    LEFT JOIN held ON held.home_partition = w.p
+    WHERE held.generation IS DISTINCT FROM w.g
+), allowed AS (
+    SELECT NOT EXISTS (SELECT 1 FROM lost) AS ok
+), written_sagas AS (""", 1).replace(
+    "\n    ON CONFLICT", "\n    WHERE (SELECT ok FROM allowed)\n    ON CONFLICT").replace(
+    "\nSELECT 1\n", "\nSELECT ARRAY(SELECT p FROM lost ORDER BY p) AS lost\n")
 #: ``sagas_due_idx``; the buffered sagas ($3) are left out: their buffered version decides.
 #: ``COLLATE "C"``: ties are broken as Python compares strings.
 _DUE = """
@@ -441,20 +458,14 @@ class PostgresSagaState:
                                         | {r.partition for _, r in replies}
                                         | {home for table_rows in rows
                                            for _, (home, _value) in table_rows})
-                    # BEGIN, the leases locked and checked, the flush, COMMIT; any
-                    # failure in between leaves the connection in the transaction, and the
-                    # connection is then dropped, not pooled (``connection``).
-                    await raw.execute("BEGIN")
-                    held = {int(r["home_partition"]): int(r["generation"])
-                            for r in await raw.fetch(_HELD_LEASES, partitions)}
-                    lost = [p for p in partitions
-                            if p not in self._leases or held.get(p) != self._leases[p]]
+                    # A partition never leased here is lost (generation 0 is never
+                    # taken: the first take is 1).
+                    lost = await raw.fetchval(
+                        _FLUSH_LEASED, *columns, partitions,
+                        [self._leases.get(p, 0) for p in partitions])
                     if lost:
-                        await raw.execute("ROLLBACK")
-                        raise LeaseLost(f"home partitions {lost} were taken by another "
-                                        "saga engine")
-                    await raw.execute(_FLUSH, *columns)
-                    await raw.execute("COMMIT")
+                        raise LeaseLost(f"home partitions {list(lost)} were taken by "
+                                        "another saga engine")
             for transfer_id, saga in sagas:
                 if self._sagas.buffer.get(transfer_id) is saga:
                     del self._sagas.buffer[transfer_id]
@@ -538,8 +549,6 @@ ON CONFLICT (home_partition) DO UPDATE
     SET owner = EXCLUDED.owner, generation = saga_leases.generation + 1
 RETURNING home_partition, generation
 """
-_HELD_LEASES = ("SELECT home_partition, generation FROM saga_leases"
-                " WHERE home_partition = ANY($1::int[]) ORDER BY home_partition FOR SHARE")
 
 
 class LeaseLost(Exception):

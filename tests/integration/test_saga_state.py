@@ -866,3 +866,31 @@ async def test_query_rows_are_fenced_by_their_account_s_partition_lease(db: Data
     assert projection(a).apply(account_event("p0-alice", 1, 500)) is True
     await a.flush()
     assert [await db.rows(t) for t in ROW_TABLES] == [1, 1, 1]
+
+
+@pytest.mark.integration
+async def test_a_flush_under_leases_is_still_one_statement(db: Database) -> None:
+    """The leases' check costs no round trip of its own: locked and compared inside the
+    flush's one statement, written or refused whole."""
+    state, other = db.state(), db.state()
+    await state.take_leases([0, 2], "engine-a")
+    state.sagas.put(saga("tr-l0", partition=0, deadline=T0))
+    state.replies.put("op\x1fr-l2", b"r", at=T0, partition=2)
+    db.statements.clear()
+    await state.flush()
+    assert len(db.statements) == 1 and "FOR SHARE" in db.statements[0]
+    assert await db.rows("sagas") == 1 and await db.rows("saved_replies") == 1
+    await other.take_leases([2], "engine-b")
+    state.replies.put("op\x1fr-l2b", b"r", at=T0, partition=2)
+    state.sagas.put(saga("tr-l0b", partition=0, deadline=T0))
+    db.statements.clear()
+    with pytest.raises(LeaseLost, match=r"\[2\]"):
+        await state.flush()
+    assert len(db.statements) == 1
+    assert await db.rows("sagas") == 1 and await db.rows("saved_replies") == 1
+    # A partition this engine never leased is lost too.
+    state.discard()
+    state.sagas.put(saga("tr-l5", partition=5, deadline=T0))
+    with pytest.raises(LeaseLost, match=r"\[5\]"):
+        await state.flush()
+    assert await db.rows("sagas") == 1
