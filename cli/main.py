@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_operator_parsers(sub)  # sagas list|show|resolve, dlq list|show
     sub.add_parser("migrate", help="create the database tables").set_defaults(fn=cmd_migrate)
+    from cli.upgrade import add_parser as add_upgrade_parser
+
+    add_upgrade_parser(sub)  # upgrade-query-tables
     sub.add_parser("seed-demo", help="demo users and funded accounts").set_defaults(
         fn=cmd_seed_demo)
     token = sub.add_parser("token", help="a development access token for USER")
