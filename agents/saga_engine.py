@@ -73,9 +73,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from app.adapters.saga_state import ROW_TABLES, LeaseLost, NotReadAhead
+from app.adapters.saga_state import ROW_TABLES, LeaseLost, NotReadAhead, PostgresRows
 from app.domain import transfer_saga as saga_core
-from app.query_service import SEP
+from app.query_service import SEP, TransferProjection
 from app.record_failures import (
     BACKOFF_INITIAL_SECONDS,
     BACKOFF_MAX_SECONDS,
@@ -111,6 +111,9 @@ class BatchState(Protocol):
                        rows: Mapping[str, Iterable[str]] | None = None) -> None: ...
 
     async def read_row(self, table: str, key: str) -> None: ...
+
+    @property
+    def rows(self) -> Mapping[str, PostgresRows]: ...
 
     def read_ahead(self, transfer_id: str) -> saga_core.Saga | None:
         """The saga as this cycle knows it (written or read ahead), without I/O."""
@@ -289,6 +292,7 @@ class SagaEngine:
             self._run_lane(lanes.get(p, []), p if p in ticks else None)
             for p in sorted(set(lanes) | ticks)))
         decided += [d for lane_result in results for d in lane_result]
+        await self._project_transfers(decided)
         # The previous cycle's acks and commit overlapped this cycle's fetch and
         # decisions; they end before anything of this cycle is written or sent, so at most
         # one cycle is ever unacknowledged, and outputs re-sent after a failed ack never
@@ -326,6 +330,7 @@ class SagaEngine:
         # A transfer id PostgreSQL cannot hold is none of ours (its record is refused when
         # decided): it is not asked for.
         transfer_ids = {k for k in transfer_ids if "\x00" not in k}
+        rows["query_transfers"] = transfer_ids  # a saga's details row goes with it
         if not transfer_ids and not reply_keys and not any(rows.values()):
             return
         try:
@@ -383,6 +388,42 @@ class SagaEngine:
                 return self.service.relay.account_event(record)
             except NotReadAhead as miss:
                 await self.state.read_row(miss.table, miss.key)
+
+    async def _project_transfers(self, decided: Sequence[Decided]) -> None:
+        """Every transfer event the cycle will send, applied to the transfers' details rows
+        (``TransferProjection``), homed with their saga (the lane's partition), written in
+        the cycle's flush: a transfer's details are as current as its saga, committed
+        before any reply of the cycle is sent. A row not read ahead is read and the event
+        applied again (the projection reads before it writes)."""
+        topic = self.topics.transfer_events
+        view = self.state.rows["query_transfers"]
+        for record, _handler, outs in decided:
+            for out in outs:
+                if out.topic != topic:
+                    continue
+                projection = TransferProjection(view.at(record.partition))
+                while True:
+                    try:
+                        projection.apply_raw(out.value)
+                        break
+                    except NotReadAhead as miss:
+                        await self._read_row(miss)
+
+    async def _read_row(self, miss: NotReadAhead) -> None:
+        """A row not read ahead, read alone; an outage is waited out (nothing of the cycle
+        is written or sent before)."""
+        delay = BACKOFF_INITIAL_SECONDS
+        while True:
+            try:
+                await self.state.read_row(miss.table, miss.key)
+                return
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("a query row could not be read (%s): again in %.1fs",
+                            describe(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
     def _ticks_due(self) -> set[int]:
         """The home partitions (``business.saga-inputs`` partitions owned) whose tick is due."""

@@ -1,7 +1,9 @@
-"""``bizcenter upgrade-query-tables``: the account query tables of the workers before issue
-13's saga engine (the Faust tables ``balances``, ``history``, ``account_events_seen``) copied
-into PostgreSQL (``query_balances``, ``query_history``, ``query_events_seen``), once, before
-the first start of the new workers (docs/operations.md, "Upgrade").
+"""``bizcenter upgrade-query-tables``: the query tables of the workers before issue 13's saga
+engine (the Faust tables ``balances``, ``history``, ``account_events_seen``, ``transfers``)
+copied into PostgreSQL (``query_balances``, ``query_history``, ``query_events_seen``,
+``query_transfers``), once, before the first start of the new workers (docs/operations.md,
+"Upgrade"). A transfer's row keeps the partition of its changelog record (its transfer id's)
+as home partition until its saga next writes it (then the saga's).
 
 The old tables live on in their changelog topics (``<BIZ_APP_ID>-<table>-changelog``,
 compacted, keyed by the table's key, one partition per account partition): each is read
@@ -39,6 +41,7 @@ TABLES = {
     "balances": "query_balances",
     "history": "query_history",
     "account_events_seen": "query_events_seen",
+    "transfers": "query_transfers",
 }
 _INSERT = {
     "query_balances": "INSERT INTO query_balances (key, home_partition, value)"
@@ -47,9 +50,12 @@ _INSERT = {
                      " SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[])",
     "query_events_seen": "INSERT INTO query_events_seen (key, home_partition, value)"
                          " SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[])",
+    "query_transfers": "INSERT INTO query_transfers (key, home_partition, value)"
+                       " SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[])",
 }
 _ANY_ROW = ("SELECT EXISTS (SELECT 1 FROM query_balances) OR EXISTS (SELECT 1 FROM"
-            " query_history) OR EXISTS (SELECT 1 FROM query_events_seen)")
+            " query_history) OR EXISTS (SELECT 1 FROM query_events_seen) OR EXISTS"
+            " (SELECT 1 FROM query_transfers)")
 #: Rows per INSERT.
 CHUNK = 5_000
 

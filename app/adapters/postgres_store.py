@@ -208,6 +208,12 @@ CREATE TABLE IF NOT EXISTS query_events_seen (
     home_partition int NOT NULL,
     value bytea NOT NULL
 );
+-- The transfers' details (TransferProjection), written with their sagas.
+CREATE TABLE IF NOT EXISTS query_transfers (
+    key text PRIMARY KEY,          -- transferId
+    home_partition int NOT NULL,   -- the saga's home partition
+    value bytea NOT NULL
+);
 CREATE TABLE IF NOT EXISTS saga_leases (
     home_partition int PRIMARY KEY,
     owner text NOT NULL,         -- the saga engine that took it (host:pid:random)

@@ -80,14 +80,17 @@ UNION ALL
 SELECT 3, key, value, NULL, NULL FROM query_history WHERE key = ANY($4::text[])
 UNION ALL
 SELECT 4, key, value, NULL, NULL FROM query_events_seen WHERE key = ANY($5::text[])
+UNION ALL
+SELECT 5, key, value, NULL, NULL FROM query_transfers WHERE key = ANY($6::text[])
 """
 #: The account query tables (app/query_service.py ``AccountProjection``), in the order of
 #: their ``kind`` in ``_PREFETCH`` and of their arrays in ``_FLUSH``.
-ROW_TABLES = ("query_balances", "query_history", "query_events_seen")
+ROW_TABLES = ("query_balances", "query_history", "query_events_seen", "query_transfers")
 _GET_ROW = {
     "query_balances": "SELECT value FROM query_balances WHERE key = $1",
     "query_history": "SELECT value FROM query_history WHERE key = $1",
     "query_events_seen": "SELECT value FROM query_events_seen WHERE key = $1",
+    "query_transfers": "SELECT value FROM query_transfers WHERE key = $1",
 }
 #: The flush: one statement, so one transaction, whatever it holds (data-modifying CTEs
 #: always run to completion); empty arrays write nothing. A saga is stored as the bytes of
@@ -125,19 +128,24 @@ WITH written_sagas AS (
     SELECT * FROM unnest($18::text[], $19::int[], $20::bytea[])
     ON CONFLICT (key) DO UPDATE SET
         home_partition = EXCLUDED.home_partition, value = EXCLUDED.value
+), written_query_transfers AS (
+    INSERT INTO query_transfers (key, home_partition, value)
+    SELECT * FROM unnest($21::text[], $22::int[], $23::bytea[])
+    ON CONFLICT (key) DO UPDATE SET
+        home_partition = EXCLUDED.home_partition, value = EXCLUDED.value
 )
 SELECT 1
 """
 #: The flush under leases, still one statement (one round trip, one transaction): the
-#: leases of the partitions written ($21) are locked ``FOR SHARE`` (a taker's update waits
+#: leases of the partitions written ($24) are locked ``FOR SHARE`` (a taker's update waits
 #: for this statement's end; one committed meanwhile is re-read, READ COMMITTED) and
-#: compared with the generations this engine took ($22); every write is conditional on
+#: compared with the generations this engine took ($25); every write is conditional on
 #: none being lost, and the statement returns the lost partitions (none: written).
 _FLUSH_LEASED = _FLUSH.replace("WITH written_sagas AS (", """WITH held AS (
     SELECT home_partition, generation FROM saga_leases
-    WHERE home_partition = ANY($21::int[]) ORDER BY home_partition FOR SHARE
+    WHERE home_partition = ANY($24::int[]) ORDER BY home_partition FOR SHARE
 ), lost AS (
-    SELECT w.p FROM unnest($21::int[], $22::bigint[]) AS w (p, g)
+    SELECT w.p FROM unnest($24::int[], $25::bigint[]) AS w (p, g)
     LEFT JOIN held ON held.home_partition = w.p
     WHERE held.generation IS DISTINCT FROM w.g
 ), allowed AS (
@@ -332,6 +340,25 @@ class PostgresRows:
 
     def put(self, key: str, value: bytes) -> None:
         self.buffer[key] = (self.home_of(key), bytes(value))
+
+    def at(self, partition: int) -> HomedRows:
+        """This view, its puts homed at ``partition`` (a transfer's row lives with its
+        saga, on the saga's home partition, not where its key hashes)."""
+        return HomedRows(self, partition)
+
+
+class HomedRows:
+    """A :class:`PostgresRows` whose puts carry a given home partition."""
+
+    def __init__(self, view: PostgresRows, partition: int) -> None:
+        self.view = view
+        self.partition = partition
+
+    def get(self, key: str) -> bytes | None:
+        return self.view.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        self.view.buffer[key] = (self.partition, bytes(value))
 
 
 class PostgresSagaState:

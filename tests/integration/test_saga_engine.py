@@ -275,6 +275,15 @@ async def _balance_row(system: System, account_id: str) -> int | None:
     return None if value is None else int(json.loads(bytes(value))["balanceMinor"])
 
 
+async def _transfer_row(system: System, transfer_id: str) -> dict[str, Any] | None:
+    """The details the query side serves for ``transfer_id`` (its ``query_transfers`` row)."""
+    assert system.store is not None
+    async with system.store.engine.connect() as conn:
+        value = (await conn.execute(text("SELECT value FROM query_transfers WHERE key = :k"),
+                                    {"k": transfer_id})).scalar()
+    return None if value is None else dict(json.loads(bytes(value)))
+
+
 async def _money(system: System) -> tuple[int, int, int]:
     """(sum of balances, clearing, seeded): conserved when the first equals the last and
     nothing is held in clearing."""
@@ -572,7 +581,8 @@ async def test_account_events_move_their_sagas_where_they_are_read_and_bad_ones_
     """One worker owns every partition: a transfer's account events are decided where the
     engine reads them (no record on business.saga-inputs names the transfer), and a balance
     query sent right after the final reply reads the new balance (the query rows are
-    written in the cycle's transaction, before the reply is sent). Then one produce batch
+    written in the cycle's transaction, before the reply is sent), and so is the
+    transfer's details row. Then one produce batch
     on one account.events partition: an event on another partition than its key's, one
     whose key holds U+001F, a record that is not JSON, and a valid event of another
     service's command: the three bad ones are dead-lettered at their offsets, the valid
@@ -587,6 +597,9 @@ async def test_account_events_move_their_sagas_where_they_are_read_and_bad_ones_
     balance = await system.call("queryBalance", payer, {})
     assert balance["data"]["balanceMinor"] == 9_000 - 1_250, balance
     assert await _balance_row(system, f"acc-{payee}") == 1_250
+    details = await _transfer_row(system, done["data"]["transferId"])
+    assert details is not None and (details["state"], details["amountMinor"]) == (
+        "COMPLETED", 1_250), "the details row was not written with the saga"
     assert await _saga_inputs_naming(system, done["data"]["transferId"]) == 0
 
     events = s.topic("account.events")

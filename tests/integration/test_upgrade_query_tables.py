@@ -56,7 +56,7 @@ async def old_tables(kafka_bootstrap: str, database_url: str, isolation_id: str
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     topics = {old: changelog_topic(settings, old)
-              for old in ("balances", "history", "account_events_seen")}
+              for old in ("balances", "history", "account_events_seen", "transfers")}
     try:
         await admin.create_topics([NewTopic(t, 3, 1, topic_configs={
             "cleanup.policy": "compact"}) for t in topics.values()])
@@ -78,6 +78,9 @@ async def old_tables(kafka_bootstrap: str, database_url: str, isolation_id: str
                 await producer.send_and_wait(recorder.topic, value, key=key.encode(),
                                              partition=partition)
         await producer.send_and_wait(topics["balances"], None, key=b"acc-gone", partition=1)
+        for version in (b'{"state": "DEBITING", "seq": 1}', b'{"state": "COMPLETED", "seq": 2}'):
+            await producer.send_and_wait(topics["transfers"], version, key=b"tr-1",
+                                         partition=0)
     finally:
         await producer.stop()
     yield settings
@@ -107,7 +110,8 @@ async def test_the_old_tables_are_copied_and_the_engine_goes_on_from_them(
         old_tables: Settings) -> None:
     settings = old_tables
     counts = await copy_query_tables(settings)
-    assert counts == {"query_balances": 2, "query_history": 4, "query_events_seen": 4}
+    assert counts == {"query_balances": 2, "query_history": 4, "query_events_seen": 4,
+                      "query_transfers": 1}
     engine = make_engine(settings.database_url, settings.db_schema, pool_size=2)
     try:
         async with engine.connect() as conn:
@@ -115,6 +119,10 @@ async def test_the_old_tables_are_copied_and_the_engine_goes_on_from_them(
                 "SELECT key, home_partition, value FROM query_balances"))).all()}
         assert set(rows) == {("acc-a", 1), ("acc-\\0odd\\\\", 2)}  # stored as db_key
         assert orjson.loads(rows[("acc-a", 1)])["balanceMinor"] == 120  # the last version
+        async with engine.connect() as conn:
+            transfer = (await conn.execute(text(
+                "SELECT value FROM query_transfers WHERE key = 'tr-1'"))).scalar_one()
+        assert orjson.loads(bytes(transfer))["state"] == "COMPLETED"
 
         # The engine's projection over the copied rows: an event applied before the
         # upgrade (replayed from the earliest offset) changes nothing; a new one is seq 3.
@@ -156,7 +164,8 @@ async def test_no_old_changelog_copies_nothing(kafka_bootstrap: str, database_ur
     settings = _settings(kafka_bootstrap, database_url, isolation_id + "n")
     try:
         assert await copy_query_tables(settings) == {
-            "query_balances": 0, "query_history": 0, "query_events_seen": 0}
+            "query_balances": 0, "query_history": 0, "query_events_seen": 0,
+            "query_transfers": 0}
     finally:
         engine = make_engine(database_url, settings.db_schema, pool_size=1)
         async with engine.begin() as conn:
