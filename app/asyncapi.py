@@ -69,9 +69,10 @@ CHANNELS: dict[str, Channel] = {
         description="One-time passwords for the SMS sender. Holds the plain OTP: restrict "
         "read access."),
     "business.transfer-events": Channel(
-        "TransferEvent", send=True, receive=True,
+        "TransferEvent", send=True, receive=False,
         description="Every saga state change, in order per transfer, for audit and "
-        "downstream readers; the worker reads it back into its transfers table."),
+        "downstream readers (the worker's own query table of transfers is written with "
+        "the saga, not read back from here)."),
     "business.dlq": Channel(
         "DeadLetter", send=True, receive=False,
         description="Records that could not be decoded or processed, with the reason and "

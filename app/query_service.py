@@ -10,11 +10,14 @@ Three parts, none of which knows Faust or PostgreSQL (the projections write anyt
   (``accountId ␟ commandId`` → seq, the deduplication): in the worker the PostgreSQL
   tables ``query_balances``, ``query_history`` and ``query_events_seen``, which the saga
   engine writes in its cycle (app/adapters/saga_state.py) and every worker reads
-  (app/adapters/query_tables.py). :class:`TransferProjection` applies
-  ``business.transfer-events`` to ``transfers`` (a Faust table).
+  (app/adapters/query_tables.py). :class:`TransferProjection` applies every transfer
+  event the saga engine produces (``business.transfer-events``) to ``transfers``: the
+  PostgreSQL table ``query_transfers``, written in the same cycle and transaction as the
+  saga, before anything of the cycle is sent (agents/saga_engine.py).
 * :class:`QueryService` answers a :class:`~schemas.wire.QueryRequest` from the tables:
   an :class:`Answer` that the Kafka agent turns into a reply and the HTTP views into a
-  response.
+  response. Every table is read from PostgreSQL with no cache, so any worker answers any
+  query, its client's own writes included (docs/architecture.md, read your writes).
 
 A history page reads the head, then its ``limit`` entries by key in one read, newest first,
 from a cursor (a seq): its cost is the page, never the length of the history. An event's
@@ -26,10 +29,9 @@ the order the account center applied them, and its timestamps follow that order.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,9 +56,6 @@ from schemas.wire import (
 log = logging.getLogger(__name__)
 
 SEP = "\x1f"
-#: Transfer states after which a transfer's details stop changing (a top-up that failed
-#: may still be REVERSED; that is a later change, not one the caller can have been told of).
-FINAL_STATES = frozenset(s.value for s in saga_core.FINAL_STATES)
 #: One message for a transfer that does not exist and one the caller may not see: the reply
 #: must not tell them apart.
 NOT_YOURS = "no such transfer among yours"
@@ -84,8 +83,8 @@ class DictKeyValue:
 
 
 class KeyValueReads:
-    """The reads of a :class:`KeyValue` as an :class:`AsyncKeyValue`: the Faust
-    ``transfers`` table for the answers, dicts in unit tests. ``round_trips`` counts the
+    """The reads of a :class:`KeyValue` as an :class:`AsyncKeyValue` (dicts in unit tests;
+    the worker reads PostgreSQL, app/adapters/query_tables.py). ``round_trips`` counts the
     reads asked of it (one per ``get`` or ``get_many``), as a database would serve them."""
 
     def __init__(self, table: KeyValue) -> None:
@@ -199,7 +198,8 @@ class AccountProjection:
 
 
 class TransferProjection:
-    """``business.transfer-events`` → ``transfers`` (one record per transfer or top-up)."""
+    """``business.transfer-events`` → ``transfers`` (one record per transfer or top-up):
+    run by the saga engine over ``query_transfers`` for every transfer event it produces."""
 
     def __init__(self, transfers: KeyValue) -> None:
         self.transfers = transfers
@@ -286,24 +286,6 @@ class QueryService:
             data["asOf"] = state["asOf"]
         return Answer(data)
 
-    async def worth_waiting_for(self, account_id: str, transfer_id: str) -> bool:
-        """Whether a details query may wait for transfer events still on their way: only
-        when the transfer is not stored yet or is stored, unfinished, with ``account_id`` a
-        party to it. Another user's transfer is refused at once: no wait before the
-        authorization (and no agent time spent on it)."""
-        stored = _load(await self.transfers.get(transfer_id))
-        if stored is None:
-            return True
-        if account_id not in (stored["fromAccountId"], stored["toAccountId"]):
-            return False
-        return stored["state"] not in FINAL_STATES
-
-    async def transfer_settled(self, transfer_id: str) -> bool:
-        """True when the stored details of this transfer are final (no need to wait for
-        transfer events still on their way)."""
-        stored = _load(await self.transfers.get(transfer_id))
-        return stored is not None and stored["state"] in FINAL_STATES
-
     async def details(self, account_id: str, transfer_id: str) -> Answer:
         stored = _load(await self.transfers.get(transfer_id))
         if stored is None or account_id not in (stored["fromAccountId"],
@@ -371,49 +353,6 @@ def reply_value(request: QueryRequest, answer: Answer) -> bytes:
         idempotency_key=request.idempotency_key,
         code=None if answer.code is None else answer.code.value, message=answer.message,
         data=answer.data)
-
-
-# --------------------------------------------------------------------------------------
-# read your writes for details
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class PartitionProgress:
-    """How far the transfer-events agent got, per partition (last offset processed), and a
-    way to wait for it to get somewhere. ``baseline`` gives the offset already done before
-    this process took the partition (the group's committed offset - 1)."""
-
-    baseline: Callable[[int], int] = lambda partition: -1
-    _done: dict[int, int] = field(default_factory=dict)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def advance(self, partition: int, offset: int) -> None:
-        if offset > self._done.get(partition, -1):
-            self._done[partition] = offset
-            self._changed.set()
-            self._changed = asyncio.Event()
-
-    def done(self, partition: int) -> int:
-        return max(self._done.get(partition, -1), self.baseline(partition))
-
-    def forget(self) -> None:
-        """After a rebalance: what another worker did since is only in the commits."""
-        self._done.clear()
-
-    async def wait_for(self, partition: int, offset: int, timeout: float) -> bool:
-        """Until ``offset`` of ``partition`` is processed, at most ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.done(partition) < offset:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                return self.done(partition) >= offset
-        return True
 
 
 def _load(raw: bytes | None) -> dict[str, Any] | None:

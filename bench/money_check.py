@@ -62,7 +62,7 @@ async def wait_quiet(settings: Settings, ledger: Ledger, gateway: BenchGateway,
                                 settings.topic_partitions)
     saga_topics = [t("business.commands"), t("business.saga-inputs"), t("account.events"),
                    t("funding.events")]
-    faust_topics = [t("business.transfer-events")]
+    faust_topics = [t("business.queries")]  # the Faust group's only input
     ac_topics = [t("account.commands")]
     sagas_before: GroupProgress | None = None
     faust_before: GroupProgress | None = None

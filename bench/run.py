@@ -245,7 +245,7 @@ async def drive(system: IsolatedSystem, gateway: BenchGateway, vus: VirtualUsers
 
 
 async def records_per_transfer(settings: Any, transfers: int) -> dict[str, float]:
-    """Records written to each topic of the run (its changelogs too) per transfer (the
+    """Records written to each topic of the run (any changelog too) per transfer (the
     few readiness probes, transferInit only, are counted in but not as transfers); echo
     topics excluded."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)

@@ -6,8 +6,8 @@ uses, prefix included) is derived from it.
 The broker does not auto-create topics: the application creates every topic it uses with
 an explicit partition count. ``business.commands`` and ``business.saga-inputs`` must have
 the same count (a saga's home partition is the same number in both, and the saga engine's
-range assignor gives both to one worker), as must the ``transfers`` table's changelog and
-its topic; `ensure_topics` refuses to go on when an existing topic disagrees.
+range assignor gives both to one worker), as must every other topic marked
+``copartitioned``; `ensure_topics` refuses to go on when an existing one disagrees.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
               copartitioned=True),
     TopicSpec("business.replies", "requestId", "replies"),
     TopicSpec("business.transfer-events", "transferId", "transfer_events",
-              copartitioned=True),  # the transfers table
+              copartitioned=True),  # produced by the saga engine; read by no worker
     TopicSpec("business.dlq", "the original key", "dlq"),
     TopicSpec("account.commands", "accountId", "account_commands"),
     TopicSpec("account.events", "accountId", "account_events",
@@ -100,10 +100,11 @@ if {f.name for f in fields(Topics)} != {spec.field for spec in TOPIC_SPECS}:  # 
 #: created here too, compacted, with the co-partitioned count: Faust would declare them at
 #: start, but a table written before its new changelog's metadata is visible makes Faust
 #: raise PartitionsMismatch (seen under load), so they exist before the worker starts.
-#: The account tables (balances, history, account_events_seen) moved to PostgreSQL (issue
-#: 13): their changelogs are no longer created, and those left on an existing cluster are
-#: harmless (nothing reads or writes them; delete them at leisure).
-TABLES: tuple[str, ...] = ("transfers",)
+#: None is left: the query tables (balances, history, account_events_seen, then transfers)
+#: moved to PostgreSQL (issue 13), so no changelog is created any more, and those left on
+#: an existing cluster (``<app id>-transfers-changelog`` and the account tables') are
+#: harmless: nothing reads or writes them; delete them at leisure.
+TABLES: tuple[str, ...] = ()
 
 
 def partition_of(key: bytes, partitions: int) -> int:

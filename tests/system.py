@@ -278,13 +278,13 @@ class System:
                                self.settings.topic_partitions)
 
     def worker_groups(self) -> dict[str, list[str]]:
-        """The workers' two consumer groups and the topics each reads (tables' changelogs
-        aside): the saga engine's and the Faust app's."""
+        """The workers' two consumer groups and the topics each reads: the saga engine's
+        and the Faust app's (only the queries: it has no table left)."""
         t = self.settings.topic
         return {
             saga_group(self.settings): [t("business.commands"), t("business.saga-inputs"),
                                         t("account.events"), t("funding.events")],
-            self.settings.app_id: [t("business.transfer-events"), t("business.queries")],
+            self.settings.app_id: [t("business.queries")],
         }
 
     async def money_moved_more_than_once(self) -> list[tuple[str, str, int]]:

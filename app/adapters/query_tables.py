@@ -1,13 +1,15 @@
-"""The account query tables in PostgreSQL, read side: ``query_balances`` and
-``query_history`` (DDL in ``postgres_store.DDL``) as the ``AsyncKeyValue`` port
+"""The query tables in PostgreSQL, read side: ``query_balances``, ``query_history`` and
+``query_transfers`` (DDL in ``postgres_store.DDL``) as the ``AsyncKeyValue`` port
 (app/domain/ports.py) that ``QueryService`` reads, and the balances of some home partitions
 for the live balance check (app/query_reconciliation.py).
 
-The saga engine writes these tables in its cycle's transaction (``AccountProjection`` over
-buffered views, app/adapters/saga_state.py) and commits before it sends a final reply, so
-any worker reads a client's own writes: no partition of a query belongs to anyone here.
-Keys are stored as ``saga_state.db_key`` (NUL written ``\\0``, a backslash doubled), values
-are the projection's bytes as they were put.
+The saga engine writes these tables in its cycle's transaction (``AccountProjection`` and
+``TransferProjection`` over buffered views, app/adapters/saga_state.py) and commits before
+it sends a final reply, so any worker reads a client's own writes: no partition of a query
+belongs to anyone here. Keys are stored as ``saga_state.db_key`` (NUL written ``\\0``, a
+backslash doubled), values are the projection's bytes as they were put (a transfer's row:
+the JSON document ``TransferProjection`` puts, keyed by its transfer id, homed with its
+saga).
 
 Every read is one statement on the bare asyncpg connection of a checkout of SQLAlchemy's
 pool (prepared once per connection), as ``PostgresSagaState`` does; no cache: what another
@@ -30,10 +32,12 @@ from app.adapters.saga_state import db_key
 _GET = {
     "query_balances": "SELECT value FROM query_balances WHERE key = $1",
     "query_history": "SELECT value FROM query_history WHERE key = $1",
+    "query_transfers": "SELECT value FROM query_transfers WHERE key = $1",
 }
 _GET_MANY = {
     "query_balances": "SELECT key, value FROM query_balances WHERE key = ANY($1::text[])",
     "query_history": "SELECT key, value FROM query_history WHERE key = ANY($1::text[])",
+    "query_transfers": "SELECT key, value FROM query_transfers WHERE key = ANY($1::text[])",
 }
 #: ``query_balances_partition_idx``.
 _BALANCES_IN = ("SELECT key, value FROM query_balances"
@@ -63,7 +67,8 @@ class PostgresQueryView:
 
 
 class PostgresQueryTables:
-    """The account query tables a worker reads: :attr:`balances`, :attr:`history`."""
+    """The query tables a worker reads: :attr:`balances`, :attr:`history`,
+    :attr:`transfers` (a transfer's details by transfer id)."""
 
     def __init__(self, engine: AsyncEngine, schema: str) -> None:
         """``engine``: one of ``make_engine(url, schema)`` (its connections' search_path is
@@ -72,6 +77,7 @@ class PostgresQueryTables:
         self._schema = schema
         self.balances = PostgresQueryView(self, "query_balances")
         self.history = PostgresQueryView(self, "query_history")
+        self.transfers = PostgresQueryView(self, "query_transfers")
 
     async def balances_in(self, partitions: Iterable[int]) -> dict[str, bytes]:
         """Every ``query_balances`` row of the home ``partitions``: accountId → value."""

@@ -273,15 +273,14 @@ class ReplyCache(Protocol):
 
 # --------------------------------------------------------------------------------------
 # The query side's tables: written through ``KeyValue`` (the projections), read through
-# ``AsyncKeyValue`` (the answers). The account tables are PostgreSQL's (written by the saga
-# engine, read with app/adapters/query_tables.py), ``transfers`` a Faust table; dicts in
-# unit tests.
+# ``AsyncKeyValue`` (the answers). All are PostgreSQL's (written by the saga engine, read
+# with app/adapters/query_tables.py); dicts in unit tests.
 # --------------------------------------------------------------------------------------
 
 
 class KeyValue(Protocol):
-    """A table as the projections write it: a Faust table, the saga engine's buffered view
-    of a PostgreSQL table, a dict wrapper in unit tests."""
+    """A table as the projections write it: the saga engine's buffered view of a
+    PostgreSQL table, a dict wrapper in unit tests."""
 
     def get(self, key: str) -> bytes | None: ...
 

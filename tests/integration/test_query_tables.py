@@ -1,11 +1,12 @@
-"""The account query tables' read side on PostgreSQL (app/adapters/query_tables.py).
+"""The query tables' read side on PostgreSQL (app/adapters/query_tables.py).
 
-The rows are written as the saga engine writes them: ``AccountProjection`` run over dicts,
-then every row inserted with its key escaped (``saga_state.db_key``) and its account's
-home partition. The ``QueryService`` over PostgreSQL must then answer every balance and
-history query exactly as the same service over the dicts does (tests/unit/
-test_queries_service.py holds the answers' own rules), in the statements counted here
-(the adapter's connection, wrapped, logs every statement sent through it).
+The rows are written as the saga engine writes them: ``AccountProjection`` (or
+``TransferProjection``) run over dicts, then every row inserted with its key escaped
+(``saga_state.db_key``) and its home partition (the account's; a transfer's: its saga's).
+The ``QueryService`` over PostgreSQL must then answer every balance, history and details
+query exactly as the same service over the dicts does (tests/unit/test_queries_service.py
+holds the answers' own rules), in the statements counted here (the adapter's connection,
+wrapped, logs every statement sent through it).
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from app.adapters.postgres_store import PostgresBusinessStore
 from app.adapters.query_tables import PostgresQueryTables, stored_key
 from app.adapters.saga_state import db_key
 from app.query_service import (
+    NOT_YOURS,
     SEP,
     AccountProjection,
     Answer,
     DictKeyValue,
     KeyValueReads,
     QueryService,
+    TransferProjection,
     history_key,
 )
 from events.topics import partition_of
-from schemas.wire import AccountEvent, AccountEventType, QueryRequest
+from schemas.wire import AccountEvent, AccountEventType, ErrorCode, QueryRequest, TransferEvent
 
 pytestmark = pytest.mark.integration
 
@@ -98,14 +101,16 @@ class Written:
     balances: DictKeyValue = field(default_factory=DictKeyValue)
     history: DictKeyValue = field(default_factory=DictKeyValue)
     seen: DictKeyValue = field(default_factory=DictKeyValue)
+    transfers: DictKeyValue = field(default_factory=DictKeyValue)
 
     def __post_init__(self) -> None:
         self.projection = AccountProjection(self.balances, self.history, self.seen)
+        self.transfer_projection = TransferProjection(self.transfers)
         self.tables = CountedQueryTables(self.db.engine, self.db.schema, self.db.statements)
         self.pg = QueryService(self.tables.balances, self.tables.history,
-                               KeyValueReads(DictKeyValue()))
+                               self.tables.transfers)
         self.dicts = QueryService(KeyValueReads(self.balances), KeyValueReads(self.history),
-                                  KeyValueReads(DictKeyValue()))
+                                  KeyValueReads(self.transfers))
 
     async def apply(self, events: Iterable[AccountEvent]) -> None:
         """Apply, then write every row of the three tables as the saga engine does."""
@@ -121,6 +126,24 @@ class Written:
                     " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
                 ), [{"k": db_key(key), "p": home(key), "v": value}
                     for key, value in kv.rows.items()])
+
+    async def apply_transfer_events(self, events: Iterable[TransferEvent],
+                                    home_partition: int) -> None:
+        """Apply, then write each transfer's row as the saga engine does: keyed by its
+        transfer id (escaped), homed with its saga (``home_partition``, not where the id
+        hashes), the projection's bytes as put; a later event overwrites it."""
+        changed: set[str] = set()
+        for e in events:
+            assert self.transfer_projection.apply(e)
+            changed.add(e.transfer_id)
+        async with self.db.engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO query_transfers (key, home_partition, value)"
+                " VALUES (:k, :p, :v)"
+                " ON CONFLICT (key) DO UPDATE SET home_partition = EXCLUDED.home_partition,"
+                " value = EXCLUDED.value"
+            ), [{"k": db_key(key), "p": home_partition, "v": self.transfers.rows[key]}
+                for key in sorted(changed)])
 
     async def both(self, account: str, type_: str, params: dict[str, Any]
                    ) -> tuple[Answer, Answer]:
@@ -146,6 +169,15 @@ def events(count: int, account: str = "acc-alice") -> list[AccountEvent]:
     return [event(n, account=account) for n in range(1, count + 1)]
 
 
+def transfer_event(transfer_id: str, seq: int, state: str, *, code: str | None = None
+                   ) -> TransferEvent:
+    return TransferEvent(
+        event_id=f"{transfer_id}:{seq}", transfer_id=transfer_id, seq=seq, state=state,
+        operator_id="alice", from_account_id="acc-alice", to_account_id="acc-bob",
+        amount_minor=1_250, currency="EUR", code=code,
+        occurred_at=T0 + timedelta(seconds=seq))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def database(database_url: str, isolation_id: str) -> AsyncIterator[Database]:
     schema = f"{isolation_id}_queries"
@@ -162,7 +194,8 @@ async def database(database_url: str, isolation_id: str) -> AsyncIterator[Databa
 @pytest_asyncio.fixture(loop_scope="session")
 async def written(database: Database) -> Written:
     async with database.engine.begin() as conn:
-        await conn.execute(text("TRUNCATE query_balances, query_history, query_events_seen"))
+        await conn.execute(text(
+            "TRUNCATE query_balances, query_history, query_events_seen, query_transfers"))
     database.statements.clear()
     return Written(database)
 
@@ -320,3 +353,65 @@ async def test_get_many_leaves_absent_keys_out(written: Written) -> None:
     assert found == {k: written.history.rows[k] for k in keys[1:3]}
     assert await written.tables.history.get_many([]) == {}
     assert await written.tables.history.get(history_key("acc-alice", 9)) is None
+
+
+# --------------------------------------------------------------------------------------
+# a transfer's details
+# --------------------------------------------------------------------------------------
+
+
+async def test_details_are_the_row_the_engine_wrote_in_one_statement(
+        written: Written) -> None:
+    """The engine's row (``TransferProjection``'s bytes, homed with the saga) answers the
+    payer and the payee exactly as the dicts do, in one statement each; a stranger gets
+    the answer of an unknown id."""
+    await written.apply_transfer_events(
+        [transfer_event("t-1", 1, "DEBITING"), transfer_event("t-1", 2, "FAILED",
+                                                              code="INSUFFICIENT_FUNDS")],
+        home_partition=5)
+    expected = {"transferId": "t-1", "fromAccountId": "acc-alice", "toAccountId": "acc-bob",
+                "amountMinor": 1_250, "currency": "EUR", "state": "FAILED",
+                "code": "INSUFFICIENT_FUNDS", "createdAt": "2030-01-02T00:00:01Z",
+                "updatedAt": "2030-01-02T00:00:02Z"}
+    for account in ("acc-alice", "acc-bob"):
+        written.db.statements.clear()
+        pg, dicts = await written.both(account, "queryTransactionDetails",
+                                       {"transferId": "t-1"})
+        assert pg == dicts == Answer(expected), account
+        assert len(written.db.statements) == 1
+    stranger, _ = await written.both("acc-carol", "queryTransactionDetails",
+                                     {"transferId": "t-1"})
+    unknown, _ = await written.both("acc-alice", "queryTransactionDetails",
+                                    {"transferId": "t-404"})
+    assert stranger == unknown == Answer.error(ErrorCode.FORBIDDEN, NOT_YOURS)
+    async with written.db.engine.connect() as conn:
+        row = (await conn.execute(text(
+            "SELECT home_partition, value FROM query_transfers WHERE key = 't-1'"))).one()
+    assert (row[0], bytes(row[1])) == (5, written.transfers.rows["t-1"])  # bytes as put
+
+
+async def test_a_transfers_next_state_is_read_at_once(written: Written) -> None:
+    """No cache: the row another worker's engine committed since is what the next read
+    returns (the saga's every step, as the client is told of it)."""
+    for seq, state in enumerate(("DEBITING", "CREDITING", "COMPLETED"), start=1):
+        await written.apply_transfer_events([transfer_event("t-2", seq, state)],
+                                            home_partition=0)
+        answer = await written.pg.details("acc-bob", "t-2")
+        assert answer.data is not None and answer.data["state"] == state
+
+
+async def test_transfer_ids_with_nul_and_backslashes_are_kept_apart(
+        written: Written) -> None:
+    nul_id, lookalike = "t-\x00\\0-x", "t-\\0\\\\0-x"
+    assert db_key(nul_id) == lookalike
+    await written.apply_transfer_events([transfer_event(nul_id, 1, "DEBITING")],
+                                        home_partition=1)
+    await written.apply_transfer_events([transfer_event(lookalike, 1, "COMPLETED")],
+                                        home_partition=2)
+    for transfer_id, state in ((nul_id, "DEBITING"), (lookalike, "COMPLETED")):
+        pg, dicts = await written.both("acc-alice", "queryTransactionDetails",
+                                       {"transferId": transfer_id})
+        assert pg == dicts and pg.data is not None, transfer_id
+        assert (pg.data["transferId"], pg.data["state"]) == (transfer_id, state)
+    found = await written.tables.transfers.get_many([nul_id, lookalike, "t-none"])
+    assert found == {k: written.transfers.rows[k] for k in (nul_id, lookalike)}

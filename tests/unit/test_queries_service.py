@@ -8,7 +8,6 @@ Over 400 lines: the query side's unit tests, in sections, over the same dict tab
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +21,6 @@ from app.query_service import (
     Answer,
     DictKeyValue,
     KeyValueReads,
-    PartitionProgress,
     QueryService,
     TransferProjection,
     history_key,
@@ -345,9 +343,10 @@ async def test_details_for_the_payer_and_the_payee() -> None:
     expected = {"transferId": "t-1", "fromAccountId": "acc-alice", "toAccountId": "acc-bob",
                 "amountMinor": 1_250, "currency": "EUR", "state": "COMPLETED",
                 "createdAt": "2030-01-02T00:00:01Z", "updatedAt": "2030-01-02T00:00:03Z"}
+    trips = t.round_trips()
     assert await t.service.details("acc-alice", "t-1") == Answer(expected)
     assert await t.service.details("acc-bob", "t-1") == Answer(expected)
-    assert await t.service.transfer_settled("t-1")
+    assert t.round_trips() - trips == 2  # one read each: the row, nothing else
 
 
 async def test_someone_elses_transfer_looks_exactly_like_an_unknown_one() -> None:
@@ -375,47 +374,20 @@ async def test_old_transfer_events_do_not_move_a_transfer_back() -> None:
     assert data["code"] == "INSUFFICIENT_FUNDS"
 
 
-async def test_a_running_transfer_is_not_settled() -> None:
+async def test_a_running_transfer_is_answered_at_once_as_stored() -> None:
+    """No wait for a final state: the row is the saga's own (written in its transaction),
+    so what it holds is what the caller can have been told; each read sees the last put."""
     t = Tables()
-    assert not await t.service.transfer_settled("t-1")
     t.transfer_events.apply(transfer_event(1, "DEBITING"))
-    assert not await t.service.transfer_settled("t-1")
-
-
-
-async def test_a_details_query_waits_only_for_its_own_unfinished_or_unknown_transfer() -> None:
-    """Authorization before any wait: another user's transfer is refused at once, with no
-    catch-up wait holding the query agent."""
-    t = Tables()
-    assert await t.service.worth_waiting_for("acc-carol", "t-1")  # unknown: may still arrive
-    t.transfer_events.apply(transfer_event(1, "DEBITING"))
-    assert await t.service.worth_waiting_for("acc-alice", "t-1")
-    assert await t.service.worth_waiting_for("acc-bob", "t-1")
-    assert not await t.service.worth_waiting_for("acc-carol", "t-1")
+    running = (await t.request("queryTransactionDetails", {"transferId": "t-1"})).data
+    assert running is not None and running["state"] == "DEBITING"
+    assert running["createdAt"] == running["updatedAt"] == "2030-01-02T00:00:01Z"
     t.transfer_events.apply(transfer_event(2, "CREDITING"))
     t.transfer_events.apply(transfer_event(3, "COMPLETED"))
-    # Final: nothing to wait for.
-    assert not await t.service.worth_waiting_for("acc-alice", "t-1")
-
-
-# --------------------------------------------------------------------------------------
-# waiting for the transfer-events agent
-# --------------------------------------------------------------------------------------
-
-
-async def test_progress_wakes_a_waiter_and_times_out() -> None:
-    progress = PartitionProgress(baseline=lambda p: 4 if p == 1 else -1)
-    assert await progress.wait_for(1, 4, timeout=0.01)  # done before this process took it
-    assert not await progress.wait_for(0, 0, timeout=0.01)
-    waiter = asyncio.create_task(progress.wait_for(0, 2, timeout=5))
-    await asyncio.sleep(0)
-    progress.advance(0, 1)
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    progress.advance(0, 2)
-    assert await asyncio.wait_for(waiter, 1)
-    progress.forget()
-    assert progress.done(0) == -1
+    done = (await t.request("queryTransactionDetails", {"transferId": "t-1"})).data
+    assert done is not None and done["state"] == "COMPLETED"
+    assert (done["createdAt"], done["updatedAt"]) == ("2030-01-02T00:00:01Z",
+                                                      "2030-01-02T00:00:03Z")
 
 
 # --------------------------------------------------------------------------------------
