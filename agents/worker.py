@@ -101,7 +101,7 @@ def register_worker_metrics(worker: Worker, engine: SagaEngine,
     web server on, ``/metrics``. Consumer lag is computed when scraped; the open sagas are
     counted in PostgreSQL every 15 s by a timer: nothing on the path of a record."""
     app, topics = worker.app, worker.topics
-    inputs = {topics.transfer_events, topics.queries}  # Faust's; the engine has the rest
+    inputs = {topics.queries}  # Faust's; the engine has the rest
     open_counts: dict[str, int] = dict.fromkeys(OPEN_STATES, 0)
 
     @app.timer(interval=15.0, name="count_open_sagas")  # type: ignore[untyped-decorator]

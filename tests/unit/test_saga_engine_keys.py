@@ -216,11 +216,11 @@ def test_an_account_event_names_its_account_s_rows_and_its_saga(step: str) -> No
     doc = {"commandId": command, "accountId": "acc-bob", "type": "credited"}
     assert _event_keys("account.events", orjson.dumps(doc)) == ({TRANSFER_ID}, {
         "query_balances": {"acc-bob"}, "query_history": set(),
-        "query_events_seen": {f"acc-bob\x1f{command}"}})
+        "query_events_seen": {f"acc-bob\x1f{command}"}, "query_transfers": set()})
     foreign = {**doc, "commandId": "billing-42"}
     assert _event_keys("account.events", orjson.dumps(foreign)) == (set(), {
         "query_balances": {"acc-bob"}, "query_history": set(),
-        "query_events_seen": {"acc-bob\x1fbilling-42"}})
+        "query_events_seen": {"acc-bob\x1fbilling-42"}, "query_transfers": set()})
 
 
 def test_a_funding_event_names_its_top_up() -> None:
