@@ -19,8 +19,8 @@ COPY schemas ./schemas
 RUN pip install -c constraints.txt . \
     && useradd --create-home --uid 10001 bizcenter
 
-# The worker keeps its RocksDB tables under BIZ_DATA_DIR (.local/worker-data/<app id>),
-# relative to this working directory (a volume in docker-compose.yml).
+# Faust's data directory, BIZ_DATA_DIR (.local/worker-data/<app id>), is relative to this
+# working directory (a volume in docker-compose.yml); the worker keeps no table there.
 USER bizcenter
 WORKDIR /home/bizcenter
 ENTRYPOINT ["bizcenter"]

@@ -1,6 +1,7 @@
 """The one ``faust.App`` module of the business worker: the app built from Settings and
-:class:`Worker`, what the agents are given (and how they send). The Faust table adapters
-of the service's ports: the saga state is in PostgreSQL (app/adapters/saga_state.py).
+:class:`Worker`, what the agents are given (and how they send). The app has no table: the
+saga state and every query table are PostgreSQL's (app/adapters/saga_state.py,
+app/adapters/query_tables.py); ``store=`` and ``datadir=`` are only Faust's own settings.
 
 One app per process (so tests can run isolated copies with their own topic prefix and app
 id). The bootstrap that builds the collaborators and registers the agents is
@@ -59,7 +60,7 @@ class Worker:
 
 
 def build_app(settings: Settings) -> BusinessApp:
-    """The worker's faust.App, configured from Settings: no agent, no table yet."""
+    """The worker's faust.App, configured from Settings: no agent yet (and no table)."""
     datadir = Path(settings.data_dir) / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = BusinessApp(

@@ -11,8 +11,10 @@ Ready means all of:
     is under way (an empty assignment counts: a group with more workers than partitions
     keeps the spare ones idle but ready to take over);
 ``recovered``
-    the tables of the assigned partitions are rebuilt from their changelogs (Faust's
-    recovery has completed and is not running again);
+    Faust's end of the latest rebalance has completed and is not running again (its
+    recovery step: the stream partitions sought to their committed offsets and resumed).
+    The worker keeps no Faust table (every query table is PostgreSQL's), so there is
+    nothing to rebuild: this holds moments after ``assigned``;
 ``consuming``
     the consumer's flow is on and its fetcher runs (records are being fetched);
 ``sagaEngine``

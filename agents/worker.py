@@ -1,9 +1,9 @@
 """The bootstrap of the business worker: the one place where its collaborators are built
 and wired (cosmicpython's ``bootstrap.py``): the Faust app (agents/faust_app.py), the
-PostgreSQL store and saga state, the transfers table, the TransferService, the query agents,
-the saga engine (agents/saga_engine.py, a service of the app: the saga topics, the account
-and funding events, the account query tables), the web views and metrics; then Faust's
-worker runs it (``bizcenter worker``).
+PostgreSQL store and saga state, the TransferService, the query agent, the saga engine
+(agents/saga_engine.py, a service of the app: the saga topics, the account and funding
+events, every query table), the web views and metrics; then Faust's worker runs it
+(``bizcenter worker``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, *, store: Any = None) -> Worker:
-    """Build the Faust app, its topics and tables, and register the agents."""
+    """Build the Faust app and its topics (no table), and register the agents."""
     app = build_app(settings)
     topics = Topics.from_settings(settings)
 
@@ -75,8 +75,8 @@ def create_app(settings: Settings, *, store: Any = None) -> Worker:
 
 
 class EngineService(mode.Service):
-    """The saga engine as a service of the Faust app: started after the app (its tables
-    recovered), stopped with it."""
+    """The saga engine as a service of the Faust app: started after the app, stopped with
+    it."""
 
     def __init__(self, engine: SagaEngine) -> None:
         super().__init__()

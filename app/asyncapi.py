@@ -90,8 +90,8 @@ CHANNELS: dict[str, Channel] = {
         "saga's home partition (an explicit partition, not the key's hash)."),
     "business.queries": Channel(
         "QueryRequest", send=True, receive=True, internal=True,
-        description="Internal: authenticated queries routed to the partition of the tables "
-        "that answer them."),
+        description="Internal: authenticated queries, answered from the query tables in "
+        "PostgreSQL by whichever worker consumes them."),
 }
 
 

@@ -18,13 +18,12 @@ DEV_ACCESS_SECRET = "dev-only-access-token-secret-change-me-0123456789"  # noqa:
 DEV_TRANSFER_SECRET = "dev-only-transfer-token-secret-change-me-0123456789"  # noqa: S105
 DEV_PIN_PEPPER = "dev-only-pin-pepper-change-me-0123456789"
 DEV_OTP_PEPPER = "dev-only-otp-pepper-change-me-0123456789"
-DEV_WEB_FORWARD_SECRET = "dev-only-web-forward-secret-change-me-0123456789"  # noqa: S105
 DEV_OPERATOR_SECRET = "dev-only-operator-secret-change-me-0123456789"  # noqa: S105
 #: Every development value: in production a secret equal to any of them is refused.
 DEV_SECRETS = frozenset({DEV_ACCESS_SECRET, DEV_TRANSFER_SECRET, DEV_PIN_PEPPER,
-                         DEV_OTP_PEPPER, DEV_WEB_FORWARD_SECRET, DEV_OPERATOR_SECRET})
+                         DEV_OTP_PEPPER, DEV_OPERATOR_SECRET})
 #: Bytes an HMAC key needs for each algorithm (RFC 7518 §3.2: at least the hash size).
-#: The PIN and OTP peppers and the forward secret are HMAC-SHA256 keys.
+#: The PIN and OTP peppers and the operator secret are HMAC-SHA256 keys.
 HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 #: Exit status of a process refused by its environment (sysexits.h EX_CONFIG).
 EXIT_CONFIG = 78
@@ -37,6 +36,8 @@ def default_env_file() -> str:
 class Settings(BaseSettings):
     """Configuration of the worker, the account center and the command-line tools."""
 
+    # extra="ignore": a BIZ_ variable no field reads (BIZ_WEB_FORWARD_SECRET or
+    # BIZ_SAGA_MAX_IN_FLIGHT of earlier versions, a typo) is ignored, never refused.
     model_config = SettingsConfigDict(
         env_prefix="BIZ_",
         extra="ignore",
@@ -65,7 +66,8 @@ class Settings(BaseSettings):
     db_schema: str = Field(
         "bizcenter",
         description="PostgreSQL schema of the business center's own tables "
-        "(user directory, transfer-token uses, daily-limit reservations).",
+        "(user directory, transfer-token uses, daily-limit reservations, sagas, saved "
+        "replies, the query tables).",
     )
     account_center_db_schema: str = Field(
         "account_center",
@@ -81,33 +83,31 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of topics.")
     app_id: str = Field(
         "bizcenter",
-        description="Faust application id: the worker's consumer groups (this one and "
-        "<app_id>-sagas, the saga engine's) and the prefix of the transfers table's "
-        "changelog topic.",
+        description="Faust application id: the worker's consumer groups, this one (the "
+        "Faust app: business.queries) and <app_id>-sagas (the saga engine's).",
     )
     account_center_group: str = Field(
         "account-center", description="Consumer group of the reference account center."
     )
     table_store: str = Field(
         "rocksdb://",
-        description="Faust table store (the transfers table): rocksdb:// in production, "
-        "memory:// rebuilds it from its changelog at each start.",
+        description="Faust's table store (its app setting store=): the worker keeps no "
+        "Faust table any more (every query table is PostgreSQL's), so nothing is stored "
+        "there.",
     )
-    data_dir: str = Field(".local/worker-data", description="Directory of the RocksDB tables.")
+    data_dir: str = Field(
+        ".local/worker-data", description="Faust's own data directory (its app setting "
+        "datadir=, one subdirectory per app id): no table is kept by the worker there.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's web server.")
     web_enabled: bool = Field(True, description="Serve the worker's web endpoints (the "
                               "HTTP queries, /healthz and /readyz).")
     web_bind: str = Field("127.0.0.1", description="Interface the worker's web server "
                           "listens on (0.0.0.0 for all).")
     web_host: str = Field(
-        "127.0.0.1", description="Host name other workers use to reach this worker's web "
-        "server: with BIZ_WEB_PORT it makes the URL the worker advertises to its group "
-        "(requests for keys it owns are forwarded there).",
-    )
-    web_forward_secret: SecretStr = Field(
-        SecretStr(DEV_WEB_FORWARD_SECRET),
-        description="Shared HMAC-SHA256 key of the workers of one group (at least 32 "
-        "bytes): signs the HTTP queries one worker forwards to another.",
+        "127.0.0.1", description="Host name of this worker's web server: with "
+        "BIZ_WEB_PORT it makes the worker's URL, which Faust advertises to its group and "
+        "the worker logs at start with its X-Bizcenter-Served-By tag (no worker calls "
+        "another).",
     )
     operator_secret: SecretStr = Field(
         SecretStr(DEV_OPERATOR_SECRET),
@@ -339,7 +339,6 @@ class Settings(BaseSettings):
             ("BIZ_TRANSFER_TOKEN_SECRET", "transfer_token_secret", 32),
             ("BIZ_PIN_PEPPER", "pin_pepper", 32),
             ("BIZ_OTP_PEPPER", "otp_pepper", 32),
-            ("BIZ_WEB_FORWARD_SECRET", "web_forward_secret", 32),
             ("BIZ_OPERATOR_SECRET", "operator_secret", 32),
         ):
             check(variable, field, getattr(self, field).get_secret_value(), min_bytes)

@@ -1,6 +1,6 @@
 """The ``business.queries`` record: what the command side forwards once the caller of a
-query is authenticated and known, keyed so that it reaches the partition of the tables
-that answer it (the caller's account, or the transfer for details)."""
+query is authenticated and known, keyed by the caller's account, or the transfer for
+details (the tables that answer it are PostgreSQL's: any worker reads them)."""
 
 from __future__ import annotations
 

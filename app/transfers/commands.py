@@ -3,9 +3,10 @@
 One handler per command type (:meth:`CommandHandlers.table`): transferInit (checks, a
 transfer token), transferConfirm and topUp (the PIN, the token or funding source, the
 daily limit, then the saga's start), verifyOtp (the saga's OTP step) and the queries
-(forwarded to the partition whose tables answer them). Each handler answers a duplicate
-with what was decided before and a request refused before any saga exists with a
-:class:`Rejection`, which the intake turns into an error reply.
+(forwarded to ``business.queries``, answered from PostgreSQL by whichever worker reads
+them). Each handler answers a duplicate with what was decided before and a request
+refused before any saga exists with a :class:`Rejection`, which the intake turns into an
+error reply.
 """
 
 from __future__ import annotations

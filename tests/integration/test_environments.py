@@ -23,7 +23,6 @@ from app.settings import (
     DEV_OTP_PEPPER,
     DEV_PIN_PEPPER,
     DEV_TRANSFER_SECRET,
-    DEV_WEB_FORWARD_SECRET,
     EXIT_CONFIG,
     Settings,
 )
@@ -34,7 +33,6 @@ DEV = {
     "BIZ_TRANSFER_TOKEN_SECRET": DEV_TRANSFER_SECRET,
     "BIZ_PIN_PEPPER": DEV_PIN_PEPPER,
     "BIZ_OTP_PEPPER": DEV_OTP_PEPPER,
-    "BIZ_WEB_FORWARD_SECRET": DEV_WEB_FORWARD_SECRET,
     "BIZ_OPERATOR_SECRET": DEV_OPERATOR_SECRET,
 }
 SECRET_VARIABLES = tuple(DEV)
@@ -221,6 +219,32 @@ def test_production_problems_of_settings() -> None:
     assert Settings(_env_file=None, access_token_keys=keys,  # type: ignore[call-arg]
                     **{**without_single, "access_token_key": SecretStr(DEV_ACCESS_SECRET)}
                     ).production_problems() == ["BIZ_ACCESS_TOKEN_KEY is a development value"]
+
+
+def test_a_variable_of_an_earlier_version_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BIZ_WEB_FORWARD_SECRET (read until the HTTP forwarding went, issue 13) left in an
+    operator's environment neither stops a process nor is checked: Settings ignores the
+    BIZ_ variables it has no field for."""
+    monkeypatch.setenv("BIZ_WEB_FORWARD_SECRET", "short")
+    good = {k.removeprefix("BIZ_").lower(): SecretStr(v) for k, v in strong().items()}
+    settings = Settings(_env_file=None, **good)  # type: ignore[call-arg]
+    assert not hasattr(settings, "web_forward_secret")
+    assert settings.production_problems() == []
+
+
+def test_production_goes_past_a_leftover_forward_secret(tmp_path: Path) -> None:
+    """The same through the real commands: with good secrets and the development value of
+    BIZ_WEB_FORWARD_SECRET (an earlier version's), a process that checks every secret is not
+    refused (``ping`` goes on to the unreachable broker: exit 1, not 78) and ``config`` does
+    not list the variable."""
+    env = {**strong(),
+           "BIZ_WEB_FORWARD_SECRET": "dev-only-web-forward-secret-change-me-0123456789"}
+    result = bizcenter(tmp_path, "ping", env=env, timeout=120)
+    assert result.returncode not in (0, EXIT_CONFIG), (result.returncode, result.stderr)
+    assert "refusing to start" not in result.stderr, result.stderr
+    config = bizcenter(tmp_path, "config", "--json", env=env)
+    assert config.returncode == 0, (config.returncode, config.stderr[-2000:])
+    assert "FORWARD" not in config.stdout
 
 
 # --------------------------------------------------------------------------------------
