@@ -355,7 +355,8 @@ class SagaInput(WireModel):
 
 
 class QueryRequest(WireModel):
-    """Internal: an authenticated query, forwarded to the partition whose tables answer it."""
+    """Internal: an authenticated query (the saga engine checked its access token), answered
+    from the PostgreSQL query tables by the worker whose `answer_queries` agent reads it."""
 
     request_id: Identifier
     idempotency_key: Identifier | None = Field(None, description="Echoed in the reply.")

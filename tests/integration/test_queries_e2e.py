@@ -431,11 +431,9 @@ async def test_an_unauthenticated_request_is_refused_where_it_arrives(
 def _old_forward_headers(cluster: Cluster, path: str, operator: str) -> dict[str, str]:
     """The headers with which a worker of an earlier version vouched for an operator it had
     authenticated (no bearer token), signed as it signed them: HMAC-SHA256 under the
-    group's forward secret (the one these workers are configured with, while the setting
-    exists) over the group, the request, the operator and the time."""
-    secret_setting = getattr(cluster.system.settings, "web_forward_secret", None)
-    secret = (secret_setting.get_secret_value() if secret_setting is not None
-              else "a-forward-secret-of-an-earlier-version-" + "s" * 32)
+    group's forward secret (a setting these workers no longer have) over the group, the
+    request, the operator and the time."""
+    secret = "a-forward-secret-of-an-earlier-version-" + "s" * 32
     operator_b64 = base64.urlsafe_b64encode(operator.encode()).decode()
     at = str(int(time.time()))
     message = "\n".join(("bizcenter-forward-v1", cluster.system.settings.app_id, "GET",
