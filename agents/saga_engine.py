@@ -29,8 +29,7 @@ app as a service. One turn of the loop, a *cycle*:
    awaited while the next cycle fetches and decides (before its flush); a record whose
    outputs could not all be sent goes through the guard's ``deliver`` (re-sent, or
    replaced by its poison outputs);
-6. only then are the cycle's offsets committed (in cycle order; the next cycle's flush
-   waits for these acks, not for this commit: at most two cycles are uncommitted).
+6. only then are the cycle's offsets committed (in cycle order).
 
 Why this order is safe under at-least-once delivery: a crash before 4 leaves the idempotent
 PostgreSQL effects (token claims, reservations, PIN counters) and nothing else, and the
@@ -158,9 +157,6 @@ class SagaEngine:
         self._stopping = False
         self._next_tick: dict[int, float] = {}
         self._completion: asyncio.Task[None] | None = None
-        #: The last cycle's acks done, and the completion of the cycle before it.
-        self._acked: asyncio.Event | None = None
-        self._completion_before: asyncio.Task[None] | None = None
         #: Who takes the home partitions' leases (app/adapters/saga_state.py).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: A flush was refused for a lost lease: nothing is done until an assignment.
@@ -297,15 +293,11 @@ class SagaEngine:
             for p in sorted(set(lanes) | ticks)))
         decided += [d for lane_result in results for d in lane_result]
         await self._project_transfers(decided)
-        # The previous cycle's acks overlapped this cycle's fetch and decisions; they end
-        # before anything of this cycle is written or sent, so at most one cycle is ever
-        # unacknowledged, and outputs re-sent after a failed ack never come after a later
-        # cycle's. Its commit may still be under way (commits go in cycle order, each after
-        # the one before): at most two cycles uncommitted, each of which is redelivered
-        # and idempotent (a revoke or a stop waits for the last commit).
-        await self._wait_acks()
-        if self.failure is not None:
-            return  # the last cycle could not complete: the worker is crashing
+        # The previous cycle's acks and commit overlapped this cycle's fetch and
+        # decisions; they end before anything of this cycle is written or sent, so at most
+        # one cycle is ever unacknowledged, and outputs re-sent after a failed ack never
+        # come after a later cycle's (a revoke or a stop waits for the last one too).
+        await self._wait_completions()
         if self._fenced or not await self._flush():
             # Another worker took some of these partitions (this one lost them during an
             # outage): nothing of the cycle is written, sent or committed; their new owner
@@ -315,11 +307,8 @@ class SagaEngine:
             return
         acks = await self._produce(decided)
         previous = self._completion
-        acked = asyncio.Event()
         self._completion = asyncio.create_task(
-            self._complete(previous, decided, acks, offsets, acked),
-            name="saga cycle completion")
-        self._acked, self._completion_before = acked, previous
+            self._complete(previous, decided, acks, offsets), name="saga cycle completion")
 
     async def _prefetch(self, lanes: Iterable[list[tuple[SourceRecord, RecordHandler]]]
                         ) -> None:
@@ -544,16 +533,13 @@ class SagaEngine:
         return futures
 
     async def _complete(self, previous: asyncio.Task[None] | None, decided: Sequence[Decided],
-                        acks: list[tuple[int, Any]], offsets: dict[TopicPartition, int],
-                        acked: asyncio.Event) -> None:
+                        acks: list[tuple[int, Any]],
+                        offsets: dict[TopicPartition, int]) -> None:
         """A cycle's end: its outputs acknowledged (a record whose outputs could not all be
-        sent goes through the guard's ``deliver``; ``acked`` is set then, or when that
-        failed), then its offsets committed, after the previous cycle's."""
+        sent goes through the guard's ``deliver``), then its offsets committed, after the
+        previous cycle's."""
         try:
-            try:
-                await self._send(decided, acks)
-            finally:
-                acked.set()
+            await self._send(decided, acks)
             if previous is not None:
                 await previous
             if offsets:
@@ -567,15 +553,6 @@ class SagaEngine:
                              "record not committed is delivered again)", exc_info=True)
                 await self.crash(exc)
             raise
-
-    async def _wait_acks(self) -> None:
-        """Until the last cycle's outputs are acknowledged, and the cycle before it is
-        committed."""
-        if self._acked is not None:
-            await self._acked.wait()
-        task = self._completion_before
-        if task is not None and not task.done():
-            await asyncio.wait([task])
 
     async def _wait_completions(self) -> None:
         """Until the last cycle's outputs are acknowledged and its offsets committed."""
