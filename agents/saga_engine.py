@@ -60,6 +60,7 @@ worker: nothing after it is committed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -407,23 +408,9 @@ class SagaEngine:
                         projection.apply_raw(out.value)
                         break
                     except NotReadAhead as miss:
-                        await self._read_row(miss)
-
-    async def _read_row(self, miss: NotReadAhead) -> None:
-        """A row not read ahead, read alone; an outage is waited out (nothing of the cycle
-        is written or sent before)."""
-        delay = BACKOFF_INITIAL_SECONDS
-        while True:
-            try:
-                await self.state.read_row(miss.table, miss.key)
-                return
-            except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                log.warning("a query row could not be read (%s): again in %.1fs",
-                            describe(exc), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+                        await self._waiting_out("a query row could not be read",
+                                                functools.partial(self.state.read_row,
+                                                                  miss.table, miss.key))
 
     def _ticks_due(self) -> set[int]:
         """The home partitions (``business.saga-inputs`` partitions owned) whose tick is due."""
@@ -494,22 +481,28 @@ class SagaEngine:
         return f"user:{saga.transfer.operator_id}" if saga is not None else EVERY_SAGA
 
     async def _flush(self) -> bool:
-        """The cycle's sagas and replies, in one transaction; an outage is retried. False
-        when the flush was refused: a lease of the cycle's partitions is lost."""
+        """The cycle's sagas, replies and query rows, in one transaction; an outage is
+        retried. False when the flush was refused: a lease of the cycle's partitions is
+        lost."""
+        try:
+            await self._waiting_out("the saga state could not be written", self.state.flush)
+        except LeaseLost as exc:
+            log.warning("saga cycle not written: %s; its records go to their new owner", exc)
+            return False
+        return True
+
+    async def _waiting_out(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        """``call`` until it succeeds: an outage is waited out with back-off (nothing of
+        the cycle is written or sent meanwhile), anything else raised."""
         delay = BACKOFF_INITIAL_SECONDS
         while True:
             try:
-                await self.state.flush()
-                return True
-            except LeaseLost as exc:
-                log.warning("saga cycle not written: %s; its records go to their new owner",
-                            exc)
-                return False
+                await call()
+                return
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                log.warning("the saga state could not be written (%s): retried in %.1fs",
-                            describe(exc), delay)
+                log.warning("%s (%s): again in %.1fs", what, describe(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
