@@ -7,8 +7,8 @@ event, an ack and a table changelog per record) for a plain aiokafka consumer ho
 app as a service. One turn of the loop, a *cycle*:
 
 1. ``getmany``: up to ``saga_batch_max_records`` records of the partitions this worker owns;
-   the sagas, saved replies and account query rows they will ask for are read ahead in one
-   statement;
+   the sagas, saved replies and query rows (accounts', transfers') they will ask for are
+   read ahead in one statement;
 2. the account and funding events first, in offset order (``_route_events``): an account
    event is applied to its account's query rows (``AccountProjection`` over the rows
    buffered in the cycle), then becomes its saga's input; the input of a saga whose home
@@ -21,7 +21,8 @@ app as a service. One turn of the loop, a *cycle*:
    each user's records in offset order, different users' at once (``chain_of``: a record
    whose user is not sure keeps the lane in order); lanes overlap their waits; the lanes
    whose tick is due then move their sagas whose deadline has come (the repository's
-   ``due``);
+   ``due``); every transfer event the cycle will send is applied to its transfer's details
+   row (``TransferProjection``, the row homed with its saga);
 4. every saga, reply and query row the cycle wrote is made durable in ONE PostgreSQL
    transaction (``flush``, under the partitions' leases; an outage is retried, nothing sent
    before it succeeds; a lost lease writes, sends and commits nothing);
