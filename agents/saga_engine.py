@@ -712,11 +712,8 @@ def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
     (``operatorId ␟ requestId``) and saga (its scoped idempotency key); a saga input's saga
     (from its command or charge id, or the resolution's transfer id). Anything unreadable
     adds nothing."""
-    try:
-        doc = orjson.loads(record.value or b"")
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(doc, dict):
+    doc = _json_object(record.value)
+    if doc is None:
         return
     if record.topic == commands_topic:
         operator, request, idem = (doc.get("operatorId"), doc.get("requestId"),
@@ -729,12 +726,7 @@ def keys_of(record: SourceRecord, commands_topic: str, transfer_ids: set[str],
     for field, id_field in (("accountEvent", "commandId"), ("fundingEvent", "chargeId")):
         inner = doc.get(field)
         if isinstance(inner, dict) and isinstance(inner.get(id_field), str):
-            try:
-                parsed = saga_core.parse_command_id(inner[id_field])
-            except ValueError:  # e.g. a partition of more digits than int() reads
-                return
-            if parsed is not None:
-                transfer_ids.add(parsed[0])
+            _add_transfer_named(inner[id_field], transfer_ids)
             return
     resolution = doc.get("resolution")
     if isinstance(resolution, dict) and isinstance(resolution.get("transferId"), str):
@@ -746,38 +738,40 @@ def account_keys_of(record: SourceRecord, transfer_ids: set[str],
     """Add the keys an ``account.events`` record will likely read: its account's balance
     row and its seen mark, and the saga its command id names. Anything unreadable adds
     nothing."""
-    try:
-        doc = orjson.loads(record.value or b"")
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(doc, dict):
-        return
-    account, command = doc.get("accountId"), doc.get("commandId")
+    doc = _json_object(record.value)
+    account, command = (None, None) if doc is None else (doc.get("accountId"),
+                                                          doc.get("commandId"))
     if not isinstance(account, str) or not isinstance(command, str):
         return
     rows["query_balances"].add(account)
     rows["query_events_seen"].add(f"{account}{SEP}{command}")
-    try:
-        parsed = saga_core.parse_command_id(command)
-    except ValueError:  # e.g. a partition of more digits than int() reads
-        return
-    if parsed is not None:
-        transfer_ids.add(parsed[0])
+    _add_transfer_named(command, transfer_ids)
 
 
 def funding_keys_of(record: SourceRecord, transfer_ids: set[str]) -> None:
     """Add the top-up a ``funding.events`` record's charge id names. Anything unreadable
     adds nothing."""
+    doc = _json_object(record.value)
+    charge = None if doc is None else doc.get("chargeId")
+    if isinstance(charge, str):
+        _add_transfer_named(charge, transfer_ids)
+
+
+def _json_object(value: bytes | None) -> dict[str, Any] | None:
+    """The record's value as a JSON object, or None (not JSON, or not an object)."""
     try:
-        doc = orjson.loads(record.value or b"")
+        doc = orjson.loads(value or b"")
     except orjson.JSONDecodeError:
-        return
-    charge = doc.get("chargeId") if isinstance(doc, dict) else None
-    if not isinstance(charge, str):
-        return
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _add_transfer_named(command_id: str, transfer_ids: set[str]) -> None:
+    """Add the transfer a command or charge id of this service names (none for another
+    service's id, or one ``int()`` cannot read: a partition of thousands of digits)."""
     try:
-        parsed = saga_core.parse_command_id(charge)
-    except ValueError:  # e.g. a partition of more digits than int() reads
+        parsed = saga_core.parse_command_id(command_id)
+    except ValueError:
         return
     if parsed is not None:
         transfer_ids.add(parsed[0])
