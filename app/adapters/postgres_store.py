@@ -29,7 +29,8 @@ the (user, day) usage row for daily limits.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.adapters.coalesce import Coalescer
 from app.adapters.db import bare_connection, ensure_schema, make_engine
 from app.domain.ports import (
     ConfirmChecks,
@@ -64,6 +66,62 @@ class PinCheck:
 
     outcome: PinOutcome
     attempts_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PinStep:
+    """The PIN decision on a locked user row, before its write (:func:`_pin_step`)."""
+
+    outcome: PinCheck  # when ``wrong`` is None (a reset, if any, does not change it)
+    reset: bool = False  # a right PIN after failures, or a lock that ended: _PIN_RESET
+    #: A wrong PIN to count: ``_PIN_FAILURE``'s $4..$6 (the count if counted, the lock,
+    #: whether a lock has ended).
+    wrong: tuple[int, datetime | None, bool] | None = None
+    failed: int = 0  # the failures standing when the wrong PIN is not counted
+
+
+def _pin_step(row: Any, matches: Callable[[str], bool], max_attempts: int, now: datetime,
+              lock_seconds: float) -> _PinStep:
+    """LOCKED while locked; else ``matches(verifier)``: a success resets the failure
+    counter, a failure increments it once per Kafka record (``pin_failures``: a
+    redelivery of the same record counts once, whatever its requestId, key or partition;
+    every other record counts). Reaching ``max_attempts`` failures locks the PIN for
+    ``lock_seconds``; once a lock has ended the budget is whole again."""
+    failed: int = row["pin_failed_attempts"]
+    locked_until: datetime | None = row["pin_locked_until"]
+    if locked_until is not None and locked_until > now:
+        return _PinStep(PinCheck(PinOutcome.LOCKED, 0))
+    if locked_until is None and failed >= max_attempts:
+        return _PinStep(PinCheck(PinOutcome.LOCKED, 0))  # locked before locks expired
+    lock_ended = locked_until is not None
+    if lock_ended:  # the lock has ended: a fresh budget
+        failed = 0
+    if matches(row["pin_verifier"]):
+        return _PinStep(PinCheck(PinOutcome.OK, max_attempts), reset=bool(failed) or lock_ended)
+    counted_failed = failed + 1
+    lock = (now + timedelta(seconds=lock_seconds) if counted_failed >= max_attempts
+            else None)
+    return _PinStep(PinCheck(PinOutcome.INVALID, 0), wrong=(counted_failed, lock, lock_ended),
+                    failed=failed)
+
+
+def _pin_counted(step: _PinStep, counted: bool, max_attempts: int) -> PinCheck:
+    """A wrong PIN's outcome once ``_PIN_FAILURE`` said whether it was counted."""
+    failed = step.wrong[0] if counted and step.wrong is not None else step.failed
+    if failed >= max_attempts:
+        return PinCheck(PinOutcome.LOCKED, 0)
+    return PinCheck(PinOutcome.INVALID, max_attempts - failed)
+
+
+async def _each(raw: Any, statement: str, args: Sequence[Sequence[Any]]) -> list[Any]:
+    """``statement``, which yields exactly one row per execution, for each of ``args``:
+    asyncpg's ``fetchmany`` (one round trip). Its rows, in the order of ``args``."""
+    if not args:
+        return []
+    rows: list[Any] = await raw.fetchmany(statement, args)
+    if len(rows) != len(args):
+        raise RuntimeError(f"{len(args)} executions gave {len(rows)} rows")
+    return rows
 
 
 class TokenClaim(StrEnum):
@@ -281,11 +339,17 @@ _RELEASE = (
     " AND u.day = r.day"
 )
 
-#: The confirm's first statement: the user row, locked (every later statement of the
+#: ``check_pin``'s first statement: the user row, locked (every later statement of the
 #: transaction sees what committed before the lock was granted).
 _LOCK_USER = (
     f"SELECT {_USER_COLUMNS}, pin_failed_attempts, pin_locked_until"  # noqa: S608
     " FROM users WHERE user_id = $1 FOR UPDATE"
+)
+#: The confirms' first statement: the rows of a batch's users, locked in one order (the
+#: sort runs below the row locks), so batches of different workers never deadlock.
+_LOCK_USERS = (
+    f"SELECT {_USER_COLUMNS}, pin_failed_attempts, pin_locked_until"  # noqa: S608
+    " FROM users WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
 )
 #: The confirm's second statement, under the user's lock: the key's idempotency record (a
 #: row of NULLs when none), and whether a transfer from before the records used this
@@ -299,15 +363,17 @@ _KEY_FACTS_FROM = (
     " FROM (SELECT 1) AS one LEFT JOIN idempotency_records AS r"
     " ON r.operator_id = $1 AND r.idempotency_key = $2"
 )
-_CONFIRM_FACTS = _KEY_FACTS + _KEY_FACTS_FROM
-#: ... and, when the amount needs an OTP, the OTP budgets: whether this transfer's OTP
-#: send was counted already, the user's wrong OTPs and OTP sends in their windows.
-_CONFIRM_FACTS_OTP = (
+#: ... and, when the amount needs an OTP ($7), the OTP budgets: whether this transfer's
+#: OTP send was counted already, the user's wrong OTPs and OTP sends in their windows ($5,
+#: $6). Otherwise NULLs: the subqueries are init plans, run only when their CASE needs them.
+_CONFIRM_FACTS = (
     _KEY_FACTS  # noqa: S608 (constants)
-    + ", EXISTS (SELECT 1 FROM otp_sends WHERE transfer_id = $3) AS otp_counted,"
-    " (SELECT count(*) FROM otp_failures WHERE user_id = $1 AND failed_at > $5)"
-    " AS otp_failures,"
-    " (SELECT count(*) FROM otp_sends WHERE user_id = $1 AND sent_at > $6) AS otp_sends"
+    + ", CASE WHEN $7::bool THEN EXISTS (SELECT 1 FROM otp_sends WHERE transfer_id = $3)"
+    " END AS otp_counted,"
+    " CASE WHEN $7::bool THEN (SELECT count(*) FROM otp_failures"
+    " WHERE user_id = $1 AND failed_at > $5::timestamptz) END AS otp_failures,"
+    " CASE WHEN $7::bool THEN (SELECT count(*) FROM otp_sends"
+    " WHERE user_id = $1 AND sent_at > $6::timestamptz) END AS otp_sends"
     + _KEY_FACTS_FROM
 )
 #: A right PIN after failures, or a lock that has ended: a whole budget again.
@@ -445,6 +511,12 @@ class PostgresBusinessStore:
     def __init__(self, engine: AsyncEngine, schema: str) -> None:
         self._engine = engine
         self._schema = schema
+        self._confirms: Coalescer[tuple[ConfirmRequest, GuessBudgets], ConfirmChecks] = (
+            Coalescer(self._confirm_batch, key=lambda call: call[0].user_id))
+        self._init_reads: Coalescer[tuple[str, str, date], Any] = Coalescer(
+            functools.partial(self._read_each, _INIT_FACTS))
+        self._outcome_writes: Coalescer[tuple[str, str, str, str | None], None] = Coalescer(
+            functools.partial(self._write_each, _SAVE_OUTCOME))
 
     @classmethod
     def from_settings(cls, settings: DbSettings) -> PostgresBusinessStore:
@@ -475,6 +547,11 @@ class PostgresBusinessStore:
         block ends, rolled back whole on any exception."""
         async with self._connection() as raw, raw.transaction():
             yield raw
+
+    async def _read_each(self, statement: str, args: Sequence[Sequence[Any]]) -> list[Any]:
+        """``statement`` (one row per execution) for each of ``args``, in one round trip."""
+        async with self._connection() as raw:
+            return await _each(raw, statement, args)
 
     # --- user directory ----------------------------------------------------------------
 
@@ -574,8 +651,15 @@ class PostgresBusinessStore:
 
     async def save_outcome(self, operator_id: str, idempotency_key: str, state: str,
                            code: str | None) -> None:
+        # The outcomes saved together: one pipelined round trip, in the calls' order.
+        await self._outcome_writes.submit((operator_id, idempotency_key, state, code))
+
+    async def _write_each(self, statement: str, args: Sequence[Sequence[Any]]) -> list[None]:
+        """``statement`` (no rows) for each of ``args``, in one round trip and one implicit
+        transaction (asyncpg's ``executemany``: all or nothing)."""
         async with self._connection() as raw:
-            await raw.execute(_SAVE_OUTCOME, operator_id, idempotency_key, state, code)
+            await raw.executemany(statement, args)
+        return [None] * len(args)
 
     async def outcome_of_transfer(self, transfer_id: str) -> KeptOutcome | None:
         async with self._connection() as raw:
@@ -613,31 +697,14 @@ class PostgresBusinessStore:
         lock_seconds: float,
     ) -> PinCheck:
         """On the user's locked ``row``: the PIN decision and its counter update, at most
-        one statement. A wrong PIN counts once per Kafka record (``pin_failures``, in this
-        transaction): a redelivery of the same record counts once, whatever its requestId,
-        key or partition; every other record counts."""
-        failed: int = row["pin_failed_attempts"]
-        locked_until: datetime | None = row["pin_locked_until"]
-        if locked_until is not None and locked_until > now:
-            return PinCheck(PinOutcome.LOCKED, 0)
-        if locked_until is None and failed >= max_attempts:
-            return PinCheck(PinOutcome.LOCKED, 0)  # locked before locks expired: operators
-        lock_ended = locked_until is not None
-        if lock_ended:  # the lock has ended: a fresh budget
-            failed = 0
-        if matches(row["pin_verifier"]):
-            if failed or lock_ended:
-                await raw.execute(_PIN_RESET, user_id)
-            return PinCheck(PinOutcome.OK, max_attempts)
-        counted_failed = failed + 1
-        lock = (now + timedelta(seconds=lock_seconds) if counted_failed >= max_attempts
-                else None)
-        if await raw.fetchval(_PIN_FAILURE, user_id, record, now, counted_failed, lock,
-                              lock_ended):
-            failed = counted_failed
-        if failed >= max_attempts:
-            return PinCheck(PinOutcome.LOCKED, 0)
-        return PinCheck(PinOutcome.INVALID, max_attempts - failed)
+        one statement (see :func:`_pin_step`)."""
+        step = _pin_step(row, matches, max_attempts, now, lock_seconds)
+        if step.reset:
+            await raw.execute(_PIN_RESET, user_id)
+        if step.wrong is None:
+            return step.outcome
+        counted = await raw.fetchval(_PIN_FAILURE, user_id, record, now, *step.wrong)
+        return _pin_counted(step, bool(counted), max_attempts)
 
     # --- transfer tokens ---------------------------------------------------------------
 
@@ -672,8 +739,8 @@ class PostgresBusinessStore:
             return True
 
     async def init_facts(self, user_id: str, to_account_id: str, day: date) -> InitFacts:
-        async with self._connection() as raw:
-            row = await raw.fetchrow(_INIT_FACTS, user_id, to_account_id, day)
+        # The reads waiting together: one pipelined round trip (app/adapters/coalesce.py).
+        row = await self._init_reads.submit((user_id, to_account_id, day))
         user = None if row["user_id"] is None else _user_of(row)
         return InitFacts(user, row["payee_currency"] is not None, int(row["reserved"]),
                          row["payee_currency"])
@@ -681,64 +748,120 @@ class PostgresBusinessStore:
     async def confirm_checks(
         self, request: ConfirmRequest, budgets: GuessBudgets
     ) -> ConfirmChecks:
-        r = request
-        # One checkout, one transaction, asyncpg's prepared statements: BEGIN, the user's
-        # lock, the facts, the writes, COMMIT. Lock order: the user row, then the
-        # idempotency record, the token row, the reservation, the day's usage row (the
-        # single methods keep this order).
+        # The confirms waiting together share one transaction (app/adapters/coalesce.py),
+        # one user at most once per batch.
+        return await self._confirms.submit((request, budgets))
+
+    async def _confirm_batch(
+        self, calls: Sequence[tuple[ConfirmRequest, GuessBudgets]]
+    ) -> list[ConfirmChecks]:
+        """The checks of ``calls`` (distinct users), each exactly as ``confirm_checks``
+        documents it, in one transaction and one checkout, each step one statement for
+        the whole batch (asyncpg's ``fetchmany`` pipelines a statement's executions in one
+        round trip): BEGIN, the users' locks, the facts, the PIN counters (only when a
+        PIN was wrong, or right after failures), the writes (one statement per kind of
+        limit), COMMIT. Lock order: the users' rows (by user_id), then each user's
+        idempotency record, token row, reservation and day's usage row, in the batch's
+        order. A call that raises (a non-positive amount) rolls the batch back whole."""
+        out: list[ConfirmChecks | None] = [None] * len(calls)
         async with self._transaction() as raw:
-            row = await raw.fetchrow(_LOCK_USER, r.user_id)
-            if row is None or row["status"] != UserStatus.ACTIVE.value:
-                return ConfirmChecks(ConfirmOutcome.FORBIDDEN)
-            user = _user_of(row)
-            if r.from_account_id is not None and user.account_id != r.from_account_id:
-                return ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
-            # Read after the lock was granted (a statement of its own: its snapshot sees
-            # every confirm of this user that committed before).
-            needs_otp = r.amount_minor > user.otp_threshold_minor
-            if needs_otp:
-                facts = await raw.fetchrow(
-                    _CONFIRM_FACTS_OTP, r.user_id, r.idempotency_key, r.transfer_id,
-                    r.jti or "",
-                    r.now - timedelta(seconds=budgets.otp_failure_window_seconds),
-                    r.now - timedelta(seconds=budgets.otp_send_window_seconds))
-            else:
-                facts = await raw.fetchrow(_CONFIRM_FACTS, r.user_id, r.idempotency_key,
-                                           r.transfer_id, r.jti or "")
-            kept = None if facts["fingerprint"] is None else _kept_of(facts)
-            if kept is not None and kept.fingerprint != r.fingerprint:
-                return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
-            if kept is not None and kept.state is not None:
-                return ConfirmChecks(ConfirmOutcome.ANSWERED, user, kept=kept)
-            if kept is None and r.jti is not None and facts["used_before_records"]:
-                return ConfirmChecks(ConfirmOutcome.KEY_REUSED, user)
-            pin = await self._check_pin(raw, row, r.user_id, r.record, r.matches,
-                                        budgets.pin_max_attempts, r.now,
-                                        budgets.pin_lock_seconds)
-            if pin.outcome is PinOutcome.LOCKED:
-                return ConfirmChecks(ConfirmOutcome.PIN_LOCKED, user)
-            if pin.outcome is PinOutcome.INVALID:
-                return ConfirmChecks(ConfirmOutcome.INVALID_PIN, user, pin.attempts_left)
-            if needs_otp and not facts["otp_counted"]:
-                if facts["otp_failures"] >= budgets.otp_max_failures:
-                    return ConfirmChecks(ConfirmOutcome.OTP_LOCKED, user)
-                if facts["otp_sends"] >= budgets.otp_max_sends:
-                    return ConfirmChecks(ConfirmOutcome.RATE_LIMITED, user)
-            limit = user.daily_limit_minor if r.limit_minor is None else r.limit_minor
-            limit = min(limit, INT64_MAX)  # usage rows are bigint: no sum can pass above
-            if not 0 < r.amount_minor <= INT64_MAX:
-                return await self._unreservable(raw, r, user)
-            written = await raw.fetchrow(
-                _CONFIRM_WRITE[r.kind], r.user_id, r.transfer_id, r.jti, r.day,
-                r.amount_minor, limit, r.kind, needs_otp, r.now, r.idempotency_key,
-                r.fingerprint, r.attempt)
+            locked = {row["user_id"]: row for row in await raw.fetch(
+                _LOCK_USERS, sorted({r.user_id for r, _ in calls}))}
+            users: dict[int, UserRecord] = {}
+            for i, (r, _) in enumerate(calls):
+                row = locked.get(r.user_id)
+                if row is None or row["status"] != UserStatus.ACTIVE.value:
+                    out[i] = ConfirmChecks(ConfirmOutcome.FORBIDDEN)
+                    continue
+                user = users[i] = _user_of(row)
+                if r.from_account_id is not None and user.account_id != r.from_account_id:
+                    out[i] = ConfirmChecks(ConfirmOutcome.FORBIDDEN, user)
+            # Read after the locks were granted (a statement of its own: its snapshot sees
+            # every confirm of these users that committed before).
+            live = [i for i in range(len(calls)) if out[i] is None]
+            facts = dict(zip(live, await _each(raw, _CONFIRM_FACTS, [
+                (r.user_id, r.idempotency_key, r.transfer_id, r.jti or "",
+                 r.now - timedelta(seconds=b.otp_failure_window_seconds),
+                 r.now - timedelta(seconds=b.otp_send_window_seconds),
+                 r.amount_minor > users[i].otp_threshold_minor)
+                for i in live for r, b in (calls[i],)]), strict=True))
+            steps: dict[int, _PinStep] = {}
+            for i in live:
+                r, b = calls[i]
+                kept = None if facts[i]["fingerprint"] is None else _kept_of(facts[i])
+                if kept is not None and kept.fingerprint != r.fingerprint:
+                    out[i] = ConfirmChecks(ConfirmOutcome.KEY_REUSED, users[i])
+                elif kept is not None and kept.state is not None:
+                    out[i] = ConfirmChecks(ConfirmOutcome.ANSWERED, users[i], kept=kept)
+                elif kept is None and r.jti is not None and facts[i]["used_before_records"]:
+                    out[i] = ConfirmChecks(ConfirmOutcome.KEY_REUSED, users[i])
+                else:
+                    steps[i] = _pin_step(locked[r.user_id], r.matches, b.pin_max_attempts,
+                                         r.now, b.pin_lock_seconds)
+            resets = [(calls[i][0].user_id,) for i, step in steps.items() if step.reset]
+            if resets:
+                await raw.executemany(_PIN_RESET, resets)
+            wrong = [i for i, step in steps.items() if step.wrong is not None]
+            counted = dict(zip(wrong, await _each(raw, _PIN_FAILURE, [
+                (r.user_id, r.record, r.now, *(steps[i].wrong or ()))
+                for i in wrong for r, _ in (calls[i],)]), strict=True))
+            passed: list[int] = []
+            for i, step in steps.items():
+                r, b = calls[i]
+                pin = (step.outcome if i not in counted
+                       else _pin_counted(step, bool(counted[i]["counted"]), b.pin_max_attempts))
+                if pin.outcome is PinOutcome.LOCKED:
+                    out[i] = ConfirmChecks(ConfirmOutcome.PIN_LOCKED, users[i])
+                elif pin.outcome is PinOutcome.INVALID:
+                    out[i] = ConfirmChecks(ConfirmOutcome.INVALID_PIN, users[i],
+                                           pin.attempts_left)
+                elif (r.amount_minor > users[i].otp_threshold_minor
+                      and not facts[i]["otp_counted"]
+                      and facts[i]["otp_failures"] >= b.otp_max_failures):
+                    out[i] = ConfirmChecks(ConfirmOutcome.OTP_LOCKED, users[i])
+                elif (r.amount_minor > users[i].otp_threshold_minor
+                      and not facts[i]["otp_counted"]
+                      and facts[i]["otp_sends"] >= b.otp_max_sends):
+                    out[i] = ConfirmChecks(ConfirmOutcome.RATE_LIMITED, users[i])
+                elif not 0 < r.amount_minor <= INT64_MAX:
+                    out[i] = await self._unreservable(raw, r, users[i])
+                else:
+                    passed.append(i)
+            for kind, statement in _CONFIRM_WRITE.items():
+                group = [i for i in passed if calls[i][0].kind == kind]
+                if group:
+                    await self._confirm_writes(raw, statement, group, calls, users, out)
+        return [checks for checks in out if checks is not None]
+
+    @staticmethod
+    async def _confirm_writes(
+        raw: Any, statement: str, group: list[int],
+        calls: Sequence[tuple[ConfirmRequest, GuessBudgets]], users: dict[int, UserRecord],
+        out: list[ConfirmChecks | None],
+    ) -> None:
+        """The writes of the ``group`` of calls whose checks passed (one kind of limit):
+        one execution of ``_CONFIRM_WRITE`` each, pipelined; then the reservations over
+        the limit undone (with the claims inserted for them)."""
+        rows = []
+        for i in group:
+            r = calls[i][0]
+            limit = users[i].daily_limit_minor if r.limit_minor is None else r.limit_minor
+            rows.append((r.user_id, r.transfer_id, r.jti, r.day, r.amount_minor,
+                         min(limit, INT64_MAX),  # usage rows are bigint: no sum passes above
+                         r.kind, r.amount_minor > users[i].otp_threshold_minor, r.now,
+                         r.idempotency_key, r.fingerprint, r.attempt))
+        undo = []
+        for i, written in zip(group, await _each(raw, statement, rows), strict=True):
+            r, user = calls[i][0], users[i]
             if not written["claimed"]:
-                return ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
-            if written["attempt"] is None:  # the reservation was over the limit
-                await raw.execute(_UNDO_RESERVATION, r.transfer_id, r.jti,
-                                  bool(written["claim_inserted"]))
-                return ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
-            return ConfirmChecks(ConfirmOutcome.OK, user, attempt=str(written["attempt"]))
+                out[i] = ConfirmChecks(ConfirmOutcome.TOKEN_USED, user)
+            elif written["attempt"] is None:  # the reservation was over the limit
+                undo.append((r.transfer_id, r.jti, bool(written["claim_inserted"])))
+                out[i] = ConfirmChecks(ConfirmOutcome.LIMIT_EXCEEDED, user)
+            else:
+                out[i] = ConfirmChecks(ConfirmOutcome.OK, user, attempt=str(written["attempt"]))
+        if undo:
+            await raw.executemany(_UNDO_RESERVATION, undo)
 
     @staticmethod
     async def _unreservable(raw: Any, r: ConfirmRequest, user: UserRecord) -> ConfirmChecks:

@@ -6,6 +6,7 @@ tests/integration/test_store_contract.py; here are the plain methods (seeding, t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
@@ -357,6 +358,186 @@ async def test_a_limit_refusal_of_reserve_daily_limit_leaves_nothing(
     assert not await store.reserve_daily_limit(user_id, "over-b", DAY, 1, 1_000)
     assert await store.reserve_daily_limit(user_id, "over-a", DAY, 1_000, 1_000)  # once
     assert await store.reserved_today(user_id, DAY) == 1_000
+
+
+# --- the confirms of one batch (app/adapters/coalesce.py) --------------------------------
+
+
+def _request(user: UserRecord, amount: int, *, pin: str = "123456", key: str | None = None,
+             jti: str | None = None, kind: str = "transfer") -> ConfirmRequest:
+    transfer_id = _uid("t")
+    token = _uid("j") if jti is None and kind == "transfer" else jti
+    return ConfirmRequest(
+        user_id=user.user_id, idempotency_key=key or transfer_id,
+        fingerprint=token or transfer_id, transfer_id=transfer_id, attempt=_uid("a"),
+        matches=_pin(user, pin), record=_uid("rec"), day=DAY, now=datetime.now(UTC),
+        amount_minor=amount, from_account_id=user.account_id if kind == "transfer" else None,
+        jti=token, kind=kind, limit_minor=200_000 if kind == "topup" else None)
+
+
+async def _mixed_batch(store: PostgresBusinessStore
+                       ) -> tuple[list[ConfirmRequest], list[ConfirmOutcome]]:
+    """One confirm per user, each meeting another check: the requests and, for each, the
+    outcome that ``confirm_checks`` gives it alone (tests/integration/test_store_contract.py)."""
+    ok, wrong, blocked, over, otp, reused, used, locked, after, topup, stranger = [
+        await _new_user(store) for _ in range(11)]
+    await store.upsert_user(dataclasses.replace(blocked, status=UserStatus.BLOCKED))
+    reused_key, taken_jti = _uid("k"), _uid("j")
+    assert (await store.confirm_checks(_request(reused, 1_000, key=reused_key),
+                                       GuessBudgets())).outcome is ConfirmOutcome.OK
+    assert (await store.confirm_checks(_request(used, 1_000, jti=taken_jti),
+                                       GuessBudgets())).outcome is ConfirmOutcome.OK
+    for i in range(5):
+        await store.check_pin(locked.user_id, f"lock-{i}", _pin(locked, "000000"), 5)
+    for i in range(2):
+        await store.check_pin(after.user_id, f"fail-{i}", _pin(after, "000000"), 5)
+    foreign = _request(stranger, 1_000)
+    requests = [
+        _request(ok, 1_000),
+        _request(wrong, 1_000, pin="000000"),
+        _request(blocked, 1_000),
+        _request(over, 1_000_001),
+        _request(otp, 60_000),
+        _request(reused, 1_000, key=reused_key),
+        _request(used, 1_000, jti=taken_jti),
+        _request(locked, 1_000),
+        _request(after, 1_000),
+        _request(topup, 150_000, kind="topup"),
+        dataclasses.replace(foreign, from_account_id=ok.account_id),
+    ]
+    expected = [ConfirmOutcome.OK, ConfirmOutcome.INVALID_PIN, ConfirmOutcome.FORBIDDEN,
+                ConfirmOutcome.LIMIT_EXCEEDED, ConfirmOutcome.OK, ConfirmOutcome.KEY_REUSED,
+                ConfirmOutcome.TOKEN_USED, ConfirmOutcome.PIN_LOCKED, ConfirmOutcome.OK,
+                ConfirmOutcome.OK, ConfirmOutcome.FORBIDDEN]
+    return requests, expected
+
+
+async def test_the_confirms_waiting_together_share_one_transaction(
+        store: PostgresBusinessStore) -> None:
+    """Confirms of different users called at once are one batch (one checkout, one
+    transaction), and each gets the outcome it would get alone, with its writes."""
+    requests, expected = await _mixed_batch(store)
+    checkouts: list[int] = []
+    connection = store._connection
+
+    def counted():  # type: ignore[no-untyped-def]
+        checkouts.append(1)
+        return connection()
+
+    store._connection = counted  # type: ignore[method-assign]
+    batches = store._confirms.batches
+    try:
+        results = await asyncio.gather(*(store.confirm_checks(r, GuessBudgets())
+                                         for r in requests))
+    finally:
+        del store._connection
+    assert [r.outcome for r in results] == expected
+    assert store._confirms.batches == batches + 1 and len(checkouts) == 1
+    assert results[1].attempts_left == 4
+    assert results[0].attempt == requests[0].attempt
+    assert results[4].attempt == requests[4].attempt
+    async with store.engine.connect() as conn:
+        def scalar(sql: str, **params: object):  # type: ignore[no-untyped-def]
+            return conn.scalar(text(sql), params)
+        # What each call wrote, and only that: the reservations of the OK ones, the OTP
+        # send of the OTP one, the wrong PIN counted, the counter reset after failures,
+        # nothing for the one over the limit (its token free again).
+        assert await scalar("SELECT count(*) FROM limit_reservations WHERE transfer_id ="
+                            " ANY(:t)", t=[r.transfer_id for r in requests]) == 4
+        assert await scalar("SELECT count(*) FROM otp_sends WHERE transfer_id = :t",
+                            t=requests[4].transfer_id) == 1
+        assert await scalar("SELECT pin_failed_attempts FROM users WHERE user_id = :u",
+                            u=requests[1].user_id) == 1
+        assert await scalar("SELECT pin_failed_attempts FROM users WHERE user_id = :u",
+                            u=requests[8].user_id) == 0
+        assert await scalar("SELECT count(*) FROM transfer_token_uses WHERE jti = :j",
+                            j=requests[3].jti) == 0
+        assert await scalar("SELECT reserved_minor FROM topup_usage WHERE user_id = :u",
+                            u=requests[9].user_id) == 150_000
+
+
+async def test_a_call_that_raises_fails_alone(store: PostgresBusinessStore) -> None:
+    """A non-positive amount raises ``ValueError``; in a batch it rolls the batch back,
+    and then every call runs alone: it raises, the others get their own outcomes."""
+    requests, expected = await _mixed_batch(store)
+    zero = _request(await _new_user(store), 0)
+    results = await asyncio.gather(
+        *(store.confirm_checks(r, GuessBudgets()) for r in [zero, *requests]),
+        return_exceptions=True)
+    assert isinstance(results[0], ValueError)
+    assert [getattr(r, "outcome", r) for r in results[1:]] == expected
+    assert await store.reserved_today(zero.user_id, DAY) == 0
+
+
+async def test_batches_of_two_workers_lock_their_users_in_one_order(
+        database_url: str, store: PostgresBusinessStore, isolation_id: str) -> None:
+    """Two stores (two workers) confirming for the same users at once, in opposite
+    orders: the users' rows are locked by user_id, so no batch ever deadlocks (a failed
+    batch would run again call by call, which would hide it: the batches are watched)."""
+    other = PostgresBusinessStore(make_engine(database_url, f"{isolation_id}_biz", 10),
+                                  f"{isolation_id}_biz")
+    failures: list[BaseException] = []
+    runs = [s._confirms._run_batch for s in (store, other)]
+    for s, run in zip((store, other), runs, strict=True):
+
+        async def watched(calls, run=run):  # type: ignore[no-untyped-def]
+            try:
+                return await run(calls)
+            except Exception as exc:
+                failures.append(exc)
+                raise
+        s._confirms._run_batch = watched  # type: ignore[method-assign]
+    try:
+        users = [await _new_user(store) for _ in range(12)]
+        for _ in range(5):
+            results = await asyncio.gather(
+                *(store.confirm_checks(_request(u, 1_000), GuessBudgets()) for u in users),
+                *(other.confirm_checks(_request(u, 1_000), GuessBudgets())
+                  for u in reversed(users)))
+            assert all(r.outcome is ConfirmOutcome.OK for r in results)
+        assert failures == []
+        for u in users:
+            assert await store.reserved_today(u.user_id, DAY) == 10 * 1_000
+    finally:
+        for s, run in zip((store, other), runs, strict=True):
+            s._confirms._run_batch = run  # type: ignore[method-assign]
+        await other.close()
+
+
+async def test_the_inits_waiting_together_are_one_read(store: PostgresBusinessStore) -> None:
+    users = [await _new_user(store) for _ in range(6)]
+    await store.reserve_daily_limit(users[0].user_id, _uid("t"), DAY, 7_000, 1_000_000)
+    batches = store._init_reads.batches
+    facts = await asyncio.gather(
+        *(store.init_facts(u.user_id, users[-1].account_id, DAY) for u in users),
+        store.init_facts("nobody", "acc-nobody", DAY))
+    assert store._init_reads.batches == batches + 1
+    assert [f.user for f in facts] == [*users, None]
+    assert [f.reserved_today_minor for f in facts] == [7_000, 0, 0, 0, 0, 0, 0]
+    assert [f.payee_exists for f in facts] == [True] * 6 + [False]
+    assert facts[0].payee_currency == "USD"
+
+
+async def test_the_outcomes_saved_together_are_one_write(
+        store: PostgresBusinessStore) -> None:
+    """``save_outcome`` calls waiting together are one pipelined write, applied in the
+    calls' order (the last outcome of a key wins, as one call after another)."""
+    users = [await _new_user(store) for _ in range(4)]
+    requests = [_request(u, 1_000) for u in users]
+    for r in requests:
+        assert (await store.confirm_checks(r, GuessBudgets())).outcome is ConfirmOutcome.OK
+    batches = store._outcome_writes.batches
+    await asyncio.gather(
+        *(store.save_outcome(r.user_id, r.idempotency_key, "COMPLETED", None)
+          for r in requests[:3]),
+        store.save_outcome(requests[3].user_id, requests[3].idempotency_key, "FAILED", "X"),
+        store.save_outcome(requests[3].user_id, requests[3].idempotency_key, "FAILED", "Y"),
+        store.save_outcome("nobody", "no-key", "COMPLETED", None))  # no record: none made
+    assert store._outcome_writes.batches == batches + 1
+    kept = [await store.kept_outcome(r.user_id, r.idempotency_key) for r in requests]
+    assert [(k.state, k.code) for k in kept if k is not None] == [
+        ("COMPLETED", None)] * 3 + [("FAILED", "Y")]
+    assert await store.kept_outcome("nobody", "no-key") is None
 
 
 # --- the asyncpg connection under SQLAlchemy's pool --------------------------------------
