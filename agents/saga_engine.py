@@ -99,6 +99,9 @@ log = logging.getLogger(__name__)
 #: How long ``getmany`` waits for records when there are none (the tick's resolution).
 POLL_TIMEOUT_MS = 200
 
+#: The most records of a cycle decided at once (see ``SagaEngine._slots``).
+DECIDED_AT_ONCE = 128
+
 #: Producer errors no re-send can cure (the idempotent producer's state is broken).
 FATAL_PRODUCER_ERRORS = frozenset({
     "OutOfOrderSequenceNumber", "UnknownProducerId", "InvalidProducerEpoch",
@@ -164,9 +167,10 @@ class SagaEngine:
         #: A flush was refused for a lost lease: nothing is done until an assignment.
         self._fenced = False
         self._background: set[asyncio.Task[None]] = set()
-        #: Records decided at once in a cycle (their PostgreSQL calls overlap): as many as
-        #: the pool has connections, the flush and the ticks queueing behind them.
-        self._slots = asyncio.Semaphore(max(1, settings.db_pool_size))
+        #: Records decided at once in a cycle: their PostgreSQL calls wait together, and
+        #: the store makes one batch of those waiting together (app/adapters/coalesce.py);
+        #: a call it does not batch queues for the pool's connections.
+        self._slots = asyncio.Semaphore(DECIDED_AT_ONCE)
         self._account_events = Handler(self._decide_account_event,
                                        service.account_events.poison)
         #: The offsets this engine committed last, per partition (lag metrics, tests).

@@ -1,6 +1,6 @@
 """Micro-benchmark of the business store's calls against the real PostgreSQL.
 
-``python -m bench.store_calls [--calls 2000] [--only confirm_ok,init_facts]``
+``python -m bench.store_calls [--calls 2000] [--only confirm_ok,init_facts] [--batch 16]``
 
 Runs each call of ``PostgresBusinessStore`` that a transfer makes (``init_facts`` for a
 transferInit, ``confirm_checks`` for a transferConfirm, ``save_outcome`` at the end, and
@@ -9,7 +9,9 @@ the rarer ones) ``--calls`` times, one at a time on one connection, in its own s
 SQLAlchemy/asyncpg and the store's own code), the wall time, and the round trips to
 PostgreSQL (every write of a batch of protocol messages on the socket: BEGIN, a statement,
 COMMIT, a PREPARE of a statement not cached yet are one each; counted in a separate pass so
-that counting costs no CPU in the timed one).
+that counting costs no CPU in the timed one). ``--batch N`` makes each step N calls at once
+(distinct users), which the store coalesces into one batch (app/adapters/coalesce.py): the
+figures are still per call, the wall time per step of N.
 
 Another version of the store (an earlier commit) is measured from a worktree::
 
@@ -192,20 +194,29 @@ async def run(args: argparse.Namespace) -> None:
                 continue
             n = args.calls
             if call is _save_outcome or call is _release or call is _kept_outcome:
-                while len(f.confirmed) < 2 * n + 100 or len(f.reserved) < 2 * n + 100:
-                    await _confirm_ok(f)
+                need = (2 * n + 100) * args.batch
+                while len(f.confirmed) < need or len(f.reserved) < need:
+                    await asyncio.gather(*(_confirm_ok(f) for _ in range(args.batch)))
+
+            async def step(call: Callable[[Fixture], Awaitable[None]] = call,
+                           b: int = args.batch) -> None:
+                if b == 1:
+                    await call(f)
+                else:
+                    await asyncio.gather(*(call(f) for _ in range(b)))
+
             for _ in range(50):  # warm: statements prepared, plans cached
-                await call(f)
+                await step()
             with _count_writes() as writes:
                 for _ in range(args.count_calls):
-                    await call(f)
+                    await step()
             trips = writes[0] / args.count_calls
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(n):
-                await call(f)
+                await step()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
-            rows.append((name, trips, cpu / n * 1e6, wall / n * 1e6))
+            rows.append((name, trips, cpu / n / args.batch * 1e6, wall / n * 1e6))
             print(f"{name}: {n} calls in {wall:.2f}s", file=sys.stderr)
     finally:
         await store.close()
@@ -213,8 +224,9 @@ async def run(args: argparse.Namespace) -> None:
         async with admin.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await admin.dispose()
-    print(f"\nstore: {store_module.__file__}; {args.calls} calls each, one connection\n")
-    print("| call | round trips | client CPU µs/call | wall µs/call |")
+    print(f"\nstore: {store_module.__file__}; {args.calls} steps of {args.batch} call(s) each,"
+          " one connection\n")
+    print("| call | round trips per step | client CPU µs/call | wall µs/step |")
     print("|---|---:|---:|---:|")
     for name, trips, cpu_us, wall_us in rows:
         print(f"| {name} | {trips:.1f} | {cpu_us:,.0f} | {wall_us:,.0f} |")
@@ -228,6 +240,8 @@ def main() -> None:
                    help="calls of the round-trip counting pass")
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--only", default=None, help="comma-separated parts of call names")
+    p.add_argument("--batch", type=int, default=1,
+                   help="calls at once per step (distinct users; at most --users - 1)")
     asyncio.run(run(p.parse_args()))
 
 
