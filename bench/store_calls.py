@@ -75,6 +75,27 @@ def _count_writes() -> Iterator[list[int]]:
         cls.write = original
 
 
+async def _backends(store: PostgresBusinessStore) -> list[int]:
+    """The PIDs of the store's server processes (its pool's connections)."""
+    pids = []
+    for _ in range(2):  # the pool's connection and its overflow, if it was opened
+        async with store._connection() as raw:
+            pids.append(int(await raw.fetchval("SELECT pg_backend_pid()")))
+    return sorted(set(pids))
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of local processes (/proc; 0 where a PID cannot be read)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Fixture:
     store: PostgresBusinessStore
@@ -176,7 +197,7 @@ async def run(args: argparse.Namespace) -> None:
     # One connection: the figures are per call, without any pool contention.
     store = PostgresBusinessStore(make_engine(settings.database_url, schema, pool_size=1),
                                   schema)
-    rows: list[tuple[str, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float]] = []
     try:
         await store.migrate()
         payers = []
@@ -211,12 +232,16 @@ async def run(args: argparse.Namespace) -> None:
                 for _ in range(args.count_calls):
                     await step()
             trips = writes[0] / args.count_calls
+            backends = await _backends(store)
+            server0 = _cpu_seconds(backends)
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(n):
                 await step()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
-            rows.append((name, trips, cpu / n / args.batch * 1e6, wall / n * 1e6))
+            server = _cpu_seconds(backends) - server0
+            rows.append((name, trips, cpu / n / args.batch * 1e6,
+                         server / n / args.batch * 1e6, wall / n * 1e6))
             print(f"{name}: {n} calls in {wall:.2f}s", file=sys.stderr)
     finally:
         await store.close()
@@ -226,10 +251,11 @@ async def run(args: argparse.Namespace) -> None:
         await admin.dispose()
     print(f"\nstore: {store_module.__file__}; {args.calls} steps of {args.batch} call(s) each,"
           " one connection\n")
-    print("| call | round trips per step | client CPU µs/call | wall µs/step |")
-    print("|---|---:|---:|---:|")
-    for name, trips, cpu_us, wall_us in rows:
-        print(f"| {name} | {trips:.1f} | {cpu_us:,.0f} | {wall_us:,.0f} |")
+    print("| call | round trips per step | client CPU µs/call | server CPU µs/call |"
+          " wall µs/step |")
+    print("|---|---:|---:|---:|---:|")
+    for name, trips, cpu_us, server_us, wall_us in rows:
+        print(f"| {name} | {trips:.1f} | {cpu_us:,.0f} | {server_us:,.0f} | {wall_us:,.0f} |")
 
 
 def main() -> None:
