@@ -16,6 +16,11 @@ in ``extra``; see docs/operations.md). ``exc`` holds the traceback when there is
 redaction filter (app/log_redaction.py) runs on each handler before the formatter, so the
 message and the traceback are already redacted; the id fields are redacted too.
 
+**Text lines.** On a terminal, Faust's colored lines stay. Anywhere else (a file, a pipe,
+a log collector) :data:`TEXT_FORMAT`, plain: mode's colored formatter cost ~100 µs of CPU
+per line against ~20 µs (measured; one line per saga state change is ~4 lines per
+transfer, ~10 % of the worker's CPU in the benchmark, docs/performance.md).
+
 **Rebalance cancellations.** When a rebalance revokes partitions, Faust cancels the agent
 tasks that were working on them and mode logs each as ``Crashed reason=CancelledError()``
 at ERROR with a traceback. Nothing crashed: the records are delivered again to the new
@@ -154,4 +159,19 @@ def install(log_format: Literal["text", "json"] = "text") -> int:
             handler.filters.insert(0, _COORDINATOR_LOOKUPS)
         if log_format == "json" and not isinstance(handler.formatter, JsonFormatter):
             handler.setFormatter(JsonFormatter())
+        elif log_format == "text" and _colored(handler) and not _on_terminal(handler):
+            handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     return len(handlers)
+
+
+def _colored(handler: logging.Handler) -> bool:
+    """A formatter of mode's (colorlog's), which Faust's worker installs."""
+    return type(handler.formatter).__module__.startswith(("mode.", "colorlog"))
+
+
+def _on_terminal(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return False

@@ -140,6 +140,35 @@ def test_install_is_idempotent_and_text_stays_the_default() -> None:
         named.removeHandler(handler)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_text_lines_are_plain_off_a_terminal_and_colored_on_one() -> None:
+    """Faust's worker installs mode's colored formatter (~100 µs per line); off a
+    terminal (a file, a pipe) the text lines are plain (~20 µs), on one they stay."""
+    from mode.utils.logging import ExtensionFormatter
+
+    piped, terminal = io.StringIO(), _Terminal()
+    handlers = [logging.StreamHandler(piped), logging.StreamHandler(terminal)]
+    named = logging.getLogger(f"test.text.{uuid.uuid4().hex}")
+    for handler in handlers:
+        handler.setFormatter(ExtensionFormatter(log_format.TEXT_FORMAT))
+        named.addHandler(handler)
+    try:
+        log_format.install("text")
+        assert type(handlers[0].formatter) is logging.Formatter
+        assert isinstance(handlers[1].formatter, ExtensionFormatter)
+        named.warning("transfer %s: %s", "t-1", "DEBITING -> CREDITING")
+        line = piped.getvalue()
+        assert line.endswith(f"WARNING {named.name}: transfer t-1: DEBITING -> CREDITING\n")
+        assert "\x1b[" not in line  # no color codes in a file
+    finally:
+        for handler in handlers:
+            named.removeHandler(handler)
+
+
 def test_the_worker_logs_json_lines_by_setting() -> None:
     """The whole process: ``bizcenter`` with BIZ_LOG_FORMAT=json writes JSON lines."""
     code = ("import logging, sys; import cli.main as cli; from app.settings import load_settings;"
