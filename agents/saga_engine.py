@@ -92,7 +92,7 @@ from app.record_failures import (
 from app.settings import Settings
 from app.transfers.ids import transfer_id_for
 from app.transfers.service import TransferService
-from events.topics import partition_of
+from events.topics import cached_partitioner, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class SagaEngine:
             bootstrap_servers=servers, acks="all", enable_idempotence=True,
             # linger 0: a cycle flushes its outputs at once; waiting would add the linger
             # to every cycle (the batch is the cycle's, not the producer's).
-            linger_ms=0, max_batch_size=512 * 1024)
+            linger_ms=0, max_batch_size=512 * 1024, partitioner=cached_partitioner)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=servers, group_id=saga_group(s),
             enable_auto_commit=False, auto_offset_reset="earliest",

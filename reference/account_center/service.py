@@ -49,6 +49,7 @@ from app.record_failures import (
     validation_reason,
 )
 from app.settings import Settings
+from events.topics import cached_partitioner
 from reference.account_center.ledger import Ledger
 from schemas.wire import AccountCommand, AccountEvent, AccountEventType, DeadLetter
 
@@ -332,6 +333,7 @@ async def run_account_center(settings: Settings, *, stop: asyncio.Event | None =
             acks="all",
             enable_idempotence=True,
             linger_ms=settings.producer_linger_ms,
+            partitioner=cached_partitioner,
         )
         await producer.start()
         consumer = AIOKafkaConsumer(

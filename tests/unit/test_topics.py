@@ -36,3 +36,24 @@ def test_partition_of_is_the_producers_default_partitioner() -> None:
         for _ in range(500):
             key = rng.randbytes(rng.randint(1, 40))
             assert partition_of(key, partitions) == partitioner(key, every, every)
+
+
+def test_the_cached_partitioner_is_the_default_one() -> None:
+    """The producers' partitioner (its answers cached per key) puts every key where
+    aiokafka's default one does, asked once or again, and a record without a key on an
+    available partition."""
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from events.topics import cached_partitioner
+
+    rng = random.Random(7)
+    default = DefaultPartitioner()
+    keys = [rng.randbytes(rng.randint(1, 40)) for _ in range(300)]
+    for partitions in (1, 6, 32):
+        every = list(range(partitions))
+        for key in keys + keys:  # the second time from the cache
+            assert cached_partitioner(key, every, every) == default(key, every, every)
+        for _ in range(50):
+            assert cached_partitioner(None, every, every[-1:]) == every[-1]
