@@ -17,8 +17,11 @@ The port's methods run on the asyncpg connection under SQLAlchemy's pool (the re
 ledger's pattern), with asyncpg's prepared statements (cached per connection) and as few
 round trips as the semantics allow (each costs ~0.1 ms of client CPU): a read or a single
 write is one statement that commits on its own; ``confirm_checks`` is BEGIN, the user's
-lock, the facts read under it, one statement for all the writes, COMMIT
-(``python -m bench.store_calls`` measures each call). Seeding and the operator's methods
+lock, the facts read under it, one statement for all the writes, COMMIT. The confirms, the
+inits' reads and the saved outcomes that wait together are one batch
+(app/adapters/coalesce.py): the confirms of a batch's users share those five round trips,
+each step one pipelined statement (``python -m bench.store_calls [--batch N]`` measures
+each call). Seeding and the operator's methods
 stay on SQLAlchemy. Every method is one transaction on connections whose search_path is
 the business center's schema, so table names are unqualified. Concurrency relies on row
 locks (READ COMMITTED): the user row for PIN checks and the key's record, the primary keys
