@@ -1215,3 +1215,111 @@ def test_cache_answers_as_the_full_verification(
 
     assert outcome(cached) == outcome(fresh)
     assert cached.cached_tokens == 1
+
+
+# --------------------------------------------------------------------------------------
+# transfer tokens: this service's own header, checked without PyJWT
+# --------------------------------------------------------------------------------------
+
+
+def _signed(header: dict[str, Any] | str, body: bytes, secret: str = TRANSFER_SECRET) -> str:
+    """``header.body.signature`` signed HS256 with ``secret``; ``header`` a dict (compact
+    JSON in the dict's order) or a ready segment."""
+    import hashlib
+    import hmac
+
+    head = header if isinstance(header, str) else b64url(
+        json.dumps(header, separators=(",", ":")).encode())
+    signing_input = f"{head}.{b64url(body)}"
+    mac = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(mac)}"
+
+
+OUR_HEADER = {"alg": "HS256", "typ": TRANSFER_TOKEN_TYP}  # PyJWT's order: sorted
+OTHER_SPELLING = {"typ": TRANSFER_TOKEN_TYP, "alg": "HS256"}  # the same header, not ours
+
+
+def test_tokens_of_pyjwt_and_of_this_service_are_one_format(transfers: TransferTokens) -> None:
+    """A token issued here is what PyJWT verifies with the same checks, and one PyJWT
+    issues (earlier versions of this service) has this service's header segment."""
+    token, _ = issue_transfer(transfers, note="loyer · été")
+    decoded = jwt.decode_complete(token, TRANSFER_SECRET, algorithms=["HS256"],
+                                  audience="business-center:transfer-confirm",
+                                  issuer="business-center",
+                                  options={"verify_exp": False, "verify_iat": False})
+    assert decoded["header"] == OUR_HEADER
+    assert decoded["payload"]["note"] == "loyer · été" and decoded["payload"]["amt"] == 12_345
+    by_pyjwt = encode(transfer_claims(), key=TRANSFER_SECRET, headers=TRANSFER_HEADERS)
+    assert by_pyjwt.split(".")[0] == token.split(".")[0] == _signed(OUR_HEADER, b"{}").split(
+        ".")[0]
+    assert transfers.verify(by_pyjwt, NOW).amount_minor == 500
+
+
+_PAYLOADS: list[Any] = [
+    transfer_claims(),
+    transfer_claims(note="ünïcode ✓"),
+    transfer_claims(extra={"nested": [1, 2]}),
+    *(transfer_claims(**{name: None}) for name in (
+        "iss", "aud", "sub", "jti", "iat", "exp", "from", "to", "amt", "cur")),
+    transfer_claims(iss="user-center"),
+    transfer_claims(iss=["business-center"]),
+    transfer_claims(aud=["business-center:transfer-confirm"]),
+    transfer_claims(aud="business-center"),
+    transfer_claims(sub=7),
+    transfer_claims(jti=["tok"]),
+    transfer_claims(amt=True),
+    transfer_claims(exp=ts(NOW) - 3600),
+    transfer_claims(iat=ts(NOW) + 3600),
+    [1, 2, 3],
+    "a string",
+]
+
+
+@pytest.mark.parametrize("payload", _PAYLOADS, ids=lambda p: json.dumps(p)[:60])
+def test_this_service_s_header_is_checked_as_pyjwt_checks_another(
+        transfers: TransferTokens, payload: Any) -> None:
+    """The same payload signed under this service's header (checked here) and under
+    another spelling of it (checked by PyJWT) gets the same answer: the same claims, or
+    the same refusal."""
+    def outcome(header: dict[str, Any]) -> Any:
+        token = _signed(header, json.dumps(payload).encode())
+        try:
+            return transfers.verify(token, NOW)
+        except TokenError as err:
+            return err.code
+
+    assert outcome(OUR_HEADER) == outcome(OTHER_SPELLING)
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _other_spelling(last: str) -> str:
+    """The last character of a 32-byte value's base64url (43 characters) carries 4 bits
+    and 2 unused ones: flipping an unused bit spells the same bytes otherwise."""
+    return _ALPHABET[_ALPHABET.index(last) ^ 1]
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda t: t + "=",                                   # padded signature
+    lambda t: t[:-1] + ("B" if t[-1] == "A" else "A"),   # another signature
+    lambda t: t[:-1] + _other_spelling(t[-1]),          # the same bytes, spelled otherwise
+    lambda t: t + ".x",                                  # four segments
+    lambda t: t.rsplit(".", 1)[0] + ".",                 # no signature
+    lambda t: t.rsplit(".", 1)[0],                       # two segments
+    lambda t: t.split(".")[0] + ".!!!." + t.split(".")[2],  # not base64url
+    lambda t: t.split(".")[0] + "." + t.split(".")[1] + "=." + t.split(".")[2],
+], ids=["padded", "other-signature", "non-canonical", "four", "empty-signature", "two",
+        "alphabet", "padded-payload"])
+def test_a_mangled_token_of_this_service_s_header_is_refused(
+        transfers: TransferTokens, mangle: Callable[[str], str]) -> None:
+    token, _ = issue_transfer(transfers)
+    assert transfers.verify(token, NOW).jti == "tok-1"
+    raises_token_error(lambda: transfers.verify(mangle(token), NOW), ErrorCode.UNAUTHENTICATED)
+
+
+def test_a_token_signed_with_another_secret_under_our_header_is_refused(
+        transfers: TransferTokens) -> None:
+    token = _signed(OUR_HEADER, json.dumps(transfer_claims()).encode(),
+                    secret="another-transfer-secret-" + "q" * 40)
+    raises_token_error(lambda: transfers.verify(token, NOW), ErrorCode.UNAUTHENTICATED)
