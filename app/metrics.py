@@ -30,7 +30,10 @@ Counted where the data is produced, never by parsing a record again:
     the live reconciliation's money-conservation difference per currency (0 balanced);
 ``bizcenter_reconciliation_check_ok{check}``, ``bizcenter_clearing_minor{currency}``,
 ``bizcenter_reconciliation_runs_total{result}``
-    the other checks (1 holds, 0 fails), money in clearing, runs by result.
+    the other checks (1 holds, 0 fails), money in clearing, runs by result;
+``bizcenter_store_batches_total{call}``, ``bizcenter_store_batched_calls_total{call}``
+    the business store's batches (confirms, inits' reads, saved outcomes) and the calls
+    they answered: their ratio is the mean batch size.
 
 This module imports only the standard library and prometheus-client: every layer may call
 it.
@@ -79,6 +82,10 @@ CLEARING = Gauge("bizcenter_clearing_minor", "Money held in clearing:<CUR> (tran
                  "flight, or MANUAL_REVIEW)", ["currency"])
 RECONCILIATIONS = Counter("bizcenter_reconciliation_runs", "Live reconciliation runs by "
                           "result (balanced, drift, error)", ["result"])
+STORE_BATCHES = Counter("bizcenter_store_batches", "Batches of the business store's calls "
+                        "that waited together (app/adapters/coalesce.py), by call", ["call"])
+STORE_BATCHED_CALLS = Counter("bizcenter_store_batched_calls", "Calls answered by those "
+                              "batches, by call", ["call"])
 
 class LabelledChildren:
     """``metric.labels(*values)``, remembered per label set.
@@ -112,6 +119,8 @@ transfers_of = LabelledChildren(TRANSFERS)
 saga_duration_of = LabelledChildren(SAGA_DURATION)
 transitions_of = LabelledChildren(TRANSITIONS)
 resolutions_of = LabelledChildren(RESOLUTIONS)
+store_batches_of = LabelledChildren(STORE_BATCHES)
+store_batched_calls_of = LabelledChildren(STORE_BATCHED_CALLS)
 dead_letters_of = LabelledChildren(DEAD_LETTERS)
 
 #: Dead-letter reasons by their first words: a bounded label (the reason itself holds ids).
@@ -132,6 +141,12 @@ def reason_category(reason: str) -> str:
         if low.startswith(prefix):
             return category
     return "other"
+
+
+def store_batch(call: str, size: int) -> None:
+    """A batch of ``size`` calls of the store's ``call`` ran."""
+    store_batches_of(call).inc()
+    store_batched_calls_of(call).inc(size)
 
 
 def dead_lettered(topic: str, reason: str) -> None:

@@ -30,6 +30,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from app import metrics
+
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
@@ -44,12 +46,14 @@ class Coalescer(Generic[Req, Res]):
 
     def __init__(self, run_batch: Callable[[Sequence[Req]], Awaitable[Sequence[Res]]], *,
                  key: Callable[[Req], Hashable] | None = None,
-                 max_batch: int = MAX_BATCH) -> None:
+                 max_batch: int = MAX_BATCH, name: str | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._run_batch = run_batch
         self._key = key
         self._max_batch = max_batch
+        #: The call's name in the metrics (``bizcenter_store_batches_total{call}``).
+        self._name = name
         self._waiting: list[tuple[Req, asyncio.Future[Res]]] = []
         self._runner: asyncio.Task[None] | None = None
         #: Batches run and calls answered (``batches``/``calls``: the mean batch size).
@@ -100,6 +104,8 @@ class Coalescer(Generic[Req, Res]):
     async def _answer(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
         self.batches += 1
         self.calls += len(batch)
+        if self._name is not None:
+            metrics.store_batch(self._name, len(batch))
         try:
             results = await self._run_batch([request for request, _ in batch])
         except Exception as exc:

@@ -515,11 +515,12 @@ class PostgresBusinessStore:
         self._engine = engine
         self._schema = schema
         self._confirms: Coalescer[tuple[ConfirmRequest, GuessBudgets], ConfirmChecks] = (
-            Coalescer(self._confirm_batch, key=lambda call: call[0].user_id))
+            Coalescer(self._confirm_batch, key=lambda call: call[0].user_id,
+                      name="confirm_checks"))
         self._init_reads: Coalescer[tuple[str, str, date], Any] = Coalescer(
-            functools.partial(self._read_each, _INIT_FACTS))
+            functools.partial(self._read_each, _INIT_FACTS), name="init_facts")
         self._outcome_writes: Coalescer[tuple[str, str, str, str | None], None] = Coalescer(
-            functools.partial(self._write_each, _SAVE_OUTCOME))
+            functools.partial(self._write_each, _SAVE_OUTCOME), name="save_outcome")
 
     @classmethod
     def from_settings(cls, settings: DbSettings) -> PostgresBusinessStore:

@@ -111,3 +111,19 @@ async def test_it_goes_on_after_a_batch() -> None:
     assert await coalescer.submit(1) == 10
     assert await coalescer.submit(2) == 20
     assert run.batches == [[1], [2]]
+
+
+async def test_a_named_coalescer_counts_its_batches_and_calls() -> None:
+    """Operators read the mean batch size from two counters (docs/operations.md)."""
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"call": "unit_test_call"}) or 0.0
+
+    before = (sample("bizcenter_store_batches_total"),
+              sample("bizcenter_store_batched_calls_total"))
+    coalescer: Coalescer[int, int] = Coalescer(Recorder(), name="unit_test_call")
+    await asyncio.gather(*(coalescer.submit(i) for i in range(3)))
+    await coalescer.submit(9)
+    assert sample("bizcenter_store_batches_total") == before[0] + 2
+    assert sample("bizcenter_store_batched_calls_total") == before[1] + 4
