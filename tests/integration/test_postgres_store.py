@@ -540,6 +540,39 @@ async def test_the_outcomes_saved_together_are_one_write(
     assert await store.kept_outcome("nobody", "no-key") is None
 
 
+async def test_a_confirm_cancelled_while_its_batch_waits_leaves_what_a_crash_would(
+        store: PostgresBusinessStore) -> None:
+    """A caller cancelled while its batch waits for a user's lock (another worker's
+    transaction) does not stop the batch: its checks commit once the lock is released,
+    as if the worker had crashed after the commit, and the redelivered record finds them:
+    OK again with the same attempt, the limit reserved once."""
+    user = await _new_user(store)
+    request = _request(user, 4_000)
+    async with store.engine.connect() as other:
+        held = await other.begin()
+        await other.execute(text("SELECT 1 FROM users WHERE user_id = :u FOR UPDATE"),
+                            {"u": user.user_id})
+
+        async def blocked() -> bool:  # the batch's lock statement waits for ``other``
+            async with store.engine.connect() as conn:
+                return bool(await conn.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%FROM users WHERE user_id = ANY%'")))
+
+        call = asyncio.ensure_future(store.confirm_checks(request, GuessBudgets()))
+        await wait_for(blocked, timeout=15, what="the batch waiting for the user's lock")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await held.rollback()
+    await wait_for(lambda: store._confirms._runner is None, timeout=15,
+                   what="the batch's end")
+    again = await store.confirm_checks(dataclasses.replace(request, attempt="other"),
+                                       GuessBudgets())
+    assert again.outcome is ConfirmOutcome.OK and again.attempt == request.attempt
+    assert await store.reserved_today(user.user_id, DAY) == 4_000
+
+
 # --- the asyncpg connection under SQLAlchemy's pool --------------------------------------
 
 
