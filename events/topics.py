@@ -109,13 +109,27 @@ if {f.name for f in fields(Topics)} != {spec.field for spec in TOPIC_SPECS}:  # 
 TABLES: tuple[str, ...] = ()
 
 
-@functools.lru_cache(maxsize=1 << 16)
+#: The longest key whose partition is cached (ids are at most 128 characters; a record's
+#: key may be up to its size limit, and the cache must stay small whatever keys come).
+CACHED_KEY_BYTES = 512
+
+
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition of a keyed record (Kafka's default partitioner: murmur2, as aiokafka
-    and the Java client): where a producer that names no partition puts ``key``. Cached:
-    aiokafka's murmur2 is pure Python (~3 % of the worker's CPU), and most keys come back
-    (an account's commands and events, a transfer's events)."""
+    and the Java client): where a producer that names no partition puts ``key``. Cached
+    for keys of ids' length: aiokafka's murmur2 is pure Python (~3 % of the worker's
+    CPU), and most keys come back (an account's commands and events, a transfer's
+    events); at most 65,536 keys of at most :data:`CACHED_KEY_BYTES` bytes."""
+    if len(key) <= CACHED_KEY_BYTES:
+        return _cached_partition(key, partitions)
+    return _partition(key, partitions)
+
+
+def _partition(key: bytes, partitions: int) -> int:
     return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+_cached_partition = functools.lru_cache(maxsize=1 << 16)(_partition)
 
 
 def cached_partitioner(key: bytes | None, all_partitions: list[int],

@@ -3,9 +3,9 @@ become one batch, one PostgreSQL transaction or one pipelined statement (issue 1
 
 Why: the saga engine decides a cycle's records of different users at once (agents/
 saga_engine.py, ``chain_of``), and each transferConfirm's checks were five round trips of
-their own (BEGIN, the user's lock, the facts, the writes, COMMIT) on a pool of five
-connections: at 128 transfers in flight, ~19 ms of a ~78 ms cycle was spent waiting for
-a connection and a round trip (docs/performance.md). Coalesced, a cycle's confirms share
+their own (BEGIN, the user's lock, the facts, the writes, COMMIT) on a connection of their
+own: at 128 transfers in flight, ~19 ms of a ~78 ms cycle was spent waiting for a
+connection and a round trip (docs/performance.md). Coalesced, a cycle's confirms share
 those five round trips.
 
 How: a call joins the batch that is forming; the batch starts at the next turn of the

@@ -57,3 +57,21 @@ def test_the_cached_partitioner_is_the_default_one() -> None:
             assert cached_partitioner(key, every, every) == default(key, every, every)
         for _ in range(50):
             assert cached_partitioner(None, every, every[-1:]) == every[-1]
+
+
+def test_only_keys_of_ids_length_are_cached() -> None:
+    """A hostile record's key may be as long as its size limit: such keys are not cached
+    (the cache holds at most 65,536 short keys), and still land where they must."""
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from events import topics
+
+    rng = random.Random(11)
+    every = list(range(6))
+    before = topics._cached_partition.cache_info().currsize
+    for _ in range(50):
+        key = rng.randbytes(topics.CACHED_KEY_BYTES + rng.randint(1, 4096))
+        assert topics.partition_of(key, 6) == DefaultPartitioner()(key, every, every)
+    assert topics._cached_partition.cache_info().currsize == before
