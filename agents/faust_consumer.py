@@ -58,15 +58,16 @@ YIELD_EVERY = 100
 
 
 class FetchTunedConsumerThread(AIOKafkaConsumerThread):
-    """Faust's consumer thread with the fetch size and wait of the app's settings.
+    """Faust's consumer thread with the fetch size and wait of the app (``fetch_tuning``;
+    agents/faust_app.py: the queries are fetched at their first byte, or every half
+    second when there is none).
 
-    Faust fixes ``fetch_max_wait_ms=1500`` and leaves ``fetch_min_bytes`` at 1, so the broker
-    answers a fetch as soon as any one of the worker's partitions has one new record: under
-    a steady trickle the consumer thread fetches as fast as the round trip allows, each
-    response listing every assigned partition, and that loop cost the worker about the
-    same CPU at 30 transfers/s as at 65 (docs/performance.md). With a minimum size the
-    broker holds the fetch until that much data or ``fetch_max_wait_ms`` has passed, which
-    bounds the fetch rate, for at most that wait of latency per hop."""
+    Faust fixes ``fetch_max_wait_ms=1500`` and leaves ``fetch_min_bytes`` at 1. When this
+    consumer read the saga topics too, a steady trickle made it fetch as fast as the round
+    trip allowed (30 transfers/s cost the worker nearly the CPU of 65), so it waited for 64
+    KiB or 10 ms; with only the queries left on it, those empty fetches every 10 ms were
+    the cost (docs/performance.md): a query now costs about one fetch, no query one fetch
+    per half second."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)

@@ -202,11 +202,11 @@ class Settings(BaseSettings):
         "and adds up to this much latency per hop.",
     )
     consumer_fetch_min_bytes: int = Field(
-        65536, ge=1, description="The worker's and the account center's fetches wait for "
+        65536, ge=1, description="The saga engine's and the account center's fetches wait for "
         "this much data (or the wait below) before the broker answers: fewer, fuller fetches.",
     )
     consumer_fetch_max_wait_ms: int = Field(
-        10, ge=0, description="The longest the broker holds a fetch of the worker or the "
+        10, ge=0, description="The longest the broker holds a fetch of the saga engine or the "
         "account center waiting for the minimum above (latency added per hop at low traffic).",
     )
     saga_batch_max_records: int = Field(

@@ -34,10 +34,25 @@ IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60.0
 
 def make_engine(url: str, schema: str, pool_size: int = 10, *,
                 idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
-                ) -> AsyncEngine:
-    """An engine whose connections use ``schema`` (search_path) and nothing else."""
+                custom_plans: bool = False) -> AsyncEngine:
+    """An engine whose connections use ``schema`` (search_path) and nothing else.
+
+    ``custom_plans``: every statement is planned for its own parameters
+    (``plan_cache_mode = force_custom_plan``), for connections that run few statements
+    over arrays of any size (``= ANY($1)``, ``unnest``). PostgreSQL otherwise switches a
+    prepared statement to a generic plan after five executions, costed for ten array
+    elements and the table's size at that moment, and keeps it for the connection's life
+    until the table is analyzed again: a plan cached while a table was nearly empty scans
+    it sequentially as it grows (measured: the account center's duplicate check 2.1 ms
+    a batch, reading every processed command, against 0.14 ms planned per batch)."""
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"invalid schema name {schema!r}")
+    server_settings = {
+        "search_path": schema, "application_name": "bizcenter",
+        "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout * 1000)),
+    }
+    if custom_plans:
+        server_settings["plan_cache_mode"] = "force_custom_plan"
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -51,10 +66,7 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
         pool_recycle=1800,
         # Errors and SQL logs never show bound values (PIN verifiers, OTP digests, ...).
         hide_parameters=True,
-        connect_args={"server_settings": {
-            "search_path": schema, "application_name": "bizcenter",
-            "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout * 1000)),
-        }},
+        connect_args={"server_settings": server_settings},
     )
 
 

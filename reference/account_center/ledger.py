@@ -255,7 +255,10 @@ class Ledger:
     @classmethod
     def from_settings(cls, settings: Settings, *, pool_size: int | None = None) -> Ledger:
         schema = settings.account_center_db_schema
-        engine = make_engine(settings.database_url, schema, pool_size or settings.db_pool_size)
+        # Custom plans: each batch's statements run over arrays of 1 to hundreds of ids
+        # against tables that grow by every command (make_engine).
+        engine = make_engine(settings.database_url, schema, pool_size or settings.db_pool_size,
+                             custom_plans=True)
         return cls(engine, schema)
 
     @property
