@@ -131,7 +131,7 @@ def test_each_state_change_is_counted_and_the_first_final_state_is_a_transfer(
         "resolved": value("bizcenter_resolutions_total", action="refund", outcome="FAILED"),
         "failed": value("bizcenter_transfers_total", kind="transfer", outcome="FAILED"),
     }
-    caplog.set_level(logging.INFO, logger="app.saga")
+    caplog.set_level(logging.DEBUG, logger="app.saga")
     saga = step(*s.start(t, request_id="r-1", otp=None, user_id="alice", now=T0,
                          policy=POLICY))
     saga = step(*s.on_account_event(saga, s.command_id(t, "debit"), "debited", None, T0 + 1,
@@ -147,9 +147,14 @@ def test_each_state_change_is_counted_and_the_first_final_state_is_a_transfer(
     assert value("bizcenter_saga_transitions_total", kind="transfer",
                  state="CREDITING") == before["crediting"] + 1
 
-    # one line per state change, MANUAL_REVIEW at WARNING, the ids as JSON fields
+    # one line per state change: the routine steps at DEBUG, money going back at INFO,
+    # MANUAL_REVIEW at WARNING, the ids as JSON fields
     lines = [r for r in caplog.records if r.name == "app.saga"]
-    assert [r.levelname for r in lines] == ["INFO", "INFO", "INFO", "WARNING"]
+    assert [r.levelname for r in lines] == ["DEBUG", "DEBUG", "INFO", "WARNING"]
+    assert [r.getMessage().split(": ", 1)[1] for r in lines] == [
+        "start -> DEBITING", "DEBITING -> CREDITING",
+        "CREDITING -> REFUNDING",
+        "REFUNDING -> MANUAL_REVIEW (INTERNAL)"]
     assert "REFUNDING -> MANUAL_REVIEW (INTERNAL)" in lines[-1].getMessage()
     as_json = json.loads(JsonFormatter().format(lines[-1]))
     assert (as_json["transferId"], as_json["requestId"], as_json["operatorId"]) == (
@@ -160,6 +165,7 @@ def test_each_state_change_is_counted_and_the_first_final_state_is_a_transfer(
     saga = step(*s.on_resolution(saga, "res-1", 1, "refund", "ops-anna", "why", T0 + 10,
                                  POLICY))
     assert "operator resolution 1: refund by ops-anna" in caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelname == "INFO"
     saga = step(*s.on_account_event(saga, s.command_id(t, "refund.r1"), "refunded", None,
                                     T0 + 11, POLICY))
     assert saga.state is s.State.FAILED
