@@ -699,10 +699,16 @@ def saga_to_dict(saga: Saga) -> dict[str, Any]:
     return data
 
 
+_FIELD_SETS: dict[type[Any], frozenset[str]] = {
+    cls: frozenset(_names(cls)) for cls in (Saga, Transfer, *_OUTPUT_TYPES.values())}
+
+
 def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` without the keys ``cls`` does not have: a saga written by a newer version
-    (a field added since) still reads, its new fields ignored."""
-    names = {f.name for f in dataclass_fields(cls)}
+    """A copy of ``data`` without the keys ``cls`` does not have: a saga written by a newer
+    version (a field added since) still reads, its new fields ignored."""
+    names = _FIELD_SETS[cls]
+    if data.keys() <= names:  # the usual case: written by this version
+        return dict(data)
     return {k: v for k, v in data.items() if k in names}
 
 
@@ -711,7 +717,7 @@ def saga_from_dict(data: dict[str, Any]) -> Saga:
     outputs), so a version reading a saga stored by a later one does not fail on a field
     added since (docs/operations.md, "Upgrade")."""
     fields = _known(Saga, data)
-    fields["transfer"] = Transfer(**_known(Transfer, dict(data["transfer"])))
+    fields["transfer"] = Transfer(**_known(Transfer, data["transfer"]))
     fields["state"] = State(fields["state"])
     outputs = []
     for raw in data.get("last_outputs", []):
