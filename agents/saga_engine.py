@@ -92,6 +92,7 @@ from app.record_failures import (
 from app.settings import Settings
 from app.transfers.ids import transfer_id_for
 from app.transfers.service import TransferService
+from events.fetching import AdaptiveFetch
 from events.topics import cached_partitioner, partition_of
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class SagaEngine:
         self.clock = clock
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        #: The consumer's fetch setting, following its traffic (events/fetching.py).
+        self.fetch: AdaptiveFetch | None = None
         self._task: asyncio.Task[None] | None = None
         self._cycle_lock = asyncio.Lock()
         self._stopping = False
@@ -205,6 +208,8 @@ class SagaEngine:
         self.consumer.subscribe([self.topics.commands, self.topics.saga_inputs,
                                  self.topics.account_events, self.topics.funding_events],
                                 listener=_Rebalance(self))
+        self.fetch = AdaptiveFetch(self.consumer, s.consumer_fetch_min_bytes,
+                                   s.consumer_fetch_max_wait_ms, time.monotonic)
         self._task = asyncio.create_task(self._run(), name="saga engine")
 
     async def stop(self) -> None:
@@ -244,8 +249,8 @@ class SagaEngine:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        consumer = self.consumer
-        assert consumer is not None
+        consumer, fetch = self.consumer, self.fetch
+        assert consumer is not None and fetch is not None
         try:
             delay = BACKOFF_INITIAL_SECONDS
             while not self._stopping and self.failure is None:
@@ -260,6 +265,7 @@ class SagaEngine:
                     delay = min(delay * 2, BACKOFF_MAX_SECONDS)
                     continue
                 delay = BACKOFF_INITIAL_SECONDS
+                fetch.read(sum(len(records) for records in batch.values()))
                 async with self._cycle_lock:
                     await self._cycle(batch)
         except asyncio.CancelledError:

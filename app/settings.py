@@ -202,8 +202,10 @@ class Settings(BaseSettings):
         "and adds up to this much latency per hop.",
     )
     consumer_fetch_min_bytes: int = Field(
-        65536, ge=1, description="The saga engine's and the account center's fetches wait for "
-        "this much data (or the wait below) before the broker answers: fewer, fuller fetches.",
+        65536, ge=1, description="Under load (above 1000 / the wait below records a "
+        "second), the saga engine's and the account center's fetches wait for this much data "
+        "(or the wait below) before the broker answers: fewer, fuller fetches. Below, a fetch "
+        "is answered at its first byte.",
     )
     consumer_fetch_max_wait_ms: int = Field(
         10, ge=0, description="The longest the broker holds a fetch of the saga engine or the "

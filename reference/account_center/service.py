@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -49,6 +50,7 @@ from app.record_failures import (
     validation_reason,
 )
 from app.settings import Settings
+from events.fetching import AdaptiveFetch
 from events.topics import cached_partitioner
 from reference.account_center.ledger import Ledger
 from schemas.wire import AccountCommand, AccountEvent, AccountEventType, DeadLetter
@@ -124,6 +126,8 @@ class AccountCenter:
         self.committed: dict[Any, int] = {}
         #: When the loop last asked for records (monotonic): /readyz's ``consuming``.
         self.last_poll: float | None = None
+        #: The consumer's fetch setting, following its traffic (events/fetching.py).
+        self.fetch: AdaptiveFetch | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,6 +136,8 @@ class AccountCenter:
             batches = await self._consumer.getmany(
                 timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS
             )
+            if self.fetch is not None:
+                self.fetch.read(sum(len(records) for records in batches.values()))
             if not batches:
                 continue
             try:
@@ -350,6 +356,8 @@ async def run_account_center(settings: Settings, *, stop: asyncio.Event | None =
         log.info("account center consuming %s as group %s",
                  settings.topic(COMMANDS_TOPIC), settings.account_center_group)
         center = AccountCenter(settings, ledger, consumer, producer, stop)
+        center.fetch = AdaptiveFetch(consumer, settings.consumer_fetch_min_bytes,
+                                     settings.consumer_fetch_max_wait_ms, time.monotonic)
         if settings.reconcile_interval_seconds > 0:
             background.append(asyncio.create_task(
                 live_reconciliation(ledger, settings.reconcile_interval_seconds, stop),
