@@ -21,8 +21,9 @@ measures it against a trivial responder, at 1,000 transfers/s and more):
 - **two consumers, fetches sized to amortise**: a fetch round costs the generator ~0.3-0.7 ms
   of CPU whatever it carries (aiokafka, the event loop, the socket; more with more
   partitions), so the number of fetches is what counts. One consumer reads
-  ``business.replies`` and ``notifications.otp`` (the latencies depend on them). While
-  fewer than ``BATCHED_ABOVE`` records a second come, every fetch is answered as soon as one
+  ``business.replies`` and ``notifications.otp`` (the latencies depend on them), with the
+  worker's adaptive fetch (events/fetching.py): while fewer than 1000 /
+  ``FETCH_MAX_WAIT_MS`` records a second come, every fetch is answered as soon as one
   record is there (one fetch per reply, nothing added to the latencies); above, the broker
   answers when ``FETCH_MIN_BYTES`` are there or after ``FETCH_MAX_WAIT_MS``, whichever comes
   first (at most 1000 / ``FETCH_MAX_WAIT_MS`` fetches a second, whatever the rate).
@@ -60,6 +61,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 
+from events.fetching import AdaptiveFetch
+
 #: Settings of the gateway's producer (the same as ``reference.gateway_client.GatewayClient``).
 PRODUCER_OPTIONS: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 1}
 
@@ -70,12 +73,6 @@ PRODUCER_OPTIONS: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "
 #: include it).
 FETCH_MIN_BYTES = 16 * 1024
 FETCH_MAX_WAIT_MS = 10
-#: Records a second read above which the fetches are batched as above (below, one fetch a
-#: record costs less than a fetch every FETCH_MAX_WAIT_MS); back below 70 % of it, one
-#: fetch a record again. Checked every second.
-BATCHED_ABOVE = 1000 // FETCH_MAX_WAIT_MS
-#: The fetches below that rate: answered at the first byte, or after half a second.
-SPARSE_FETCH = {"fetch_min_bytes": 1, "fetch_max_wait_ms": 500}
 #: The fetches of business.transfer-events, read after the load for the checks (every saga
 #: final), which poll every 0.5 s.
 EVENTS_FETCH_MIN_BYTES = 512 * 1024
@@ -117,27 +114,29 @@ class Reader:
 
     def __init__(self, bootstrap: str, handlers: dict[str, Handler], *,
                  from_beginning: frozenset[str] = frozenset(),
-                 batched_above: int | None = None, **consumer_options: Any) -> None:
-        """``consumer_options``: the fetch settings; with ``batched_above``, used only while
-        more than that many records a second are read (``SPARSE_FETCH`` below)."""
+                 adaptive: bool = False, **consumer_options: Any) -> None:
+        """``consumer_options``: the fetch settings; ``adaptive``: used only while the
+        records read come faster than a fetch every ``fetch_max_wait_ms``, fetches at the
+        first byte otherwise (events/fetching.py)."""
         self.bootstrap = bootstrap
         self.handlers = handlers
         self.from_beginning = from_beginning
         self.consumer_options = consumer_options
-        self.batched_above = batched_above
-        self.batched = batched_above is None
-        self.switches = 0
+        self.adaptive = adaptive
+        self._fetch: AdaptiveFetch | None = None
         self.records = 0
         self.batches = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        options = self.consumer_options if self.batched else {
-            **self.consumer_options, **SPARSE_FETCH}
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                    enable_auto_commit=False, **options)
+                                    enable_auto_commit=False, **self.consumer_options)
         await consumer.start()
+        if self.adaptive:
+            self._fetch = AdaptiveFetch(
+                consumer, self.consumer_options["fetch_min_bytes"],
+                self.consumer_options["fetch_max_wait_ms"], asyncio.get_running_loop().time)
         tps: list[TopicPartition] = []
         for topic in self.handlers:
             partitions = consumer.partitions_for_topic(topic)
@@ -163,13 +162,11 @@ class Reader:
     async def _run(self) -> None:
         assert self._consumer is not None
         loop = asyncio.get_running_loop()
-        handlers = self.handlers
-        next_check, counted = loop.time() + 1.0, 0
+        handlers, fetch = self.handlers, self._fetch
         while True:
             batches = await self._consumer.getmany(timeout_ms=200)
-            if self.batched_above is not None and loop.time() >= next_check:
-                self._adapt(self.records - counted)
-                next_check, counted = loop.time() + 1.0, self.records
+            if fetch is not None:
+                fetch.read(sum(len(records) for records in batches.values()))
             if not batches:
                 continue
             read_at, read_ms = loop.time(), int(time.time() * 1000)
@@ -179,23 +176,6 @@ class Reader:
                 self.records += len(records)
                 for record in records:
                     handler(record, read_at, read_ms)
-
-    def _adapt(self, per_second: int) -> None:
-        """Batched fetches above ``batched_above`` records a second, one a record below."""
-        assert self.batched_above is not None and self._consumer is not None
-        if self.batched:
-            want = per_second >= 0.7 * self.batched_above
-        else:
-            want = per_second > self.batched_above
-        fetcher = getattr(self._consumer, "_fetcher", None)
-        if want == self.batched or not hasattr(fetcher, "_fetch_min_bytes"):
-            return
-        # aiokafka reads these two when it builds each fetch request.
-        options = self.consumer_options if want else SPARSE_FETCH
-        fetcher._fetch_min_bytes = options["fetch_min_bytes"]  # type: ignore[union-attr]
-        fetcher._fetch_max_wait_ms = options["fetch_max_wait_ms"]  # type: ignore[union-attr]
-        self.batched = want
-        self.switches += 1
 
     async def caught_up(self) -> bool:
         """Whether the positions reached the ends the partitions have now."""
@@ -209,7 +189,8 @@ class Reader:
 
     def stats(self) -> dict[str, Any]:
         return {"records": self.records, "batches": self.batches,
-                "batchedFetches": self.batched, "modeSwitches": self.switches,
+                "batchedFetches": self._fetch.batched if self._fetch is not None else True,
+                "modeSwitches": self._fetch.switches if self._fetch is not None else 0,
                 "recordsPerBatch": round(self.records / self.batches, 2) if self.batches
                 else None}
 
@@ -297,7 +278,7 @@ class BenchGateway:
         self.reader = Reader(
             bootstrap, {topic("business.replies"): self._on_reply,
                         topic("notifications.otp"): self._on_otp},
-            batched_above=BATCHED_ABOVE,
+            adaptive=True,
             fetch_min_bytes=FETCH_MIN_BYTES, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
         self.events_reader = Reader(
             bootstrap, {events: self._on_event}, from_beginning=frozenset({events}),
