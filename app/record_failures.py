@@ -285,13 +285,16 @@ def decode_json_object(raw: bytes | None, *, max_bytes: int = MAX_RECORD_BYTES,
     if raw is not None and len(raw) > max_bytes:
         raise Refused(f"too large: the value is {len(raw)} bytes, over the {max_bytes}-byte "
                       "limit")
+    text = raw or b""
     try:
-        doc = orjson.loads(raw or b"")
+        doc = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise Refused(f"undecodable: {_json_error(exc)}") from None
     if not isinstance(doc, dict):
         raise Refused("undecodable: not a JSON object")
-    if json_deeper_than(doc, max_depth):
+    # Each level opens with a bracket of the text (one inside a string only overcounts):
+    # with no more brackets than the limit, the document cannot be deeper (no walk).
+    if text.count(b"{") + text.count(b"[") > max_depth and json_deeper_than(doc, max_depth):
         raise Refused(f"too deep: JSON nested deeper than {max_depth} levels")
     return doc
 

@@ -127,6 +127,11 @@ def test_json_depth_limit() -> None:
         decode_json_object(_nested(MAX_JSON_DEPTH + 1))
     with pytest.raises(Refused, match="too deep"):
         decode_json_object(b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}")
+    # Brackets inside strings count in the quick bound, not in the depth.
+    assert decode_json_object(b'{"a": "' + b"{[" * 40 + b'", "b": [{}]}')
+    with pytest.raises(Refused, match="too deep"):
+        decode_json_object(b'{"s": "{{{", "a": ' + _nested(MAX_JSON_DEPTH) + b"}")
+    assert decode_json_object(b'{"s": "{{{", "a": ' + _nested(MAX_JSON_DEPTH - 1) + b"}")
 
 
 def test_size_limit_is_checked_before_parsing() -> None:
