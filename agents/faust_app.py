@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 #: (fetch_min_bytes, fetch_max_wait_ms) of the Faust consumer, whose only stream is
 #: business.queries: a query is answered as soon as it is there, and an idle topic costs one
-#: fetch every half second. The worker's and the account center's busy consumers batch
-#: their fetches instead (BIZ_CONSUMER_FETCH_MIN_BYTES / _MAX_WAIT_MS); with that setting
-#: here, this consumer's empty fetches every 10 ms cost the worker 0.05 core and the broker
-#: 0.03 with no query at all (docs/performance.md).
+#: fetch every half second. (The saga engine's and the account center's consumers batch
+#: their fetches under load: events/fetching.py.) With the batched setting here, this
+#: consumer's empty fetches every 10 ms cost the worker 0.05 core and the broker 0.03 with
+#: no query at all (docs/performance.md).
 QUERY_FETCH = (1, 500)
 
 

@@ -5,8 +5,8 @@ A fetch waits at the broker for ``fetch_min_bytes`` or ``fetch_max_wait_ms``, wh
 comes first. The saga engine and the account center batch (64 KiB or 10 ms,
 ``BIZ_CONSUMER_FETCH_MIN_BYTES`` / ``_MAX_WAIT_MS``): under load each fetch carries what
 came in 10 ms instead of one record. With no traffic the same setting answers an empty
-fetch every 10 ms: an idle worker, account center and broker spent ~0.2 core of the
-machine on them (docs/performance.md), and a lone record waited up to 10 ms per hop.
+fetch every 10 ms: an idle saga engine, account center and broker spent ~0.25 core of
+the machine on them (docs/performance.md), and a lone record waited up to 10 ms per hop.
 
 :class:`AdaptiveFetch` counts the records a consumer reads and, once a second, picks the
 setting: batched above ``1000 / max_wait`` records a second (a fetch every ``max_wait`` is
