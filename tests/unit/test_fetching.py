@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from events.fetching import (
     HYSTERESIS,
     SPARSE_MAX_WAIT_MS,
@@ -90,3 +92,14 @@ def test_a_consumer_without_a_fetcher_yet_gets_the_setting_once_it_has_one() -> 
     c._fetcher = SimpleNamespace(_fetch_min_bytes=BATCHED[0], _fetch_max_wait_ms=BATCHED[1])
     fetch.read(0)
     assert in_force(c) == SPARSE
+
+
+def test_a_fetcher_without_the_settings_is_left_alone_and_said_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    c, clock = SimpleNamespace(_fetcher=SimpleNamespace()), Clock()
+    fetch = AdaptiveFetch(c, *BATCHED, clock)
+    for _ in range(3):
+        second(fetch, clock, 500)
+        second(fetch, clock, 0)
+    assert not hasattr(c._fetcher, "_fetch_min_bytes")
+    assert [r.levelname for r in caplog.records if r.name == "events.fetching"] == ["WARNING"]
