@@ -166,7 +166,7 @@ async def test_a_query_is_answered_afresh_for_the_same_request_id(system: System
     after = await system.client.wait(
         lambda _: len(system.client.replies[request_id]) == 2  # type: ignore[union-attr]
         and system.client.replies[request_id][1], 30)  # type: ignore[union-attr]
-    assert after["data"]["balanceMinor"] == 99_300
+    assert after["data"]["balanceMinor"] == 99_300, system.client.replies[request_id]
 
 
 async def test_another_users_balance_is_forbidden(system: System) -> None:
