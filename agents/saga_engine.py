@@ -23,16 +23,29 @@ app as a service. One turn of the loop, a *cycle*:
    whose tick is due then move their sagas whose deadline has come (the repository's
    ``due``); every transfer event the cycle will send is applied to its transfer's details
    row (``TransferProjection``, the row homed with its saga);
-4. every saga, reply and query row the cycle wrote is made durable in ONE PostgreSQL
-   transaction (``flush``, under the partitions' leases; an outage is retried, nothing sent
-   before it succeeds; a lost lease writes, sends and commits nothing);
-5. every output of the cycle is produced without a per-record await; their acks are
-   awaited while the next cycle fetches and decides (before its flush); a record whose
-   outputs could not all be sent goes through the guard's ``deliver`` (re-sent, or
-   replaced by its poison outputs);
+4. every saga, reply and query row the cycle wrote is sealed (``seal``: exactly the
+   cycle's writes, taken between two cycles' decisions) and made durable in ONE
+   PostgreSQL transaction (``write``, under the partitions' leases as the seal found them;
+   an outage is retried with the same sealed batch, nothing sent before it succeeds; a
+   lost lease writes, sends and commits nothing);
+5. every output of the cycle is produced without a per-record await, once its write
+   succeeded; a record whose outputs could not all be sent goes through the guard's
+   ``deliver`` (re-sent, or replaced by its poison outputs);
 6. only then are the cycle's offsets committed (in cycle order).
 
-Why this order is safe under at-least-once delivery: a crash before 4 leaves the idempotent
+Steps 4-6 run while the next cycle fetches and decides (a pipeline of two cycles: the
+worker's thread decides while PostgreSQL writes and the broker acknowledges). The next
+cycle reads what this one wrote from the buffer, where the sealed versions stay until
+written (then they are remembered as read); it waits for 4-6 of this one to end before
+it seals its own, so writes become durable, outputs are sent and offsets committed in
+cycle order, and at most one cycle is ever unwritten or unacknowledged. Its decisions may
+rest on this cycle's writes before they are durable, as a record's may rest on an earlier
+record's of its own cycle: if this write never happens (a crash, a lost lease), neither
+does the next one (a lost lease fences the engine, and the next cycle discards what it
+decided), and both cycles' records are delivered again.
+
+Why this order is safe under at-least-once delivery: a crash before 4 (this cycle's or the
+previous one's) leaves the idempotent
 PostgreSQL effects (token claims, reservations, PIN counters) and nothing else, and the
 redelivered records are decided again; a crash between 4 and 6 leaves the sagas and query
 rows written and their outputs perhaps unsent: a redelivered record finds its saga and
@@ -40,8 +53,9 @@ re-sends what it decided (``saga_core.redelivered_outputs``), every output id be
 deterministic, so the downstream consumers absorb the duplicates; a redelivered account
 event finds its seen mark and changes no row (``AccountProjection``).
 
-Rebalances (aiokafka's listener): a revoke waits for the cycle in flight to end (flushed,
-sent, committed) before the partitions go, then forgets the cycle's caches; the Faust
+Rebalances (aiokafka's listener): a revoke waits for the cycle in flight to end (decided,
+written however long the database is away, sent, committed) before the partitions go,
+then forgets the cycle's buffer and caches; the Faust
 stream buffers of the rebalance trap are not on this path. The topics are assigned by
 Kafka's range assignor, which gives a member the same partition numbers of the
 co-partitioned ones (the same sagas, the same accounts): a saga, and an account's query
@@ -75,7 +89,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from app.adapters.saga_state import ROW_TABLES, LeaseLost, NotReadAhead, PostgresRows
+from app.adapters.saga_state import ROW_TABLES, LeaseLost, NotReadAhead, PostgresRows, Sealed
 from app.domain import transfer_saga as saga_core
 from app.query_service import SEP, TransferProjection
 from app.record_failures import (
@@ -125,7 +139,13 @@ class BatchState(Protocol):
         """The saga as this cycle knows it (written or read ahead), without I/O."""
         ...
 
-    async def flush(self) -> None: ...
+    def seal(self) -> Sealed: ...
+
+    async def write(self, sealed: Sealed) -> None: ...
+
+    def written(self, sealed: Sealed) -> None: ...
+
+    def forget_reads(self) -> None: ...
 
     def discard(self) -> None: ...
 
@@ -164,6 +184,9 @@ class SagaEngine:
         self._cycle_lock = asyncio.Lock()
         self._stopping = False
         self._next_tick: dict[int, float] = {}
+        #: The last cycle's tail: its write and sends (``_writing``), then its acks and
+        #: commit (``_completion``), both overlapping the next cycle's fetch and decisions.
+        self._writing: asyncio.Task[list[tuple[int, Any]] | None] | None = None
         self._completion: asyncio.Task[None] | None = None
         #: Who takes the home partitions' leases (app/adapters/saga_state.py).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -229,8 +252,12 @@ class SagaEngine:
                 await asyncio.wait_for(self._wait_completions(),
                                        timeout=self.settings.saga_stop_grace_seconds + 1)
             except TimeoutError:
-                log.warning("the last saga cycle's acks did not come: not committed (its "
-                            "records are delivered again)")
+                log.warning("the last saga cycle was not written or its acks did not come: "
+                            "not committed (its records are delivered again)")
+                for tail in (self._completion, self._writing):
+                    if tail is not None and not tail.done():
+                        tail.cancel()
+                        await asyncio.wait([tail])
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
@@ -298,6 +325,7 @@ class SagaEngine:
         ticks = self._ticks_due()
         if not lanes and not events and not ticks:
             return
+        self.state.forget_reads()
         await self._prefetch([*lanes.values(), events])
         decided = await self._route_events(events, lanes) if events else []
         results = await asyncio.gather(*(
@@ -305,22 +333,28 @@ class SagaEngine:
             for p in sorted(set(lanes) | ticks)))
         decided += [d for lane_result in results for d in lane_result]
         await self._project_transfers(decided)
-        # The previous cycle's acks and commit overlapped this cycle's fetch and
-        # decisions; they end before anything of this cycle is written or sent, so at most
-        # one cycle is ever unacknowledged, and outputs re-sent after a failed ack never
-        # come after a later cycle's (a revoke or a stop waits for the last one too).
+        # The previous cycle's write, sends, acks and commit overlapped this cycle's fetch
+        # and decisions (which read its writes from the buffer until they are written);
+        # they end before anything of this cycle is written or sent, so writes are made
+        # durable in cycle order, at most one cycle is ever unwritten or unacknowledged,
+        # and outputs re-sent after a failed ack never come after a later cycle's (a
+        # revoke or a stop waits for the last one too).
         await self._wait_completions()
-        if self._fenced or not await self._flush():
+        if self._fenced:
             # Another worker took some of these partitions (this one lost them during an
-            # outage): nothing of the cycle is written, sent or committed; their new owner
-            # reads the records again. Nothing more is done until partitions are assigned.
-            self._fenced = True
+            # outage; the previous cycle's write found it): nothing of this cycle is
+            # written, sent or committed; their new owner reads the records again.
+            # Nothing more is done until partitions are assigned.
             self.state.discard()
             return
-        acks = await self._produce(decided)
-        previous = self._completion
+        # Sealed now, between two cycles' decisions: exactly this cycle's writes (and
+        # any the previous cycles left), never half of a record's.
+        sealed = self.state.seal()
+        writing = asyncio.create_task(self._write_and_produce(sealed, decided),
+                                      name="saga cycle write")
+        self._writing = writing
         self._completion = asyncio.create_task(
-            self._complete(previous, decided, acks, offsets), name="saga cycle completion")
+            self._complete(writing, decided, offsets), name="saga cycle completion")
 
     async def _prefetch(self, lanes: Iterable[list[tuple[SourceRecord, RecordHandler]]]
                         ) -> None:
@@ -491,16 +525,22 @@ class SagaEngine:
         saga = self.state.read_ahead(chain.removeprefix("transfer:"))
         return f"user:{saga.transfer.operator_id}" if saga is not None else EVERY_SAGA
 
-    async def _flush(self) -> bool:
-        """The cycle's sagas, replies and query rows, in one transaction; an outage is
-        retried. False when the flush was refused: a lease of the cycle's partitions is
-        lost."""
+    async def _write_and_produce(self, sealed: Sealed, decided: Sequence[Decided]
+                                 ) -> list[tuple[int, Any]] | None:
+        """The cycle's sagas, replies and query rows in one transaction (an outage is
+        waited out, the same sealed batch written again), then every output handed to the
+        producer; the futures of their acks. None when the write was refused, a lease of
+        the cycle's partitions lost: nothing sent, and the engine fenced (the next cycle
+        discards what it decided over this one)."""
         try:
-            await self._waiting_out("the saga state could not be written", self.state.flush)
+            await self._waiting_out("the saga state could not be written",
+                                    functools.partial(self.state.write, sealed))
         except LeaseLost as exc:
             log.warning("saga cycle not written: %s; its records go to their new owner", exc)
-            return False
-        return True
+            self._fenced = True
+            return None
+        self.state.written(sealed)
+        return await self._produce(decided)
 
     async def _waiting_out(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
         """``call`` until it succeeds: an outage is waited out with back-off (nothing of
@@ -536,16 +576,18 @@ class SagaEngine:
                 futures.append((i, fut))
         return futures
 
-    async def _complete(self, previous: asyncio.Task[None] | None, decided: Sequence[Decided],
-                        acks: list[tuple[int, Any]],
+    async def _complete(self, writing: asyncio.Task[list[tuple[int, Any]] | None],
+                        decided: Sequence[Decided],
                         offsets: dict[TopicPartition, int]) -> None:
-        """A cycle's end: its outputs acknowledged (a record whose outputs could not all be
-        sent goes through the guard's ``deliver``), then its offsets committed, after the
-        previous cycle's."""
+        """A cycle's end: written and sent (``writing``; refused: nothing more), its
+        outputs acknowledged (a record whose outputs could not all be sent goes through
+        the guard's ``deliver``), then its offsets committed. The previous cycle's ended
+        before this one was sealed."""
         try:
+            acks = await writing
+            if acks is None:
+                return
             await self._send(decided, acks)
-            if previous is not None:
-                await previous
             if offsets:
                 await self._commit(offsets)
         except asyncio.CancelledError:
@@ -559,8 +601,16 @@ class SagaEngine:
             raise
 
     async def _wait_completions(self) -> None:
-        """Until the last cycle's outputs are acknowledged and its offsets committed."""
+        """Until the last cycle is written, its outputs acknowledged and its offsets
+        committed."""
         task = self._completion
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
+    async def _wait_written(self) -> None:
+        """Until the last cycle is written (an outage waited out) and its outputs handed
+        to the producer, or its write refused."""
+        task = self._writing
         if task is not None and not task.done():
             await asyncio.wait([task])
 
@@ -656,8 +706,11 @@ class SagaEngine:
             self.committed.setdefault(tp, offset if offset is not None else 0)
 
     async def _revoked(self) -> None:
-        async with self._cycle_lock:  # the cycle in flight ends: flushed, sent, committed
-            try:
+        async with self._cycle_lock:  # the cycle in flight ends: decided,
+            # then written and sent, however long an outage of the database lasts (its
+            # sealed batch must not be written after the partitions went), ...
+            await self._wait_written()
+            try:  # ... then acknowledged and committed, if the broker answers in time
                 await asyncio.wait_for(asyncio.shield(self._wait_completions()),
                                        timeout=self.settings.consumer_session_timeout_seconds)
             except TimeoutError:

@@ -11,14 +11,19 @@ engine then reads that row alone (``read_row``) and decides the event again.
 
 Why this design:
 
-- **Writes are buffered, flushed once per batch.** ``put`` only records the latest version
-  of a key in memory; :meth:`PostgresSagaState.flush` writes every buffered saga, reply and
-  query row in one statement (one transaction, one round trip: a set-based upsert per
-  table, from ``unnest`` of arrays), which the saga engine runs before any output of the
-  batch is sent and its offsets committed. A batch of 500 records costs one write, not 500 or 1000.
+- **Writes are buffered, written once per batch.** ``put`` only records the latest version
+  of a key in memory; :meth:`PostgresSagaState.seal` takes every buffered saga, reply and
+  query row and :meth:`PostgresSagaState.write` writes them in one statement (one
+  transaction, one round trip: a set-based upsert per table, from ``unnest`` of arrays),
+  which the saga engine runs before any output of the batch is sent and its offsets
+  committed. A batch of 500 records costs one write, not 500 or 1000. The sealed versions
+  stay in the buffer until written (:meth:`PostgresSagaState.written`), so the engine's
+  next batch, decided while they are written, reads them; its own puts are not part of
+  the sealed batch. ``flush`` is the four steps at once.
 - **The read cache lives for one batch only.** ``get`` answers from the buffer, then from
   what this batch already read (``prefetch`` reads a batch's keys in one statement,
-  remembering the absent ones), then with one SELECT. ``flush`` and ``discard`` forget the
+  remembering the absent ones; a sealed version, once written, counts as read), then with
+  one SELECT. ``forget_reads`` (each batch's start), ``flush`` and ``discard`` forget the
   cache: after the batch the partition may belong to another worker, whose writes this
   process would not see.
 - **A crash between the flush and the sends is harmless.** The redelivered record finds
@@ -38,7 +43,9 @@ there are no competing writers in normal operation; a flush writes its rows in k
 outage, then back) the **leases** decide: the saga engine takes its home partitions'
 leases at every assignment (``take_leases``: one more generation each), and a flush then
 locks and checks the leases of what it writes and writes nothing once another engine took
-one (``LeaseLost``): still one statement, the writes conditional on the leases.
+one (``LeaseLost``): still one statement, the writes conditional on the leases, as the
+seal found them (a batch sealed before a lease was taken again, even by the same engine,
+is refused).
 
 The statements run on the bare asyncpg connection of a checkout of SQLAlchemy's pool, as
 ``PostgresBusinessStore`` does (prepared statements cached per connection; the engine is
@@ -220,6 +227,22 @@ def _saga_of(stored: str) -> saga_core.Saga:
     return saga_core.saga_from_dict(orjson.loads(stored))
 
 
+class Sealed(NamedTuple):
+    """A batch of writes taken from the buffer (:meth:`PostgresSagaState.seal`): the
+    versions, the statement's arrays, and under leases the partitions written with the
+    generations held when sealed."""
+
+    sagas: list[tuple[str, saga_core.Saga]]
+    replies: list[tuple[str, SavedReply]]
+    rows: list[list[tuple[str, tuple[int, bytes]]]]
+    columns: tuple[list[Any], ...]
+    leases: tuple[list[int], list[int]] | None
+
+    @property
+    def empty(self) -> bool:
+        return not self.sagas and not self.replies and not any(self.rows)
+
+
 class PostgresSagas:
     """``SagaRepository`` over :class:`PostgresSagaState` (its ``sagas`` view)."""
 
@@ -248,10 +271,13 @@ class PostgresSagas:
     async def due(self, partition: int, now: float, limit: int) -> list[str]:
         if limit <= 0:
             return []
+        # The buffer as the statement leaves it out: a sealed batch written meanwhile
+        # leaves the buffer (``written``) while the statement runs.
+        buffered = list(self.buffer.values())
         async with self._owner.connection() as raw:
             rows = await raw.fetch(_DUE, partition, now, list(self.buffer), limit)
         found = [(float(r["deadline"]), str(r["transfer_id"])) for r in rows]
-        for saga in self.buffer.values():
+        for saga in buffered:
             deadline = saga.deadline()
             if (saga.transfer.home_partition == partition and deadline is not None
                     and deadline <= now):
@@ -262,10 +288,13 @@ class PostgresSagas:
     async def purge(self, partition: int, older_than: float) -> int:
         """As the port says, except that a buffered saga is not purged (its flush would
         write it again); a later purge takes it."""
+        kept = list(self.buffer)  # left out by the statement (and as it ran, see ``due``)
         async with self._owner.connection() as raw:
-            count = await raw.fetchval(_PURGE_SAGAS, partition, older_than, list(self.buffer))
+            count = await raw.fetchval(_PURGE_SAGAS, partition, older_than, kept)
+        spared = set(kept)
         for transfer_id, saga in self.cache.items():  # the rows just deleted
-            if (saga is not None and saga.transfer.home_partition == partition
+            if (transfer_id not in spared and saga is not None
+                    and saga.transfer.home_partition == partition
                     and saga.state in PURGED_STATES and saga.updated_at < older_than):
                 self.cache[transfer_id] = None
         return int(count)
@@ -297,11 +326,14 @@ class PostgresReplies:
 
     async def purge(self, partition: int, older_than: float) -> int:
         """As the port says, except that a buffered reply is not purged."""
+        kept = list(self.buffer)  # left out by the statement (see ``PostgresSagas.purge``)
         async with self._owner.connection() as raw:
             count = await raw.fetchval(_PURGE_REPLIES, partition, older_than,
-                                       [db_key(key) for key in self.buffer])
+                                       [db_key(key) for key in kept])
+        spared = set(kept)
         for key, saved in self.cache.items():
-            if saved is not None and saved.partition == partition and saved.saved_at < older_than:
+            if (key not in spared and saved is not None and saved.partition == partition
+                    and saved.saved_at < older_than):
                 self.cache[key] = None
         return int(count)
 
@@ -461,52 +493,86 @@ class PostgresSagaState:
         self._leases = {int(r["home_partition"]): int(r["generation"]) for r in rows}
         return dict(self._leases)
 
-    async def flush(self) -> None:
-        """Write every buffered saga, reply and query row in one transaction (one
-        statement), then forget the buffer and the read cache. On failure the buffer is
-        kept and the exception propagates as the driver raised it. A ``put`` made while
-        the flush was under way stays buffered.
-
-        Once leases are taken (``take_leases``), the flush first locks the leases of the
-        home partitions it writes (``FOR SHARE``: a taker waits for it) and writes nothing
-        if another engine took one since: ``LeaseLost`` (a worker that lost its partitions
-        during an outage never writes over their new owner's sagas)."""
+    def seal(self) -> Sealed:
+        """What the buffer holds now, ready to be written (:meth:`write`), with the leases'
+        generations as they are now. The buffer is unchanged: a ``put`` made after the
+        seal belongs to the next one; the sealed versions leave the buffer once written
+        (:meth:`written`)."""
         sagas = sorted(self._sagas.buffer.items())
         replies = sorted(self._replies.buffer.items())
         rows = [sorted(view.buffer.items()) for view in self.rows.values()]
-        if sagas or replies or any(rows):
-            columns = (*_saga_columns(sagas), *_reply_columns(replies),
-                       *(column for table_rows in rows for column in _row_columns(table_rows)))
-            async with self.connection() as raw:
-                if self._leases is None:
-                    await raw.execute(_FLUSH, *columns)
-                else:
-                    partitions = sorted({s.transfer.home_partition for _, s in sagas}
-                                        | {r.partition for _, r in replies}
-                                        | {home for table_rows in rows
-                                           for _, (home, _value) in table_rows})
-                    # A partition never leased here is lost (generation 0 is never
-                    # taken: the first take is 1).
-                    lost = await raw.fetchval(
-                        _FLUSH_LEASED, *columns, partitions,
-                        [self._leases.get(p, 0) for p in partitions])
-                    if lost:
-                        raise LeaseLost(f"home partitions {list(lost)} were taken by "
-                                        "another saga engine")
-            for transfer_id, saga in sagas:
-                if self._sagas.buffer.get(transfer_id) is saga:
-                    del self._sagas.buffer[transfer_id]
-            for key, saved in replies:
-                if self._replies.buffer.get(key) is saved:
-                    del self._replies.buffer[key]
-            for view, table_rows in zip(self.rows.values(), rows, strict=True):
-                for key, row in table_rows:
-                    if view.buffer.get(key) is row:
-                        del view.buffer[key]
+        columns = (*_saga_columns(sagas), *_reply_columns(replies),
+                   *(column for table_rows in rows for column in _row_columns(table_rows)))
+        leases = None
+        if self._leases is not None:
+            # A partition never leased here is lost (generation 0 is never taken: the
+            # first take is 1).
+            partitions = sorted({s.transfer.home_partition for _, s in sagas}
+                                | {r.partition for _, r in replies}
+                                | {home for table_rows in rows
+                                   for _, (home, _value) in table_rows})
+            leases = (partitions, [self._leases.get(p, 0) for p in partitions])
+        return Sealed(sagas, replies, rows, columns, leases)
+
+    async def write(self, sealed: Sealed) -> None:
+        """Write a sealed batch in one transaction (one statement); nothing else changes.
+        On failure nothing is written and the exception propagates as the driver raised
+        it; writing the same batch again is safe (upserts of the same versions).
+
+        Sealed under leases (``take_leases``), the statement first locks the leases of the
+        home partitions it writes (``FOR SHARE``: a taker waits for it) and writes nothing
+        if any generation is no longer the one sealed: ``LeaseLost`` (a worker that lost
+        its partitions during an outage never writes over their new owner's sagas, nor
+        over what it decided itself under a later lease)."""
+        if sealed.empty:
+            return
+        async with self.connection() as raw:
+            if sealed.leases is None:
+                await raw.execute(_FLUSH, *sealed.columns)
+            else:
+                lost = await raw.fetchval(_FLUSH_LEASED, *sealed.columns, *sealed.leases)
+                if lost:
+                    raise LeaseLost(f"home partitions {list(lost)} were taken by "
+                                    "another saga engine")
+
+    def written(self, sealed: Sealed) -> None:
+        """After :meth:`write` succeeded: each sealed version leaves the buffer unless a
+        later ``put`` replaced it, and is remembered as read (it is what PostgreSQL holds
+        now), so that a batch decided while it was being written does not read it again."""
+        for transfer_id, saga in sealed.sagas:
+            if self._sagas.buffer.get(transfer_id) is saga:
+                del self._sagas.buffer[transfer_id]
+            self._sagas.cache[transfer_id] = saga
+        for key, saved in sealed.replies:
+            if self._replies.buffer.get(key) is saved:
+                del self._replies.buffer[key]
+            self._replies.cache[key] = saved
+        for view, table_rows in zip(self.rows.values(), sealed.rows, strict=True):
+            for key, row in table_rows:
+                if view.buffer.get(key) is row:
+                    del view.buffer[key]
+                view.cache[key] = row[1]
+
+    def forget_reads(self) -> None:
+        """Forget what was read (the read cache); the buffer stays. The saga engine calls
+        it as each cycle begins: what the cycle reads is read again, not taken from an
+        earlier cycle (the partition may have been another worker's meanwhile)."""
         self._sagas.cache.clear()
         self._replies.cache.clear()
         for view in self.rows.values():
             view.cache.clear()
+
+    async def flush(self) -> None:
+        """Write every buffered saga, reply and query row in one transaction (one
+        statement), then forget the buffer and the read cache: :meth:`seal`,
+        :meth:`write`, :meth:`written`, :meth:`forget_reads`. On failure the buffer is
+        kept and the exception propagates as the driver raised it. A ``put`` made while
+        the flush was under way stays buffered. Under leases: ``LeaseLost`` as
+        :meth:`write` says."""
+        sealed = self.seal()
+        await self.write(sealed)
+        self.written(sealed)
+        self.forget_reads()
 
     def discard(self) -> None:
         """Forget the buffer and the read cache: the batch is abandoned (a rebalance)."""

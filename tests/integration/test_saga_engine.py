@@ -12,7 +12,7 @@ output, commit) must keep true that the per-record tests elsewhere cannot show.
 Whether records really shared a cycle is not assumed: a ``sitecustomize`` on the worker's
 ``PYTHONPATH`` (written by this module) logs the coordinates of every cycle's records, and
 the tests check it. The same hook, gated by an environment variable, ends the process with
-``os._exit`` right after ``PostgresSagaState.flush`` returns in the Nth cycle that carries
+``os._exit`` right after ``PostgresSagaState.write`` returns for the Nth cycle that carries
 records of a given topic.
 
 One system for the module; the tests run in file order, each on its own users and ids.
@@ -59,8 +59,8 @@ FAULT_SAGA_CYCLE_LOG=<file>: every cycle of the saga engine that carries records
 one JSON line {"pid", "records": [[topic, partition, offset], ...]} before it is decided.
 FAULT_EXIT_AFTER_FLUSH_CYCLE=N (with FAULT_EXIT_CYCLE_TOPIC=<topic suffix>, optional):
 in the Nth cycle carrying records (of that topic), the process ends with os._exit(86)
-right after PostgresSagaState.flush returns: the sagas and replies written, no output
-sent, no offset committed."""
+right after PostgresSagaState.write returns for the batch that cycle sealed: the sagas
+and replies written, no output sent, no offset committed."""
 import json
 import os
 
@@ -72,8 +72,10 @@ if _log or _exit_at:
     from app.adapters import saga_state as _state
 
     _seen = {"cycles": 0, "armed": False}
+    _armed_batches = []
     _cycle = _engine.SagaEngine._cycle
-    _flush = _state.PostgresSagaState.flush
+    _seal = _state.PostgresSagaState.seal
+    _write = _state.PostgresSagaState.write
 
     async def _logged_cycle(self, batch):
         records = [[tp.topic, tp.partition, r.offset]
@@ -89,14 +91,21 @@ if _log or _exit_at:
         finally:
             _seen["armed"] = False
 
-    async def _flush_then_exit(self):
-        await _flush(self)
+    def _armed_seal(self):
+        sealed = _seal(self)
         if _seen["armed"]:
+            _armed_batches.append(sealed)
+        return sealed
+
+    async def _write_then_exit(self, sealed):
+        await _write(self, sealed)
+        if any(sealed is armed for armed in _armed_batches):
             print("FAULT INJECTION: exit right after the flush", flush=True)
             os._exit(86)
 
     _engine.SagaEngine._cycle = _logged_cycle
-    _state.PostgresSagaState.flush = _flush_then_exit
+    _state.PostgresSagaState.seal = _armed_seal
+    _state.PostgresSagaState.write = _write_then_exit
     print(f"FAULT INJECTION: saga engine hooks (exit at {_exit_at} {_topic!r})", flush=True)
 '''
 

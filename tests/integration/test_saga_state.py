@@ -205,10 +205,12 @@ async def database(database_url: str, isolation_id: str) -> AsyncIterator[Databa
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def db(database: Database) -> Database:
-    """The module's database, emptied (the tests count rows and ask for due sagas)."""
+    """The module's database, emptied (the tests count rows, ask for due sagas and take
+    leases from the first generation)."""
     async with database.engine.begin() as conn:
         await conn.execute(text("TRUNCATE sagas, saved_replies, query_balances, "
-                                "query_history, query_events_seen, query_transfers"))
+                                "query_history, query_events_seen, query_transfers, "
+                                "saga_leases"))
     database.statements.clear()
     return database
 
@@ -741,6 +743,71 @@ async def test_a_flush_writes_nothing_once_another_engine_took_a_lease(db: Datab
     b.sagas.put(saga("tr-b", partition=1, deadline=T0))
     with pytest.raises(LeaseLost):
         await b.flush()
+
+
+@pytest.mark.integration
+async def test_a_sealed_batch_is_what_was_buffered_when_sealed(db: Database) -> None:
+    """The saga engine seals a cycle's writes, then decides the next cycle while they are
+    written: a put made after the seal is not written with it and stays buffered; the
+    sealed versions leave the buffer once written (one a later put replaced stays), and
+    are then answered without I/O, as PostgreSQL holds them."""
+    state = db.state()
+    state.sagas.put(saga("tr-1", deadline=T0))
+    state.sagas.put(saga("tr-2", deadline=T0))
+    state.replies.put("k-1", b"first", at=T0, partition=0)
+    sealed = state.seal()
+    newer = saga("tr-2", state=State.COMPLETED, updated_at=T0 + 5)
+    state.sagas.put(newer)  # the next cycle's decisions, made while the write runs
+    state.sagas.put(saga("tr-3", deadline=T0))
+    assert as_stored(await state.sagas.get("tr-2")) == as_stored(newer)
+    await state.write(sealed)
+    other = db.state()
+    assert as_stored(await other.sagas.get("tr-2")) == as_stored(saga("tr-2", deadline=T0))
+    assert await other.sagas.get("tr-3") is None
+    state.written(sealed)
+    assert state.pending == 2  # tr-2's later version and tr-3
+    db.statements.clear()
+    assert as_stored(await state.sagas.get("tr-1")) == as_stored(saga("tr-1", deadline=T0))
+    assert as_stored(await state.sagas.get("tr-2")) == as_stored(newer)
+    assert await state.replies.get("k-1") == b"first"
+    assert db.statements == []
+    await state.write(state.seal())
+    assert (await db.state().saga("tr-2")).state is State.COMPLETED  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+async def test_a_sealed_batch_written_again_after_an_outage_is_the_same(db: Database) -> None:
+    """A write the database did not take (an outage) is retried with the same sealed batch:
+    the same versions, the upserts idempotent."""
+    state = db.state()
+    state.sagas.put(saga("tr-1", deadline=T0))
+    state.replies.put("k-1", b"r", at=T0, partition=0)
+    sealed = state.seal()
+    await state.write(sealed)
+    state.sagas.put(saga("tr-1", state=State.COMPLETED, updated_at=T0 + 5))
+    await state.write(sealed)  # the retry of a write whose answer was lost
+    assert await db.rows("sagas") == 1 and await db.rows("saved_replies") == 1
+    state.written(sealed)
+    await state.write(state.seal())
+    assert (await db.state().saga("tr-1")).state is State.COMPLETED  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+async def test_a_batch_sealed_under_a_lease_taken_again_since_writes_nothing(
+        db: Database) -> None:
+    """The generations are the seal's: a batch sealed before the partition's lease was
+    taken again, even by the same engine (a rebalance that gave it back), is refused, so
+    what was decided under the old lease is never written over what came after."""
+    state = db.state()
+    assert await state.take_leases([0], "engine-a") == {0: 1}
+    state.sagas.put(saga("tr-1", deadline=T0))
+    sealed = state.seal()
+    assert await state.take_leases([0], "engine-a") == {0: 2}
+    with pytest.raises(LeaseLost):
+        await state.write(sealed)
+    assert await db.rows("sagas") == 0
+    await state.write(state.seal())  # sealed under generation 2
+    assert await db.rows("sagas") == 1
 
 
 # --------------------------------------------------------------------------------------
