@@ -100,15 +100,16 @@ def install() -> None:
     _wrap_all(PostgresBusinessStore, "db", [
         "get_user", "account_exists", "reserved_today", "check_pin", "claim_transfer_token",
         "reserve_daily_limit", "release_daily_limit", "get_funding_source", "init_facts",
-        "confirm_checks"])
+        "confirm_checks", "_confirm_batch", "_read_each", "_write_each", "save_outcome"])
     _wrap_all(AccessTokenVerifier, "jwt.access", ["verify"])
     _wrap_all(TransferTokens, "jwt.transfer", ["issue", "verify"])
     _wrap_all(saga_state.PostgresSagas, "state.sagas", ["get", "due", "purge"])
     _wrap_all(saga_state.PostgresReplies, "state.replies", ["get", "purge"])
-    _wrap_all(saga_state.PostgresSagaState, "state", ["flush", "prefetch"])
+    _wrap_all(saga_state.PostgresSagaState, "state", ["flush", "write", "prefetch"])
     _wrap_all(saga_state.PostgresSagaState, "state", ["read_row"])
     _wrap_all(SagaEngine, "engine", ["_cycle", "_run_lane", "_route_events", "_send",
-                                     "_commit"])
+                                     "_commit", "_wait_completions", "_write_and_produce",
+                                     "_project_transfers"])
     _wrap_all(faust_app.Worker, "send", ["send_all"])
     _wrap_all(SagaSteps, "service", ["apply"])
 

@@ -55,9 +55,15 @@ async def _debits_of(system: System, transfer_id: str) -> int:
 
 async def test_happy_path_under_the_threshold(system: System) -> None:
     payer, payee = await _pair(system)
-    reply = await system.transfer(payer, f"acc-{payee}", 12_345)
+    idem = str(uuid.uuid4())
+    reply = await system.transfer(payer, f"acc-{payee}", 12_345, idem=idem)
     assert reply["status"] == "ok", reply
     assert reply["data"]["state"] == "COMPLETED"
+    # The outcome kept beyond the saga's purge, in the key's idempotency record: saved
+    # when the saga ended, before its final reply was sent.
+    assert system.store is not None
+    kept = await system.store.kept_outcome(payer, idem)
+    assert kept is not None and (kept.state, kept.code) == ("COMPLETED", None)
     assert await system.balances(f"acc-{payer}", f"acc-{payee}") == {
         f"acc-{payer}": 100_000 - 12_345, f"acc-{payee}": 12_345}
     # The audit trail: DEBITING → CREDITING → COMPLETED, keyed by transferId.
@@ -227,8 +233,12 @@ async def test_fifty_concurrent_identical_confirms_debit_once(system: System) ->
 
 async def test_insufficient_funds(system: System) -> None:
     payer, payee = await _pair(system, payer_balance=500)
-    reply = await system.transfer(payer, f"acc-{payee}", 501)
+    idem = str(uuid.uuid4())
+    reply = await system.transfer(payer, f"acc-{payee}", 501, idem=idem)
     assert reply["code"] == "INSUFFICIENT_FUNDS" and reply["data"]["state"] == "FAILED"
+    assert system.store is not None
+    kept = await system.store.kept_outcome(payer, idem)
+    assert kept is not None and (kept.state, kept.code) == ("FAILED", "INSUFFICIENT_FUNDS")
     assert await system.balances(f"acc-{payer}", f"acc-{payee}") == {
         f"acc-{payer}": 500, f"acc-{payee}": 0}
     # The reservation of the daily limit was given back.
