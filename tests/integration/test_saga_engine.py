@@ -60,20 +60,36 @@ one JSON line {"pid", "records": [[topic, partition, offset], ...]} before it is
 FAULT_EXIT_AFTER_FLUSH_CYCLE=N (with FAULT_EXIT_CYCLE_TOPIC=<topic suffix>, optional):
 in the Nth cycle carrying records (of that topic), the process ends with os._exit(86)
 right after PostgresSagaState.write returns for the batch that cycle sealed: the sagas
-and replies written, no output sent, no offset committed."""
+and replies written, no output sent, no offset committed.
+FAULT_HOLD_WRITE_CYCLE=N (with FAULT_EXIT_CYCLE_TOPIC, and FAULT_HOLD_WRITE_FILE=<file>):
+the write of the batch the Nth such cycle sealed waits until <file> exists; every seal
+and the hold's start and end are logged to FAULT_HOLD_LOG=<file> (JSON lines)."""
 import json
 import os
 
 _log = os.environ.get("FAULT_SAGA_CYCLE_LOG", "")
 _exit_at = int(os.environ.get("FAULT_EXIT_AFTER_FLUSH_CYCLE", "0"))
+_hold_at = int(os.environ.get("FAULT_HOLD_WRITE_CYCLE", "0"))
+_hold_file = os.environ.get("FAULT_HOLD_WRITE_FILE", "")
+_hold_log = os.environ.get("FAULT_HOLD_LOG", "")
 _topic = os.environ.get("FAULT_EXIT_CYCLE_TOPIC", "")
-if _log or _exit_at:
+if _log or _exit_at or _hold_at:
+    import asyncio
+
     from agents import saga_engine as _engine
     from app.adapters import saga_state as _state
 
-    _seen = {"cycles": 0, "armed": False}
+    _seen = {"cycles": 0, "armed": False, "hold": False}
     _armed_batches = []
+    _held_batches = []
+
+    def _note(event, **fields):
+        if _hold_log:
+            with open(_hold_log, "a") as out:
+                out.write(json.dumps({"pid": os.getpid(), "event": event, **fields}) + "\\n")
+
     _cycle = _engine.SagaEngine._cycle
+    _wait = _engine.SagaEngine._wait_completions
     _seal = _state.PostgresSagaState.seal
     _write = _state.PostgresSagaState.write
 
@@ -83,27 +99,45 @@ if _log or _exit_at:
         if records and _log:
             with open(_log, "a") as out:
                 out.write(json.dumps({"pid": os.getpid(), "records": records}) + "\\n")
-        if records and _exit_at and any(t.endswith(_topic) for t, _p, _o in records):
+        _seen["records"] = records
+        if records and (_exit_at or _hold_at) and any(t.endswith(_topic)
+                                                      for t, _p, _o in records):
             _seen["cycles"] += 1
             _seen["armed"] = _seen["cycles"] == _exit_at
+            _seen["hold"] = _seen["cycles"] == _hold_at
         try:
             return await _cycle(self, batch)
         finally:
-            _seen["armed"] = False
+            _seen["armed"] = _seen["hold"] = False
 
     def _armed_seal(self):
         sealed = _seal(self)
         if _seen["armed"]:
             _armed_batches.append(sealed)
+        if _seen["hold"]:
+            _held_batches.append(sealed)
+        _note("sealed", sagas=[t for t, _saga in sealed.sagas])
         return sealed
 
+    async def _logged_wait(self):
+        task = self._completion
+        if task is not None and not task.done():
+            _note("waits for the cycle before", records=_seen.get("records", []))
+        return await _wait(self)
+
     async def _write_then_exit(self, sealed):
+        if any(sealed is held for held in _held_batches):
+            _note("held")
+            while not os.path.exists(_hold_file):
+                await asyncio.sleep(0.05)
+            _note("released")
         await _write(self, sealed)
         if any(sealed is armed for armed in _armed_batches):
             print("FAULT INJECTION: exit right after the flush", flush=True)
             os._exit(86)
 
     _engine.SagaEngine._cycle = _logged_cycle
+    _engine.SagaEngine._wait_completions = _logged_wait
     _state.PostgresSagaState.seal = _armed_seal
     _state.PostgresSagaState.write = _write_then_exit
     print(f"FAULT INJECTION: saga engine hooks (exit at {_exit_at} {_topic!r})", flush=True)
@@ -882,3 +916,79 @@ async def test_a_replay_of_the_commands_from_offset_zero_moves_no_money_and_answ
     assert await _processed_commands(system) == processed
     assert await system.money_moved_more_than_once() == []
     assert len(system.otps.messages) == otps_sent, "the replay sent an OTP"
+
+
+# --------------------------------------------------------------------------------------
+# e. the pipeline: a cycle is decided while the one before it is written
+# --------------------------------------------------------------------------------------
+
+
+def _hold_events(path: Path, pid: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [e for e in events if e["pid"] == pid]
+
+
+async def test_a_cycle_is_decided_while_the_one_before_is_written_and_sends_after_it(
+        system: EngineSystem, producer: AIOKafkaProducer,
+        tmp_path: Path) -> None:
+    """The engine's pipeline of two cycles (agents/saga_engine.py): the write of a cycle of
+    commands is held (the hook waits for a file before PostgresSagaState.write). Meanwhile a
+    second command arrives: its cycle is fetched and decided, then waits for the one before
+    it, and nothing of either cycle is sent (no reply) while the first is not written.
+    Released: the first cycle is written and sent, only then is the second sealed (its
+    writes apart from the first's), and both requests are answered once."""
+    s = system.settings
+    n = s.topic_partitions
+    commands = s.topic("business.commands")
+    first, second, payee = "pipe-first", "pipe-second", "pipe-payee"
+    await system.add_user(first, balance=10_000)
+    await system.add_user(second, balance=10_000)
+    await system.add_user(payee, balance=0)
+    await wait_for(lambda: _quiet(system), timeout=60, interval=0.2, what="quiet")
+    await system.stop_process("worker")
+
+    def init(user: str, request_id: str) -> tuple[bytes, bytes, int]:
+        return (request_id.encode(), _envelope(system, "transferInit", user, {
+            "toAccountId": f"acc-{payee}", "amountMinor": 100, "currency": CURRENCY},
+            request_id=request_id), _partition_of(request_id.encode(), n))
+
+    r_first, r_second = f"pipe-1-{uuid.uuid4()}", f"pipe-2-{uuid.uuid4()}"
+    release, hold_log = tmp_path / "release", tmp_path / "hold.jsonl"
+    [first_coord] = await _produce(producer, commands, [init(first, r_first)])
+    # No tick meanwhile (the first cycle runs them): a cycle of ticks alone would be the
+    # one waiting for the first, and the second command would be fetched only after it.
+    _start_worker(system, FAULT_HOLD_WRITE_CYCLE="1", FAULT_EXIT_CYCLE_TOPIC="business.commands",
+                  FAULT_HOLD_WRITE_FILE=str(release), FAULT_HOLD_LOG=str(hold_log),
+                  BIZ_TICK_INTERVAL_SECONDS="600")
+    pid = system.processes["worker"].pid
+    await wait_for(lambda: any(e["event"] == "held" for e in _hold_events(hold_log, pid)),
+                   timeout=120, interval=0.1, what="the first cycle's write to be held")
+    assert _one_cycle_held(system, [first_coord])
+
+    [second_coord] = await _produce(producer, commands, [init(second, r_second)])
+
+    def second_waits() -> bool:
+        return any(e["event"] == "waits for the cycle before"
+                   and list(second_coord) in e["records"]
+                   for e in _hold_events(hold_log, pid))
+
+    await wait_for(second_waits, timeout=60, interval=0.1,
+                   what="the second cycle, decided, to wait for the first")
+    assert _replies(system, r_first) == [] and _replies(system, r_second) == [], (
+        "a reply was sent before its cycle, or the cycle before it, was written")
+    assert system.processes["worker"].poll() is None
+
+    release.touch()
+    answered = [await system.final(rid, timeout=60) for rid in (r_first, r_second)]
+    assert [a["status"] for a in answered] == ["ok", "ok"], answered
+    events = [e["event"] for e in _hold_events(hold_log, pid)]
+    held = events.index("held")
+    assert events[held:held + 3] == ["held", "waits for the cycle before", "released"], events
+    assert "sealed" in events[held + 3:], events  # the second cycle, sealed after
+    await wait_for(lambda: _quiet(system), timeout=60, interval=0.2, what="quiet")
+    for rid in (r_first, r_second):
+        assert len(_answers(system, rid)) == 1, _replies(system, rid)
+    await system.stop_process("worker")
+    _start_worker(system)  # as the module's other tests run it
