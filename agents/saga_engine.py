@@ -66,10 +66,11 @@ parse that decides which records may run at once answer one question together (w
 record's effects become durable, be sent and be committed); split, the ordering argument
 above would be spread over files that each look safe alone.
 
-Stop: the cycle in flight may finish for ``saga_stop_grace_seconds``; then it is cancelled,
-and its records, not committed, are delivered again to whoever owns them next. An exception
-that escapes the guard (a bug, or a write of the flush that is not an outage) crashes the
-worker: nothing after it is committed.
+Stop: the cycle in flight may finish for ``saga_stop_grace_seconds``, and its tail about as
+long again; then what is left is cancelled (the tail too, even a write waiting out an
+outage of the database), and the records not committed are delivered again to whoever owns
+them next. An exception that escapes the guard (a bug, or a write that is not an outage)
+crashes the worker: nothing after it is committed.
 """
 
 from __future__ import annotations
@@ -254,10 +255,14 @@ class SagaEngine:
             except TimeoutError:
                 log.warning("the last saga cycle was not written or its acks did not come: "
                             "not committed (its records are delivered again)")
-                for tail in (self._completion, self._writing):
-                    if tail is not None and not tail.done():
-                        tail.cancel()
-                        await asyncio.wait([tail])
+        # What is left of the last cycle's tail (a write waiting out an outage of the
+        # database, acks the broker does not send) is cancelled, also when the cycle after
+        # it was (it waited for that tail): nothing of it is committed, its records come
+        # again, and the revoke of the consumer's stop finds no write in flight.
+        for tail in (self._completion, self._writing):
+            if tail is not None and not tail.done():
+                tail.cancel()
+                await asyncio.wait([tail])
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:

@@ -430,3 +430,41 @@ async def test_an_assignment_leases_the_co_partitioned_topics_numbers_only() -> 
         TopicPartition(t.account_events, 1), TopicPartition(t.funding_events, 2),
         TopicPartition(t.funding_events, 0)])
     assert state.taken == [{0, 1}]
+
+
+# --------------------------------------------------------------------------------------
+# a stop while a cycle's write waits out an outage
+# --------------------------------------------------------------------------------------
+
+
+async def test_a_stop_leaves_no_cycle_tail_running_even_when_the_next_cycle_was_cancelled(
+) -> None:
+    """A cycle's write waits out an outage of the database for as long as it lasts, and the
+    cycle after it waits for that write before sealing its own. At a stop the waiting cycle
+    is cancelled after the grace; the tail it waited for must be cancelled too (nothing of
+    it committed, its records delivered again), or the consumer's stop, whose revoke waits
+    for a write in flight, would wait for the database for ever."""
+    import asyncio
+
+    from agents.saga_engine import SagaEngine
+
+    h = Harness()
+    settings = h.settings.model_copy(update={"saga_stop_grace_seconds": 0.1})
+
+    async def crash(exc: BaseException) -> None:
+        raise AssertionError(exc)
+
+    engine = SagaEngine(settings, h.service, _LeaseRecorder(), crash=crash)  # type: ignore[arg-type]
+    database_back = asyncio.Event()
+
+    async def write_waiting_out_the_outage() -> list[tuple[int, Any]] | None:
+        await database_back.wait()
+        return []
+
+    engine._writing = asyncio.create_task(write_waiting_out_the_outage())
+    engine._completion = asyncio.create_task(engine._complete(engine._writing, [], {}))
+    engine._task = asyncio.create_task(engine._wait_completions())  # the next cycle
+    await asyncio.wait_for(engine.stop(), timeout=30)
+    assert engine._task.cancelled()
+    assert engine._writing.cancelled() and engine._completion.cancelled()
+    assert not database_back.is_set()
