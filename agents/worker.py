@@ -18,7 +18,7 @@ from agents import query_agents
 from agents.faust_app import Worker, build_app
 from agents.health import register_health_views, register_metrics_view
 from agents.saga_engine import SagaEngine
-from app import log_format, log_redaction, metrics
+from app import collector, log_format, log_redaction, metrics
 from app.adapters.postgres_store import PostgresBusinessStore
 from app.adapters.saga_state import PostgresSagaState
 from app.domain import transfer_saga as saga_core
@@ -179,5 +179,6 @@ def run_worker(settings: Settings) -> int:
                               engine=worker.engine)
     faust_worker = RedactingWorker(worker.app, loglevel=settings.log_level.lower(),
                                    quiet=True)
+    collector.settle(settings.gc_gen0_threshold)  # the worker is built: its heap stays
     faust_worker.execute_from_commandline()
     return 0

@@ -268,6 +268,12 @@ class Settings(BaseSettings):
         "uvloop", description="Event loop of every process: uvloop (less CPU per message) or "
         "the standard library's asyncio.",
     )
+    gc_gen0_threshold: int = Field(
+        50_000, ge=0, description="Worker, account center and funding provider: what they "
+        "built at start is frozen out of the cyclic garbage collector, and its young "
+        "generation collected every this many net allocations (Python's default: 700); 0 "
+        "keeps Python's defaults (app/collector.py).",
+    )
 
     @field_validator("access_token_algorithms")
     @classmethod

@@ -43,7 +43,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app import log_format, log_redaction
+from app import collector, log_format, log_redaction
 from app.event_loop import install_event_loop
 from app.settings import EXIT_CONFIG, Settings, load_settings
 
@@ -125,6 +125,7 @@ def cmd_account_center(settings: Settings, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         await prepare(settings, ledger=True)
+        collector.settle(settings.gc_gen0_threshold)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -271,6 +272,7 @@ def cmd_funding_provider(settings: Settings, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         await ensure_topics(settings)
+        collector.settle(settings.gc_gen0_threshold)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
