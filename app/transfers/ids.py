@@ -28,19 +28,38 @@ def attempt_for(transfer_id: str, nonce: str) -> str:
     """16 hex digits unique to one attempt of a key: the token's jti for a transfer, the
     first request for a top-up. Kept in the idempotency record: every re-decision of the
     key uses the first attempt's id."""
-    return uuid.uuid5(ATTEMPT_NS, f"{transfer_id}\x1f{nonce}").hex[:saga_core.ATTEMPT_CHARS]
+    return _uuid5_hex(_ATTEMPT_NS, f"{transfer_id}\x1f{nonce}")[:saga_core.ATTEMPT_CHARS]
 
 
 def transfer_id_for(operator_id: str, idempotency_key: str) -> str:
     """The transfer id is the scoped idempotency key, hashed: the saga table's key."""
-    return str(uuid.uuid5(TRANSFER_NS, f"{operator_id}\x1f{idempotency_key}"))
+    return _canonical(_uuid5_hex(_TRANSFER_NS, f"{operator_id}\x1f{idempotency_key}"))
 
 
 def token_jti_for(operator_id: str, request_id: str) -> str:
     """The jti of the transfer token a transferInit issues, derived from the request: a
     replayed or retried init can never mint a second token able to fund another
     transfer."""
-    return str(uuid.uuid5(TOKEN_NS, f"{operator_id}\x1f{request_id}"))
+    return _canonical(_uuid5_hex(_TOKEN_NS, f"{operator_id}\x1f{request_id}"))
+
+
+_TRANSFER_NS, _TOKEN_NS, _ATTEMPT_NS = TRANSFER_NS.bytes, TOKEN_NS.bytes, ATTEMPT_NS.bytes
+
+
+def _uuid5_hex(namespace: bytes, name: str) -> str:
+    """``uuid.uuid5(namespace, name).hex``, without building a ``uuid.UUID`` (a third of
+    the time; a few calls per transfer): RFC 4122's SHA-1 name-based UUID, its version
+    and variant bits set. Equal to the standard library's for every name (a test checks
+    it); a name UTF-8 cannot encode raises as there."""
+    digest = bytearray(hashlib.sha1(namespace + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return digest.hex()
+
+
+def _canonical(x: str) -> str:
+    """32 hex digits in a UUID's canonical form (8-4-4-4-12)."""
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def fingerprint(*parts: object) -> str:
