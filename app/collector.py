@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import gc
 
+#: ``BIZ_GC_GEN0_THRESHOLD``'s default, and the benchmark's processes' (bench/).
+DEFAULT_GEN0 = 50_000
+
 
 def settle(gen0: int) -> None:
     """Freeze every object that exists now (a full collection first) and collect the

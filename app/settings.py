@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.collector import DEFAULT_GEN0
+
 DEV_ACCESS_SECRET = "dev-only-access-token-secret-change-me-0123456789"  # noqa: S105
 DEV_TRANSFER_SECRET = "dev-only-transfer-token-secret-change-me-0123456789"  # noqa: S105
 DEV_PIN_PEPPER = "dev-only-pin-pepper-change-me-0123456789"
@@ -269,7 +271,7 @@ class Settings(BaseSettings):
         "the standard library's asyncio.",
     )
     gc_gen0_threshold: int = Field(
-        50_000, ge=0, description="Worker, account center and funding provider: what they "
+        DEFAULT_GEN0, ge=0, description="Worker, account center and funding provider: what they "
         "built at start is frozen out of the cyclic garbage collector, and its young "
         "generation collected every this many net allocations (Python's default: 700); 0 "
         "keeps Python's defaults (app/collector.py).",

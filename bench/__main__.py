@@ -116,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    from app import collector
     from app.event_loop import install_event_loop
     from bench.run import run  # after the arguments: --help needs no broker or database
 
     install_event_loop(args.event_loop)
+    collector.settle(collector.DEFAULT_GEN0)  # as the processes it measures do
     return asyncio.run(run(config_from(args)))
 
 

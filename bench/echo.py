@@ -25,6 +25,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from app import collector
 from app.event_loop import install_event_loop
 from bench.gateway import PRODUCER_OPTIONS, Tail
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     args = parser.parse_args(argv)
     install_event_loop(args.event_loop)
+    collector.settle(collector.DEFAULT_GEN0)  # as the business center's processes do
 
     async def run() -> None:
         stop = asyncio.Event()

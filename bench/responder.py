@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from app import collector
 from app.event_loop import install_event_loop
 from app.transfers.ids import transfer_id_for
 from bench.config import OTP_THRESHOLD_MINOR
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     args = parser.parse_args(argv)
     install_event_loop(args.event_loop)
+    collector.settle(collector.DEFAULT_GEN0)  # as the business center's processes do
 
     async def run() -> None:
         stop = asyncio.Event()

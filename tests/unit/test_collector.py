@@ -47,4 +47,4 @@ def test_what_exists_is_frozen_and_the_young_generation_collected_less_often(
 
 
 def test_the_processes_settle_by_default() -> None:
-    assert Settings(environment="development").gc_gen0_threshold == 50_000
+    assert Settings(environment="development").gc_gen0_threshold == collector.DEFAULT_GEN0 > 700
