@@ -27,9 +27,11 @@ from app.adapters.db import ensure_schema, make_engine
 from app.adapters.postgres_store import DDL, PostgresBusinessStore
 from app.adapters.saga_state import (
     ROW_TABLES,
+    STORED_SAGAS,
     LeaseLost,
     NotReadAhead,
     PostgresSagaState,
+    StoredSagas,
     db_key,
 )
 from app.domain import transfer_saga as s
@@ -441,6 +443,41 @@ async def test_prefetch_reads_a_batch_in_one_statement_then_get_reads_nothing(
     await state.prefetch(["a", "missing", "buffered"], ["ka", "k-missing"])  # all known
     await state.prefetch([], [])
     assert db.statements == []
+
+
+@pytest.mark.integration
+async def test_a_saga_read_back_as_it_was_written_is_not_parsed_again(db: Database) -> None:
+    """The next cycle reads back the sagas the last one wrote: the same stored bytes are the
+    same (immutable) saga, taken from what the process stored, not parsed again; a saga
+    whose stored form changed is parsed."""
+    written = saga("memo", deadline=T0)
+    writer = db.state()
+    writer.sagas.put(written)
+    await writer.flush()
+    reader = db.state()
+    await reader.prefetch(["memo"], [])
+    assert reader.read_ahead("memo") is written
+    async with db.engine.begin() as conn:  # another version of the row, written elsewhere
+        other = saga("memo", state=State.CREDITING, deadline=T0 + 9)
+        await conn.execute(text("UPDATE sagas SET saga = :s WHERE transfer_id = 'memo'"),
+                           {"s": orjson.dumps(s.saga_to_dict(other))})
+    again = db.state()
+    read = await again.sagas.get("memo")
+    assert read is not written and as_stored(read) == as_stored(other)
+    assert len(STORED_SAGAS) <= STORED_SAGAS.size
+
+
+def test_the_stored_sagas_remembered_are_bounded_the_oldest_out_first() -> None:
+    memo = StoredSagas(2)
+    first, second, third = (saga(name) for name in ("m1", "m2", "m3"))
+    stored = [orjson.dumps(s.saga_to_dict(x)) for x in (first, second, third)]
+    for raw, x in zip(stored, (first, second, third), strict=True):
+        memo.remember(raw, x)
+    assert len(memo) == 2
+    assert memo.saga_of(stored[2]) is third and memo.saga_of(stored[1]) is second
+    parsed = memo.saga_of(stored[0])  # forgotten: parsed again, equal
+    assert parsed is not first and parsed == first
+    assert len(memo) == 2
 
 
 @pytest.mark.integration
