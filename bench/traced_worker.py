@@ -107,6 +107,7 @@ def install() -> None:
     _wrap_all(saga_state.PostgresReplies, "state.replies", ["get", "purge"])
     _wrap_all(saga_state.PostgresSagaState, "state", ["flush", "write", "prefetch"])
     _wrap_all(saga_state.PostgresSagaState, "state", ["read_row"])
+    _wrap_all(saga_state.StoredSagas, "state.stored", ["saga_of"])
     _wrap_all(SagaEngine, "engine", ["_cycle", "_run_lane", "_route_events", "_send",
                                      "_commit", "_wait_completions", "_write_and_produce",
                                      "_project_transfers"])
