@@ -58,6 +58,7 @@ one of ``make_engine``, whose connections' search_path is the schema).
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -236,7 +237,9 @@ class StoredSagas:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._sagas: dict[bytes, saga_core.Saga] = {}
+        #: Oldest first. An OrderedDict: a plain dict's first key, once many were deleted
+        #: before it, is found by walking over their empty slots.
+        self._sagas: OrderedDict[bytes, saga_core.Saga] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sagas)
@@ -244,7 +247,7 @@ class StoredSagas:
     def remember(self, stored: bytes, saga: saga_core.Saga) -> None:
         sagas = self._sagas
         if stored not in sagas and len(sagas) >= self.size:
-            del sagas[next(iter(sagas))]
+            sagas.popitem(last=False)
         sagas[stored] = saga
 
     def saga_of(self, stored: bytes) -> saga_core.Saga:
