@@ -6,7 +6,7 @@ import os
 import platform
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -140,11 +140,40 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(fields) - idle) / CLOCK_TICKS, sum(fields) / CLOCK_TICKS
 
 
+def machine_stolen() -> float:
+    """CPU seconds the hypervisor gave to others while this machine's vCPUs wanted them
+    (``steal`` of /proc/stat; counted as busy by :func:`machine_cpu`)."""
+    fields = _read("/proc/stat").split("\n", 1)[0].split()[1:]
+    return int(fields[7]) / CLOCK_TICKS if len(fields) > 7 else 0.0
+
+
+def process_runqueue_wait(pid: int) -> float | None:
+    """Seconds the threads of one process have spent runnable but waiting for a core, so
+    far (the second field of each thread's ``/proc/<pid>/task/<tid>/schedstat``, in ns).
+    None when the kernel keeps no schedstat or the process is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    waited = 0
+    seen = False
+    for tid in tids:
+        raw = _read(f"/proc/{pid}/task/{tid}/schedstat").split()
+        if len(raw) >= 2:
+            waited += int(raw[1])
+            seen = True
+    return waited / 1e9 if seen else None
+
+
 @dataclass
 class CpuSnapshot:
     at: float
     machine: tuple[float, float]
     processes: dict[str, tuple[float, float]]
+    #: Runqueue waits so far, seconds, by process (where the kernel keeps schedstat).
+    waits: dict[str, float] = field(default_factory=dict)
+    #: The machine's stolen CPU seconds so far (``machine_stolen``).
+    stolen: float = 0.0
 
 
 class CpuMeter:
@@ -163,16 +192,21 @@ class CpuMeter:
 
     def snapshot(self, at: float) -> CpuSnapshot:
         values: dict[str, tuple[float, float]] = {}
+        waits: dict[str, float] = {}
         for name, pid in self.pids.items():
             seconds = process_cpu_seconds(pid)
             if seconds is not None:
                 values[name] = seconds
+            waited = process_runqueue_wait(pid)
+            if waited is not None:
+                waits[name] = waited
         postmaster = postmaster_pid()
         if postmaster is not None:
-            times = [process_cpu_seconds(pid) or (0.0, 0.0)
-                     for pid in [postmaster, *children_of(postmaster)]]
+            pids = [postmaster, *children_of(postmaster)]
+            times = [process_cpu_seconds(pid) or (0.0, 0.0) for pid in pids]
             values["postgres"] = (sum(t[0] for t in times), sum(t[1] for t in times))
-        return CpuSnapshot(at, machine_cpu(), values)
+            waits["postgres"] = sum(process_runqueue_wait(pid) or 0.0 for pid in pids)
+        return CpuSnapshot(at, machine_cpu(), values, waits, machine_stolen())
 
     @staticmethod
     def between(a: CpuSnapshot, b: CpuSnapshot) -> dict[str, Any]:
@@ -199,4 +233,13 @@ class CpuMeter:
                 if user[n] + system[n] > 0},
             #: What the machine spent on anything else (other engineers' tests, the OS).
             "coresOther": round(max(0.0, machine_busy - ours), 3),
+            #: Of the busy cores, what the hypervisor gave to other machines (steal).
+            "coresStolen": round(max(0.0, b.stolen - a.stolen) / wall, 3),
+            #: Seconds per second each process was runnable but waited for a core
+            #: (summed over its threads: 0.2 = its threads together waited a fifth of the
+            #: time). Above ~0.1 for a process that is not at a full core, the machine's
+            #: cores, not the process's own design, held it back.
+            "runqueueWaitByProcess": {
+                n: round((b.waits[n] - a.waits[n]) / wall, 3)
+                for n in b.waits if n in a.waits},
         }

@@ -141,7 +141,11 @@ def console_summary(result: dict[str, Any]) -> str:
         procs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
             cpu["coresByProcess"].items(), key=lambda kv: -kv[1]))
         out.append(f"  cores busy {cpu['coresBusy']:.2f} of {cpu['coresTotal']:.0f}: {procs}, "
-                   f"other {cpu['coresOther']:.2f}")
+                   f"other {cpu['coresOther']:.2f} (stolen {cpu.get('coresStolen', 0.0):.2f})")
+        waits = cpu.get("runqueueWaitByProcess") or {}
+        if waits:
+            out.append("  waiting for a core (s/s)  " + ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(waits.items(), key=lambda kv: -kv[1])))
     checks = result["checks"]
     out.append("  checks: " + ("all passed" if checks["passed"] else "FAILED"))
     for item in checks["items"]:

@@ -1,0 +1,60 @@
+"""The benchmark's CPU meter (bench/machine.py): rates from two snapshots, runqueue waits
+and stolen time included."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from bench import machine
+from bench.machine import CpuMeter, CpuSnapshot
+
+
+def test_between_gives_rates_per_second_of_wall_time() -> None:
+    a = CpuSnapshot(10.0, (100.0, 400.0), {"worker-0": (5.0, 1.0), "kafka": (2.0, 2.0)},
+                    {"worker-0": 1.0, "kafka": 0.5}, stolen=3.0)
+    b = CpuSnapshot(12.0, (103.0, 404.0), {"worker-0": (6.0, 1.2), "kafka": (2.4, 2.2)},
+                    {"worker-0": 1.3, "kafka": 1.1}, stolen=3.4)
+    got = CpuMeter.between(a, b)
+    assert got["wallSeconds"] == 2.0
+    assert got["coresBusy"] == 1.5 and got["coresTotal"] == 2.0
+    assert got["coresByProcess"] == {"worker-0": 0.6, "kafka": 0.3}
+    assert got["coresOther"] == 0.6
+    assert got["coresStolen"] == 0.2
+    assert got["runqueueWaitByProcess"] == {"worker-0": 0.15, "kafka": 0.3}
+
+
+def test_a_process_seen_in_one_snapshot_only_has_no_wait_rate() -> None:
+    a = CpuSnapshot(0.0, (0.0, 0.0), {}, {})
+    b = CpuSnapshot(1.0, (1.0, 2.0), {"bench": (0.5, 0.0)}, {"bench": 0.2})
+    assert CpuMeter.between(a, b)["runqueueWaitByProcess"] == {}
+
+
+def test_runqueue_waits_of_a_live_process_never_decrease() -> None:
+    pid = os.getpid()
+    first = machine.process_runqueue_wait(pid)
+    assert first is not None and first >= 0.0
+    stop = time.monotonic() + 0.2
+
+    def spin() -> None:  # runnable threads, more than the cores now and then
+        while time.monotonic() < stop:
+            pass
+
+    threads = [threading.Thread(target=spin) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    later = machine.process_runqueue_wait(pid)
+    assert later is not None and later >= first
+
+
+def test_a_gone_process_has_no_runqueue_wait() -> None:
+    gone = 2**22 + 12345  # above the kernel's largest pid (pid_max is at most 2**22)
+    assert machine.process_runqueue_wait(gone) is None
+
+
+def test_stolen_time_is_part_of_the_busy_time() -> None:
+    busy, _total = machine.machine_cpu()
+    assert 0.0 <= machine.machine_stolen() <= busy
