@@ -108,6 +108,7 @@ from app.settings import Settings
 from app.transfers.ids import transfer_id_for
 from app.transfers.service import TransferService
 from events.fetching import AdaptiveFetch
+from events.producing import Record, send_batched
 from events.topics import cached_partitioner, partition_of
 
 log = logging.getLogger(__name__)
@@ -563,23 +564,18 @@ class SagaEngine:
                 delay = min(delay * 2, BACKOFF_MAX_SECONDS)
 
     async def _produce(self, decided: Sequence[Decided]) -> list[tuple[int, Any]]:
-        """Every output handed to the producer without waiting for its ack (``send``
-        only appends to the producer's batch, waiting only when its buffer is full or
-        the topic's metadata is unknown); the futures of their acks, by the index of the
-        record they belong to. An output refused at once has a failed future."""
+        """Every output handed to the producer without waiting for its ack, one batch per
+        topic-partition (events/producing.py: order kept per partition; the wait only
+        when the producer's buffer is full or a topic's metadata is unknown); the
+        futures of their acks (one per batch, shared by its outputs), by the index of
+        the record they belong to. An output refused at once has a failed future."""
         producer = self.producer
         assert producer is not None
-        futures: list[tuple[int, Any]] = []
-        for i, (_record, _handler, outs) in enumerate(decided):
-            for out in outs:
-                try:
-                    fut = await producer.send(out.topic, out.value, key=out.key,
-                                              partition=out.partition)
-                except Exception as exc:
-                    fut = asyncio.get_running_loop().create_future()
-                    fut.set_exception(exc)
-                futures.append((i, fut))
-        return futures
+        owners = [i for i, (_record, _handler, outs) in enumerate(decided) for _out in outs]
+        futures = await send_batched(producer, [
+            Record(out.topic, out.key, out.value, out.partition)
+            for _record, _handler, outs in decided for out in outs])
+        return list(zip(owners, futures, strict=True))
 
     async def _complete(self, writing: asyncio.Task[list[tuple[int, Any]] | None],
                         decided: Sequence[Decided],
@@ -624,7 +620,12 @@ class SagaEngine:
         futures = acks
         if not futures:
             return
-        results = await asyncio.gather(*(f for _i, f in futures), return_exceptions=True)
+        # One future per batch, shared by its outputs: each awaited once.
+        unique = list({id(f): f for _i, f in futures}.values())
+        outcome = dict(zip(map(id, unique), await asyncio.gather(*unique,
+                                                                   return_exceptions=True),
+                           strict=True))
+        results = [outcome[id(f)] for _i, f in futures]
         fatal = next((r for r in results if isinstance(r, BaseException)
                       and type(r).__name__ in FATAL_PRODUCER_ERRORS), None)
         if fatal is not None:
