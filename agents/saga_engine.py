@@ -620,12 +620,9 @@ class SagaEngine:
         futures = acks
         if not futures:
             return
-        # One future per batch, shared by its outputs: each awaited once.
-        unique = list({id(f): f for _i, f in futures}.values())
-        outcome = dict(zip(map(id, unique), await asyncio.gather(*unique,
-                                                                   return_exceptions=True),
-                           strict=True))
-        results = [outcome[id(f)] for _i, f in futures]
+        # One future per batch, shared by its outputs (gather waits for each once and
+        # gives its result at every place).
+        results = await asyncio.gather(*(f for _i, f in futures), return_exceptions=True)
         fatal = next((r for r in results if isinstance(r, BaseException)
                       and type(r).__name__ in FATAL_PRODUCER_ERRORS), None)
         if fatal is not None:

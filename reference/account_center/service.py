@@ -51,6 +51,7 @@ from app.record_failures import (
 )
 from app.settings import Settings
 from events.fetching import AdaptiveFetch
+from events.producing import Record, send_batched
 from events.topics import cached_partitioner
 from reference.account_center.ledger import Ledger
 from schemas.wire import AccountCommand, AccountEvent, AccountEventType, DeadLetter
@@ -241,22 +242,22 @@ class AccountCenter:
         """Send every output, then wait for all. An outage (the broker away) re-sends them
         all after a back-off (consumers deduplicate on commandId); an output refused for its
         own sake (too large, say) is replaced by the dead letter of the command it answers,
-        so that it can never stall the partition."""
+        so that it can never stall the partition. A batch is refused whole, so the refused
+        outputs are first tried again each in a batch of its own: only one refused alone is
+        dead-lettered, never a batch mate of it."""
         pending = [self._sendable(o) for o in out]
         backoff = BACKOFF_INITIAL
+        alone = False
         while True:
             try:
-                futures = []
-                for i, o in enumerate(pending):
-                    try:
-                        futures.append(await self._producer.send(o.topic, value=o.value,
-                                                                 key=o.key))
-                    except Exception as exc:
-                        if is_outage(exc) or o.source is None:
-                            raise
-                        pending[i] = self._refused(o, exc)  # refused before it left
-                        futures.append(await self._producer.send(
-                            pending[i].topic, value=pending[i].value, key=pending[i].key))
+                # One batch per topic-partition (events/producing.py); a record refused
+                # before it left has a failed future like one the broker refused.
+                records = [Record(o.topic, o.key, o.value) for o in pending]
+                if alone:
+                    futures = [f for r in records
+                               for f in await send_batched(self._producer, [r])]
+                else:
+                    futures = await send_batched(self._producer, records)
                 results = await asyncio.gather(*futures, return_exceptions=True)
             except Exception as exc:
                 if not is_outage(exc):
@@ -271,19 +272,26 @@ class AccountCenter:
                 await self._backoff(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            # Refused by the broker for their own sake: replaced by dead letters, and the
-            # batch sent again (duplicate events are absorbed by commandId).
             errors = dict(failed)
+            if not alone:
+                # Refused for some output's own sake: the others are acknowledged; the
+                # refused ones again, each alone.
+                pending = [o for i, o in enumerate(pending) if i in errors]
+                alone = True
+                continue
+            # Refused alone: replaced by dead letters (sent alone too).
             kept: list[_Out] = []
             for i, o in enumerate(pending):
                 err = errors.get(i)
                 if err is None:
-                    kept.append(o)
-                elif o.source is not None:
+                    continue  # acknowledged
+                if o.source is not None:
                     kept.append(self._refused(o, err))
                 else:
                     log.error("a dead letter was refused (%s); dropped", describe(err))
             pending = kept
+            if not pending:
+                return
 
     def _sendable(self, o: _Out) -> _Out:
         size = len(o.key or b"") + len(o.value)

@@ -888,27 +888,52 @@ async def test_service_retries_db_outage_and_dead_letters_poison(
 # --------------------------------------------------------------------------------------
 
 
+class _FakeBatch:
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: Any) -> object:
+        self.records.append((key, value))
+        return object()
+
+    def close(self) -> None:
+        pass
+
+
 class _FakeProducer:
-    """``send`` as aiokafka's: refuses synchronously, or returns the delivery future."""
+    """aiokafka's batch interface on one partition: a batch is refused whole when ``fail``
+    refuses any of its records (as the broker refuses a batch), or delivered whole."""
 
     def __init__(self, fail: Any) -> None:
         self.fail = fail
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.batches = 0
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
-        error = self.fail(topic, value)
-        if error is not None:
-            raise error
-        self.sent.append((topic, key, value))
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0}
+
+    def create_batch(self) -> _FakeBatch:
+        return _FakeBatch()
+
+    async def send_batch(self, batch: _FakeBatch, topic: str, *, partition: int) -> Any:
+        self.batches += 1
         future = asyncio.get_running_loop().create_future()
-        future.set_result(None)
+        error = next((e for _k, v in batch.records
+                      if (e := self.fail(topic, v)) is not None), None)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            self.sent.extend((topic, k, v) for k, v in batch.records)
+            future.set_result(None)
         return future
 
 
 async def test_an_event_that_cannot_be_produced_is_dead_lettered_not_retried() -> None:
     """Until issue 9, a KafkaError was retried forever: one oversized output stopped all
     command processing. An output refused for its own sake now becomes the dead letter of
-    the command it answers; an outage is still retried (then everything is sent)."""
+    the command it answers, and only it: a batch is refused whole, so its batch mates are
+    tried again alone and delivered; an outage is still retried (then everything is
+    sent)."""
     from types import SimpleNamespace
 
     from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
@@ -933,8 +958,12 @@ async def test_an_event_that_cannot_be_produced_is_dead_lettered_not_retried() -
         _Out("p.account.events", b"acc", b"huge", source),
         _Out("p.account.events", b"acc-2", b"fine", source),
     ]), 30)
-    assert [t for t, _k, _v in producer.sent] == ["p.business.dlq", "p.account.events"]
-    letter = DeadLetter.model_validate_json(producer.sent[0][2])
+    # The refused batch held both events: the one refused alone is dead-lettered, its
+    # batch mate delivered (once, after the outages).
+    assert [(t, v) for t, _k, v in producer.sent if t == "p.account.events"] == [
+        ("p.account.events", b"fine")]
+    assert [t for t, _k, _v in producer.sent] == ["p.account.events", "p.business.dlq"]
+    letter = DeadLetter.model_validate_json(producer.sent[1][2])
     assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
         "p.account.commands", 1, 5)
     assert letter.value_sha256 == hashlib.sha256(b"command").hexdigest()
