@@ -75,7 +75,8 @@ class Settings(BaseSettings):
         "account_center",
         description="PostgreSQL schema of the reference account center (accounts, journal).",
     )
-    db_pool_size: int = Field(10, ge=1, description="Connections kept per process.")
+    db_pool_size: int = Field(20, ge=1, description=(
+        "Connections per process at most: each opened when first needed, then kept."))
 
     # --- Kafka topology --------------------------------------------------------------
     topic_prefix: str = Field("", description="Prefix of every topic name (test isolation).")

@@ -37,6 +37,15 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
                 custom_plans: bool = False) -> AsyncEngine:
     """An engine whose connections use ``schema`` (search_path) and nothing else.
 
+    ``pool_size``: the most connections the engine holds at once, each opened when first
+    needed and then kept (recycled after 30 minutes); a caller beyond them waits for one.
+    No overflow connections: SQLAlchemy closes an overflow connection as soon as it is
+    returned, and the saga engine's cycles needed a few more than the pool at every
+    burst, so a worker opened and closed about one connection a second, each costing
+    PostgreSQL a backend, asyncpg's type introspection (~10 ms of planning and
+    execution) and the preparation and first five plans of every statement again
+    (measured at K=512, docs/performance.md, session 23).
+
     ``custom_plans``: every statement is planned for its own parameters
     (``plan_cache_mode = force_custom_plan``), for connections that run few statements
     over arrays of any size (``= ANY($1)``, ``unnest``). PostgreSQL otherwise switches a
@@ -56,7 +65,7 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         # No pre-ping: it costs three round trips per checkout (measured: 10-29 % of the
         # worker's throughput, docs/performance.md). A connection that died fails its call
         # once (an INTERNAL reply, or a retried batch in the account center) and SQLAlchemy
