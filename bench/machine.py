@@ -120,13 +120,19 @@ def describe(postgres_version: str | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- CPU
 
 
-def process_cpu_seconds(pid: int) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of one process so far, its threads included."""
+def process_cpu_seconds(pid: int, *, reaped: bool = False) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of one process so far, its threads included; with
+    ``reaped``, those of its children that ended and were waited for too (``cutime``,
+    ``cstime``): what a process that starts and ends children (PostgreSQL's postmaster,
+    a backend per connection) spent in children no longer alive."""
     raw = _read(f"/proc/{pid}/stat")
     if not raw:
         return None
     fields = raw.rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+    user, system = int(fields[11]), int(fields[12])
+    if reaped:
+        user, system = user + int(fields[13]), system + int(fields[14])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def children_of(ppid: int) -> list[int]:
@@ -203,7 +209,12 @@ class CpuMeter:
         postmaster = postmaster_pid()
         if postmaster is not None:
             pids = [postmaster, *children_of(postmaster)]
-            times = [process_cpu_seconds(pid) or (0.0, 0.0) for pid in pids]
+            # The backends that ended since the last snapshot count too (through the
+            # postmaster's reaped children): a connection opened and closed between two
+            # snapshots, or one alive at the first and gone at the second, was missed or
+            # even subtracted before session 23.
+            times = [process_cpu_seconds(postmaster, reaped=True) or (0.0, 0.0),
+                     *(process_cpu_seconds(pid) or (0.0, 0.0) for pid in pids[1:])]
             values["postgres"] = (sum(t[0] for t in times), sum(t[1] for t in times))
             waits["postgres"] = sum(process_runqueue_wait(pid) or 0.0 for pid in pids)
         return CpuSnapshot(at, machine_cpu(), values, waits, machine_stolen())

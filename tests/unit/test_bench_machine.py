@@ -58,3 +58,23 @@ def test_a_gone_process_has_no_runqueue_wait() -> None:
 def test_stolen_time_is_part_of_the_busy_time() -> None:
     busy, _total = machine.machine_cpu()
     assert 0.0 <= machine.machine_stolen() <= busy
+
+
+def test_a_reaped_child_s_cpu_counts_for_its_parent() -> None:
+    """PostgreSQL's backends end and are waited for by the postmaster: their CPU must not
+    vanish from the meter (``reaped``: the parent's cutime and cstime)."""
+    import subprocess
+    import sys
+
+    me = os.getpid()
+    before = machine.process_cpu_seconds(me, reaped=True)
+    alone_before = machine.process_cpu_seconds(me)
+    subprocess.run([sys.executable, "-c",
+                    "import time\nend = time.process_time() + 0.3\n"
+                    "while time.process_time() < end: pass"], check=True)
+    after = machine.process_cpu_seconds(me, reaped=True)
+    alone_after = machine.process_cpu_seconds(me)
+    assert before is not None and after is not None
+    assert alone_before is not None and alone_after is not None
+    child = sum(after) - sum(before) - (sum(alone_after) - sum(alone_before))
+    assert child >= 0.25  # the child's 0.3 s of CPU, at the clock's resolution
