@@ -64,7 +64,8 @@ async def test_records_arrive_where_send_puts_them_in_order_per_partition(
                                 enable_idempotence=True, max_batch_size=2048)
     await producer.start()
     try:
-        records = [Record(topics[i % 2], f"key-{i % 17}".encode(), f"value-{i}".encode().ljust(100, b"."),
+        records = [Record(topics[i % 2], f"key-{i % 17}".encode(),
+                          f"value-{i}".encode().ljust(100, b"."),
                           (i % PARTITIONS) if i % 5 == 0 else None) for i in range(300)]
         futures = await send_batched(producer, records)
         assert len(futures) == len(records)
