@@ -14,8 +14,11 @@ fails or succeeds whole, and its records with it); a record too large to be sent
 gets a future failed with ``MessageSizeTooLargeError`` of its own, before anything is
 sent, and does not fail its neighbours; a failure to hand a batch over (the producer
 closed, its buffer full past the request timeout) fails that batch's records' futures
-and none other. The partition of a record that names none is the producer's default
-partitioner's (murmur2 of the key, ``events.topics.partition_of``).
+and none other, and a topic whose partitions cannot be learnt (the broker away, no such
+topic) fails the futures of its records that name no partition. Nothing raises: every
+failure is a failed future, for the caller to wait out (an outage) or dead-letter. The
+partition of a record that names none is the producer's default partitioner's (murmur2 of
+the key, ``events.topics.partition_of``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, UnknownTopicOrPartitionError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from events.topics import partition_of
@@ -48,7 +51,7 @@ async def send_batched(producer: Any, records: Sequence[Record], *,
     future per record, in the order given (see the module's docstring)."""
     loop = asyncio.get_running_loop()
     futures: list[asyncio.Future[Any] | None] = [None] * len(records)
-    partitions: dict[str, list[int]] = {}
+    partitions: dict[str, list[int] | BaseException] = {}
     groups: dict[tuple[str, int], list[int]] = {}
     for i, record in enumerate(records):
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, [])
@@ -61,8 +64,17 @@ async def send_batched(producer: Any, records: Sequence[Record], *,
         if partition is None:
             known = partitions.get(record.topic)
             if known is None:
-                known = partitions[record.topic] = sorted(
-                    await producer.partitions_for(record.topic))
+                # The topic's metadata (a wait only the first time): a broker away or an
+                # unknown topic fails the topic's records' futures, as ``send`` raises.
+                try:
+                    known = sorted(await producer.partitions_for(record.topic)) or \
+                        UnknownTopicOrPartitionError(record.topic)
+                except Exception as exc:
+                    known = exc
+                partitions[record.topic] = known
+            if isinstance(known, BaseException):
+                futures[i] = _failed(loop, known)
+                continue
             partition = (known[partition_of(record.key, len(known))] if record.key is not None
                          else random.choice(known))
         groups.setdefault((record.topic, partition), []).append(i)

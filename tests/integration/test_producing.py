@@ -115,3 +115,24 @@ async def test_a_closed_producer_fails_every_future_and_raises_nothing(
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert len(results) == PARTITIONS
     assert all(isinstance(r, ProducerClosed) for r in results)
+
+
+async def test_a_topic_without_partitions_fails_its_futures_and_raises_nothing(
+        kafka_bootstrap: str, topics: list[str], isolation_id: str) -> None:
+    """No such topic (the broker creates none here): its records that name no partition
+    fail with the metadata error, the others are delivered, and nothing raises."""
+    from aiokafka.errors import UnknownTopicOrPartitionError
+
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all",
+                                enable_idempotence=True, request_timeout_ms=1500)
+    await producer.start()
+    try:
+        futures = await send_batched(producer, [
+            Record(f"{isolation_id}.producing.no-such-topic", b"k", b"lost"),
+            Record(topics[0], b"k", b"kept", 0)])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await producer.stop()
+    assert isinstance(results[0], UnknownTopicOrPartitionError)
+    assert not isinstance(results[1], BaseException)
+    assert await _read_all(kafka_bootstrap, topics[:1], 1) == {(topics[0], 0): [(b"k", b"kept")]}
