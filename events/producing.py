@@ -18,12 +18,14 @@ and none other, and a topic whose partitions cannot be learnt (the broker away, 
 topic) fails the futures of its records that name no partition. Nothing raises: every
 failure is a failed future, for the caller to wait out (an outage) or dead-letter. The
 partition of a record that names none is the producer's default partitioner's (murmur2 of
-the key, ``events.topics.partition_of``).
+the key, ``events.topics.partition_of``). At DEBUG each record is logged before it is
+handed over, as ``send`` does (the redaction filter masks its secrets, app/log_redaction.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -32,6 +34,8 @@ from aiokafka.errors import MessageSizeTooLargeError, UnknownTopicOrPartitionErr
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from events.topics import partition_of
+
+log = logging.getLogger(__name__)
 
 #: aiokafka's default ``max_request_size``: no record larger than this is ever sent.
 MAX_REQUEST_BYTES = 1_048_576
@@ -50,6 +54,10 @@ async def send_batched(producer: Any, records: Sequence[Record], *,
     topic-partition (more when one fills up), without waiting for acknowledgements; one
     future per record, in the order given (see the module's docstring)."""
     loop = asyncio.get_running_loop()
+    if log.isEnabledFor(logging.DEBUG):  # as ``send`` logs each record (redacted on output)
+        for record in records:
+            log.debug("Sending (key=%s value=%s) to %s[%s]", record.key, record.value,
+                      record.topic, record.partition)
     futures: list[asyncio.Future[Any] | None] = [None] * len(records)
     partitions: dict[str, list[int] | BaseException] = {}
     groups: dict[tuple[str, int], list[int]] = {}

@@ -153,7 +153,8 @@ async def test_no_secret_in_any_log_line_at_debug(system: System) -> None:
     assert not found, "\n".join(found[:20])
 
     # The scan means something: every process logged at DEBUG, the worker logged the
-    # records it sent for this very transfer, and redacted their secrets.
+    # records it sent for this very transfer (events/producing.py), and redacted their
+    # secrets.
     logs = {p.stem: p.read_text(errors="replace") for p in system.logdir.glob("*.log")}
     assert set(logs) >= {"worker", "account-center", "funding-provider"}
     for name, text in logs.items():
