@@ -147,7 +147,7 @@ class DbSettings(Protocol):
     def db_pool_size(self) -> int: ...
 
 
-#: DDL_NOTES. ``query_transfers`` (a transfer's details row, updated ~2 times a transfer)
+#: The schema. ``query_transfers`` (a transfer's details row, updated ~2 times a transfer)
 #: and ``idempotency_records`` (updated once, when the operation ends) leave 30 per cent of
 #: each page free (``fillfactor = 70``): an update then keeps the new version in its page
 #: with no new index entry (a HOT update). At the default fillfactor of 100 only 15 and 42
@@ -287,8 +287,8 @@ CREATE TABLE IF NOT EXISTS saga_leases (
     owner text NOT NULL,         -- the saga engine that took it (host:pid:random)
     generation bigint NOT NULL   -- one more at every take: a flush checks its own
 );
--- Rows updated in place at the steps of their transfer: room left in their pages (HOT
--- updates, see DDL_NOTES).
+-- Rows updated in place at the steps of their transfer: room left in their pages for
+-- HOT updates (see the comment above DDL).
 ALTER TABLE query_transfers SET (fillfactor = 70);
 ALTER TABLE idempotency_records SET (fillfactor = 70)
 """
