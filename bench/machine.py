@@ -180,6 +180,9 @@ class CpuSnapshot:
     waits: dict[str, float] = field(default_factory=dict)
     #: The machine's stolen CPU seconds so far (``machine_stolen``).
     stolen: float = 0.0
+    #: PostgreSQL's runqueue waits so far by process id (postmaster and live backends):
+    #: a backend that ends has no counter left, so waits are compared pid by pid.
+    postgres_waits: dict[int, float] = field(default_factory=dict)
 
 
 class CpuMeter:
@@ -216,8 +219,11 @@ class CpuMeter:
             times = [process_cpu_seconds(postmaster, reaped=True) or (0.0, 0.0),
                      *(process_cpu_seconds(pid) or (0.0, 0.0) for pid in pids[1:])]
             values["postgres"] = (sum(t[0] for t in times), sum(t[1] for t in times))
-            waits["postgres"] = sum(process_runqueue_wait(pid) or 0.0 for pid in pids)
-        return CpuSnapshot(at, machine_cpu(), values, waits, machine_stolen())
+            postgres_waits = {pid: w for pid in pids
+                              if (w := process_runqueue_wait(pid)) is not None}
+        else:
+            postgres_waits = {}
+        return CpuSnapshot(at, machine_cpu(), values, waits, machine_stolen(), postgres_waits)
 
     @staticmethod
     def between(a: CpuSnapshot, b: CpuSnapshot) -> dict[str, Any]:
@@ -250,7 +256,14 @@ class CpuMeter:
             #: (summed over its threads: 0.2 = its threads together waited a fifth of the
             #: time). Above ~0.1 for a process that is not at a full core, the machine's
             #: cores, not the process's own design, held it back.
+            #: PostgreSQL's: each process alive at the end, since the start or since it
+            #: began (a backend that ended during the window is missed: no counter is
+            #: left of it, and it must not subtract what it had at the start either).
             "runqueueWaitByProcess": {
-                n: round((b.waits[n] - a.waits[n]) / wall, 3)
-                for n in b.waits if n in a.waits},
+                **{n: round((b.waits[n] - a.waits[n]) / wall, 3)
+                   for n in b.waits if n in a.waits},
+                **({"postgres": round(sum(w - a.postgres_waits.get(pid, 0.0)
+                                          for pid, w in b.postgres_waits.items()) / wall, 3)}
+                   if b.postgres_waits else {}),
+            },
         }

@@ -78,3 +78,11 @@ def test_a_reaped_child_s_cpu_counts_for_its_parent() -> None:
     assert alone_before is not None and alone_after is not None
     child = sum(after) - sum(before) - (sum(alone_after) - sum(alone_before))
     assert child >= 0.25  # the child's 0.3 s of CPU, at the clock's resolution
+
+
+def test_postgres_waits_are_compared_backend_by_backend() -> None:
+    """A backend that ended during the window subtracts nothing; one that began in it
+    counts from zero; one alive throughout counts its difference."""
+    a = CpuSnapshot(0.0, (0.0, 0.0), {}, {}, postgres_waits={1: 1.0, 2: 5.0, 3: 0.5})
+    b = CpuSnapshot(2.0, (1.0, 4.0), {}, {}, postgres_waits={1: 1.4, 3: 0.9, 4: 0.2})
+    assert CpuMeter.between(a, b)["runqueueWaitByProcess"] == {"postgres": 0.5}
