@@ -110,6 +110,7 @@ from app.transfers.service import TransferService
 from events.fetching import AdaptiveFetch
 from events.producing import Record, send_batched
 from events.topics import cached_partitioner, partition_of
+from schemas.wire import TransferEvent
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,10 @@ class SagaEngine:
             for out in outs:
                 home = out.partition
                 if out.topic == self.topics.saga_inputs and home is not None and home in homes:
-                    lanes[home].append((SourceRecord(out.topic, home, -1, out.key, out.value),
+                    # Handed over as built (``parsed``: the relay's validated model),
+                    # not parsed back from its bytes.
+                    lanes[home].append((SourceRecord(out.topic, home, -1, out.key, out.value,
+                                                     parsed=out.model),
                                         self.service.saga_inputs))
                 else:
                     relayed.append(out)
@@ -456,7 +460,10 @@ class SagaEngine:
                 projection = TransferProjection(view.at(record.partition))
                 while True:
                     try:
-                        projection.apply_raw(out.value)
+                        if isinstance(out.model, TransferEvent):  # as the outbox built it
+                            projection.apply(out.model)
+                        else:
+                            projection.apply_raw(out.value)
                         break
                     except NotReadAhead as miss:
                         await self._waiting_out("a query row could not be read",

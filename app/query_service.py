@@ -178,19 +178,20 @@ class AccountProjection:
             if seq <= head and self.history.get(history_key(account, seq)) is not None:
                 return False  # a redelivered or re-emitted event: already applied
         name, sign = kind
+        at = iso(event.occurred_at)
         self.history.put(history_key(account, seq), orjson.dumps({
             "transferId": transfer_id_of(event.command_id),
             "kind": name,
             "amountMinor": sign * event.amount_minor,
             "balanceAfterMinor": event.balance_after_minor,
-            "occurredAt": iso(event.occurred_at),
+            "occurredAt": at,
             "atUs": micros(event.occurred_at),
             "commandId": event.command_id,
         }))
         if seq > head:
             self.balances.put(account, orjson.dumps({
                 "balanceMinor": event.balance_after_minor,
-                "asOf": iso(event.occurred_at),
+                "asOf": at,
                 "commandId": event.command_id,
                 "seq": seq,
             }))

@@ -47,7 +47,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -91,12 +91,16 @@ BACKOFF_MAX_SECONDS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Outbound:
-    """A record to send. ``topic`` is the full topic name."""
+    """A record to send. ``topic`` is the full topic name. ``model``: the validated wire
+    model ``value`` was written from, when the builder kept it, for a consumer in this
+    very process (the saga engine's transfer projection and in-process saga inputs), which
+    then need not parse the bytes back; never part of what is sent or compared."""
 
     topic: str
     key: bytes | None
     value: bytes
     partition: int | None = None
+    model: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,10 @@ class SourceRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    #: What ``value`` holds, already validated, for a record made in this process (an
+    #: in-process saga input: the model its bytes were written from); None for a record
+    #: consumed from Kafka, whose value is parsed as untrusted.
+    parsed: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, message: Any) -> SourceRecord:

@@ -549,6 +549,9 @@ class Delivery:
     key: bytes | None
     partition: int
     offset: int = -1  # business.commands: the record's offset (a redelivery keeps it)
+    #: The wire model the producer kept (``Outbound.model``): handed over with a saga input
+    #: when the harness decides them as the saga engine does in-process (``hand_over``).
+    model: Any = None
 
 
 _AUTO_KEY: Any = object()
@@ -570,8 +573,12 @@ class Harness:
         otp_seed: int = 7,
         otps: Iterable[str] = (),
         start: float = START,
+        hand_over: bool = False,
         **settings: Any,
     ) -> None:
+        #: Saga inputs decided from the model their relay built (the saga engine's
+        #: in-process hand-over), not parsed back from their bytes.
+        self.hand_over = hand_over
         values: dict[str, Any] = {
             "access_token_key": ACCESS_SECRET,
             "transfer_token_secret": TRANSFER_SECRET,
@@ -695,7 +702,9 @@ class Harness:
         elif item.topic == t.account_events:
             outs = self.service.route_account_event(item.value, item.key, item.partition)
         elif item.topic == t.saga_inputs:
-            outs = await self.service.handle_saga_input(item.value, item.key, item.partition)
+            outs = await self.service.handle_saga_input(
+                item.value, item.key, item.partition,
+                parsed=item.model if self.hand_over else None)
         else:
             raise AssertionError(f"nothing consumes {item.topic}")
         if deliver:
@@ -717,8 +726,8 @@ class Harness:
         if keep:
             self.outbox.append(out)
         return await self.process(
-            Delivery(out.topic, out.value, out.key, out.partition or 0), deliver=deliver
-        )
+            Delivery(out.topic, out.value, out.key, out.partition or 0, model=out.model),
+            deliver=deliver)
 
     async def tick(self, partition: int = 0, *, deliver: bool = True) -> list[Outbound]:
         out = self.service.tick(partition)

@@ -104,16 +104,15 @@ class Outbox:
                     user_id=o.user_id, phone=phone or "", otp=o.otp,
                     expires_at=_at(o.expires_at), transfer_id=o.transfer_id)))
             elif isinstance(o, saga_core.PublishTransferEvent):
+                event = TransferEvent(
+                    event_id=f"{o.transfer_id}:{o.seq}", transfer_id=o.transfer_id,
+                    seq=o.seq, state=o.state, operator_id=t.operator_id,
+                    from_account_id=t.from_account_id, to_account_id=t.to_account_id,
+                    amount_minor=t.amount_minor, currency=t.currency, occurred_at=_at(o.at),
+                    previous_state=o.previous_state, code=o.code)
+                # The model kept: the saga engine projects it without parsing it back.
                 yield Outbound(self.topics.transfer_events, o.transfer_id.encode(),
-                               wire(TransferEvent(
-                                   event_id=f"{o.transfer_id}:{o.seq}",
-                                   transfer_id=o.transfer_id, seq=o.seq, state=o.state,
-                                   operator_id=t.operator_id,
-                                   from_account_id=t.from_account_id,
-                                   to_account_id=t.to_account_id,
-                                   amount_minor=t.amount_minor, currency=t.currency,
-                                   occurred_at=_at(o.at), previous_state=o.previous_state,
-                                   code=o.code)))
+                               wire(event), model=event)
 
     # --- replies --------------------------------------------------------------------
 
@@ -159,9 +158,11 @@ class Outbox:
         return dead_letter_out(self.topics.dlq, record, reason, _at(self.clock()))
 
     def saga_input(self, transfer_id: str, partition: int, value: SagaInput) -> Outbound:
-        """A saga input for the saga's home partition (explicit partition)."""
+        """A saga input for the saga's home partition (explicit partition); the model is
+        kept for the saga engine, which decides it in this process when it owns that
+        partition."""
         return Outbound(self.topics.saga_inputs, transfer_id.encode(), wire(value),
-                        partition=partition)
+                        partition=partition, model=value)
 
     def tick(self, partition: int) -> Outbound:
         return Outbound(self.topics.saga_inputs, b"tick", self._tick, partition=partition)

@@ -57,14 +57,9 @@ class SagaInputs:
         self._operator_secret = settings.operator_secret.get_secret_value().encode()
 
     async def decide(self, record: SourceRecord) -> list[Outbound]:
-        doc = decode_json_object(record.value)
-        try:
-            item = SagaInput.model_validate(doc)
-        except ValidationError as exc:
-            if doc.get("kind") == "operatorResolution":
-                self.tally.count("refused_resolutions")  # unsigned, or an operator/reason refused
-            raise Refused("invalid saga input: "
-                          + validation_reason(exc, name_unknown=True)) from None
+        item = record.parsed
+        if not isinstance(item, SagaInput):  # a record of the topic: untrusted
+            item = self._parse(record)
         if item.kind == "tick":
             return await self.timers.on_tick(record.partition)
         if item.kind == "operatorResolution":
@@ -78,6 +73,16 @@ class SagaInputs:
         if item.account_event is None:
             raise Refused("invalid saga input: accountEvent missing")
         return await self._on_account_event(item.account_event, record)
+
+    def _parse(self, record: SourceRecord) -> SagaInput:
+        doc = decode_json_object(record.value)
+        try:
+            return SagaInput.model_validate(doc)
+        except ValidationError as exc:
+            if doc.get("kind") == "operatorResolution":
+                self.tally.count("refused_resolutions")  # unsigned, or an operator/reason refused
+            raise Refused("invalid saga input: "
+                          + validation_reason(exc, name_unknown=True)) from None
 
     async def _on_resolution(self, resolution: OperatorResolution, record: SourceRecord
                              ) -> list[Outbound]:

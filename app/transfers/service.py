@@ -28,6 +28,7 @@ from app.transfers.saga_inputs import SagaInputs
 from app.transfers.steps import SagaSteps
 from app.transfers.timers import Timers
 from events.topics import Topics
+from schemas.wire import SagaInput
 
 __all__ = ["TransferService"]
 
@@ -114,10 +115,14 @@ class TransferService:
         return await self.guard.decide(record, self.commands)
 
     async def handle_saga_input(
-        self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1
+        self, raw: bytes | None, key: bytes | None, partition: int, offset: int = -1, *,
+        parsed: SagaInput | None = None,
     ) -> list[Outbound]:
-        """The outputs of one ``business.saga-inputs`` record, through the guard."""
-        record = SourceRecord(self.topics.saga_inputs, partition, offset, key, raw)
+        """The outputs of one ``business.saga-inputs`` record, through the guard.
+        ``parsed``: the input as the relay of this process built it (the saga engine's
+        in-process hand-over), decided without parsing ``raw`` back."""
+        record = SourceRecord(self.topics.saga_inputs, partition, offset, key, raw,
+                              parsed=parsed)
         return await self.guard.decide(record, self.saga_inputs)
 
     def route_account_event(

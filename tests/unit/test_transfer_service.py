@@ -24,6 +24,7 @@ from fakes import DEFAULT_USERS, PIN, START, Harness, SeedUser
 from app.domain.transfer_saga import State
 from app.transfers.ids import transfer_id_for
 from app.transfers.outbound import iso
+from schemas.wire import SagaInput
 
 WRONG_PIN = "00000000"
 
@@ -104,6 +105,39 @@ async def test_otp_path_reads_the_code_from_the_notification() -> None:
     assert (h.balance("alice"), h.balance("bob")) == (80_000, 70_000)
     assert h.replies_for("r-c") == [pending]  # the confirm got its pending reply only
     assert states(h, t) == ["AWAITING_OTP", "DEBITING", "CREDITING", "COMPLETED"]
+
+
+async def test_a_saga_input_handed_over_decides_as_its_bytes_do() -> None:
+    """The saga engine decides the saga input its relay made in the same process from the
+    model the relay built (``SourceRecord.parsed``), not from its bytes parsed back: every
+    path (completed, OTP, insufficient funds, a refund, a redelivered account event) must
+    send byte for byte what the bytes gave."""
+
+    async def run(hand_over: bool) -> tuple[list[tuple[str, bytes | None, bytes, int | None]],
+                                             dict[str, int]]:
+        h = with_dave(hand_over=hand_over)
+        assert (await h.transfer("carol", "acc-bob", 5_000))["code"] == "INSUFFICIENT_FUNDS"
+        assert (await h.transfer("alice", "acc-bob", 5_000))["status"] == "ok"
+        assert (await h.transfer("alice", "acc-carol", 20_000))["status"] == "ok"  # OTP
+        assert (await h.transfer("bob", "acc-dave", 1_000))["code"] == "ACCOUNT_NOT_FOUND"
+        token = await h.transfer_token("bob", "acc-alice", 2_000)
+        await h.confirm("bob", token, "k-again", run=False)
+        handed, redelivered = 0, set()
+        while h.outbox:  # every account event of the last transfer delivered twice
+            out = h.outbox[0]
+            handed += out.topic == h.topics.saga_inputs and isinstance(out.model, SagaInput)
+            again = out.topic == h.topics.account_events and id(out) not in redelivered
+            redelivered.add(id(out))
+            await h.step(keep=again)
+        balances = {u: h.balance(u) for u in ("alice", "bob", "carol")}
+        assert handed > 0
+        return [(o.topic, o.key, o.value, o.partition) for o in h.emitted], balances
+
+    by_bytes, balances = await run(hand_over=False)
+    handed_over, balances_handed = await run(hand_over=True)
+    assert handed_over == by_bytes
+    assert balances_handed == balances == {"alice": 100_000 - 5_000 - 20_000 + 2_000,
+                                           "bob": 50_000 + 5_000 - 2_000, "carol": 20_000}
 
 
 # --------------------------------------------------------------------------------------
