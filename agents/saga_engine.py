@@ -414,9 +414,10 @@ class SagaEngine:
                 home = out.partition
                 if out.topic == self.topics.saga_inputs and home is not None and home in homes:
                     # Handed over as built (``parsed``: the relay's validated model),
-                    # not parsed back from its bytes.
+                    # not parsed back from its bytes; a dead letter of it points at the
+                    # event it was made from (``origin``).
                     lanes[home].append((SourceRecord(out.topic, home, -1, out.key, out.value,
-                                                     parsed=out.model),
+                                                     parsed=out.model, origin=record),
                                         self.service.saga_inputs))
                 else:
                     relayed.append(out)

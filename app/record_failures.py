@@ -116,6 +116,10 @@ class SourceRecord:
     #: in-process saga input: the model its bytes were written from); None for a record
     #: consumed from Kafka, whose value is parsed as untrusted.
     parsed: Any = field(default=None, compare=False, repr=False)
+    #: The consumed record a record made in this process comes from (an in-process saga
+    #: input: its account or funding event). Its dead letter points there: it is the one
+    #: record in Kafka that holds it, and the one an operator can find and replay.
+    origin: SourceRecord | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, message: Any) -> SourceRecord:
@@ -453,7 +457,14 @@ def validation_reason(exc: ValidationError, *, name_unknown: bool = False) -> st
 
 def dead_letter(record: SourceRecord, reason: str, now: datetime | None = None) -> DeadLetter:
     """The dead letter of ``record``: coordinates, sizes, the SHA-256 of the value, the
-    reason; never the value."""
+    reason; never the value. A record made in this process from a consumed one (its
+    ``origin``: a saga input decided in the cycle that read its account event) was never
+    in a topic: its letter points at the consumed record, and says so."""
+    if record.origin is not None:
+        origin = record.origin
+        reason = (f"{record.topic} input made from this record in the worker (never "
+                  f"produced): {reason}")
+        record = origin
     key = record.key
     value = record.value
     metrics.dead_lettered(record.topic, reason)
@@ -475,9 +486,10 @@ def dead_letter_out(dlq_topic: str, record: SourceRecord, reason: str,
                     now: datetime | None = None) -> Outbound:
     """The dead letter as a record of ``dlq_topic``, keyed by the original key (cut to
     :data:`DEAD_LETTER_KEY_BYTES`)."""
-    log.warning("dead letter from %s[%s]@%s: %s", record.topic, record.partition,
-                record.offset, cut(reason, MAX_REASON_CHARS))
     letter = dead_letter(record, reason, now)
+    log.warning("dead letter from %s[%s]@%s: %s", letter.source_topic,
+                letter.source_partition, letter.source_offset, letter.reason)
+    record = record.origin or record
     key = None if record.key is None else record.key[:DEAD_LETTER_KEY_BYTES]
     return Outbound(dlq_topic, key, orjson.dumps(letter.to_wire()))
 

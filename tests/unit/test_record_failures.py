@@ -34,6 +34,7 @@ from app.record_failures import (
     Refused,
     SourceRecord,
     dead_letter,
+    dead_letter_out,
     decode_json_object,
     is_outage,
     readable_fields,
@@ -335,3 +336,23 @@ async def test_cancellation_is_not_swallowed() -> None:
     r = Recorder(decide)
     with pytest.raises(asyncio.CancelledError):
         await r.guard.decide(RECORD, r.handler)
+
+
+def test_a_record_made_in_the_worker_is_dead_lettered_at_the_record_it_came_from() -> None:
+    """A saga input decided in the cycle that read its account event was never in a topic
+    (offset -1): its dead letter points at the account event, the record in Kafka that
+    holds it, keyed by the event's key, and says what failed."""
+    event = SourceRecord("account.events", 3, 41, b"acc-1",
+                         b'{"commandId": "c", "accountId": "acc-1"}')
+    made = SourceRecord("business.saga-inputs", 5, -1, b"t-1", b'{"kind": "accountEvent"}',
+                        origin=event)
+    out = dead_letter_out("dlq", made, "invalid saga input: boom")
+    letter = orjson.loads(out.value)
+    assert (letter["sourceTopic"], letter["sourcePartition"], letter["sourceOffset"]) == (
+        "account.events", 3, 41)
+    assert letter["valueSha256"] == hashlib.sha256(event.value or b"").hexdigest()
+    assert (letter["valueSize"], out.key) == (len(event.value or b""), b"acc-1")
+    assert letter["reason"].startswith("business.saga-inputs input made from this record")
+    assert letter["reason"].endswith("invalid saga input: boom")
+    # A record consumed from a topic keeps its own coordinates.
+    assert orjson.loads(dead_letter_out("dlq", event, "x").value)["sourceOffset"] == 41
