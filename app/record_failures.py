@@ -455,19 +455,33 @@ def validation_reason(exc: ValidationError, *, name_unknown: bool = False) -> st
 # --------------------------------------------------------------------------------------
 
 
+#: The reason's first words in the dead letter of a record made in this process from a
+#: consumed one (``SourceRecord.origin``: only the saga engine's in-process saga inputs).
+IN_PROCESS_PREFIX = "in-process saga input: "
+
+
+def where(record: SourceRecord) -> str:
+    """``topic[partition]@offset`` for the logs; a record made in this process also names
+    the consumed record it was made from (its dead letter points there)."""
+    at = f"{record.topic}[{record.partition}]@{record.offset}"
+    origin = record.origin
+    if origin is None:
+        return at
+    return f"{at} (made from {origin.topic}[{origin.partition}]@{origin.offset})"
+
+
 def dead_letter(record: SourceRecord, reason: str, now: datetime | None = None) -> DeadLetter:
     """The dead letter of ``record``: coordinates, sizes, the SHA-256 of the value, the
     reason; never the value. A record made in this process from a consumed one (its
     ``origin``: a saga input decided in the cycle that read its account event) was never
     in a topic: its letter points at the consumed record, and says so."""
+    metrics_reason = reason  # its category is read from its first words
     if record.origin is not None:
-        origin = record.origin
-        reason = (f"{record.topic} input made from this record in the worker (never "
-                  f"produced): {reason}")
-        record = origin
+        reason = IN_PROCESS_PREFIX + reason
+        record = record.origin
     key = record.key
     value = record.value
-    metrics.dead_lettered(record.topic, reason)
+    metrics.dead_lettered(record.topic, metrics_reason)
     return DeadLetter(
         source_topic=record.topic,
         source_partition=record.partition,
@@ -551,8 +565,8 @@ class RecordGuard:
     async def _wait_out(self, record: SourceRecord, exc: BaseException, delay: float,
                         what: str) -> float:
         self.counters["outage_retries"] += 1
-        log.warning("%s[%s]@%s: %s failed on the infrastructure (%s), retried in %.1fs",
-                    record.topic, record.partition, record.offset, what, describe(exc), delay,
+        log.warning("%s: %s failed on the infrastructure (%s), retried in %.1fs",
+                    where(record), what, describe(exc), delay,
                     exc_info=delay == self.backoff_initial, extra=self._ids(record))
         await self.pause(delay)
         return min(delay * 2, self.backoff_max)
@@ -563,19 +577,17 @@ class RecordGuard:
         those cannot be made or sent."""
         self.counters["poison"] += 1
         if isinstance(exc, Refused):
-            log.info("%s[%s]@%s refused: %s", record.topic, record.partition, record.offset,
-                     exc.reason, extra=self._ids(record))
+            log.info("%s refused: %s", where(record), exc.reason, extra=self._ids(record))
         else:
-            log.error("%s[%s]@%s failed for its own sake (%s): answered and dead-lettered",
-                      record.topic, record.partition, record.offset, describe(exc),
+            log.error("%s failed for its own sake (%s): answered and dead-lettered",
+                      where(record), describe(exc),
                       exc_info=not isinstance(exc, Poison), extra=self._ids(record))
         try:
             outs = handler.poison(record, exc)
             self.check_outputs(outs)
             return outs
         except Exception:
-            log.exception("the poison outputs of %s[%s]@%s failed; bare dead letter",
-                          record.topic, record.partition, record.offset)
+            log.exception("the poison outputs of %s failed; bare dead letter", where(record))
             return [dead_letter_out(self.dlq_topic, record, describe(exc), self._now())]
 
     async def decide(self, record: SourceRecord, handler: RecordHandler) -> list[Outbound]:
@@ -626,8 +638,8 @@ class RecordGuard:
                     continue
                 self.counters["send_refused"] += 1
                 if replaced:
-                    log.error("%s[%s]@%s: even its dead letter was refused (%s); moving on",
-                              record.topic, record.partition, record.offset, describe(exc))
+                    log.error("%s: even its dead letter was refused (%s); moving on",
+                              where(record), describe(exc))
                     return
                 outs = self.poisoned(record, handler,
                                      Poison(f"an output was refused: {describe(exc)}"))

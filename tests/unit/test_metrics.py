@@ -72,6 +72,20 @@ def test_a_dead_letter_is_counted_by_topic_and_category() -> None:
                  reason="undecodable") == before + 1
 
 
+def test_a_record_made_in_the_worker_is_counted_at_its_origin_by_its_own_reason() -> None:
+    """A saga input decided in-process is dead-lettered at the event it was made from: it
+    is counted under that event's topic, and its category is its own reason's (the
+    letter's reason starts with the in-process prefix, which must not make it ``other``)."""
+    before = value("bizcenter_dlq_records_total", topic="x.funding.events",
+                   reason="unknown_topup_capture")
+    event = SourceRecord("x.funding.events", 1, 9, b"ch", b'{"chargeId": "ch"}')
+    made = SourceRecord("x.business.saga-inputs", 2, -1, b"t", b"{}", origin=event)
+    letter = dead_letter(made, "capture ch for an unknown top-up: give it back by hand")
+    assert letter.reason.startswith("in-process saga input: capture ch")
+    assert value("bizcenter_dlq_records_total", topic="x.funding.events",
+                 reason="unknown_topup_capture") == before + 1
+
+
 def test_a_reply_type_the_contract_does_not_know_is_other() -> None:
     before = value("bizcenter_requests_total", type="other", status="error",
                    code="INVALID_REQUEST")

@@ -39,6 +39,7 @@ from app.record_failures import (
     is_outage,
     readable_fields,
     scan_top_level_strings,
+    where,
 )
 from schemas.wire import AccountCommand, DeadLetter
 
@@ -352,7 +353,8 @@ def test_a_record_made_in_the_worker_is_dead_lettered_at_the_record_it_came_from
         "account.events", 3, 41)
     assert letter["valueSha256"] == hashlib.sha256(event.value or b"").hexdigest()
     assert (letter["valueSize"], out.key) == (len(event.value or b""), b"acc-1")
-    assert letter["reason"].startswith("business.saga-inputs input made from this record")
-    assert letter["reason"].endswith("invalid saga input: boom")
-    # A record consumed from a topic keeps its own coordinates.
+    assert letter["reason"] == "in-process saga input: invalid saga input: boom"
+    # A record consumed from a topic keeps its own coordinates; the logs name both.
     assert orjson.loads(dead_letter_out("dlq", event, "x").value)["sourceOffset"] == 41
+    assert where(made) == ("business.saga-inputs[5]@-1 (made from account.events[3]@41)")
+    assert where(event) == "account.events[3]@41"
