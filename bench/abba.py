@@ -18,7 +18,8 @@ or a directory (``.``: the working tree, uncommitted changes included). Every ru
 benchmark's own child processes are), with the broker and the database of ``make up``
 (the ``.local/env`` of this checkout, copied into a worktree that has none), ``--no-doc``
 (no line is added to docs/performance.md), the echo skipped. Exit 0 when every run's
-checks passed, 1 otherwise, 2 on bad arguments.
+checks passed, 1 otherwise, 2 on bad arguments (a side that is neither a directory nor a
+revision).
 
     python -m bench.abba --a HEAD~1 --b . -k 512 --duration 20 --rounds 2
 """
@@ -195,7 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sides = {}
         for name, spec in (("a", args.a), ("b", args.b)):
-            sides[name], created = _side_dir(spec, workdir, name)
+            try:
+                sides[name], created = _side_dir(spec, workdir, name)
+            except subprocess.CalledProcessError as exc:
+                print(f"--{name} {spec!r} is neither a directory nor a revision: "
+                      f"{exc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+                return 2
             if created:
                 made.append(sides[name])
             _ensure_env(sides[name])

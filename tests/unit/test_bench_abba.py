@@ -110,3 +110,14 @@ def test_rounds_below_one_are_refused() -> None:
     with pytest.raises(SystemExit) as exit_info:
         abba.main(["--rounds", "0"])
     assert exit_info.value.code == 2
+
+
+def test_a_side_that_is_neither_a_directory_nor_a_revision_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(abba, "run_one", _fake_bench(calls, {"a": 0.6, "b": 0.6}))
+    code = abba.main(["--a", "no-such-revision-of-this-repository", "--b", str(tmp_path),
+                      "--rounds", "1", "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and calls == []
+    assert "neither a directory nor a revision" in capsys.readouterr().err
