@@ -16,10 +16,10 @@ Each side is a git revision (checked out into a temporary worktree, removed at t
 or a directory (``.``: the working tree, uncommitted changes included). Every run is one
 ``python -m bench`` of that side's code (``PYTHONPATH``: the side's directory, as the
 benchmark's own child processes are), with the broker and the database of ``make up``
-(the ``.local/env`` of this checkout, copied into a worktree that has none), ``--no-doc``
-(no line is added to docs/performance.md), the echo skipped. Exit 0 when every run's
-checks passed, 1 otherwise, 2 on bad arguments (a side that is neither a directory nor a
-revision).
+(the ``.local/env`` of this checkout, copied into a side that has none, worktree or
+directory), ``--no-doc`` (no line is added to docs/performance.md), the echo skipped.
+Exit 0 when every run's checks passed, 1 otherwise, 2 on bad arguments (a side that is
+neither a directory nor a revision).
 
     python -m bench.abba --a HEAD~1 --b . -k 512 --duration 20 --rounds 2
 """
