@@ -55,6 +55,7 @@ import orjson
 from pydantic import ValidationError
 
 from app import metrics
+from app.domain.frozen import quick
 from schemas.wire import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ BACKOFF_MAX_SECONDS = 5.0
 # --------------------------------------------------------------------------------------
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class Outbound:
     """A record to send. ``topic`` is the full topic name. ``model``: the validated wire
@@ -103,6 +105,7 @@ class Outbound:
     model: Any = field(default=None, compare=False, repr=False)
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class SourceRecord:
     """A consumed record: where it is and what it holds."""

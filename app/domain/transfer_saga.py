@@ -45,12 +45,13 @@ re-sends those outputs instead of deciding again. Any other stale input is ignor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from enum import StrEnum
 from typing import Any
 
 from app.domain import otp as otp_codes
+from app.domain.frozen import quick, replace
 
 
 class State(StrEnum):
@@ -88,6 +89,7 @@ class Policy:
     funding_timeout_seconds: float = 30.0  # a charge unanswered this long fails the top-up
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class Transfer:
     """What a confirmed transfer token bound, plus where the saga lives."""
@@ -113,6 +115,7 @@ class Transfer:
 # --------------------------------------------------------------------------------------
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class SendReply:
     request_id: str
@@ -123,6 +126,7 @@ class SendReply:
     command_type: str
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class SendAccountCommand:
     command_id: str
@@ -134,6 +138,7 @@ class SendAccountCommand:
     origin: str | None = None  # "topup": the credit's money comes from a funding source
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class SendFundingCommand:
     charge_id: str
@@ -143,6 +148,7 @@ class SendFundingCommand:
     currency: str
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class SendOtp:
     """Never stored: the only place the plain OTP exists after generation."""
@@ -153,6 +159,7 @@ class SendOtp:
     transfer_id: str
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class PublishTransferEvent:
     transfer_id: str
@@ -163,6 +170,7 @@ class PublishTransferEvent:
     at: float
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class ReleaseLimit:
     transfer_id: str
@@ -177,6 +185,7 @@ Output = (SendReply | SendAccountCommand | SendFundingCommand | SendOtp | Publis
 # --------------------------------------------------------------------------------------
 
 
+@quick
 @dataclass(frozen=True, slots=True)
 class Saga:
     transfer: Transfer
