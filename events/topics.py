@@ -16,13 +16,14 @@ import asyncio
 import functools
 import logging
 import random
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +118,54 @@ CACHED_KEY_BYTES = 512
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition of a keyed record (Kafka's default partitioner: murmur2, as aiokafka
     and the Java client): where a producer that names no partition puts ``key``. Cached
-    for keys of ids' length: aiokafka's murmur2 is pure Python (~3 % of the worker's
-    CPU), and most keys come back (an account's commands and events, a transfer's
-    events); at most 65,536 keys of at most :data:`CACHED_KEY_BYTES` bytes."""
+    for keys of ids' length: murmur2 is pure Python (:func:`murmur2`, ~6 µs a key), and
+    many keys come back (an account's commands and events, a transfer's events); at most
+    65,536 keys of at most :data:`CACHED_KEY_BYTES` bytes."""
     if len(key) <= CACHED_KEY_BYTES:
         return _cached_partition(key, partitions)
     return _partition(key, partitions)
 
 
 def _partition(key: bytes, partitions: int) -> int:
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+#: ``struct`` readers of n little-endian 32-bit words, by n (keys of ids come in few sizes).
+_WORDS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (``org.apache.kafka.common.utils.Utils.murmur2``, seed 0x9747b28c),
+    as an unsigned 32-bit int: the same values as aiokafka's ``murmur2``, twice as fast
+    (its 4-byte words read by one ``struct`` call instead of byte by byte; ~6 against
+    ~13 µs for a key of a transfer id's length, most of which are seen once)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    n = length >> 2
+    if n:
+        words = _WORDS.get(n)
+        if words is None:
+            words = struct.Struct(f"<{n}I").unpack_from
+            if len(_WORDS) < 1024:
+                _WORDS[n] = words
+        for k in words(data):
+            k = (k * _M) & _MASK
+            k = ((k ^ (k >> 24)) * _M) & _MASK
+            h = ((h * _M) & _MASK) ^ k
+    extra = length & 3
+    if extra:
+        if extra == 3:
+            h ^= data[-1] << 16 ^ data[-2] << 8 ^ data[-3]
+        elif extra == 2:
+            h ^= data[-1] << 8 ^ data[-2]
+        else:
+            h ^= data[-1]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
 
 
 _cached_partition = functools.lru_cache(maxsize=1 << 16)(_partition)

@@ -75,3 +75,27 @@ def test_only_keys_of_ids_length_are_cached() -> None:
         key = rng.randbytes(topics.CACHED_KEY_BYTES + rng.randint(1, 4096))
         assert topics.partition_of(key, 6) == DefaultPartitioner()(key, every, every)
     assert topics._cached_partition.cache_info().currsize == before
+
+
+def test_murmur2_is_kafkas() -> None:
+    """The partitioner's murmur2 gives aiokafka's values for keys of every length (each
+    remainder of 4, none to well past an id's length, uncached sizes too), and the Java
+    client's own test vectors (``UtilsTest.testMurmur2``, signed there)."""
+    import random
+
+    from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+
+    from events.topics import murmur2
+
+    rng = random.Random(11)
+    for length in range(0, 140):
+        for _ in range(30):
+            key = rng.randbytes(length)
+            assert murmur2(key) == aiokafka_murmur2(key)
+    java = {b"21": -973932308, b"foobar": -790332482,
+            b"a-little-bit-long-string": -985981536,
+            b"a-little-bit-longer-string": -1486304829,
+            b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+            b"abc": 479470107}
+    for key, signed in java.items():
+        assert murmur2(key) == signed & 0xFFFFFFFF
