@@ -8,6 +8,7 @@ re-emitted output is recognisably the same output.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 
 from app.domain import transfer_saga as saga_core
@@ -67,9 +68,13 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
+#: A UUID in its canonical form, as ``str(uuid.UUID(...))`` writes it (lower-case hex).
+_CANONICAL_UUID = re.compile(
+    "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
+
+
 def is_transfer_id(value: str) -> bool:
-    """A transfer id as this service makes them: a UUID in its canonical form."""
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
+    """A transfer id as this service makes them: a UUID in its canonical form (exactly the
+    strings ``s`` with ``str(uuid.UUID(s)) == s``, a test checks it; matched, not parsed:
+    a fifth of the time, twice per transfer)."""
+    return _CANONICAL_UUID(value) is not None

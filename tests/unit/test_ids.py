@@ -44,3 +44,36 @@ def test_known_ids_do_not_change() -> None:
     assert transfer_id_for("alice", "k-1") == "d34d171a-caf7-5294-b5d1-65e63ecd13c9"
     assert token_jti_for("alice", "r-1") == "36cc9f17-8238-52b5-9d4f-2d75fc040b5e"
     assert attempt_for("t", "n") == "4ef39b58193f5d62"
+
+
+def _canonical_by_parsing(value: str) -> bool:
+    """What ``is_transfer_id`` answered before it matched: parse, write back, compare."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+UUID_LIKE = st.builds(
+    lambda u, upper, braces, dashes: (lambda s: "{" + s + "}" if braces else s)(
+        (u.upper() if upper else u).replace("-", "" if not dashes else "-")),
+    st.uuids().map(str), st.booleans(), st.booleans(), st.booleans())
+
+
+@given(st.one_of(UUID_LIKE, text, st.uuids().map(str),
+                 st.uuids().map(lambda u: str(u) + "\n"),
+                 st.uuids().map(lambda u: "urn:uuid:" + str(u))))
+def test_a_transfer_id_is_exactly_a_canonical_uuid(value: str) -> None:
+    """Matched, it accepts exactly what parsing and writing back accepted: upper case,
+    braces, no dashes, a URN prefix or a trailing newline are refused as before."""
+    assert is_transfer_id(value) == _canonical_by_parsing(value)
+
+
+def test_transfer_id_examples() -> None:
+    good = "d34d171a-caf7-5294-b5d1-65e63ecd13c9"
+    assert is_transfer_id(good)
+    for bad in (good.upper(), good + "\n", "{" + good + "}", good.replace("-", ""),
+                "urn:uuid:" + good, good[:-1], good + "0", "",
+                good[:-1] + "\u0669"):  # an Arabic-Indic nine: int() reads it, ids may not
+        assert not is_transfer_id(bad), bad
+        assert not _canonical_by_parsing(bad), bad
