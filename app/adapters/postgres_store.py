@@ -536,6 +536,8 @@ class PostgresBusinessStore:
             functools.partial(self._read_each, _INIT_FACTS), name="init_facts")
         self._outcome_writes: Coalescer[tuple[str, str, str, str | None], None] = Coalescer(
             functools.partial(self._write_each, _SAVE_OUTCOME), name="save_outcome")
+        self._otp_failure_reads: Coalescer[tuple[str, datetime], Any] = Coalescer(
+            functools.partial(self._read_each, _OTP_FAILURES_SINCE), name="otp_failures_since")
 
     @classmethod
     def from_settings(cls, settings: DbSettings) -> PostgresBusinessStore:
@@ -651,9 +653,10 @@ class PostgresBusinessStore:
     # --- OTP budgets -------------------------------------------------------------------
 
     async def otp_failures_since(self, user_id: str, since: datetime) -> int:
-        async with self._connection() as raw:
-            count = await raw.fetchval(_OTP_FAILURES_SINCE, user_id, since)
-        return int(count or 0)
+        # The counts asked together: one round trip (each user's own calls come one after
+        # the other: a user's records are decided in order).
+        row = await self._otp_failure_reads.submit((user_id, since))
+        return int(row[0] or 0)
 
     async def record_otp_failure(self, user_id: str, key: str, at: datetime) -> None:
         async with self._connection() as raw:

@@ -13,6 +13,7 @@ Over 400 lines: one contract, read whole: the specification both stores must mee
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -407,6 +408,12 @@ async def test_otp_failures_count_once_per_key_strictly_after_since(backend: Bac
     assert await store.otp_failures_since(alice.user_id, T0 + timedelta(minutes=5)) == 0
     assert await store.otp_failures_since(bob.user_id, T0 - timedelta(seconds=1)) == 1
     assert await store.otp_failures_since("nobody", T0 - timedelta(days=1)) == 0
+    # Asked at once (the PostgreSQL store answers them in one round trip): each its own.
+    asked = [(alice.user_id, T0 - timedelta(seconds=1)), (alice.user_id, T0),
+             (bob.user_id, T0 - timedelta(seconds=1)), ("nobody", T0 - timedelta(days=1)),
+             (alice.user_id, T0 + timedelta(minutes=5))]
+    assert await asyncio.gather(*(store.otp_failures_since(u, t) for u, t in asked)) == [
+        2, 1, 1, 0, 0]
 
 
 # --- confirm_checks: the daily limits, and release_daily_limit --------------------------
