@@ -32,6 +32,16 @@ that failed with a retriable error (and is retried) becomes a WARNING.
 
 :func:`install` applies both to every handler that exists; call it again after anything
 that replaces handlers (Faust's worker does, see agents/worker.py), like ``log_redaction.install``.
+
+**Lean records.** :func:`install` also stops ``logging`` from looking up, for every record,
+the caller's file, line and function (a walk up the stack) and the thread's and
+multiprocessing's names (the logging HOWTO's "Optimization": ``logging._srcfile = None``,
+``logThreads``, ``logMultiprocessing``): no format of this service shows them, and they
+were a quarter of a line's cost (25 against 19 µs a text line; a line per transfer). A
+format given by hand that asks for ``%(filename)s``, ``%(lineno)d``, ``%(funcName)s``,
+``%(threadName)s`` or ``%(processName)s`` shows their placeholders instead
+(``(unknown file)``, 0, ``(unknown function)``, None). ``%(process)d`` stays (mode's
+terminal format shows it).
 """
 
 from __future__ import annotations
@@ -150,7 +160,11 @@ def install(log_format: Literal["text", "json"] = "text") -> int:
     """On every handler that exists now: the cancellation and coordinator-lookup filters
     (ahead of the others, so that they see the record's own arguments and no traceback is
     formatted for a cancellation) and, with ``json``, the JSON formatter.
-    Idempotent; returns how many handlers it saw."""
+    Idempotent; returns how many handlers it saw. Records are made lean (see the module's
+    docstring)."""
+    logging._srcfile = None  # documented: the logging HOWTO's "Optimization"
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handlers = _all_handlers()
     for handler in handlers:
         if not any(isinstance(f, RebalanceCancellations) for f in handler.filters):
