@@ -42,9 +42,13 @@ def quick(cls: type[T]) -> type[T]:
         if not f.init or f.kw_only or f.default_factory is not MISSING:
             raise TypeError(f"{cls.__qualname__}.{f.name}: quick() handles plain fields "
                             "only (no init=False, kw_only or default_factory)")
-        if not names_are_identifiers(f.name):
-            raise TypeError(f"{cls.__qualname__}.{f.name}: not an identifier")
-        env[f"_set_{f.name}"] = cls.__dict__[f.name].__set__  # the slot's descriptor
+        if not names_are_identifiers(f.name) or f.name == "self":
+            raise TypeError(f"{cls.__qualname__}.{f.name}: not a name quick() can use")
+        slot = cls.__dict__.get(f.name)
+        if slot is None or not hasattr(slot, "__set__"):
+            raise TypeError(f"{cls.__qualname__}.{f.name}: quick() needs every field a "
+                            "slot of the class itself (none inherited)")
+        env[f"_set_{f.name}"] = slot.__set__  # the slot's descriptor
         if f.default is MISSING:
             params_src.append(f.name)
         else:
@@ -80,9 +84,10 @@ def names_are_identifiers(name: str) -> bool:
 
 def replace(obj: T, /, **changes: Any) -> T:
     """``dataclasses.replace`` for a class made by :func:`quick` (any other dataclass is
-    handed to ``dataclasses.replace``): a new instance with ``changes``; an unknown field
-    raises ``TypeError``."""
-    own = getattr(type(obj), _REPLACE, None)
+    handed to ``dataclasses.replace``, as is a subclass of one, whose fields and type the
+    generated copy does not know): a new instance of ``type(obj)`` with ``changes``; an
+    unknown field raises ``TypeError``."""
+    own = type(obj).__dict__.get(_REPLACE)
     if own is None:
         import dataclasses
 

@@ -26,6 +26,28 @@ def test_independent_cores_are_worth_two() -> None:
 def test_no_runs_refused() -> None:
     with pytest.raises(ValueError):
         cores.summarize([], [1.0])
+    with pytest.raises(ValueError):
+        cores.summarize([1.0], [1.0, 1.0], [1.0])
+
+
+def test_turns_on_one_core_show_in_the_elapsed_time() -> None:
+    """Two copies taking turns on one CPU each take twice their CPU time in elapsed time:
+    the figure that says ``worth`` is meaningless."""
+    assert cores.summarize([1.0], [1.0, 1.0], [2.0, 2.1])["togetherWallOverCpu"] == 2.05
+    assert cores.summarize([1.0], [1.0, 1.2], [1.0, 1.2])["togetherWallOverCpu"] == 1.0
+
+
+def test_one_usable_cpu_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cores, "usable_cpus", lambda: 1)
+    with pytest.raises(SystemExit) as exc:
+        cores.main(["--rounds", "1", "--iterations", "1000"])
+    assert exc.value.code == 2
+
+
+def test_every_child_waited_for_when_one_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cores, "WORK", "import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match="exited 3"):
+        cores.run_at_once(2, 1)
 
 
 def test_the_probe_runs_the_work(capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,6 +56,7 @@ def test_the_probe_runs_the_work(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(figures["alone"]) == 1
     assert len(figures["together"]) == 2
     assert figures["aloneSeconds"] > 0 and figures["togetherSeconds"] > 0
+    assert figures["togetherWallOverCpu"] > 0
 
 
 def test_bad_arguments_refused() -> None:

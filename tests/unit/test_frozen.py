@@ -135,6 +135,43 @@ def test_refuses_what_it_does_not_build() -> None:
     class KwOnly:
         a: int
 
-    for cls in (NoSlots, NotFrozen, PostInit, Factory, NotInit, KwOnly):
+    @dataclass(frozen=True, slots=True)
+    class Base:
+        a: int
+
+    @dataclass(frozen=True, slots=True)
+    class Inherits(Base):  # ``a`` is a slot of Base's, not of this class
+        b: int = 0
+
+    @dataclass(frozen=True, slots=True)
+    class SelfNamed:
+        self: int
+
+    for cls in (NoSlots, NotFrozen, PostInit, Factory, NotInit, KwOnly, Inherits, SelfNamed):
         with pytest.raises(TypeError):
             frozen.quick(cls)
+
+
+def test_replace_of_a_subclass_keeps_its_type_and_fields() -> None:
+    """A subclass of a quick class is not one: its copies are ``dataclasses.replace``'s,
+    of its own type, with its own fields (the generated copy builds the base class)."""
+    @frozen.quick
+    @dataclass(frozen=True, slots=True)
+    class Base:
+        a: int
+        b: str = "x"
+
+    @dataclass(frozen=True)
+    class Sub(Base):
+        c: int = 0
+
+    class Plain(Base):
+        __slots__ = ()
+
+    sub = Sub(1, "y", 3)
+    assert frozen.replace(sub, b="z") == Sub(1, "z", 3)
+    assert type(frozen.replace(sub, c=9)) is Sub and frozen.replace(sub, c=9).c == 9
+    assert type(frozen.replace(Plain(1), a=2)) is Plain
+    assert frozen.replace(Base(1), b="q") == Base(1, "q")
+    with pytest.raises(TypeError):
+        frozen.replace(sub, d=1)

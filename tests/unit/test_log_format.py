@@ -346,9 +346,17 @@ def test_a_json_line_is_what_json_dumps_wrote() -> None:
         assert line == expected
 
 
-def test_records_are_lean_and_lines_unchanged() -> None:
-    """After ``install`` no record looks up its caller or thread (a quarter of a line's
-    cost); the service's lines, text and JSON, say the same as before."""
+@pytest.fixture
+def logging_globals() -> Iterator[None]:
+    """What ``install`` changes in ``logging`` itself, put back after the test."""
+    kept = (logging._srcfile, logging.logThreads, logging.logMultiprocessing)
+    yield
+    logging._srcfile, logging.logThreads, logging.logMultiprocessing = kept
+
+
+def test_records_are_lean_and_lines_unchanged(logging_globals: None) -> None:
+    """After ``install`` no record looks up its thread's or process's name; the service's
+    lines, text and JSON, say the same as before."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(log_format.TEXT_FORMAT))
@@ -357,7 +365,6 @@ def test_records_are_lean_and_lines_unchanged() -> None:
     named.propagate = False
     try:
         log_format.install("text")
-        assert logging._srcfile is None
         assert not logging.logThreads and not logging.logMultiprocessing
         named.warning("transfer %s: %s", "t-1", "CREDITING -> COMPLETED",
                       extra={"transferId": "t-1"})
@@ -370,5 +377,28 @@ def test_records_are_lean_and_lines_unchanged() -> None:
         line = json.loads(stream.getvalue().splitlines()[-1])
         assert line["message"] == "again t-2" and line["transferId"] == "t-2"
         assert line["level"] == "WARNING" and line["logger"] == named.name
+    finally:
+        named.removeHandler(handler)
+
+
+def test_stack_info_still_prints_the_stack(logging_globals: None) -> None:
+    """``stack_info=True`` needs the caller looked up: after ``install`` a line asking for
+    it still carries the stack, in text and in JSON, and names its caller."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    named = logging.getLogger(f"test.stack.{uuid.uuid4().hex}")
+    named.addHandler(handler)
+    named.propagate = False
+    try:
+        log_format.install("text")
+        handler.setFormatter(logging.Formatter(log_format.TEXT_FORMAT))
+        named.warning("where am I", stack_info=True)
+        text = stream.getvalue()
+        assert "Stack (most recent call last)" in text
+        assert "test_stack_info_still_prints_the_stack" in text
+        handler.setFormatter(log_format.JsonFormatter())
+        named.warning("and here", stack_info=True)
+        line = json.loads(stream.getvalue().splitlines()[-1])
+        assert "test_stack_info_still_prints_the_stack" in line["stack"]
     finally:
         named.removeHandler(handler)
