@@ -154,10 +154,22 @@ class DbSettings(Protocol):
 #: per cent of their updates were HOT under load (docs/performance.md, session 23). It
 #: applies to the pages written from then on. The sagas' updates change indexed columns
 #: (state, deadline) and are never HOT whatever the fillfactor.
+#:
+#: Every text column that an index orders (keys and ids) is ``COLLATE "C"``: its
+#: values compare byte by byte, not by the database's locale. Nothing here is ordered for a
+#: reader, so no locale's order is wanted. A locale's comparisons cost more
+#: (docs/performance.md, session 28), and an index ordered by the C library's collation
+#: can silently stop finding its keys after an operating-system upgrade changes that
+#: collation (PostgreSQL's "locale data changes"): a unique key such as an idempotency key
+#: or a token's jti then admits a second row. Byte order never changes. One exception:
+#: ``sagas.state`` keeps the database's collation. Its values are the saga's own state
+#: names, capitals and underscores that no locale orders differently, and a change of its
+#: collation would build ``sagas_finished_idx`` (whose condition names it) again at every
+#: later migration.
 DDL = """
 CREATE TABLE IF NOT EXISTS users (
-    user_id text PRIMARY KEY,
-    account_id text UNIQUE NOT NULL,
+    user_id text COLLATE "C" PRIMARY KEY,
+    account_id text COLLATE "C" UNIQUE NOT NULL,
     currency char(3) NOT NULL,
     phone text NOT NULL,
     pin_verifier text NOT NULL,
@@ -169,25 +181,25 @@ CREATE TABLE IF NOT EXISTS users (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS transfer_token_uses (
-    jti text PRIMARY KEY,
-    transfer_id text NOT NULL,
+    jti text COLLATE "C" PRIMARY KEY,
+    transfer_id text COLLATE "C" NOT NULL,
     used_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS daily_usage (
-    user_id text NOT NULL,
+    user_id text COLLATE "C" NOT NULL,
     day date NOT NULL,
     reserved_minor bigint NOT NULL DEFAULT 0 CHECK (reserved_minor >= 0),
     PRIMARY KEY (user_id, day)
 );
 CREATE TABLE IF NOT EXISTS limit_reservations (
-    transfer_id text PRIMARY KEY,
+    transfer_id text COLLATE "C" PRIMARY KEY,
     user_id text NOT NULL,
     day date NOT NULL,
     amount_minor bigint NOT NULL CHECK (amount_minor > 0)
 );
 CREATE TABLE IF NOT EXISTS funding_sources (
-    funding_source_id text PRIMARY KEY,
-    user_id text NOT NULL REFERENCES users (user_id),
+    funding_source_id text COLLATE "C" PRIMARY KEY,
+    user_id text COLLATE "C" NOT NULL REFERENCES users (user_id),
     kind text NOT NULL CHECK (kind IN ('bank_account', 'card')),
     label text NOT NULL,
     status text NOT NULL CHECK (status IN ('active', 'blocked'))
@@ -196,35 +208,35 @@ CREATE INDEX IF NOT EXISTS transfer_token_uses_transfer_idx
     ON transfer_token_uses (transfer_id);
 ALTER TABLE users ADD COLUMN IF NOT EXISTS pin_locked_until timestamptz NULL;
 CREATE TABLE IF NOT EXISTS pin_failures (
-    user_id text NOT NULL,
-    record text NOT NULL,
+    user_id text COLLATE "C" NOT NULL,
+    record text COLLATE "C" NOT NULL,
     failed_at timestamptz NOT NULL,
     PRIMARY KEY (user_id, record)
 );
 CREATE TABLE IF NOT EXISTS otp_failures (
-    key text PRIMARY KEY,
-    user_id text NOT NULL,
+    key text COLLATE "C" PRIMARY KEY,
+    user_id text COLLATE "C" NOT NULL,
     failed_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS otp_failures_user_idx ON otp_failures (user_id, failed_at);
 CREATE TABLE IF NOT EXISTS otp_sends (
-    transfer_id text PRIMARY KEY,
-    user_id text NOT NULL,
+    transfer_id text COLLATE "C" PRIMARY KEY,
+    user_id text COLLATE "C" NOT NULL,
     sent_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS otp_sends_user_idx ON otp_sends (user_id, sent_at);
 CREATE TABLE IF NOT EXISTS topup_usage (
-    user_id text NOT NULL,
+    user_id text COLLATE "C" NOT NULL,
     day date NOT NULL,
     reserved_minor bigint NOT NULL DEFAULT 0 CHECK (reserved_minor >= 0),
     PRIMARY KEY (user_id, day)
 );
 ALTER TABLE limit_reservations ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'transfer';
 CREATE TABLE IF NOT EXISTS idempotency_records (
-    operator_id text NOT NULL,
-    idempotency_key text NOT NULL,
+    operator_id text COLLATE "C" NOT NULL,
+    idempotency_key text COLLATE "C" NOT NULL,
     fingerprint text NOT NULL,
-    transfer_id text NOT NULL,
+    transfer_id text COLLATE "C" NOT NULL,
     attempt text NOT NULL,
     state text NULL,
     code text NULL,
@@ -236,10 +248,10 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
 CREATE INDEX IF NOT EXISTS idempotency_records_transfer_idx
     ON idempotency_records (transfer_id);
 CREATE TABLE IF NOT EXISTS sagas (
-    transfer_id text PRIMARY KEY,
+    transfer_id text COLLATE "C" PRIMARY KEY,
     home_partition int NOT NULL,
     operator_id text NOT NULL,
-    state text NOT NULL,
+    state text NOT NULL,  -- the code's own names (no collation orders them differently)
     deadline double precision NULL,  -- Saga.deadline(), POSIX seconds (NULL: none)
     updated_at double precision NOT NULL,  -- Saga.updated_at
     saga bytea NOT NULL  -- orjson of saga_to_dict (app/adapters/saga_state.py)
@@ -250,7 +262,7 @@ CREATE INDEX IF NOT EXISTS sagas_finished_idx ON sagas (home_partition, updated_
     WHERE state IN ('COMPLETED', 'FAILED');
 CREATE INDEX IF NOT EXISTS sagas_state_idx ON sagas (state, updated_at);
 CREATE TABLE IF NOT EXISTS saved_replies (
-    key text PRIMARY KEY,
+    key text COLLATE "C" PRIMARY KEY,
     home_partition int NOT NULL,
     saved_at double precision NOT NULL,  -- POSIX seconds
     reply bytea NOT NULL
@@ -260,25 +272,25 @@ CREATE INDEX IF NOT EXISTS saved_replies_age_idx ON saved_replies (home_partitio
 -- engine in its cycle's transaction (app/adapters/saga_state.py): one row per key, value
 -- the same orjson document as the projection's, key escaped as saga_state.db_key.
 CREATE TABLE IF NOT EXISTS query_balances (
-    key text PRIMARY KEY,          -- accountId
+    key text COLLATE "C" PRIMARY KEY, -- accountId
     home_partition int NOT NULL,   -- the account's partition of account.events
     value bytea NOT NULL
 );
 -- The live balance check reads a worker's partitions (app/adapters/query_tables.py).
 CREATE INDEX IF NOT EXISTS query_balances_partition_idx ON query_balances (home_partition);
 CREATE TABLE IF NOT EXISTS query_history (
-    key text PRIMARY KEY,          -- accountId US seq (16 digits)
+    key text COLLATE "C" PRIMARY KEY, -- accountId US seq (16 digits)
     home_partition int NOT NULL,
     value bytea NOT NULL
 );
 CREATE TABLE IF NOT EXISTS query_events_seen (
-    key text PRIMARY KEY,          -- accountId US commandId
+    key text COLLATE "C" PRIMARY KEY, -- accountId US commandId
     home_partition int NOT NULL,
     value bytea NOT NULL
 );
 -- The transfers' details (TransferProjection), written with their sagas.
 CREATE TABLE IF NOT EXISTS query_transfers (
-    key text PRIMARY KEY,          -- transferId
+    key text COLLATE "C" PRIMARY KEY, -- transferId
     home_partition int NOT NULL,   -- the saga's home partition
     value bytea NOT NULL
 );
@@ -290,7 +302,51 @@ CREATE TABLE IF NOT EXISTS saga_leases (
 -- Rows updated in place at the steps of their transfer: room left in their pages for
 -- HOT updates (see the comment above DDL).
 ALTER TABLE query_transfers SET (fillfactor = 70);
-ALTER TABLE idempotency_records SET (fillfactor = 70)
+ALTER TABLE idempotency_records SET (fillfactor = 70);
+-- Every text column of an index compares in the "C" collation (see the comment above
+-- DDL). A schema made before declared them in the database's: these statements move it
+-- (no table is rewritten, the indexes on them are built again once), and are no-ops on a
+-- schema that has them.
+ALTER TABLE users
+    ALTER COLUMN user_id TYPE text COLLATE "C",
+    ALTER COLUMN account_id TYPE text COLLATE "C";
+ALTER TABLE transfer_token_uses
+    ALTER COLUMN jti TYPE text COLLATE "C",
+    ALTER COLUMN transfer_id TYPE text COLLATE "C";
+ALTER TABLE daily_usage
+    ALTER COLUMN user_id TYPE text COLLATE "C";
+ALTER TABLE limit_reservations
+    ALTER COLUMN transfer_id TYPE text COLLATE "C";
+ALTER TABLE funding_sources
+    ALTER COLUMN funding_source_id TYPE text COLLATE "C",
+    ALTER COLUMN user_id TYPE text COLLATE "C";
+ALTER TABLE pin_failures
+    ALTER COLUMN user_id TYPE text COLLATE "C",
+    ALTER COLUMN record TYPE text COLLATE "C";
+ALTER TABLE otp_failures
+    ALTER COLUMN key TYPE text COLLATE "C",
+    ALTER COLUMN user_id TYPE text COLLATE "C";
+ALTER TABLE otp_sends
+    ALTER COLUMN transfer_id TYPE text COLLATE "C",
+    ALTER COLUMN user_id TYPE text COLLATE "C";
+ALTER TABLE topup_usage
+    ALTER COLUMN user_id TYPE text COLLATE "C";
+ALTER TABLE idempotency_records
+    ALTER COLUMN operator_id TYPE text COLLATE "C",
+    ALTER COLUMN idempotency_key TYPE text COLLATE "C",
+    ALTER COLUMN transfer_id TYPE text COLLATE "C";
+ALTER TABLE sagas
+    ALTER COLUMN transfer_id TYPE text COLLATE "C";
+ALTER TABLE saved_replies
+    ALTER COLUMN key TYPE text COLLATE "C";
+ALTER TABLE query_balances
+    ALTER COLUMN key TYPE text COLLATE "C";
+ALTER TABLE query_history
+    ALTER COLUMN key TYPE text COLLATE "C";
+ALTER TABLE query_events_seen
+    ALTER COLUMN key TYPE text COLLATE "C";
+ALTER TABLE query_transfers
+    ALTER COLUMN key TYPE text COLLATE "C"
 """
 
 

@@ -76,9 +76,11 @@ _RESERVED_PREFIXES = (CLEARING_PREFIX, "external:")
 _RETRY_SQLSTATES = frozenset({"23505", "40001", "40P01"})
 _MAX_ATTEMPTS = 5
 
+#: The ledger's tables. Every text column of an index is ``COLLATE "C"`` (byte order: the
+#: business center's DDL in app/adapters/postgres_store.py says why).
 DDL = """
 CREATE TABLE IF NOT EXISTS accounts (
-    account_id    text        PRIMARY KEY,
+    account_id    text        COLLATE "C" PRIMARY KEY,
     currency      char(3)     NOT NULL,
     balance_minor bigint      NOT NULL CHECK (balance_minor >= 0),
     status        text        NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'closed')),
@@ -87,8 +89,8 @@ CREATE TABLE IF NOT EXISTS accounts (
 );
 CREATE TABLE IF NOT EXISTS journal (
     entry_id     bigserial   PRIMARY KEY,
-    command_id   text        NOT NULL,
-    account_id   text        NOT NULL,
+    command_id   text        COLLATE "C" NOT NULL,
+    account_id   text        COLLATE "C" NOT NULL,
     currency     char(3)     NOT NULL,
     amount_minor bigint      NOT NULL CHECK (amount_minor <> 0),
     created_at   timestamptz NOT NULL DEFAULT now()
@@ -96,15 +98,25 @@ CREATE TABLE IF NOT EXISTS journal (
 CREATE INDEX IF NOT EXISTS journal_account_id_idx ON journal (account_id);
 CREATE INDEX IF NOT EXISTS journal_command_id_idx ON journal (command_id);
 CREATE TABLE IF NOT EXISTS processed_commands (
-    command_id   text        PRIMARY KEY,
-    transfer_id  text        NOT NULL,
+    command_id   text        COLLATE "C" PRIMARY KEY,
+    transfer_id  text        COLLATE "C" NOT NULL,
     type         text        NOT NULL,
     account_id   text        NOT NULL,
     result       jsonb       NOT NULL,
     processed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS processed_commands_transfer_id_idx
-    ON processed_commands (transfer_id)
+    ON processed_commands (transfer_id);
+-- Ids compare byte by byte (the business center's DDL, app/adapters/postgres_store.py,
+-- says why). These move a ledger made before, once, without rewriting a table.
+ALTER TABLE accounts
+    ALTER COLUMN account_id TYPE text COLLATE "C";
+ALTER TABLE journal
+    ALTER COLUMN command_id TYPE text COLLATE "C",
+    ALTER COLUMN account_id TYPE text COLLATE "C";
+ALTER TABLE processed_commands
+    ALTER COLUMN command_id TYPE text COLLATE "C",
+    ALTER COLUMN transfer_id TYPE text COLLATE "C"
 """
 
 
