@@ -107,9 +107,28 @@ async def bare_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
     await greenlet_spawn(pooled.close)
 
 
+#: The columns of ``schema`` that an index orders or a foreign key compares, collatable and
+#: not in the "C" collation: (table, column, type).
+_NOT_BYTE_ORDERED = """
+SELECT DISTINCT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = :schema AND a.attcollation <> 0
+  AND a.attcollation <> (SELECT oid FROM pg_collation
+                         WHERE collname = 'C' AND collnamespace = 'pg_catalog'::regnamespace)
+  AND (EXISTS (SELECT 1 FROM pg_index i
+               WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey::int2[]))
+       OR EXISTS (SELECT 1 FROM pg_constraint f
+                  WHERE f.contype = 'f' AND f.conrelid = c.oid AND a.attnum = ANY (f.conkey)))
+ORDER BY 1, 2
+"""
+
+
 async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
     """Create ``schema`` and run idempotent ``ddl`` (CREATE ... IF NOT EXISTS statements),
-    once per version of ``ddl``.
+    once per version of ``ddl``; then move every column of the schema that an index orders
+    or a foreign key compares to byte order (``_order_by_bytes``).
 
     Every process runs this at start, also while other processes of the same schema are
     busy: a worker joining a loaded group. ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` takes
@@ -137,6 +156,7 @@ async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
                 for statement in (s.strip() for s in ddl.split(";")):
                     if statement:
                         await conn.execute(text(statement))
+                await _order_by_bytes(conn, schema)
                 await conn.execute(text(
                     f'CREATE TABLE IF NOT EXISTS "{schema}".schema_version ('
                     " id int PRIMARY KEY CHECK (id = 1), ddl_sha256 text NOT NULL,"
@@ -153,6 +173,31 @@ async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
             log.warning("schema %s: migration met live transactions (%s), attempt %d of %d",
                         schema, _sqlstate(exc), attempt, _MIGRATION_ATTEMPTS)
             await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+
+
+async def _order_by_bytes(conn: AsyncConnection, schema: str) -> None:
+    """Every column of ``schema`` that an index orders or a foreign key compares is in the
+    "C" collation (byte order: docs/architecture.md, "Keys compare byte by byte"). The DDLs
+    declare it; a table made by an earlier version, whose columns are in the database's
+    collation, is moved here: ``ALTER COLUMN ... TYPE <its type> COLLATE "C"`` builds the
+    indexes on them again (no table is rewritten) and drops their statistics, so the table
+    is analyzed again. Only the columns not yet in "C" are touched: a schema that has them
+    costs one catalog query, no lock."""
+    rows = (await conn.execute(text(_NOT_BYTE_ORDERED), {"schema": schema})).all()
+    tables: dict[str, list[str]] = {}
+    for table, column, type_name in rows:
+        tables.setdefault(table, []).append(
+            f'ALTER COLUMN {_quoted(column)} TYPE {type_name} COLLATE "C"')
+    for table, changes in tables.items():
+        log.warning("schema %s: table %s: %d column(s) moved to byte order, its indexes built "
+                    "again", schema, table, len(changes))
+        qualified = f"{_quoted(schema)}.{_quoted(table)}"
+        await conn.execute(text(f"ALTER TABLE {qualified} " + ", ".join(changes)))
+        await conn.execute(text(f"ANALYZE {qualified}"))
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 async def _applied(engine: AsyncEngine, schema: str) -> str | None:

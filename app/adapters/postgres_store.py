@@ -155,17 +155,9 @@ class DbSettings(Protocol):
 #: applies to the pages written from then on. The sagas' updates change indexed columns
 #: (state, deadline) and are never HOT whatever the fillfactor.
 #:
-#: Every text column that an index orders (keys and ids) is ``COLLATE "C"``: its
-#: values compare byte by byte, not by the database's locale. Nothing here is ordered for a
-#: reader, so no locale's order is wanted. A locale's comparisons cost more
-#: (docs/performance.md, session 28), and an index ordered by the C library's collation
-#: can silently stop finding its keys after an operating-system upgrade changes that
-#: collation (PostgreSQL's "locale data changes"): a unique key such as an idempotency key
-#: or a token's jti then admits a second row. Byte order never changes. One exception:
-#: ``sagas.state`` keeps the database's collation. Its values are the saga's own state
-#: names, capitals and underscores that no locale orders differently, and a change of its
-#: collation would build ``sagas_finished_idx`` (whose condition names it) again at every
-#: later migration.
+#: Every text column that an index orders or a foreign key compares (keys, ids, states) is
+#: ``COLLATE "C"``: byte order, whatever the database's locale (docs/architecture.md, "Keys
+#: compare byte by byte"). ``ensure_schema`` moves a table made by an earlier version.
 DDL = """
 CREATE TABLE IF NOT EXISTS users (
     user_id text COLLATE "C" PRIMARY KEY,
@@ -251,7 +243,7 @@ CREATE TABLE IF NOT EXISTS sagas (
     transfer_id text COLLATE "C" PRIMARY KEY,
     home_partition int NOT NULL,
     operator_id text NOT NULL,
-    state text NOT NULL,  -- the code's own names (no collation orders them differently)
+    state text COLLATE "C" NOT NULL,
     deadline double precision NULL,  -- Saga.deadline(), POSIX seconds (NULL: none)
     updated_at double precision NOT NULL,  -- Saga.updated_at
     saga bytea NOT NULL  -- orjson of saga_to_dict (app/adapters/saga_state.py)
@@ -302,51 +294,7 @@ CREATE TABLE IF NOT EXISTS saga_leases (
 -- Rows updated in place at the steps of their transfer: room left in their pages for
 -- HOT updates (see the comment above DDL).
 ALTER TABLE query_transfers SET (fillfactor = 70);
-ALTER TABLE idempotency_records SET (fillfactor = 70);
--- Every text column of an index compares in the "C" collation (see the comment above
--- DDL). A schema made before declared them in the database's: these statements move it
--- (no table is rewritten, the indexes on them are built again once), and are no-ops on a
--- schema that has them.
-ALTER TABLE users
-    ALTER COLUMN user_id TYPE text COLLATE "C",
-    ALTER COLUMN account_id TYPE text COLLATE "C";
-ALTER TABLE transfer_token_uses
-    ALTER COLUMN jti TYPE text COLLATE "C",
-    ALTER COLUMN transfer_id TYPE text COLLATE "C";
-ALTER TABLE daily_usage
-    ALTER COLUMN user_id TYPE text COLLATE "C";
-ALTER TABLE limit_reservations
-    ALTER COLUMN transfer_id TYPE text COLLATE "C";
-ALTER TABLE funding_sources
-    ALTER COLUMN funding_source_id TYPE text COLLATE "C",
-    ALTER COLUMN user_id TYPE text COLLATE "C";
-ALTER TABLE pin_failures
-    ALTER COLUMN user_id TYPE text COLLATE "C",
-    ALTER COLUMN record TYPE text COLLATE "C";
-ALTER TABLE otp_failures
-    ALTER COLUMN key TYPE text COLLATE "C",
-    ALTER COLUMN user_id TYPE text COLLATE "C";
-ALTER TABLE otp_sends
-    ALTER COLUMN transfer_id TYPE text COLLATE "C",
-    ALTER COLUMN user_id TYPE text COLLATE "C";
-ALTER TABLE topup_usage
-    ALTER COLUMN user_id TYPE text COLLATE "C";
-ALTER TABLE idempotency_records
-    ALTER COLUMN operator_id TYPE text COLLATE "C",
-    ALTER COLUMN idempotency_key TYPE text COLLATE "C",
-    ALTER COLUMN transfer_id TYPE text COLLATE "C";
-ALTER TABLE sagas
-    ALTER COLUMN transfer_id TYPE text COLLATE "C";
-ALTER TABLE saved_replies
-    ALTER COLUMN key TYPE text COLLATE "C";
-ALTER TABLE query_balances
-    ALTER COLUMN key TYPE text COLLATE "C";
-ALTER TABLE query_history
-    ALTER COLUMN key TYPE text COLLATE "C";
-ALTER TABLE query_events_seen
-    ALTER COLUMN key TYPE text COLLATE "C";
-ALTER TABLE query_transfers
-    ALTER COLUMN key TYPE text COLLATE "C"
+ALTER TABLE idempotency_records SET (fillfactor = 70)
 """
 
 

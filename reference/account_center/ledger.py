@@ -76,8 +76,9 @@ _RESERVED_PREFIXES = (CLEARING_PREFIX, "external:")
 _RETRY_SQLSTATES = frozenset({"23505", "40001", "40P01"})
 _MAX_ATTEMPTS = 5
 
-#: The ledger's tables. Every text column of an index is ``COLLATE "C"`` (byte order: the
-#: business center's DDL in app/adapters/postgres_store.py says why).
+#: The ledger's tables. Every text column of an index is ``COLLATE "C"`` (byte order:
+#: docs/architecture.md, "Keys compare byte by byte"; ``ensure_schema`` moves a table made
+#: by an earlier version).
 DDL = """
 CREATE TABLE IF NOT EXISTS accounts (
     account_id    text        COLLATE "C" PRIMARY KEY,
@@ -106,17 +107,7 @@ CREATE TABLE IF NOT EXISTS processed_commands (
     processed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS processed_commands_transfer_id_idx
-    ON processed_commands (transfer_id);
--- Ids compare byte by byte (the business center's DDL, app/adapters/postgres_store.py,
--- says why). These move a ledger made before, once, without rewriting a table.
-ALTER TABLE accounts
-    ALTER COLUMN account_id TYPE text COLLATE "C";
-ALTER TABLE journal
-    ALTER COLUMN command_id TYPE text COLLATE "C",
-    ALTER COLUMN account_id TYPE text COLLATE "C";
-ALTER TABLE processed_commands
-    ALTER COLUMN command_id TYPE text COLLATE "C",
-    ALTER COLUMN transfer_id TYPE text COLLATE "C"
+    ON processed_commands (transfer_id)
 """
 
 

@@ -1,9 +1,10 @@
-"""Every text column that an index orders compares byte by byte (``COLLATE "C"``), in the
-business center's schema (app/adapters/postgres_store.py ``DDL``) and the reference
-ledger's (reference/account_center/ledger.py ``DDL``), whatever the database's locale:
-a fresh schema has it, and a schema made before (its columns in the database's collation)
-is moved by the next start's migration without rewriting a table, keeping its rows and
-its unique keys. Against the real PostgreSQL of ``make up``.
+"""Every text column that an index orders or a foreign key compares is in byte order
+(``COLLATE "C"``), in the business center's schema (app/adapters/postgres_store.py ``DDL``)
+and the reference ledger's (reference/account_center/ledger.py ``DDL``), whatever the
+database's locale: a fresh schema has it, and a schema made by an earlier version (its
+columns in the database's collation) is moved by the next migration (``ensure_schema``)
+without rewriting a table, keeping its rows, its unique keys and its statistics; a later
+migration touches none of it again. Against the real PostgreSQL of ``make up``.
 """
 
 from __future__ import annotations
@@ -22,17 +23,9 @@ from reference.account_center.ledger import DDL as LEDGER_DDL
 
 pytestmark = pytest.mark.integration
 
-#: The DDLs as they were before this change: the same tables, every column in the
-#: database's collation, no migration statements.
-BUSINESS_BEFORE = BUSINESS_DDL[: BUSINESS_DDL.index("-- Every text column of an index")]
-LEDGER_BEFORE = LEDGER_DDL[: LEDGER_DDL.index("-- Ids compare byte by byte")]
-
-#: The one text column of an index left in the database's collation (app/adapters/
-#: postgres_store.py says why): the saga's own state names.
-EXEMPT = {("sagas_state_idx", "state")}
-
-#: Every text key column of an index in ``schema``: (index, column, collation name).
-_INDEXED_TEXT = """
+#: Every collatable key column of an index in ``schema``: (index, column, collation name),
+#: as the index itself compares it.
+_INDEXED = """
 SELECT ic.relname, a.attname, co.collname
 FROM pg_index i
 JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -40,13 +33,21 @@ JOIN pg_namespace n ON n.oid = ic.relnamespace
 CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indcollation::oid[]) AS k (attnum, coll)
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 JOIN pg_collation co ON co.oid = k.coll
-WHERE n.nspname = $1 AND a.atttypid = 'text'::regtype
+WHERE n.nspname = $1 AND k.coll <> 0
 ORDER BY 1, 2
 """
-_FILENODES = """
-SELECT c.relname, c.relfilenode FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+#: A column's own collation.
+_COLUMN = """
+SELECT co.collname FROM pg_attribute a JOIN pg_collation co ON co.oid = a.attcollation
+WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass AND a.attname = $3
+"""
+#: The schema's tables or indexes: name → (oid, file).
+_RELATIONS = """
+SELECT c.relname, c.oid, c.relfilenode FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relkind::text = $2
 """
+_STATISTICS = "SELECT count(*) FROM pg_stats WHERE schemaname = $1 AND tablename = $2"
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -70,30 +71,50 @@ async def engines(database_url: str, isolation_id: str,
 
 
 def _before(ddl: str) -> str:
+    """The DDL as an earlier version had it: every column in the database's collation."""
     return ddl.replace(' COLLATE "C"', "")
 
 
-async def _indexed_text(engine: AsyncEngine, schema: str) -> list[tuple[str, str, str]]:
+async def _made_by_an_earlier_version(engine: AsyncEngine, schema: str, ddl: str) -> None:
+    """The schema as an earlier version's migration left it: ``_before(ddl)``'s statements
+    run as they are (that version had no step moving columns to byte order)."""
+    async with engine.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        for statement in (s.strip() for s in _before(ddl).split(";")):
+            if statement:
+                await conn.execute(text(statement))
+
+
+async def _indexed(engine: AsyncEngine, schema: str) -> list[tuple[str, str, str]]:
     async with bare_connection(engine) as raw:
-        return [tuple(row) for row in await raw.fetch(_INDEXED_TEXT, schema)]
+        return [tuple(row) for row in await raw.fetch(_INDEXED, schema)]
 
 
-async def _filenodes(engine: AsyncEngine, schema: str, kind: str) -> dict[str, int]:
+async def _column(engine: AsyncEngine, schema: str, table: str, column: str) -> str:
     async with bare_connection(engine) as raw:
-        return {row[0]: row[1] for row in await raw.fetch(_FILENODES, schema, kind)}
+        return str(await raw.fetchval(_COLUMN, schema, table, column))
 
 
-def test_the_previous_ddls_have_no_byte_order() -> None:
-    """The stand-ins for the previous version really are in the database's collation."""
-    for before in (_before(BUSINESS_BEFORE), _before(LEDGER_BEFORE)):
-        assert "COLLATE" not in before
-        assert "ALTER COLUMN" not in before
-    assert "CREATE TABLE IF NOT EXISTS query_transfers" in BUSINESS_BEFORE
-    assert "processed_commands_transfer_id_idx" in LEDGER_BEFORE
+async def _relations(engine: AsyncEngine, schema: str, kind: str) -> dict[str, tuple[int, int]]:
+    async with bare_connection(engine) as raw:
+        return {row[0]: (row[1], row[2]) for row in await raw.fetch(_RELATIONS, schema, kind)}
+
+
+async def _statistics(engine: AsyncEngine, schema: str, table: str) -> int:
+    async with bare_connection(engine) as raw:
+        return int(await raw.fetchval(_STATISTICS, schema, table))
+
+
+def test_the_earlier_ddls_have_no_byte_order() -> None:
+    """The stand-ins for an earlier version really are in the database's collation, and
+    the DDLs declare byte order where they should."""
+    for ddl in (BUSINESS_DDL, LEDGER_DDL):
+        assert 'COLLATE "C"' in ddl
+        assert "COLLATE" not in _before(ddl)
 
 
 @pytest.mark.parametrize(("suffix", "ddl", "expected"), [
-    ("biz", BUSINESS_DDL, {("sagas_pkey", "transfer_id"),
+    ("biz", BUSINESS_DDL, {("sagas_pkey", "transfer_id"), ("sagas_state_idx", "state"),
                            ("idempotency_records_pkey", "idempotency_key"),
                            ("transfer_token_uses_pkey", "jti"), ("saved_replies_pkey", "key"),
                            ("query_history_pkey", "key"), ("users_account_id_key", "account_id")}),
@@ -107,48 +128,52 @@ async def test_a_fresh_schema_orders_every_text_key_by_bytes(
         expected: set[tuple[str, str]]) -> None:
     schema, engine = f"{isolation_id}_{suffix}", engines(suffix)
     await ensure_schema(engine, schema, ddl)
-    indexed = await _indexed_text(engine, schema)
+    indexed = await _indexed(engine, schema)
     assert expected <= {(index, column) for index, column, _ in indexed}
-    assert [(index, column, collation) for index, column, collation in indexed
-            if collation != "C"] == [(index, column, "default") for index, column in EXEMPT
-                                     if suffix == "biz"]
+    assert [entry for entry in indexed if entry[2] != "C"] == []
+    if suffix == "biz":  # a foreign key's column compares as its key does
+        assert await _column(engine, schema, "funding_sources", "user_id") == "C"
 
 
-@pytest.mark.parametrize(("suffix", "before", "ddl", "table", "key", "row"), [
-    ("biz_old", BUSINESS_BEFORE, BUSINESS_DDL, "idempotency_records",
-     ("operator_id", "idempotency_key"),
+@pytest.mark.parametrize(("suffix", "ddl", "table", "key", "row"), [
+    ("biz_old", BUSINESS_DDL, "idempotency_records", ("operator_id", "idempotency_key"),
      "INSERT INTO idempotency_records (operator_id, idempotency_key, fingerprint, transfer_id,"
      " attempt) VALUES ($1, $2, 'f', 't', 'a')"),
-    ("ledger_old", LEDGER_BEFORE, LEDGER_DDL, "processed_commands", ("command_id",),
+    ("ledger_old", LEDGER_DDL, "processed_commands", ("command_id",),
      "INSERT INTO processed_commands (command_id, transfer_id, type, account_id, result)"
      " VALUES ($1, 't', 'debit', 'acc', '{}')"),
 ])
 async def test_a_schema_made_before_moves_to_byte_order_once(
-        engines: Callable[[str], AsyncEngine], isolation_id: str, suffix: str, before: str,
-        ddl: str, table: str, key: tuple[str, ...], row: str) -> None:
-    """The previous version's schema, with rows, in the database's collation: the new
-    DDL's migration moves every indexed text column to "C", rebuilding the indexes but no
-    table; the rows are still found through their (rebuilt) unique index, which still
-    refuses a second row with the same key; a later version's migration (any other DDL
-    change) rebuilds nothing more."""
+        engines: Callable[[str], AsyncEngine], isolation_id: str, suffix: str, ddl: str,
+        table: str, key: tuple[str, ...], row: str) -> None:
+    """An earlier version's schema, with rows and statistics, in the database's collation:
+    the migration moves every indexed text column (and a foreign key's) to "C", building
+    the indexes again but rewriting no table, and analyzes what it moved; the rows are
+    still found through their rebuilt unique index, which still refuses a second row with
+    the same key. A later version's migration (any other DDL change) touches none of it:
+    the same indexes, files and statistics."""
     schema, engine = f"{isolation_id}_{suffix}", engines(suffix)
-    await ensure_schema(engine, schema, _before(before))
-    database_collation = {collation for _, _, collation in await _indexed_text(engine, schema)}
-    assert database_collation == {"default"}
+    await _made_by_an_earlier_version(engine, schema, ddl)
+    assert {collation for _, _, collation in await _indexed(engine, schema)} == {"default"}
     keys = [tuple(f"{column}-{i}" for column in key) for i in range(200)]
     async with bare_connection(engine) as raw:
         await raw.executemany(row, keys)
-    tables_before = await _filenodes(engine, schema, "r")
-    indexes_before = await _filenodes(engine, schema, "i")
+        await raw.execute(f"ANALYZE {table}")
+    statistics = await _statistics(engine, schema, table)
+    assert statistics > 0
+    tables = await _relations(engine, schema, "r")
+    indexes = await _relations(engine, schema, "i")
 
     await ensure_schema(engine, schema, ddl)
 
-    indexed = await _indexed_text(engine, schema)
-    assert {collation for index, column, collation in indexed
-            if (index, column) not in EXEMPT} == {"C"}
-    assert await _filenodes(engine, schema, "r") == tables_before  # no table rewritten
-    rebuilt = await _filenodes(engine, schema, "i")
-    assert rebuilt[f"{table}_pkey"] != indexes_before[f"{table}_pkey"]
+    assert [entry for entry in await _indexed(engine, schema) if entry[2] != "C"] == []
+    if suffix == "biz_old":
+        assert await _column(engine, schema, "funding_sources", "user_id") == "C"
+    after = await _relations(engine, schema, "r")  # with the migration's schema_version
+    assert {name: after[name] for name in tables} == tables  # no table rewritten
+    moved = await _relations(engine, schema, "i")
+    assert moved[f"{table}_pkey"][1] != indexes[f"{table}_pkey"][1]  # built again
+    assert await _statistics(engine, schema, table) == statistics  # analyzed again
     where = " AND ".join(f"{column} = ${n}" for n, column in enumerate(key, 1))
     async with bare_connection(engine) as raw, raw.transaction():
         await raw.execute("SET LOCAL enable_seqscan = off")
@@ -163,5 +188,6 @@ async def test_a_schema_made_before_moves_to_byte_order_once(
             await raw.execute(row, *keys[42])
 
     await ensure_schema(engine, schema, ddl + "\n")  # another version: its DDL runs again
-    assert await _filenodes(engine, schema, "i") == rebuilt  # nothing rebuilt this time
-    assert await _filenodes(engine, schema, "r") == tables_before
+    assert await _relations(engine, schema, "i") == moved  # the same indexes, not rebuilt
+    assert await _relations(engine, schema, "r") == after
+    assert await _statistics(engine, schema, table) == statistics
