@@ -107,22 +107,28 @@ async def bare_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
     await greenlet_spawn(pooled.close)
 
 
-#: The columns of ``schema`` that an index orders or a foreign key compares, collatable and
-#: not in the "C" collation: (table, column, type).
+#: The columns of ``schema``'s tables named ``:tables`` (the DDL's own) that an index orders
+#: (its key columns, not INCLUDE ones) or a foreign key compares, collatable and not in the
+#: "C" collation: (table, column, type).
 _NOT_BYTE_ORDERED = """
 SELECT DISTINCT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-WHERE n.nspname = :schema AND a.attcollation <> 0
+WHERE n.nspname = :schema AND c.relname = ANY (:tables) AND c.relkind = 'r'
+  AND a.attcollation <> 0
   AND a.attcollation <> (SELECT oid FROM pg_collation
                          WHERE collname = 'C' AND collnamespace = 'pg_catalog'::regnamespace)
-  AND (EXISTS (SELECT 1 FROM pg_index i
-               WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey::int2[]))
+  AND (EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+               AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1]))
        OR EXISTS (SELECT 1 FROM pg_constraint f
                   WHERE f.contype = 'f' AND f.conrelid = c.oid AND a.attnum = ANY (f.conkey)))
 ORDER BY 1, 2
 """
+#: The tables a DDL creates.
+_CREATED_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)", re.IGNORECASE)
+#: SQLSTATE of an ALTER COLUMN ... TYPE refused because a view or rule uses the column.
+_FEATURE_NOT_SUPPORTED = "0A000"
 
 
 async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
@@ -156,7 +162,7 @@ async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
                 for statement in (s.strip() for s in ddl.split(";")):
                     if statement:
                         await conn.execute(text(statement))
-                await _order_by_bytes(conn, schema)
+                await _order_by_bytes(conn, schema, _CREATED_TABLE.findall(ddl))
                 await conn.execute(text(
                     f'CREATE TABLE IF NOT EXISTS "{schema}".schema_version ('
                     " id int PRIMARY KEY CHECK (id = 1), ddl_sha256 text NOT NULL,"
@@ -175,25 +181,40 @@ async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
             await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
 
 
-async def _order_by_bytes(conn: AsyncConnection, schema: str) -> None:
-    """Every column of ``schema`` that an index orders or a foreign key compares is in the
-    "C" collation (byte order: docs/architecture.md, "Keys compare byte by byte"). The DDLs
-    declare it; a table made by an earlier version, whose columns are in the database's
-    collation, is moved here: ``ALTER COLUMN ... TYPE <its type> COLLATE "C"`` builds the
-    indexes on them again (no table is rewritten) and drops their statistics, so the table
-    is analyzed again. Only the columns not yet in "C" are touched: a schema that has them
-    costs one catalog query, no lock."""
-    rows = (await conn.execute(text(_NOT_BYTE_ORDERED), {"schema": schema})).all()
-    tables: dict[str, list[str]] = {}
+async def _order_by_bytes(conn: AsyncConnection, schema: str, tables: list[str]) -> None:
+    """Every column of ``tables`` (the DDL's own, in ``schema``) that an index orders or a
+    foreign key compares is in the "C" collation (byte order: docs/architecture.md, "Keys
+    compare byte by byte"). The DDLs declare it; a table made by an earlier version, whose
+    columns are in the database's collation, is moved here: ``ALTER COLUMN ... TYPE <its
+    type> COLLATE "C"`` builds the indexes on them again (no table is rewritten) and drops
+    their statistics, which ``ANALYZE`` of those columns makes again. Only the columns not
+    yet in "C" are touched: once they are, this step costs one catalog query and takes no
+    lock. A view or rule using such a column makes PostgreSQL refuse the change: the
+    migration then fails, nothing changed, saying which table (docs/operations.md,
+    "Upgrade")."""
+    rows = (await conn.execute(text(_NOT_BYTE_ORDERED),
+                               {"schema": schema, "tables": tables})).all()
+    moved: dict[str, list[tuple[str, str]]] = {}
     for table, column, type_name in rows:
-        tables.setdefault(table, []).append(
-            f'ALTER COLUMN {_quoted(column)} TYPE {type_name} COLLATE "C"')
-    for table, changes in tables.items():
-        log.warning("schema %s: table %s: %d column(s) moved to byte order, its indexes built "
-                    "again", schema, table, len(changes))
+        moved.setdefault(table, []).append((column, type_name))
+    for table, columns in moved.items():
+        names = ", ".join(column for column, _ in columns)
+        log.warning("schema %s: table %s: column(s) %s moved to byte order, their indexes built "
+                    "again", schema, table, names)
         qualified = f"{_quoted(schema)}.{_quoted(table)}"
-        await conn.execute(text(f"ALTER TABLE {qualified} " + ", ".join(changes)))
-        await conn.execute(text(f"ANALYZE {qualified}"))
+        changes = ", ".join(f'ALTER COLUMN {_quoted(column)} TYPE {type_name} COLLATE "C"'
+                            for column, type_name in columns)
+        try:
+            await conn.execute(text(f"ALTER TABLE {qualified} {changes}"))
+        except DBAPIError as exc:
+            if _sqlstate(exc) != _FEATURE_NOT_SUPPORTED:
+                raise
+            raise RuntimeError(
+                f"schema {schema}: table {table}: column(s) {names} cannot be moved to byte "
+                "order while a view or rule uses them: drop it, migrate, create it again "
+                "(docs/operations.md, Upgrade)") from exc
+        await conn.execute(text(f"ANALYZE {qualified} "
+                                f"({', '.join(_quoted(column) for column, _ in columns)})"))
 
 
 def _quoted(identifier: str) -> str:

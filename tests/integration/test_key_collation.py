@@ -9,6 +9,8 @@ migration touches none of it again. Against the real PostgreSQL of ``make up``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
@@ -125,9 +127,14 @@ def test_the_earlier_ddls_have_no_byte_order() -> None:
 ])
 async def test_a_fresh_schema_orders_every_text_key_by_bytes(
         engines: Callable[[str], AsyncEngine], isolation_id: str, suffix: str, ddl: str,
-        expected: set[tuple[str, str]]) -> None:
+        expected: set[tuple[str, str]], caplog: pytest.LogCaptureFixture) -> None:
+    """The DDL itself declares byte order: the migration's step finds nothing to move (a
+    column it had to move on a fresh schema would be locked and rebuilt at some later
+    migration of a big table instead)."""
     schema, engine = f"{isolation_id}_{suffix}", engines(suffix)
-    await ensure_schema(engine, schema, ddl)
+    with caplog.at_level(logging.WARNING, logger="app.adapters.db"):
+        await ensure_schema(engine, schema, ddl)
+    assert [r.getMessage() for r in caplog.records if "byte order" in r.getMessage()] == []
     indexed = await _indexed(engine, schema)
     assert expected <= {(index, column) for index, column, _ in indexed}
     assert [entry for entry in indexed if entry[2] != "C"] == []
@@ -154,6 +161,8 @@ async def test_a_schema_made_before_moves_to_byte_order_once(
     the same indexes, files and statistics."""
     schema, engine = f"{isolation_id}_{suffix}", engines(suffix)
     await _made_by_an_earlier_version(engine, schema, ddl)
+    async with bare_connection(engine) as raw:  # another table in the schema, not the DDL's
+        await raw.execute("CREATE TABLE not_ours (k text PRIMARY KEY)")
     assert {collation for _, _, collation in await _indexed(engine, schema)} == {"default"}
     keys = [tuple(f"{column}-{i}" for column in key) for i in range(200)]
     async with bare_connection(engine) as raw:
@@ -166,7 +175,8 @@ async def test_a_schema_made_before_moves_to_byte_order_once(
 
     await ensure_schema(engine, schema, ddl)
 
-    assert [entry for entry in await _indexed(engine, schema) if entry[2] != "C"] == []
+    assert [entry for entry in await _indexed(engine, schema)
+            if entry[2] != "C"] == [("not_ours_pkey", "k", "default")]
     if suffix == "biz_old":
         assert await _column(engine, schema, "funding_sources", "user_id") == "C"
     after = await _relations(engine, schema, "r")  # with the migration's schema_version
@@ -187,7 +197,30 @@ async def test_a_schema_made_before_moves_to_byte_order_once(
         with pytest.raises(asyncpg.UniqueViolationError):
             await raw.execute(row, *keys[42])
 
-    await ensure_schema(engine, schema, ddl + "\n")  # another version: its DDL runs again
+    # A live transaction on the table (as a write's), on a connection of its own.
+    async with engines(f"{suffix}_busy").connect() as busy:
+        transaction = await busy.begin()
+        await busy.execute(text(f'LOCK TABLE "{schema}".{table} IN ROW SHARE MODE'))
+        try:  # another version: its DDL runs again, this step takes no lock on the table
+            await asyncio.wait_for(ensure_schema(engine, schema, ddl + "\n"), timeout=15)
+        finally:
+            await transaction.rollback()
     assert await _relations(engine, schema, "i") == moved  # the same indexes, not rebuilt
     assert await _relations(engine, schema, "r") == after
     assert await _statistics(engine, schema, table) == statistics
+
+
+async def test_a_view_on_a_key_stops_the_move_and_says_why(
+        engines: Callable[[str], AsyncEngine], isolation_id: str) -> None:
+    """PostgreSQL refuses to change a column that a view uses: the migration fails with a
+    message naming the table and what to do, and changes nothing (the next start tries
+    again)."""
+    schema, engine = f"{isolation_id}_view", engines("view")
+    await _made_by_an_earlier_version(engine, schema, LEDGER_DDL)
+    async with bare_connection(engine) as raw:
+        await raw.execute("CREATE VIEW commands_seen AS SELECT command_id FROM processed_commands")
+    with pytest.raises(RuntimeError, match=r"table processed_commands: .*view or rule"):
+        await ensure_schema(engine, schema, LEDGER_DDL)
+    assert {collation for _, _, collation in await _indexed(engine, schema)} == {"default"}
+    async with bare_connection(engine) as raw:
+        assert await raw.fetchval("SELECT to_regclass('schema_version')") is None
