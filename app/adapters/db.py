@@ -133,8 +133,8 @@ _FEATURE_NOT_SUPPORTED = "0A000"
 
 async def ensure_schema(engine: AsyncEngine, schema: str, ddl: str) -> None:
     """Create ``schema`` and run idempotent ``ddl`` (CREATE ... IF NOT EXISTS statements),
-    once per version of ``ddl``; then move every column of the schema that an index orders
-    or a foreign key compares to byte order (``_order_by_bytes``).
+    once per version of ``ddl``; then move every column of the DDL's tables that an index
+    orders or a foreign key compares to byte order (``_order_by_bytes``).
 
     Every process runs this at start, also while other processes of the same schema are
     busy: a worker joining a loaded group. ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` takes
