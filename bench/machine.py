@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -96,6 +97,28 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty.strip() else "")
 
 
+#: libpython as a shared library mapped into the process (``--enable-shared``).
+_SHARED_LIBPYTHON = re.compile(r"/libpython3[^/\s]*\.so")
+
+
+def python_build(maps: str | None = None) -> dict[str, str]:
+    """The interpreter of the run: every process the benchmark starts runs it (its
+    executable), so its build moves every figure of the run. Its executable (resolved),
+    its full version line (release, build date, compiler) and whether libpython is a
+    shared library (``maps``: this process's ``/proc/self/maps``). The same release costs
+    ~16 % less of the worker's CPU per transfer built with profile-guided optimization and
+    LTO and linked statically (Debian's ``/usr/bin/python3.11``) than built with neither
+    and shared (pyenv's default on the development machine), docs/performance.md,
+    session 29; the production image (``python:3.11-slim``) is built optimized."""
+    if maps is None:
+        maps = _read("/proc/self/maps")
+    return {
+        "executable": os.path.realpath(sys.executable),
+        "version": " ".join(sys.version.split()),
+        "libpython": "shared" if _SHARED_LIBPYTHON.search(maps) else "static",
+    }
+
+
 def describe(postgres_version: str | None) -> dict[str, Any]:
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -109,6 +132,7 @@ def describe(postgres_version: str | None) -> dict[str, Any]:
         "memoryGiB": memory_gib(),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "pythonBuild": python_build(),
         "kafka": kafka_version(),
         "postgres": postgres_version,
         "packages": versions,

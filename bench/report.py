@@ -96,6 +96,16 @@ def append_doc_line(result: dict[str, Any], doc: Path = PERFORMANCE_DOC) -> None
 # ---------------------------------------------------------------------------- console
 
 
+def _interpreter_line(machine: dict[str, Any]) -> list[str]:
+    """The interpreter every process of the run ran on (bench/machine.py ``python_build``):
+    a figure is comparable only with runs on the same build."""
+    build = machine.get("pythonBuild")
+    if not build:
+        return []
+    return [f"  python {build['version']}, {build['executable']}, "
+            f"libpython {build['libpython']}"]
+
+
 def console_summary(result: dict[str, Any]) -> str:
     f = result["figures"]
     out = [
@@ -105,6 +115,7 @@ def console_summary(result: dict[str, Any]) -> str:
         f"virtual users, A={result['settings']['accounts']} accounts, "
         f"OTP share {result['settings']['otp_share']:.0%}, "
         f"{result['settings']['partitions']} partitions",
+        *_interpreter_line(result.get("machine", {})),
         f"  completed transfers/s      {f['completedPerSecond']:.1f}   "
         f"({f['completedInWindow']} in {f['measuredSeconds']:.1f} s; "
         f"gateway requests/s {f['requestsPerSecond']:.1f})",

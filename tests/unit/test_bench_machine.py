@@ -86,3 +86,42 @@ def test_postgres_waits_are_compared_backend_by_backend() -> None:
     a = CpuSnapshot(0.0, (0.0, 0.0), {}, {}, postgres_waits={1: 1.0, 2: 5.0, 3: 0.5})
     b = CpuSnapshot(2.0, (1.0, 4.0), {}, {}, postgres_waits={1: 1.4, 3: 0.9, 4: 0.2})
     assert CpuMeter.between(a, b)["runqueueWaitByProcess"] == {"postgres": 0.5}
+
+
+SHARED_MAPS = (
+    "7f3c1a000000-7f3c1a1b8000 r--p 00000000 08:01 1234 "
+    "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0\n"
+    "7f3c1a400000-7f3c1a422000 r--p 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+STATIC_MAPS = (
+    "55d0c0000000-55d0c0070000 r--p 00000000 08:01 7 /usr/bin/python3.11\n"
+    "7f3c1a400000-7f3c1a422000 r--p 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    # an extension module in a python3.11 directory is not libpython
+    "7f3c1b000000-7f3c1b010000 r--p 00000000 08:01 5 /venv/lib/python3.11/site-packages/"
+    "_cffi_backend.cpython-311-x86_64-linux-gnu.so\n")
+
+
+def test_the_interpreter_s_build_is_recorded() -> None:
+    """Every process of a run runs the benchmark's own interpreter: its build moves every
+    figure, so the result names it (docs/performance.md, session 29)."""
+    import sys
+
+    shared = machine.python_build(SHARED_MAPS)
+    static = machine.python_build(STATIC_MAPS)
+    assert shared["libpython"] == "shared" and static["libpython"] == "static"
+    assert shared["executable"] == os.path.realpath(sys.executable)
+    assert shared["version"].startswith(".".join(map(str, sys.version_info[:3])))
+    assert "\n" not in shared["version"]
+    here = machine.python_build()  # this process's own maps
+    assert here["libpython"] in ("shared", "static")
+    assert machine.describe(None)["pythonBuild"] == here
+
+
+def test_the_summary_names_the_interpreter() -> None:
+    from bench.report import _interpreter_line
+
+    build = {"version": "3.11.2 (main, Apr 28 2025) [GCC 12.2.0]",
+             "executable": "/usr/bin/python3.11", "libpython": "static"}
+    assert _interpreter_line({"pythonBuild": build}) == [
+        "  python 3.11.2 (main, Apr 28 2025) [GCC 12.2.0], /usr/bin/python3.11, "
+        "libpython static"]
+    assert _interpreter_line({}) == []  # a result written before the field existed
