@@ -103,19 +103,22 @@ _SHARED_LIBPYTHON = re.compile(r"/libpython3[^/\s]*\.so")
 
 def python_build(maps: str | None = None) -> dict[str, str]:
     """The interpreter of the run: every process the benchmark starts runs it (its
-    executable), so its build moves every figure of the run. Its executable (resolved),
-    its full version line (release, build date, compiler) and whether libpython is a
-    shared library (``maps``: this process's ``/proc/self/maps``). The same release costs
-    ~16 % less of the worker's CPU per transfer built with profile-guided optimization and
-    LTO and linked statically (Debian's ``/usr/bin/python3.11``) than built with neither
-    and shared (pyenv's default on the development machine), docs/performance.md,
-    session 29; the production image (``python:3.11-slim``) is built optimized."""
+    executable), so its build moves every figure, and runs compare only on the same one.
+    Its executable (resolved), its full version line (release, build date, compiler) and
+    whether libpython is a shared library (``maps``: this process's ``/proc/self/maps``;
+    ``unknown`` without it). These name the interpreter; they do not tell how it was
+    optimized (``sysconfig`` cannot either: Debian's reports its shared build's
+    configuration). On this machine Debian's 3.11.2 (profile-guided and link-time
+    optimization, static) cost the worker ~16 % less CPU per transfer than pyenv's 3.11.7
+    (neither, shared), docs/performance.md, session 29."""
     if maps is None:
         maps = _read("/proc/self/maps")
+    linked = ("unknown" if not maps
+              else "shared" if _SHARED_LIBPYTHON.search(maps) else "static")
     return {
         "executable": os.path.realpath(sys.executable),
         "version": " ".join(sys.version.split()),
-        "libpython": "shared" if _SHARED_LIBPYTHON.search(maps) else "static",
+        "libpython": linked,
     }
 
 
