@@ -34,7 +34,7 @@ IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60.0
 
 def make_engine(url: str, schema: str, pool_size: int = 10, *,
                 idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
-                custom_plans: bool = False) -> AsyncEngine:
+                custom_plans: bool = False, key_lookups: bool = False) -> AsyncEngine:
     """An engine whose connections use ``schema`` (search_path) and nothing else.
 
     ``pool_size``: the most connections the engine holds at once, each opened when first
@@ -53,7 +53,18 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
     elements and the table's size at that moment, and keeps it for the connection's life
     until the table is analyzed again: a plan cached while a table was nearly empty scans
     it sequentially as it grows (measured: the account center's duplicate check 2.1 ms
-    a batch, reading every processed command, against 0.14 ms planned per batch)."""
+    a batch, reading every processed command, against 0.14 ms planned per batch).
+
+    ``key_lookups``: for connections whose every statement reads its rows by an index
+    (keys, ``= ANY($1)`` of keys, a partition's rows): sequential scans are off
+    (``enable_seqscan = off``: the planner takes an index wherever one serves), so a
+    generic plan cached while a table was small (after its first analyze, a few pages)
+    cannot keep scanning the table sequentially as it grows, and plans stay generic,
+    made once (custom plans of arrays of hundreds of keys cost more than they save:
+    PostgreSQL estimates every element). And JIT is off: a statement left without an
+    index path is costed above every JIT threshold, and would be compiled at each
+    execution (measured, the saga engine's read-ahead: 7-60 ms a cycle on a sequential
+    plan cached 30 s earlier, growing with its table; docs/performance.md, session 30)."""
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"invalid schema name {schema!r}")
     server_settings = {
@@ -62,6 +73,9 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
     }
     if custom_plans:
         server_settings["plan_cache_mode"] = "force_custom_plan"
+    if key_lookups:
+        server_settings["enable_seqscan"] = "off"
+        server_settings["jit"] = "off"
     return create_async_engine(
         url,
         pool_size=pool_size,

@@ -545,7 +545,10 @@ class PostgresBusinessStore:
 
     @classmethod
     def from_settings(cls, settings: DbSettings) -> PostgresBusinessStore:
-        engine = make_engine(settings.database_url, settings.db_schema, settings.db_pool_size)
+        # Every statement of the business center's store, saga state and query tables
+        # reads by key (app/adapters/db.py ``key_lookups``).
+        engine = make_engine(settings.database_url, settings.db_schema, settings.db_pool_size,
+                             key_lookups=True)
         return cls(engine, settings.db_schema)
 
     @property

@@ -1024,3 +1024,51 @@ async def test_a_transfer_s_row_is_homed_with_its_saga_and_written_in_the_same_f
         await state.flush()
     assert (await stored_rows(db, "query_transfers"))["tr-h"][1] == (
         b'{"state": "DEBITING", "seq": 1}')
+
+
+@pytest.mark.integration
+async def test_the_read_ahead_keeps_an_index_plan_as_its_tables_grow(
+        database_url: str, isolation_id: str) -> None:
+    """The business center's connections (``PostgresBusinessStore.from_settings``: the
+    saga state's, the store's and the query tables') read by index whatever a table's size
+    when PostgreSQL cached a statement's plan (app/adapters/db.py ``key_lookups``). Without
+    it, the read-ahead's generic plan, cached after five executions while
+    ``query_events_seen`` was young and analyzed (autovacuum does it after 50 rows), scans
+    that table sequentially, comparing every row with every key, until it is analyzed
+    again: measured 7-60 ms a cycle, growing with the table, 30 s into a run."""
+    from app.adapters import saga_state as saga_state_module
+    from app.settings import Settings
+
+    schema = f"{isolation_id}_readplan"
+    store = PostgresBusinessStore.from_settings(Settings(
+        database_url=database_url, db_schema=schema, db_pool_size=1,
+        kafka_bootstrap_servers="127.0.0.1:1"))
+    grow = ("INSERT INTO query_events_seen (key, home_partition, value)"
+            " SELECT 'acc' || chr(31) || 'cmd-' || i, 0, '\\x01'::bytea"
+            " FROM generate_series($1::int, $2::int) AS i")
+    try:
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            assert await raw.fetchval("SHOW enable_seqscan") == "off"
+            assert await raw.fetchval("SHOW jit") == "off"
+            await raw.execute(grow, 1, 60)  # young, and analyzed so
+            await raw.execute("ANALYZE query_events_seen")
+            await raw.execute("PREPARE ahead(text[], text[], text[], text[], text[], text[])"
+                              f" AS {saga_state_module._PREFETCH}")
+            # The generic plan, as PostgreSQL takes it after five custom ones when it costs
+            # no more than they did (the read-ahead's arrays vary in size from a cycle to
+            # the next), planned and cached now, while the table is young.
+            await raw.execute("SET plan_cache_mode = force_generic_plan")
+            args = "'{t-1,t-2}', '{r-1}', '{a-1}', '{h-1}', $${k1,k2}$$, '{t-1,t-2}'"
+            assert await raw.fetch(f"EXECUTE ahead({args})") == []
+            await raw.execute(grow, 61, 30_000)
+            plan = "\n".join(r[0] for r in await raw.fetch(f"EXPLAIN EXECUTE ahead({args})"))
+            generic = await raw.fetchval(
+                "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'ahead'")
+    finally:
+        async with store.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await store.close()
+    assert generic >= 1, "the statement never reached a generic plan: nothing was tested"
+    assert "query_events_seen_pkey" in plan and "Seq Scan" not in plan, plan
