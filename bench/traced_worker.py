@@ -150,16 +150,17 @@ def _no_pre_ping() -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     import app.adapters.postgres_store as postgres_store
+    from app.adapters.db import server_settings
 
     original = postgres_store.make_engine
 
-    def make_engine(url: str, schema: str, pool_size: int = 10) -> Any:
+    def make_engine(url: str, schema: str, pool_size: int = 10, **options: Any) -> Any:
         original(url, schema, pool_size)  # validates the schema name
         return create_async_engine(
             url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
             hide_parameters=True,
-            connect_args={"server_settings": {"search_path": schema,
-                                              "application_name": "bizcenter"}})
+            # The product's session settings (search_path, key_lookups, ...).
+            connect_args={"server_settings": server_settings(schema, **options)})
 
     postgres_store.make_engine = make_engine  # type: ignore[assignment]
 

@@ -55,27 +55,19 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
     it sequentially as it grows (measured: the account center's duplicate check 2.1 ms
     a batch, reading every processed command, against 0.14 ms planned per batch).
 
-    ``key_lookups``: for connections whose every statement reads its rows by an index
-    (keys, ``= ANY($1)`` of keys, a partition's rows): sequential scans are off
+    ``key_lookups``: for connections whose statements read their rows by an index (keys,
+    ``= ANY($1)`` of keys, a partition's or a state's rows): sequential scans are off
     (``enable_seqscan = off``: the planner takes an index wherever one serves), so a
     generic plan cached while a table was small (after its first analyze, a few pages)
     cannot keep scanning the table sequentially as it grows, and plans stay generic,
     made once (custom plans of arrays of hundreds of keys cost more than they save:
-    PostgreSQL estimates every element). And JIT is off: a statement left without an
-    index path is costed above every JIT threshold, and would be compiled at each
-    execution (measured, the saga engine's read-ahead: 7-60 ms a cycle on a sequential
-    plan cached 30 s earlier, growing with its table; docs/performance.md, session 30)."""
+    PostgreSQL estimates every element). Measured, the saga engine's read-ahead on such a
+    plan: 13 ms an execution (the first over 12 ms logged) to 40-80 ms 30 s later,
+    growing with its table (docs/performance.md, session 30). JIT is off too: no
+    statement of these pays back a compilation, and up to PostgreSQL 17 one left without
+    an index path is costed above every JIT threshold (a disabled scan costs 10^10)."""
     if not _SCHEMA_NAME.match(schema):
         raise ValueError(f"invalid schema name {schema!r}")
-    server_settings = {
-        "search_path": schema, "application_name": "bizcenter",
-        "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout * 1000)),
-    }
-    if custom_plans:
-        server_settings["plan_cache_mode"] = "force_custom_plan"
-    if key_lookups:
-        server_settings["enable_seqscan"] = "off"
-        server_settings["jit"] = "off"
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -89,8 +81,26 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
         pool_recycle=1800,
         # Errors and SQL logs never show bound values (PIN verifiers, OTP digests, ...).
         hide_parameters=True,
-        connect_args={"server_settings": server_settings},
+        connect_args={"server_settings": server_settings(
+            schema, idle_in_transaction_timeout=idle_in_transaction_timeout,
+            custom_plans=custom_plans, key_lookups=key_lookups)},
     )
+
+
+def server_settings(schema: str, *,
+                    idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+                    custom_plans: bool = False, key_lookups: bool = False) -> dict[str, str]:
+    """The session settings of ``make_engine``'s connections (see there)."""
+    settings = {
+        "search_path": schema, "application_name": "bizcenter",
+        "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout * 1000)),
+    }
+    if custom_plans:
+        settings["plan_cache_mode"] = "force_custom_plan"
+    if key_lookups:
+        settings["enable_seqscan"] = "off"
+        settings["jit"] = "off"
+    return settings
 
 
 #: SQLSTATEs after which the migration is tried again: deadlock, lock timeout.

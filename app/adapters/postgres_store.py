@@ -545,8 +545,8 @@ class PostgresBusinessStore:
 
     @classmethod
     def from_settings(cls, settings: DbSettings) -> PostgresBusinessStore:
-        # Every statement of the business center's store, saga state and query tables
-        # reads by key (app/adapters/db.py ``key_lookups``).
+        # The business center's store, saga state and query tables read by index: keys,
+        # a partition's or a state's rows (app/adapters/db.py ``key_lookups``).
         engine = make_engine(settings.database_url, settings.db_schema, settings.db_pool_size,
                              key_lookups=True)
         return cls(engine, settings.db_schema)
