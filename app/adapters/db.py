@@ -59,11 +59,11 @@ def make_engine(url: str, schema: str, pool_size: int = 10, *,
     ``= ANY($1)`` of keys, a partition's or a state's rows): sequential scans are off
     (``enable_seqscan = off``: the planner takes an index wherever one serves), so a
     generic plan cached while a table was small (after its first analyze, a few pages)
-    cannot keep scanning the table sequentially as it grows, and plans stay generic,
-    made once (custom plans of arrays of hundreds of keys cost more than they save:
-    PostgreSQL estimates every element). Measured, the saga engine's read-ahead on such a
-    plan: 13 ms an execution (the first over 12 ms logged) to 40-80 ms 30 s later,
-    growing with its table (docs/performance.md, session 30). JIT is off too: no
+    cannot keep scanning the table sequentially as it grows, and plans are still cached
+    rather than made at each execution (custom plans of arrays of hundreds of keys cost
+    more than they save: PostgreSQL estimates every element). Measured, the saga engine's
+    read-ahead on such a plan: 13 ms an execution (the first over 12 ms logged) to 40-80
+    ms 30 s later, growing with its table (docs/performance.md, session 30). JIT is off too: no
     statement of these pays back a compilation, and up to PostgreSQL 17 one left without
     an index path is costed above every JIT threshold (a disabled scan costs 10^10)."""
     if not _SCHEMA_NAME.match(schema):
